@@ -1,0 +1,79 @@
+"""The labeling job's command line: parse, load config, verify weights and storage, run on Ray."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from mnasnet_batch.config import MODEL_NAMES, ConfigError, load_config, parse_override
+from mnasnet_batch.storage import StorageError
+from mnasnet_batch.weights import WeightsError
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnasnet-label",
+        description="Label images with torchvision's MnasNet on Ray Data and write top-k predictions to Parquet.",
+    )
+    parser.add_argument("--input", help="directory, glob, file, or fsspec URI of the images (input.uri)")
+    parser.add_argument("--output", help="directory or URI prefix for the Parquet files (output.uri)")
+    parser.add_argument("--config", help="YAML profile, e.g. conf/local.yaml; flags and --set override it")
+    parser.add_argument("--model", choices=MODEL_NAMES, help="model.name (default mnasnet0_5)")
+    parser.add_argument("--weights", help="IMAGENET1K_V1 (default), or a path or URI of a state_dict (model.weights)")
+    parser.add_argument("--top-k", type=int, help="classes kept per image (model.top_k, default 5)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override any configuration value, e.g. --set compute.batch_size=32 (repeatable)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the labeling job; returns the process exit status (0 ok, 2 bad configuration or inputs)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Importing torch and Ray costs seconds; the configuration is checked before either is needed.
+    flags = {
+        "input": {"uri": args.input},
+        "output": {"uri": args.output},
+        "model": {"name": args.model, "weights": args.weights, "top_k": args.top_k},
+    }
+    flags = {section: {k: v for k, v in values.items() if v is not None} for section, values in flags.items()}
+    try:
+        config = load_config(args.config, [flags, *(parse_override(s) for s in args.set)])
+        if not config.input.uri or not config.output.uri:
+            raise ConfigError("--input and --output are required (or input.uri and output.uri in --config)")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from mnasnet_batch import output, storage
+    from mnasnet_batch.weights import resolve_checkpoint
+
+    try:
+        checkpoint = resolve_checkpoint(
+            config.model.name, config.model.weights, config.model.sha256, config.model.download
+        )
+        uris = storage.list_images(config.input.uri, config.input.extensions)
+        output.prepare_output(config)
+    except (WeightsError, StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log.info("weights %s verified (%s); %d images under %s", checkpoint.source, checkpoint.weights_id, len(uris),
+             config.input.uri)
+
+    import ray
+
+    from mnasnet_batch import pipeline
+
+    if not ray.is_initialized():
+        address = config.ray.address or os.environ.get("RAY_ADDRESS")
+        # A local Ray started here needs no dashboard; one we connect to keeps its own settings.
+        ray.init(address=address) if address else ray.init(include_dashboard=False)
+    summary = pipeline.run(config, checkpoint, uris)
+    print(summary.line())
+    return 0

@@ -1,0 +1,90 @@
+"""The Ray Data graph: image URIs -> CPU decode tasks -> model actors -> Parquet."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+
+import pyarrow as pa
+import ray
+
+from mnasnet_batch.config import JobConfig
+from mnasnet_batch.output import Summary, summarize
+from mnasnet_batch.predictor import Predictor
+from mnasnet_batch.preprocess import PreprocessSpec, load_batch
+from mnasnet_batch.weights import Checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def model_resources(config: JobConfig, cluster: dict[str, float]) -> tuple[dict[str, float], int, int]:
+    """Chooses the model actors' resources and pool bounds from the configuration and the cluster.
+
+    One GPU per actor where the cluster has GPUs; otherwise CPU actors, by default one CPU each
+    and at most half the cluster's CPUs, leaving the other half to decoding and writing.
+
+    Returns:
+        Ray resource arguments for one actor, the pool's minimum and its maximum size.
+    """
+    compute = config.compute
+    gpus = int(cluster.get("GPU", 0))
+    cpus = cluster.get("CPU", 1)
+    if gpus:
+        resources = {"num_gpus": 1, "num_cpus": compute.actor_cpus or 1}
+        derived_max = gpus
+    else:
+        actor_cpus = compute.actor_cpus or 1.0
+        resources = {"num_cpus": actor_cpus}
+        derived_max = int(cpus / 2 // actor_cpus)
+    max_actors = compute.max_actors or max(compute.min_actors, derived_max)
+    return resources, compute.min_actors, max_actors
+
+
+def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str]) -> Summary:
+    """Labels ``uris`` and writes the Parquet output; Ray must already be initialised.
+
+    Returns:
+        Counts read back from what was written.
+    """
+    start = time.monotonic()
+    context = ray.data.DataContext.get_current()
+    # Per-operator progress bars help at a terminal and flood the logs of `ray job submit`.
+    context.enable_progress_bars = sys.stderr.isatty()
+
+    spec = PreprocessSpec.for_model(config.model.name, config.preprocess.max_pixels)
+    rows_per_block = config.preprocess.batch_size
+    # One small Arrow block per decode task, so decoding spreads over every CPU from the first second.
+    table = pa.table({"uri": pa.array(uris, pa.string())})
+    blocks = [table.slice(i, rows_per_block) for i in range(0, len(uris), rows_per_block)]
+    resources, min_actors, max_actors = model_resources(config, ray.cluster_resources())
+    num_threads = 0 if "num_gpus" in resources else max(1, math.floor(resources["num_cpus"]))
+    log.info(
+        "labeling %d images with %s: %d decode tasks, %d-%d model actors with %s",
+        len(uris), config.model.name, len(blocks), min_actors, max_actors, resources,
+    )
+
+    dataset = ray.data.from_arrow(blocks).map_batches(
+        load_batch,
+        fn_kwargs={"spec": spec},
+        batch_size=None,
+        batch_format="numpy",
+        # Resources through a function keep Ray Data from fusing decoding into the model actors,
+        # where it would run serially with inference instead of on every other CPU.
+        ray_remote_args_fn=lambda: {"num_cpus": config.preprocess.num_cpus},
+    )
+    dataset = dataset.map_batches(
+        Predictor,
+        fn_constructor_kwargs={
+            "checkpoint": checkpoint,
+            "top_k": config.model.top_k,
+            "num_threads": num_threads,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+        batch_size=config.compute.batch_size,
+        batch_format="numpy",
+        **resources,
+    )
+    dataset.write_parquet(config.output.uri, min_rows_per_file=config.output.rows_per_file)
+    return summarize(config.output.uri, time.monotonic() - start)

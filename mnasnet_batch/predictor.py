@@ -1,0 +1,60 @@
+"""The model actor: uint8 crops in, top-k predictions out, on whatever device the actor holds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from mnasnet_batch.postprocess import output_table, top_k
+from mnasnet_batch.weights import Checkpoint, build_model, torchvision_weights
+
+
+class Predictor:
+    """Holds one MnasNet; called with preprocessed batches, returns output rows.
+
+    Args:
+        checkpoint: verified weights (the driver checked them before any image was read).
+        top_k: how many classes to keep per image.
+        device: ``cuda``, ``cpu``, or "" for CUDA when this process sees a GPU.
+        num_threads: torch CPU threads; 0 leaves torch's default. Set it to the CPUs the actor holds.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, top_k: int, device: str = "", num_threads: int = 0):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu" and num_threads:
+            torch.set_num_threads(num_threads)
+        weights = torchvision_weights(checkpoint.model_name)
+        transforms = weights.transforms()
+        self.model = build_model(checkpoint).to(self.device, memory_format=torch.channels_last)
+        self.mean = torch.tensor(transforms.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(transforms.std, device=self.device).view(1, 3, 1, 1)
+        self.categories = weights.meta["categories"]
+        self.top_k = top_k
+        self.model_name = checkpoint.model_name
+        self.weights_id = checkpoint.weights_id
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Classifies (N, H, W, 3) uint8 crops.
+
+        Returns:
+            ``top_k_ids`` (N, k) int32 and ``top_k_scores`` (N, k) float32, scores descending.
+        """
+        with torch.inference_mode():
+            x = torch.from_numpy(images).to(self.device, non_blocking=True)
+            # (N, H, W, C) -> (N, C, H, W) as a view: the memory stays channels_last, which MnasNet's
+            # depthwise convolutions run fastest on.
+            x = x.permute(0, 3, 1, 2).float().div_(255)
+            # The same operations, in the same order, as torchvision's ToTensor + Normalize.
+            x = x.sub_(self.mean).div_(self.std)
+            return top_k(self.model(x), self.top_k)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        errors = batch["error"]
+        ok = np.asarray([not e for e in errors], dtype=bool)
+        if ok.any():
+            ids, scores = self.predict(batch["image"][ok])
+        else:
+            ids = np.zeros((0, self.top_k), np.int32)
+            scores = np.zeros((0, self.top_k), np.float32)
+        return output_table(batch["uri"], errors, ids, scores, self.categories, self.model_name, self.weights_id)

@@ -1,0 +1,87 @@
+"""Decoding and preprocessing on CPU workers: image bytes -> uint8 HWC crops, or an error per image."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from mnasnet_batch import storage
+from mnasnet_batch.weights import torchvision_weights
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """The geometry of torchvision's eval transform for one model, plus the decompression-bomb cap."""
+
+    resize_size: int
+    crop_size: int
+    interpolation: TF.InterpolationMode
+    max_pixels: int
+
+    @classmethod
+    def for_model(cls, model_name: str, max_pixels: int) -> PreprocessSpec:
+        """Reads resize, crop and interpolation from the model's torchvision weights, never by hand."""
+        transforms = torchvision_weights(model_name).transforms()
+        return cls(
+            resize_size=transforms.resize_size[0],
+            crop_size=transforms.crop_size[0],
+            interpolation=transforms.interpolation,
+            max_pixels=max_pixels,
+        )
+
+
+def preprocess_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    """Decodes one image and applies torchvision's eval geometry exactly as its PIL path does.
+
+    Pillow decodes; ``convert("RGB")`` handles L, P, RGBA, CMYK and 16-bit modes as torchvision's
+    ImageFolder loader does; the short side is resized with antialiased bilinear (Pillow's) and the
+    centre cropped. Normalisation happens later, on the model's device.
+
+    Returns:
+        A (crop, crop, 3) uint8 array.
+
+    Raises:
+        Exception: whatever makes the image unusable; callers turn it into an error row.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size  # read from the header: nothing is decoded yet
+        if width * height > spec.max_pixels:
+            raise ValueError(
+                f"image is {width}x{height} = {width * height} pixels, over preprocess.max_pixels={spec.max_pixels}"
+            )
+        rgb = image.convert("RGB")
+    resized = TF.resize(rgb, [spec.resize_size], interpolation=spec.interpolation, antialias=True)
+    cropped = TF.center_crop(resized, [spec.crop_size, spec.crop_size])
+    return np.asarray(cropped, dtype=np.uint8)
+
+
+def preprocess_batch(uris: np.ndarray, contents: list[bytes | Exception], spec: PreprocessSpec) -> dict[str, np.ndarray]:
+    """Preprocesses a batch, turning every unusable image into an error message instead of an exception.
+
+    Returns:
+        ``uri``; ``image`` (N, crop, crop, 3) uint8, zeros where the image failed; ``error``, "" where
+        the image is usable, else ``"<ExceptionType>: <message>"``.
+    """
+    # Pillow's own bomb guard warns and raises at fixed thresholds; ours (max_pixels) replaces it.
+    Image.MAX_IMAGE_PIXELS = None
+    images = np.zeros((len(uris), spec.crop_size, spec.crop_size, 3), dtype=np.uint8)
+    errors = []
+    for i, content in enumerate(contents):
+        try:
+            if isinstance(content, Exception):
+                raise content
+            images[i] = preprocess_image(content, spec)
+            errors.append("")
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    return {"uri": np.asarray(uris, dtype=object), "image": images, "error": np.asarray(errors, dtype=object)}
+
+
+def load_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec) -> dict[str, np.ndarray]:
+    """Reads a batch of image URIs from storage and preprocesses them (the pipeline's CPU stage)."""
+    uris = batch["uri"]
+    return preprocess_batch(uris, storage.read_many([str(u) for u in uris]), spec)

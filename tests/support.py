@@ -1,0 +1,139 @@
+"""Test data made offline: real photos from scikit-image, and a MnasNet checkpoint with well-separated predictions.
+
+A freshly initialised MnasNet predicts a nearly uniform softmax (scores ~0.001, gaps ~1e-9), which makes
+top-k comparisons meaningless. ``make_checkpoint`` recalibrates batch-norm statistics on real photos and
+fits the classifier so each source photo maps to its own ImageNet class with a clear margin, and every
+other class gets a distinct, photo-dependent logit so the whole top-k is well ordered.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+# (scikit-image loader, ImageNet class the fixture model maps its crops to)
+PHOTOS = {
+    "astronaut": "space shuttle",
+    "chelsea": "Egyptian cat",
+    "coffee": "espresso",
+    "rocket": "missile",
+    "stereo_motorcycle": "moped",
+    "hubble_deep_field": "planetarium",
+    "immunohistochemistry": "Petri dish",
+    "retina": "orange",
+}
+
+
+def load_photos() -> dict[str, Image.Image]:
+    """The colour photos scikit-image ships, as RGB PIL images."""
+    import skimage.data
+
+    photos = {}
+    for name in PHOTOS:
+        array = getattr(skimage.data, name)()
+        photos[name] = Image.fromarray(array[0] if isinstance(array, tuple) else array).convert("RGB")
+    return photos
+
+
+def random_crop(photo: Image.Image, rng: np.random.Generator, long_side: int = 500) -> Image.Image:
+    """A random crop of 40-100 % of each side, scaled so its long side is about ``long_side`` pixels."""
+    width, height = photo.size
+    crop_w = int(width * rng.uniform(0.4, 1.0))
+    crop_h = int(height * rng.uniform(0.4, 1.0))
+    left = int(rng.integers(0, width - crop_w + 1))
+    top = int(rng.integers(0, height - crop_h + 1))
+    crop = photo.crop((left, top, left + crop_w, top + crop_h))
+    scale = long_side * rng.uniform(0.6, 1.2) / max(crop.size)
+    return crop.resize((max(1, round(crop_w * scale)), max(1, round(crop_h * scale))), Image.BICUBIC)
+
+
+def write_corpus(directory: Path, count: int, seed: int = 0, long_side: int = 500) -> list[Path]:
+    """Writes ``count`` varied crops of the photos as JPEG (and every fifth as PNG) files.
+
+    Returns:
+        The written paths, sorted.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    photos = load_photos()
+    names = list(photos)
+    paths = []
+    for i in range(count):
+        name = names[i % len(names)]
+        crop = random_crop(photos[name], rng, long_side)
+        suffix = "png" if i % 5 == 4 else "jpg"
+        path = directory / f"{name}_{i:05d}.{suffix}"
+        crop.save(path, quality=90) if suffix == "jpg" else crop.save(path)
+        paths.append(path)
+    return sorted(paths)
+
+
+def reference_tensor(image: Image.Image, model_name: str) -> torch.Tensor:
+    """torchvision's reference preprocessing: ``weights.transforms()`` on the RGB PIL image."""
+    weights = torchvision.models.get_model_weights(model_name).IMAGENET1K_V1
+    return weights.transforms()(image.convert("RGB"))
+
+
+def reference_predictions(paths: list[Path], model: torch.nn.Module, model_name: str, k: int):
+    """The independent reference: PIL open -> transforms() -> eager NCHW forward -> softmax -> topk.
+
+    Returns:
+        (ids, scores), each (N, k) numpy arrays, in the order of ``paths``.
+    """
+    batch = torch.stack([reference_tensor(Image.open(p), model_name) for p in paths])
+    with torch.no_grad():
+        probabilities = torch.softmax(model.eval()(batch), dim=1)
+    scores, ids = torch.topk(probabilities, k, dim=1)
+    return ids.numpy(), scores.numpy()
+
+
+def make_model(model_name: str = "mnasnet0_5", seed: int = 0) -> torch.nn.Module:
+    """A MnasNet whose predictions on the photos are confident and well ordered (see module docstring)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = torchvision.models.get_model(model_name, weights=None)
+    categories = torchvision.models.get_model_weights(model_name).IMAGENET1K_V1.meta["categories"]
+    photos = load_photos()
+    crops, targets = [], []
+    for index, (name, photo) in enumerate(photos.items()):
+        for _ in range(6):
+            crops.append(reference_tensor(random_crop(photo, rng), model_name))
+            targets.append(index)
+    x = torch.stack(crops)
+    # momentum=None averages over everything seen; MnasNet's own 3e-4 would barely move the statistics.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    with torch.no_grad():
+        features = model.layers(x).mean([2, 3])  # (N, 1280), what the classifier sees
+    classes = [categories.index(PHOTOS[name]) for name in photos]
+    # Target logits: 12 for the photo's class, plus a fixed random pattern per photo so that
+    # the ranks after the first are distinct and stable across crops.
+    patterns = torch.randn(len(photos), len(categories), generator=torch.Generator().manual_seed(seed)) * 2
+    target = patterns[targets].clone()
+    target[torch.arange(len(targets)), torch.tensor([classes[t] for t in targets])] += 12
+    mean = features.mean(0)
+    centred = features - mean
+    ridge = 1e-2 * torch.eye(centred.shape[1])
+    weight = torch.linalg.solve(centred.T @ centred + ridge, centred.T @ (target - target.mean(0)))
+    linear = model.classifier[1]
+    with torch.no_grad():
+        linear.weight.copy_(weight.T)
+        linear.bias.copy_(target.mean(0) - mean @ weight)
+    return model
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
