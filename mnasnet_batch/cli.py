@@ -26,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", help="IMAGENET1K_V1 (default), or a path or URI of a state_dict (model.weights)")
     parser.add_argument("--top-k", type=int, help="classes kept per image (model.top_k, default 5)")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override any configuration value, e.g. --set compute.batch_size=32 (repeatable)",
     )
     return parser
@@ -63,8 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    log.info("weights %s verified (%s); %d images under %s", checkpoint.source, checkpoint.weights_id, len(uris),
-             config.input.uri)
+    log.info(
+        "weights %s verified (%s); %d images under %s",
+        checkpoint.source,
+        checkpoint.weights_id,
+        len(uris),
+        config.input.uri,
+    )
 
     import ray
 

@@ -135,9 +135,7 @@ def _merge(into: dict[str, dict[str, object]], data: object, source: str) -> Non
         raise ConfigError(f"{source}: expected a mapping of sections ({', '.join(section_types)})")
     for section_name, values in data.items():
         if section_name not in section_types:
-            raise ConfigError(
-                f"{source}: unknown section {section_name!r}; valid sections: {', '.join(section_types)}"
-            )
+            raise ConfigError(f"{source}: unknown section {section_name!r}; valid sections: {', '.join(section_types)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {section_name!r} must be a mapping of keys")
         valid = [f.name for f in dataclasses.fields(section_types[section_name])]

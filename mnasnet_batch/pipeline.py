@@ -62,7 +62,12 @@ def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str]) -> Summary:
     num_threads = 0 if "num_gpus" in resources else max(1, math.floor(resources["num_cpus"]))
     log.info(
         "labeling %d images with %s: %d decode tasks, %d-%d model actors with %s",
-        len(uris), config.model.name, len(blocks), min_actors, max_actors, resources,
+        len(uris),
+        config.model.name,
+        len(blocks),
+        min_actors,
+        max_actors,
+        resources,
     )
 
     dataset = ray.data.from_arrow(blocks).map_batches(
@@ -70,9 +75,7 @@ def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str]) -> Summary:
         fn_kwargs={"spec": spec},
         batch_size=None,
         batch_format="numpy",
-        # Resources through a function keep Ray Data from fusing decoding into the model actors,
-        # where it would run serially with inference instead of on every other CPU.
-        ray_remote_args_fn=lambda: {"num_cpus": config.preprocess.num_cpus},
+        num_cpus=config.preprocess.num_cpus,
     )
     dataset = dataset.map_batches(
         Predictor,
@@ -84,6 +87,11 @@ def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str]) -> Summary:
         compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
         batch_size=config.compute.batch_size,
         batch_format="numpy",
+        # A killed model actor is restarted and its batches retried, so no row is lost. Options only an
+        # actor has also keep Ray Data from fusing decoding into the actors, where it would run serially
+        # with inference instead of on the other CPUs.
+        max_restarts=-1,
+        max_task_retries=-1,
         **resources,
     )
     dataset.write_parquet(config.output.uri, min_rows_per_file=config.output.rows_per_file)

@@ -59,7 +59,9 @@ def preprocess_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     return np.asarray(cropped, dtype=np.uint8)
 
 
-def preprocess_batch(uris: np.ndarray, contents: list[bytes | Exception], spec: PreprocessSpec) -> dict[str, np.ndarray]:
+def preprocess_batch(
+    uris: np.ndarray, contents: list[bytes | Exception], spec: PreprocessSpec
+) -> dict[str, np.ndarray]:
     """Preprocesses a batch, turning every unusable image into an error message instead of an exception.
 
     Returns:

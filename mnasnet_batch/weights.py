@@ -154,11 +154,8 @@ def build_model(checkpoint: Checkpoint) -> torch.nn.Module:
     unexpected = sorted(set(state_dict) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
     if missing or unexpected or mismatched:
-        details = ", ".join(
-            f"{len(keys)} {what} (e.g. {keys[0]})"
-            for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-            if keys
-        )
+        problems = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        details = ", ".join(f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in problems if keys)
         raise WeightsError(
             f"weights {checkpoint.source} do not fit {checkpoint.model_name}: {details}; "
             f"pass the --model the checkpoint was trained as"

@@ -100,7 +100,7 @@ def make_model(model_name: str = "mnasnet0_5", seed: int = 0) -> torch.nn.Module
     categories = torchvision.models.get_model_weights(model_name).IMAGENET1K_V1.meta["categories"]
     photos = load_photos()
     crops, targets = [], []
-    for index, (name, photo) in enumerate(photos.items()):
+    for index, photo in enumerate(photos.values()):
         for _ in range(6):
             crops.append(reference_tensor(random_crop(photo, rng), model_name))
             targets.append(index)

@@ -1,0 +1,39 @@
+"""Shared fixtures: real photos, a fixture checkpoint with well-separated predictions, one local Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import support
+
+
+@pytest.fixture(scope="session")
+def photos():
+    return support.load_photos()
+
+
+@pytest.fixture(scope="session")
+def fixture_model():
+    return support.make_model("mnasnet0_5")
+
+
+@pytest.fixture(scope="session")
+def checkpoint_path(tmp_path_factory, fixture_model):
+    path = tmp_path_factory.mktemp("weights") / "fixture_mnasnet0_5.pth"
+    path.write_bytes(support.checkpoint_bytes(fixture_model))
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """24 JPEG and PNG crops of the photos, long side ~500 px."""
+    return support.write_corpus(tmp_path_factory.mktemp("corpus"), 24)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One in-process Ray shared by every end-to-end test (starting Ray costs ~10 s on two cores)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
