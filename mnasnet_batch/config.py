@@ -68,6 +68,9 @@ class ComputeConfig:
     max_actors: int = 0
     # 0: derived from the cluster; CPU actors set torch's thread count to the CPUs they hold.
     actor_cpus: float = 0.0
+    # Memory reserved per model actor: a mnasnet0_5 actor peaks at ~1.0 GB here (torch, model, a batch of 64);
+    # 1.5 leaves room for mnasnet1_3 and larger batches.
+    actor_memory_gb: float = 1.5
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,7 @@ def validate(config: JobConfig) -> None:
             config.compute.max_actors == 0 or config.compute.max_actors >= config.compute.min_actors,
             "compute.max_actors: must be 0 (derived) or at least compute.min_actors",
         ),
+        (config.compute.actor_memory_gb > 0, "compute.actor_memory_gb: must be more than 0"),
         (config.compute.actor_cpus >= 0, "compute.actor_cpus: must be 0 (derived) or more"),
     ]
     unknown_ext = [e for e in config.input.extensions if e.lower().lstrip(".") not in IMAGE_EXTENSIONS]

@@ -87,11 +87,10 @@ def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str]) -> Summary:
         compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
         batch_size=config.compute.batch_size,
         batch_format="numpy",
-        # A killed model actor is restarted and its batches retried, so no row is lost. Options only an
-        # actor has also keep Ray Data from fusing decoding into the actors, where it would run serially
-        # with inference instead of on the other CPUs.
-        max_restarts=-1,
-        max_task_retries=-1,
+        # The memory reservation keeps Ray from packing more actors on a node than fit, and, since decode
+        # tasks reserve none, also keeps Ray Data from fusing decoding into the actors, where it would run
+        # serially with inference instead of on the other CPUs.
+        memory=config.compute.actor_memory_gb * 2**30,
         **resources,
     )
     dataset.write_parquet(config.output.uri, min_rows_per_file=config.output.rows_per_file)
