@@ -6,8 +6,9 @@ import argparse
 import logging
 import os
 import sys
+import time
 
-from mnasnet_batch.config import MODEL_NAMES, ConfigError, load_config, parse_override
+from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, load_config, parse_override
 from mnasnet_batch.storage import StorageError
 from mnasnet_batch.weights import WeightsError
 
@@ -26,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", help="IMAGENET1K_V1 (default), or a path or URI of a state_dict (model.weights)")
     parser.add_argument("--top-k", type=int, help="classes kept per image (model.top_k, default 5)")
     parser.add_argument(
+        "--mode",
+        choices=OUTPUT_MODES,
+        help="output.mode: auto (default: new run, or resume an unfinished one), incremental, overwrite",
+    )
+    parser.add_argument("--run-id", help="output.run_id (default: the job submission id, else a UTC timestamp)")
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -42,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     # Importing torch and Ray costs seconds; the configuration is checked before either is needed.
     flags = {
         "input": {"uri": args.input},
-        "output": {"uri": args.output},
+        "output": {"uri": args.output, "mode": args.mode, "run_id": args.run_id},
         "model": {"name": args.model, "weights": args.weights, "top_k": args.top_k},
     }
     flags = {section: {k: v for k, v in values.items() if v is not None} for section, values in flags.items()}
@@ -62,26 +69,36 @@ def main(argv: list[str] | None = None) -> int:
             config.model.name, config.model.weights, config.model.sha256, config.model.download
         )
         uris = storage.list_images(config.input.uri, config.input.extensions)
-        output.prepare_output(config)
+        plan = output.plan_run(config, checkpoint.weights_id)
     except (WeightsError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    todo = output.remaining(uris, plan.done)
     log.info(
-        "weights %s verified (%s); %d images under %s",
+        "weights %s verified (%s); %d images under %s, %d to label in run %s",
         checkpoint.source,
         checkpoint.weights_id,
         len(uris),
         config.input.uri,
+        len(todo),
+        plan.run_id,
     )
 
-    import ray
+    start = time.monotonic()
+    try:
+        if todo:
+            import ray
 
-    from mnasnet_batch import pipeline
+            from mnasnet_batch import pipeline
 
-    if not ray.is_initialized():
-        address = config.ray.address or os.environ.get("RAY_ADDRESS")
-        # A local Ray started here needs no dashboard; one we connect to keeps its own settings.
-        ray.init(address=address) if address else ray.init(include_dashboard=False)
-    summary = pipeline.run(config, checkpoint, uris)
+            if not ray.is_initialized():
+                address = config.ray.address or os.environ.get("RAY_ADDRESS")
+                # A local Ray started here needs no dashboard; one we connect to keeps its own settings.
+                ray.init(address=address) if address else ray.init(include_dashboard=False)
+            pipeline.run(config, checkpoint, todo, plan.run_uri)
+    except BaseException as exc:
+        output.finish_run(config, plan, time.monotonic() - start, len(todo), error=f"{type(exc).__name__}: {exc}")
+        raise
+    summary = output.finish_run(config, plan, time.monotonic() - start, len(todo))
     print(summary.line())
     return 0

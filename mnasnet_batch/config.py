@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+OUTPUT_MODES = ("auto", "incremental", "overwrite")
 MODEL_NAMES = ("mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 
@@ -32,6 +33,11 @@ class OutputConfig:
     # 10,000 rows (~1 MB of Parquet) per file: few files for readers, and a run of minutes still
     # writes as it goes rather than only at the end.
     rows_per_file: int = 10_000
+    # auto: start a run, or resume the unfinished one; refuse an output that holds a finished run.
+    # incremental: label only inputs with no row under the output yet. overwrite: delete and start over.
+    mode: str = "auto"
+    # Empty: the Ray job submission id when there is one, else a UTC timestamp.
+    run_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ class PreprocessConfig:
     max_pixels: int = 89_478_485
     # CPUs per decode task: one, since Pillow decodes and resizes on a single thread.
     num_cpus: float = 1.0
+    # False: the reference pipeline (PIL open + transforms) ignores EXIF orientation, so predictions match it.
+    apply_exif_orientation: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,6 +212,14 @@ def validate(config: JobConfig) -> None:
         (config.preprocess.batch_size >= 1, "preprocess.batch_size: must be at least 1"),
         (config.preprocess.max_pixels >= 1, "preprocess.max_pixels: must be at least 1"),
         (config.preprocess.num_cpus > 0, "preprocess.num_cpus: must be more than 0"),
+        (
+            config.output.mode in OUTPUT_MODES,
+            f"output.mode: {config.output.mode!r} is not one of {', '.join(OUTPUT_MODES)}",
+        ),
+        (
+            all(c.isalnum() or c in "-_." for c in config.output.run_id),
+            f"output.run_id: {config.output.run_id!r} may hold only letters, digits, '-', '_' and '.'",
+        ),
         (config.output.rows_per_file >= 1, "output.rows_per_file: must be at least 1"),
         (config.compute.batch_size >= 1, "compute.batch_size: must be at least 1"),
         (config.compute.min_actors >= 1, "compute.min_actors: must be at least 1"),

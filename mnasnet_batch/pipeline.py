@@ -5,18 +5,35 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import time
 
 import pyarrow as pa
 import ray
+from ray.data.block import BlockAccessor
 
 from mnasnet_batch.config import JobConfig
-from mnasnet_batch.output import Summary, summarize
+from mnasnet_batch.output import write_part
 from mnasnet_batch.predictor import Predictor
 from mnasnet_batch.preprocess import PreprocessSpec, load_batch
 from mnasnet_batch.weights import Checkpoint
 
 log = logging.getLogger(__name__)
+
+
+class PartSink(ray.data.Datasink):
+    """Writes each bundle of at least ``rows_per_file`` rows as one atomic Parquet part of the run."""
+
+    def __init__(self, run_uri: str, rows_per_file: int):
+        self.run_uri = run_uri
+        self.rows_per_file = rows_per_file
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def write(self, blocks, ctx) -> list[str]:
+        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
+        tables = [t for t in tables if t.num_rows]
+        return [write_part(pa.concat_tables(tables), self.run_uri)] if tables else []
 
 
 def model_resources(config: JobConfig, cluster: dict[str, float]) -> tuple[dict[str, float], int, int]:
@@ -42,18 +59,15 @@ def model_resources(config: JobConfig, cluster: dict[str, float]) -> tuple[dict[
     return resources, compute.min_actors, max_actors
 
 
-def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str]) -> Summary:
-    """Labels ``uris`` and writes the Parquet output; Ray must already be initialised.
-
-    Returns:
-        Counts read back from what was written.
-    """
-    start = time.monotonic()
+def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str], run_uri: str) -> None:
+    """Labels ``uris`` and writes their rows as Parquet parts under ``run_uri``; Ray must be initialised."""
     context = ray.data.DataContext.get_current()
     # Per-operator progress bars help at a terminal and flood the logs of `ray job submit`.
     context.enable_progress_bars = sys.stderr.isatty()
 
-    spec = PreprocessSpec.for_model(config.model.name, config.preprocess.max_pixels)
+    spec = PreprocessSpec.for_model(
+        config.model.name, config.preprocess.max_pixels, config.preprocess.apply_exif_orientation
+    )
     rows_per_block = config.preprocess.batch_size
     # One small Arrow block per decode task, so decoding spreads over every CPU from the first second.
     table = pa.table({"uri": pa.array(uris, pa.string())})
@@ -93,5 +107,4 @@ def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str]) -> Summary:
         memory=config.compute.actor_memory_gb * 2**30,
         **resources,
     )
-    dataset.write_parquet(config.output.uri, min_rows_per_file=config.output.rows_per_file)
-    return summarize(config.output.uri, time.monotonic() - start)
+    dataset.write_datasink(PartSink(run_uri, config.output.rows_per_file))

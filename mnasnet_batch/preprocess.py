@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mnasnet_batch import storage
 from mnasnet_batch.weights import torchvision_weights
@@ -21,9 +21,10 @@ class PreprocessSpec:
     crop_size: int
     interpolation: TF.InterpolationMode
     max_pixels: int
+    apply_exif_orientation: bool = False
 
     @classmethod
-    def for_model(cls, model_name: str, max_pixels: int) -> PreprocessSpec:
+    def for_model(cls, model_name: str, max_pixels: int, apply_exif_orientation: bool = False) -> PreprocessSpec:
         """Reads resize, crop and interpolation from the model's torchvision weights, never by hand."""
         transforms = torchvision_weights(model_name).transforms()
         return cls(
@@ -31,6 +32,7 @@ class PreprocessSpec:
             crop_size=transforms.crop_size[0],
             interpolation=transforms.interpolation,
             max_pixels=max_pixels,
+            apply_exif_orientation=apply_exif_orientation,
         )
 
 
@@ -53,7 +55,7 @@ def preprocess_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
             raise ValueError(
                 f"image is {width}x{height} = {width * height} pixels, over preprocess.max_pixels={spec.max_pixels}"
             )
-        rgb = image.convert("RGB")
+        rgb = (ImageOps.exif_transpose(image) if spec.apply_exif_orientation else image).convert("RGB")
     resized = TF.resize(rgb, [spec.resize_size], interpolation=spec.interpolation, antialias=True)
     cropped = TF.center_crop(resized, [spec.crop_size, spec.crop_size])
     return np.asarray(cropped, dtype=np.uint8)

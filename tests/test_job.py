@@ -82,7 +82,7 @@ def test_bad_files_are_error_rows(labeled):
 
 def test_resolved_config_is_written_and_reloads(labeled, checkpoint_path):
     _, images, output = labeled
-    written = output / "_config.yaml"
+    (written,) = output.glob("run=*/_config.yaml")
     config = load_config(written)
     assert config.input.uri == str(images) and config.model.weights == str(checkpoint_path)
     assert config.preprocess.batch_size == 8
@@ -93,7 +93,7 @@ def test_second_run_into_the_same_output_is_refused(labeled, checkpoint_path, ca
     _, images, output = labeled
     before = sorted(p.name for p in output.iterdir())
     assert main(["--input", str(images), "--output", str(output), "--weights", str(checkpoint_path)]) == 2
-    assert "already holds" in capsys.readouterr().err
+    assert "holds the finished run" in capsys.readouterr().err
     assert sorted(p.name for p in output.iterdir()) == before
 
 

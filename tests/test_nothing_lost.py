@@ -1,0 +1,351 @@
+"""Every input exactly once: bad images, a killed model actor, a killed driver, incremental runs."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+from PIL import Image
+
+from mnasnet_batch.cli import main
+from tests import support
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header for a huge greyscale image, with a few KB of data: a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(8192))) + chunk(b"IEND", b"")
+    )
+
+
+def encode(image: Image.Image, format: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **params)
+    return buffer.getvalue()
+
+
+def bad_input_corpus(directory: Path, photos) -> dict[str, str]:
+    """Writes every case of the 'Nothing lost' list beside good photos; returns file name -> expected status."""
+    coffee, cat = photos["coffee"], photos["chelsea"]
+    jpeg = encode(coffee, "JPEG", quality=90)
+    rotated = Image.Exif()
+    rotated[0x0112] = 6  # "rotate 90° clockwise to display"
+    sixteen = Image.fromarray(np.asarray(coffee.convert("L"), dtype=np.uint16) * 257)
+    rgba = cat.copy()
+    rgba.putalpha(128)
+    files = {
+        "good_coffee.jpg": (jpeg, "ok"),
+        "good_cat.png": (encode(cat, "PNG"), "ok"),
+        "zero_bytes.jpg": (b"", "error"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 3], "error"),
+        "random_bytes.jpg": (np.random.default_rng(0).bytes(5000), "error"),
+        "html_error_page.jpg": (b"<!DOCTYPE html><html><body><h1>503 Service Unavailable</h1></body></html>", "error"),
+        "bomb_40000x40000.png": (png_claiming(40000, 40000), "error"),
+        "one_pixel.png": (encode(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG"), "ok"),
+        "extreme_4000x12.png": (encode(coffee.resize((4000, 12)), "PNG"), "ok"),
+        "sixteen_bit.png": (encode(sixteen, "PNG"), "ok"),
+        "cmyk.jpg": (encode(coffee.convert("CMYK"), "JPEG"), "ok"),
+        "palette.png": (encode(cat.convert("P", palette=Image.ADAPTIVE), "PNG"), "ok"),
+        "rgba.png": (encode(rgba, "PNG"), "ok"),
+        "animated.gif": (encode(cat.convert("P"), "GIF", save_all=True, append_images=[coffee.convert("P")]), "ok"),
+        "exif_rotated.jpg": (encode(coffee, "JPEG", exif=rotated), "ok"),
+    }
+    assert len(files["bomb_40000x40000.png"][0]) < 20_000
+    for name, (data, _) in files.items():
+        (directory / name).write_bytes(data)
+    return {name: status for name, (_, status) in files.items()}
+
+
+def rows_by_uri(output: Path) -> dict[str, dict]:
+    rows = pads.dataset(sorted(str(p) for p in output.rglob("*.parquet")), format="parquet").to_table().to_pylist()
+    uris = [r["uri"] for r in rows]
+    assert len(uris) == len(set(uris)), "a row appears twice"
+    return {r["uri"]: r for r in rows}
+
+
+def test_bad_inputs_become_error_rows_and_the_job_succeeds(local_ray, photos, tmp_path, checkpoint_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    expected = bad_input_corpus(images, photos)
+    output = tmp_path / "out"
+    assert main(["--input", str(images), "--output", str(output), "--weights", str(checkpoint_path)]) == 0
+    rows = rows_by_uri(output)
+    assert len(rows) == len(expected)
+    for name, status in expected.items():
+        row = rows[str(images / name)]
+        assert row["status"] == status, (name, row["error"])
+        assert (row["error"] is None) == (status == "ok")
+    assert "over preprocess.max_pixels" in rows[str(images / "bomb_40000x40000.png")]["error"]
+    assert "truncated" in rows[str(images / "truncated.jpg")]["error"]
+    line = capsys.readouterr().out
+    assert "labeled 15 images (5 errors: OSError 1, UnidentifiedImageError 3, ValueError 1)" in line
+    record = json.loads((output / "_run.json").read_text())
+    assert record["status"] == "succeeded" and record["counts"]["error_kinds"]["UnidentifiedImageError"] == 3
+    assert (output / "_SUCCESS").exists()
+
+
+def test_file_deleted_between_listing_and_reading(local_ray, corpus, tmp_path, checkpoint_path):
+    from mnasnet_batch import pipeline
+    from mnasnet_batch.config import load_config, parse_override
+    from mnasnet_batch.weights import resolve_checkpoint
+
+    gone = tmp_path / "listed_then_deleted.jpg"
+    config = load_config(overrides=[parse_override(f"output.uri={tmp_path / 'out'}")])
+    run_uri = str(tmp_path / "out" / "run=x")
+    os.makedirs(run_uri)
+    pipeline.run(config, resolve_checkpoint("mnasnet0_5", str(checkpoint_path)), [str(corpus[0]), str(gone)], run_uri)
+    rows = rows_by_uri(Path(run_uri))
+    assert rows[str(corpus[0])]["status"] == "ok"
+    assert rows[str(gone)]["status"] == "error" and rows[str(gone)]["error"].startswith("FileNotFoundError")
+
+
+def ray_worker_pids(title: str) -> list[int]:
+    """Processes whose title (as Ray sets it) contains ``title``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if title in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def poll(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def many_images(tmp_path: Path, corpus, copies: int) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(copies):
+        for path in corpus:
+            shutil.copy(path, images / f"{i}_{path.name}")
+    return images
+
+
+def test_killed_model_actor_loses_and_duplicates_nothing(local_ray, corpus, tmp_path, checkpoint_path):
+    images = many_images(tmp_path, corpus, 6)  # 144 images
+    output = tmp_path / "out"
+    argv = [
+        "--input",
+        str(images),
+        "--output",
+        str(output),
+        "--weights",
+        str(checkpoint_path),
+        "--set",
+        "output.rows_per_file=8",
+        "--set",
+        "compute.batch_size=8",
+        "--set",
+        "preprocess.batch_size=8",
+    ]
+    result = {}
+    job = threading.Thread(target=lambda: result.setdefault("status", main(argv)))
+    job.start()
+    poll(lambda: list(output.glob("run=*/part-*.parquet")), 120, "the first written part")
+    (actor,) = poll(lambda: ray_worker_pids("MapWorker(MapBatches(Predictor))"), 30, "the model actor")
+    assert job.is_alive(), "the run finished before the actor could be killed"
+    os.kill(actor, signal.SIGKILL)
+    job.join(timeout=300)
+    assert result.get("status") == 0
+    rows = rows_by_uri(output)
+    assert set(rows) == {str(p) for p in images.iterdir()}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert (output / "_SUCCESS").exists()
+
+
+def start_job(argv: list[str], env: dict | None = None) -> subprocess.Popen:
+    """The job as users run it, in its own process group with its own local Ray."""
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "label_images.py"), *argv],
+        cwd=ROOT,
+        env=environment,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILLs the driver's whole session (driver and the Ray it started) and waits until none is left."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+    def session_members():
+        members = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    if int(fields[3]) == process.pid and fields[0] != "Z":  # fields[3]: session id
+                        members.append(int(entry.name))
+                except (OSError, IndexError, ValueError):
+                    pass
+        for pid in members:
+            os.kill(pid, signal.SIGKILL)
+        return not members
+
+    poll(session_members, 30, "the killed job's processes to exit")
+
+
+def test_killed_driver_then_same_command_finishes_the_rest(local_ray, corpus, tmp_path, checkpoint_path, capsys):
+    images = many_images(tmp_path, corpus, 8)  # 192 images
+    output = tmp_path / "out"
+    argv = [
+        "--input",
+        str(images),
+        "--output",
+        str(output),
+        "--weights",
+        str(checkpoint_path),
+        "--set",
+        "output.rows_per_file=8",
+        "--set",
+        "compute.batch_size=8",
+        "--set",
+        "preprocess.batch_size=8",
+    ]
+    job = start_job(argv)
+    try:
+        poll(lambda: len(list(output.glob("run=*/part-*.parquet"))) >= 2, 180, "two written parts")
+        assert job.poll() is None, "the run finished before it could be killed"
+    finally:
+        kill_session(job)
+    before = {p.name: p.stat().st_mtime_ns for p in output.glob("run=*/part-*.parquet")}
+    assert json.loads((output / "_run.json").read_text())["status"] == "running"
+    assert not (output / "_SUCCESS").exists()
+    rows_before = len(rows_by_uri(output))  # whatever is visible is whole and unique
+
+    assert main(argv) == 0
+    rows = rows_by_uri(output)
+    assert set(rows) == {str(p) for p in images.iterdir()}
+    # The parts written before the kill were kept as they were, not predicted again.
+    assert {p.name: p.stat().st_mtime_ns for p in output.glob("run=*/part-*.parquet") if p.name in before} == before
+    assert f"{rows_before} from before the resume" in capsys.readouterr().out
+    assert len(list(output.glob("run=*"))) == 1 and (output / "_SUCCESS").exists()
+    assert json.loads((output / "_run.json").read_text())["status"] == "succeeded"
+
+
+def test_driver_killed_while_a_part_is_being_written(local_ray, corpus, tmp_path, checkpoint_path):
+    # Test-only fault injection through sitecustomize, inherited by every Ray worker of the job: the first
+    # part's publishing rename stalls, so the kill lands while that Parquet file is being written.
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "_replace = os.replace\n"
+        "def _stalling_replace(src, dst, *args, **kwargs):\n"
+        "    if os.path.basename(str(src)).startswith('_inprogress-') and str(dst).endswith('.parquet'):\n"
+        "        time.sleep(600)\n"
+        "    return _replace(src, dst, *args, **kwargs)\n"
+        "os.replace = _stalling_replace\n"
+    )
+    images = many_images(tmp_path, corpus, 1)
+    output = tmp_path / "out"
+    argv = [
+        "--input",
+        str(images),
+        "--output",
+        str(output),
+        "--weights",
+        str(checkpoint_path),
+        "--set",
+        "output.rows_per_file=8",
+        "--set",
+        "compute.batch_size=8",
+    ]
+    pythonpath = os.pathsep.join([str(hooks), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    job = start_job(argv, env={"PYTHONPATH": pythonpath})
+    try:
+        poll(lambda: list(output.glob("run=*/_inprogress-*")), 180, "a part being written")
+    finally:
+        kill_session(job)
+    assert not list(output.glob("run=*/part-*.parquet")), "no part may be visible before its write completes"
+    assert pads.dataset(output, format="parquet").count_rows() == 0
+
+    assert main(argv) == 0
+    rows = rows_by_uri(output)
+    assert set(rows) == {str(p) for p in images.iterdir()}
+    assert not list(output.glob("run=*/_inprogress-*"))
+
+
+def test_incremental_labels_only_new_images_and_modes_guard_the_output(
+    local_ray, corpus, tmp_path, checkpoint_path, capsys
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in corpus[:10]:
+        shutil.copy(path, images / path.name)
+    output = tmp_path / "out"
+    argv = ["--input", str(images), "--output", str(output), "--weights", str(checkpoint_path)]
+    assert main(argv) == 0
+    first = rows_by_uri(output)
+    assert len(first) == 10
+    capsys.readouterr()
+
+    for path in corpus[10:16]:
+        shutil.copy(path, images / path.name)
+    assert main(argv) == 2
+    assert "--mode incremental" in capsys.readouterr().err
+    assert main([*argv, "--mode", "incremental", "--top-k", "3"]) == 2
+    assert "different configuration (top_k differ)" in capsys.readouterr().err
+
+    assert main([*argv, "--mode", "incremental", "--run-id", "nightly-2"]) == 0
+    assert "labeled 6 images (0 errors)" in capsys.readouterr().out
+    rows = rows_by_uri(output)
+    assert set(rows) == {str(p) for p in images.iterdir()}
+    assert {uri: rows[uri] for uri in first} == first
+    assert (output / "run=nightly-2" / "_run.json").exists() and len(list(output.glob("run=*"))) == 2
+    assert json.loads((output / "_run.json").read_text())["run_id"] == "nightly-2"
+
+    assert main([*argv, "--mode", "incremental"]) == 0  # nothing new: an empty run, still complete
+    assert "labeled 0 images" in capsys.readouterr().out
+    assert len(rows_by_uri(output)) == 16
+
+    (output / "keep.txt").write_text("a user's file")
+    assert main([*argv, "--mode", "overwrite", "--top-k", "3"]) == 0
+    rows = rows_by_uri(output)
+    assert len(rows) == 16 and all(len(r["top_k_ids"]) == 3 for r in rows.values())
+    assert len(list(output.glob("run=*"))) == 1 and (output / "keep.txt").exists()
+
+
+def test_exif_orientation_option_rotates_before_cropping(photos):
+    from mnasnet_batch.preprocess import PreprocessSpec, preprocess_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(photos["coffee"], "PNG", exif=exif)
+    spec = PreprocessSpec.for_model("mnasnet0_5", 10**9)
+    ignored = preprocess_image(data, spec)
+    applied = preprocess_image(data, PreprocessSpec.for_model("mnasnet0_5", 10**9, apply_exif_orientation=True))
+    upright = photos["coffee"].transpose(Image.Transpose.ROTATE_270)
+    np.testing.assert_array_equal(applied, preprocess_image(encode(upright, "PNG"), spec))
+    np.testing.assert_array_equal(ignored, preprocess_image(encode(photos["coffee"], "PNG"), spec))
+    assert support  # the photos fixture comes from tests.support
