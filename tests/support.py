@@ -52,8 +52,8 @@ def random_crop(photo: Image.Image, rng: np.random.Generator, long_side: int = 5
     return crop.resize((max(1, round(crop_w * scale)), max(1, round(crop_h * scale))), Image.BICUBIC)
 
 
-def write_corpus(directory: Path, count: int, seed: int = 0, long_side: int = 500) -> list[Path]:
-    """Writes ``count`` varied crops of the photos as JPEG (and every fifth as PNG) files.
+def write_corpus(directory: Path, count: int, seed: int = 0, long_side: int = 500, png_every: int = 5) -> list[Path]:
+    """Writes ``count`` varied crops of the photos as JPEG (and every ``png_every``-th as PNG; 0: none) files.
 
     Returns:
         The written paths, sorted.
@@ -66,7 +66,7 @@ def write_corpus(directory: Path, count: int, seed: int = 0, long_side: int = 50
     for i in range(count):
         name = names[i % len(names)]
         crop = random_crop(photos[name], rng, long_side)
-        suffix = "png" if i % 5 == 4 else "jpg"
+        suffix = "png" if png_every and i % png_every == png_every - 1 else "jpg"
         path = directory / f"{name}_{i:05d}.{suffix}"
         crop.save(path, quality=90) if suffix == "jpg" else crop.save(path)
         paths.append(path)

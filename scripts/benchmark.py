@@ -1,0 +1,336 @@
+"""Throughput benchmark: this job against the usual alternatives, on the same corpus and checkpoint.
+
+Contenders, each timed as a whole command (start-up included) on the first 500 and the first 2,000 images:
+
+- ``job``: this job, ``python jobs/label_images.py`` (local Ray started by the command);
+- ``torch``: a plain PyTorch script: Dataset + DataLoader + ``weights.transforms()`` on PIL images + eager model;
+- ``raydoc``: the Ray Data documentation pattern: ``read_images`` -> per-image torchvision transforms in
+  ``map_batches`` -> callable-class actor, float32 NCHW, eager -> ``write_parquet``;
+- ``ceiling``: this job's own decode, preprocessing and model code in one plain Python loop, without Ray.
+
+Steady state is ``1500 / (T(2000) - T(500))``. Also measured: the model alone on decoded uint8 crops, the time
+from command start to the first written row, and the peak memory of all of a command's processes.
+
+    .venv/bin/python scripts/benchmark.py --workdir /tmp/bench --models mnasnet0_5 mnasnet1_0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONTENDERS = ("job", "torch", "raydoc", "ceiling")
+
+
+# ---------------------------------------------------------------- contenders (each runs in its own process)
+
+
+def run_torch(input_dir: Path, output: Path, model_name: str, weights: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    import torchvision
+    from PIL import Image
+
+    meta = torchvision.models.get_model_weights(model_name).IMAGENET1K_V1
+    transform = meta.transforms()
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, paths):
+            self.paths = paths
+
+        def __len__(self):
+            return len(self.paths)
+
+        def __getitem__(self, i):
+            return transform(Image.open(self.paths[i]).convert("RGB")), str(self.paths[i])
+
+    model = torchvision.models.get_model(model_name)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    paths = sorted(input_dir.iterdir())
+    loader = torch.utils.data.DataLoader(Images(paths), batch_size=64, num_workers=os.cpu_count())
+    uris, ids, scores = [], [], []
+    with torch.inference_mode():
+        for batch, names in loader:
+            top = torch.topk(torch.softmax(model(batch), 1), 5)
+            uris += names
+            ids += top.indices.tolist()
+            scores += top.values.tolist()
+    pq.write_table(pa.table({"uri": uris, "top_k_ids": ids, "top_k_scores": scores}), output / "part-0.parquet")
+
+
+def run_raydoc(input_dir: Path, output: Path, model_name: str, weights: Path) -> None:
+    import numpy as np
+    import ray
+    import torch
+    import torchvision
+    from torchvision import transforms
+
+    meta = torchvision.models.get_model_weights(model_name).IMAGENET1K_V1
+    preset = meta.transforms()
+    transform = transforms.Compose(
+        [
+            transforms.ToTensor(),
+            transforms.Resize(preset.resize_size, antialias=True),
+            transforms.CenterCrop(preset.crop_size),
+            transforms.Normalize(preset.mean, preset.std),
+        ]
+    )
+
+    def preprocess(batch):
+        batch["transformed"] = np.stack([transform(image).numpy() for image in batch["image"]])
+        del batch["image"]
+        return batch
+
+    class Classifier:
+        def __init__(self):
+            self.model = torchvision.models.get_model(model_name)
+            self.model.load_state_dict(torch.load(weights, weights_only=True))
+            self.model.eval()
+
+        def __call__(self, batch):
+            with torch.inference_mode():
+                top = torch.topk(torch.softmax(self.model(torch.from_numpy(batch["transformed"])), 1), 5)
+            return {"uri": batch["path"], "top_k_ids": top.indices.numpy(), "top_k_scores": top.values.numpy()}
+
+    ray.init()
+    dataset = ray.data.read_images(str(input_dir), mode="RGB", include_paths=True)
+    dataset = dataset.map_batches(preprocess, batch_size=16)
+    dataset = dataset.map_batches(Classifier, compute=ray.data.ActorPoolStrategy(size=1), batch_size=64)
+    dataset.write_parquet(str(output))
+
+
+def run_ceiling(input_dir: Path, output: Path, model_name: str, weights: Path) -> None:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from mnasnet_batch.output import write_part
+    from mnasnet_batch.predictor import Predictor
+    from mnasnet_batch.preprocess import PreprocessSpec, preprocess_batch
+    from mnasnet_batch.weights import resolve_checkpoint
+
+    predictor = Predictor(resolve_checkpoint(model_name, str(weights)), top_k=5, num_threads=os.cpu_count())
+    spec = PreprocessSpec.for_model(model_name, max_pixels=89_478_485)
+    paths = sorted(input_dir.iterdir())
+    for start in range(0, len(paths), 64):
+        chunk = paths[start : start + 64]
+        uris = np.asarray([str(p) for p in chunk], dtype=object)
+        write_part(predictor(preprocess_batch(uris, [p.read_bytes() for p in chunk], spec)), str(output))
+    assert pq  # parts are Parquet, as the job writes them
+
+
+def model_alone(model_name: str, weights: Path, images: int = 256) -> float:
+    """Images/s of the job's predictor on already-decoded uint8 crops, after one warm-up batch."""
+    import numpy as np
+
+    from mnasnet_batch.predictor import Predictor
+    from mnasnet_batch.weights import resolve_checkpoint
+
+    predictor = Predictor(resolve_checkpoint(model_name, str(weights)), top_k=5, num_threads=os.cpu_count())
+    crops = np.random.default_rng(0).integers(0, 256, (64, 224, 224, 3), dtype=np.uint8)
+    predictor.predict(crops)
+    start = time.perf_counter()
+    for _ in range(images // 64):
+        predictor.predict(crops)
+    return images // 64 * 64 / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- harness
+
+
+def tree_rss(root_pid: int) -> int:
+    """Resident memory of a process and everything in its session (Ray's processes included), in bytes."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == root_pid:  # session id
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def first_row_seen(output: Path) -> bool:
+    return any(p.suffix == ".parquet" for p in output.rglob("*.parquet"))
+
+
+def time_command(contender: str, input_dir: Path, output: Path, model: str, weights: Path) -> dict:
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
+    if contender == "job":
+        command = [sys.executable, str(ROOT / "jobs" / "label_images.py"), "--input", str(input_dir),
+                   "--output", str(output), "--model", model, "--weights", str(weights)]
+    else:
+        command = [sys.executable, __file__, "--run-one", contender, "--input", str(input_dir),
+                   "--output", str(output), "--models", model, "--weights", str(weights)]
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = time.monotonic()
+    process = subprocess.Popen(command, env=environment, start_new_session=True, cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(process.stdout))
+    reader.start()
+    peak, first_row = 0, None
+    while process.poll() is None:
+        peak = max(peak, tree_rss(process.pid))
+        if first_row is None and first_row_seen(output):
+            first_row = time.monotonic() - start
+        time.sleep(0.2)
+    seconds = time.monotonic() - start
+    reader.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"{contender} failed:\n{''.join(log[-40:])}")
+    text = "".join(log)
+    return {
+        "seconds": round(seconds, 2),
+        "first_row_s": round(first_row if first_row is not None else seconds, 2),
+        "peak_rss_gb": round(peak / 2**30, 2),
+        "spilled": "Spilled" in text or "spilled" in text,
+    }
+
+
+def make_corpus(directory: Path, count: int) -> list[Path]:
+    from tests import support
+
+    existing = sorted(directory.glob("*.jpg")) if directory.exists() else []
+    if len(existing) >= count:
+        return existing[:count]
+    shutil.rmtree(directory, ignore_errors=True)
+    return support.write_corpus(directory, count, seed=5, long_side=500, png_every=0)
+
+
+def subset(corpus: list[Path], count: int, directory: Path) -> Path:
+    """A folder holding links to the first ``count`` images, so every contender lists the same files."""
+    if directory.exists() and len(list(directory.iterdir())) == count:
+        return directory
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    for path in corpus[:count]:
+        os.symlink(path, directory / path.name)
+    return directory
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} cores, {cpu}, {gpu}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mnasnet-bench"))
+    parser.add_argument("--models", nargs="+", default=["mnasnet0_5", "mnasnet1_0"])
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--sizes", nargs=2, type=int, default=[500, 2000], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--memory-sizes", nargs="*", type=int, default=[],
+                        help="also run the job on these corpus sizes for peak memory, e.g. 2000 20000")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "benchmark.json")
+    parser.add_argument("--run-one", choices=CONTENDERS[1:], help=argparse.SUPPRESS)
+    parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.run_one:
+        runner = {"torch": run_torch, "raydoc": run_raydoc, "ceiling": run_ceiling}[args.run_one]
+        runner(args.input, args.output, args.models[0], args.weights)
+        return 0
+
+    from tests import support
+
+    small, large = args.sizes
+    corpus = make_corpus(args.workdir / "corpus", max([large, *args.memory_sizes]))
+    sizes_kb = sorted(p.stat().st_size / 1024 for p in corpus[:large])
+    results = {"machine": machine(), "images": {"small": small, "large": large,
+               "median_kb": round(sizes_kb[len(sizes_kb) // 2], 1)}, "models": {}}
+    for model in args.models:
+        weights = args.workdir / f"fixture-{model}.pth"
+        if not weights.exists():
+            weights.write_bytes(support.checkpoint_bytes(support.make_model(model)))
+        rows = {}
+        for contender in args.contenders:
+            timings = {}
+            for count in (small, large):
+                folder = subset(corpus, count, args.workdir / f"images-{count}")
+                timings[count] = time_command(contender, folder, args.workdir / "out", model, weights)
+                print(f"{model} {contender} {count} images: {timings[count]}", flush=True)
+            rows[contender] = {
+                "whole_s": timings[large]["seconds"],
+                "steady_images_per_s": round((large - small) / (timings[large]["seconds"] - timings[small]["seconds"]), 1),
+                "first_row_s": timings[large]["first_row_s"],
+                "peak_rss_gb": timings[large]["peak_rss_gb"],
+                "spilled": timings[large]["spilled"],
+            }
+        rows["model_alone_images_per_s"] = round(model_alone(model, weights), 1)
+        for count in args.memory_sizes:
+            folder = subset(corpus, count, args.workdir / f"images-{count}")
+            rows.setdefault("job_memory", {})[count] = time_command("job", folder, args.workdir / "out", model, weights)
+            print(f"{model} job memory {count} images: {rows['job_memory'][count]}", flush=True)
+        results["models"][model] = rows
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    chart(results, args.results.with_suffix(".png"))
+    return 0
+
+
+def table(results: dict) -> str:
+    lines = [f"machine: {results['machine']}", "",
+             "| model | contender | steady images/s | whole command s | first row s | peak RSS GB | job steady / this |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for model, rows in results["models"].items():
+        job = rows.get("job", {}).get("steady_images_per_s")
+        for contender in CONTENDERS:
+            if contender in rows:
+                row = rows[contender]
+                ratio = f"{job / row['steady_images_per_s']:.2f}x" if job else ""
+                lines.append(f"| {model} | {contender} | {row['steady_images_per_s']} | {row['whole_s']} | "
+                             f"{row['first_row_s']} | {row['peak_rss_gb']} | {ratio} |")
+        lines.append(f"| {model} | model alone (uint8 crops in memory) | {rows['model_alone_images_per_s']} | | | | |")
+    return "\n".join(lines)
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results["models"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(CONTENDERS)
+    for i, contender in enumerate(CONTENDERS):
+        values = [results["models"][m].get(contender, {}).get("steady_images_per_s", 0) for m in models]
+        bars = ax.bar([x + i * width for x in range(len(models))], values, width, label=contender)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks([x + width * (len(CONTENDERS) - 1) / 2 for x in range(len(models))], models)
+    ax.set_ylabel("steady-state images/s")
+    ax.set_title(f"Batch labeling throughput ({results['machine']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
