@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
         "error kinds and throughput, as one HTML page with inline PNG charts (no network needed to view it).",
     )
     parser.add_argument("--output", required=True, help="the labeling run's --output (directory or URI prefix)")
-    parser.add_argument("--report", help="where to write the page (default OUTPUT/report.html)")
+    parser.add_argument("--report", help="where to write the page (default OUTPUT/_report.html)")
     parser.add_argument(
         "--low-confidence", type=float, default=0.5, help="top-1 scores under this are low confidence (default 0.5)"
     )

@@ -16,7 +16,8 @@ from fsspec.core import url_to_fs
 
 from mnasnet_batch.output import SUMMARY_FILE
 
-REPORT_FILE = "report.html"
+# Underscore-prefixed like _config.yaml, so pyarrow, pandas and Spark still read the directory as one table.
+REPORT_FILE = "_report.html"
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,10 @@ def read_run(uri: str, low_confidence: float = 0.5) -> RunStats:
         low_confidence: top-1 scores under this count as low confidence.
     """
     fs, root = url_to_fs(uri)
-    dataset = pads.dataset(root, filesystem=fs, format="parquet", exclude_invalid_files=False)
+    files = sorted(p for p in fs.find(root) if p.endswith(".parquet")) if fs.isdir(root) else []
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {uri}")
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
     table = dataset.to_table(columns=["status", "error", "top_k_scores", "top_k_labels", "model", "weights"])
     ok = table.filter(pads.field("status") == "ok")
     scores = np.array([s[0] for s in ok.column("top_k_scores").to_pylist()], dtype=np.float32)
@@ -81,12 +85,14 @@ def _png(figure) -> str:
 
 def _bar_chart(title: str, pairs: list[tuple[str, int]], xlabel: str) -> str:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     names = [name for name, _ in pairs][::-1]  # largest at the top
     counts = [count for _, count in pairs][::-1]
     figure = Figure(figsize=(8, max(2.0, 0.3 * len(pairs) + 1)))
     axes = figure.subplots()
     axes.barh(names, counts, color="#4c72b0")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts of images
     axes.set_title(title)
     axes.set_xlabel(xlabel)
     return _png(figure)
@@ -94,6 +100,7 @@ def _bar_chart(title: str, pairs: list[tuple[str, int]], xlabel: str) -> str:
 
 def _confidence_chart(stats: RunStats) -> str:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(8, 3.5))
     axes = figure.subplots()
@@ -104,12 +111,14 @@ def _confidence_chart(stats: RunStats) -> str:
     axes.set_title("Top-1 score (softmax probability)")
     axes.set_xlabel("top-1 score")
     axes.set_ylabel("images")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.legend()
     return _png(figure)
 
 
 def _outcome_chart(stats: RunStats) -> str:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     confident = len(stats.top1_scores) - stats.low_confidence_count
     outcomes = [("confident", confident), ("low confidence", stats.low_confidence_count), ("error", stats.errors)]
@@ -118,6 +127,7 @@ def _outcome_chart(stats: RunStats) -> str:
     axes.barh(
         [name for name, _ in outcomes][::-1], [n for _, n in outcomes][::-1], color=["#c44e52", "#dd8452", "#55a868"]
     )
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_title("Outcome per image")
     axes.set_xlabel("images")
     return _png(figure)
@@ -128,7 +138,7 @@ def render(stats: RunStats, uri: str, top_labels: int = 20) -> str:
     charts = [
         (
             "Most frequent top-1 labels",
-            _bar_chart(f"Top {top_labels} top-1 labels", stats.label_counts[:top_labels], "images"),
+            _bar_chart(f"Most frequent top-1 labels (up to {top_labels})", stats.label_counts[:top_labels], "images"),
         )
         if stats.label_counts
         else ("Most frequent top-1 labels", None),
@@ -162,11 +172,19 @@ def render(stats: RunStats, uri: str, top_labels: int = 20) -> str:
         ("throughput", throughput),
     ]
     rows = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
+    # The counts behind the two bar charts, as text too: searchable, and exact where bars are not.
+    listings = {
+        "Most frequent top-1 labels": stats.label_counts[:top_labels],
+        "Error kinds": stats.error_kinds,
+    }
     sections = []
     for title, png in charts:
         body = (
             f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">' if png else "<p>nothing to show</p>"
         )
+        if listings.get(title):
+            items = "".join(f"<li>{html.escape(name)}: {count}</li>" for name, count in listings[title])
+            body += f"\n<ol>{items}</ol>"
         sections.append(f"<section><h2>{html.escape(title)}</h2>\n{body}\n</section>")
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
