@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -13,6 +14,16 @@ from mnasnet_batch.weights import hub_path, torchvision_weights
 
 # The eval crop every MnasNet weights' transforms() produce, and the resolution published figures refer to.
 INPUT_SIZE = 224
+
+
+@functools.cache
+def _count(model_name: str) -> tuple[int, int]:
+    """Parameters and FLOPs of the architecture (the weights do not change them), measured once per process."""
+    model = torchvision.models.get_model(model_name, weights=None).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE))
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops()
 
 
 def describe(model_name: str) -> dict:
@@ -30,16 +41,12 @@ def describe(model_name: str) -> dict:
     """
     weights = torchvision_weights(model_name)
     transforms = weights.transforms()
-    model = torchvision.models.get_model(model_name, weights=None).eval()
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE))
-    flops = counter.get_total_flops()
+    params, flops = _count(model_name)
     path = hub_path(weights)
     accuracy = weights.meta["_metrics"]["ImageNet-1K"]
     return {
         "model": model_name,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": params,
         "macs": flops // 2,
         "flops": flops,
         "input_size": INPUT_SIZE,

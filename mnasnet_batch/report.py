@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.dataset as pads
 from fsspec.core import url_to_fs
 
-from mnasnet_batch.output import SUMMARY_FILE
+from mnasnet_batch.output import RUN_RECORD
 
 # Underscore-prefixed like _config.yaml, so pyarrow, pandas and Spark still read the directory as one table.
 REPORT_FILE = "_report.html"
@@ -32,7 +32,8 @@ class RunStats:
     models: list[str]
     weights: list[str]
     low_confidence: float
-    summary: dict | None
+    # The records (_run.json) of the runs read, oldest first; their rates are the recorded throughput.
+    runs: list[dict]
 
     @property
     def low_confidence_count(self) -> int:
@@ -45,16 +46,18 @@ class RunStats:
 
 
 def read_run(uri: str, low_confidence: float = 0.5) -> RunStats:
-    """Reads the Parquet files under ``uri`` (a labeling run's ``--output``) and its ``_summary.json`` if any.
+    """Reads the Parquet parts under ``uri`` (a labeling job's ``--output``) and its runs' records.
 
     Args:
         uri: the run's output directory or URI prefix.
         low_confidence: top-1 scores under this count as low confidence.
     """
     fs, root = url_to_fs(uri)
-    files = sorted(p for p in fs.find(root) if p.endswith(".parquet")) if fs.isdir(root) else []
+    root = root.rstrip("/")
+    found = fs.find(root) if fs.isdir(root) else []
+    files = sorted(p for p in found if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
     if not files:
-        raise FileNotFoundError(f"no Parquet files under {uri}")
+        raise FileNotFoundError(f"no Parquet parts under {uri}")
     dataset = pads.dataset(files, filesystem=fs, format="parquet")
     table = dataset.to_table(columns=["status", "error", "top_k_scores", "top_k_labels", "model", "weights"])
     ok = table.filter(pads.field("status") == "ok")
@@ -62,8 +65,9 @@ def read_run(uri: str, low_confidence: float = 0.5) -> RunStats:
     labels = collections.Counter(names[0] for names in ok.column("top_k_labels").to_pylist())
     errors = table.column("error").drop_null().to_pylist()
     kinds = collections.Counter(message.split(":", 1)[0] for message in errors)
-    summary_path = f"{root.rstrip('/')}/{SUMMARY_FILE}"
-    summary = json.loads(fs.cat_file(summary_path)) if fs.exists(summary_path) else None
+    # The output's runs each keep a record in run=<id>/; ``uri`` may also be one run's folder.
+    record_paths = [p for p in found if p.endswith(f"/{RUN_RECORD}") and p.rsplit("/", 2)[-2].startswith("run=")]
+    runs = sorted((json.loads(fs.cat_file(p)) for p in record_paths), key=lambda r: r.get("started_at") or "")
     return RunStats(
         images=table.num_rows,
         errors=len(errors),
@@ -73,7 +77,7 @@ def read_run(uri: str, low_confidence: float = 0.5) -> RunStats:
         models=sorted(set(table.column("model").drop_null().to_pylist())),
         weights=sorted(set(table.column("weights").drop_null().to_pylist())),
         low_confidence=low_confidence,
-        summary=summary,
+        runs=runs,
     )
 
 
@@ -133,8 +137,20 @@ def _outcome_chart(stats: RunStats) -> str:
     return _png(figure)
 
 
+def _throughput_chart(runs: list[dict]) -> str:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, max(2.0, 0.4 * len(runs) + 1)))
+    axes = figure.subplots()
+    axes.barh([f"run {r['run_id']}" for r in runs][::-1], [r["images_per_s"] for r in runs][::-1], color="#8172b3")
+    axes.set_title("Throughput per run (last attempt, Ray start-up included)")
+    axes.set_xlabel("images/s")
+    return _png(figure)
+
+
 def render(stats: RunStats, uri: str, top_labels: int = 20) -> str:
     """The report as one HTML page; charts are inline PNGs (data: URIs), so the page needs no network."""
+    rated = [r for r in stats.runs if r.get("images_per_s")]
     charts = [
         (
             "Most frequent top-1 labels",
@@ -148,14 +164,16 @@ def render(stats: RunStats, uri: str, top_labels: int = 20) -> str:
             "Error kinds",
             _bar_chart("Errors by exception type", stats.error_kinds, "images") if stats.error_kinds else None,
         ),
+        ("Throughput", _throughput_chart(rated) if rated else None),
     ]
-    if stats.summary:
-        throughput = (
-            f"{stats.summary['images_per_s']:.1f} images/s ({stats.summary['images']} images in "
-            f"{stats.summary['seconds']:.1f} s, Ray run including actor start-up)"
+    if rated:
+        throughput = "; ".join(
+            f"run {r['run_id']}: {r['images_per_s']:.1f} images/s ({r['counts']['labeled_this_attempt']} images in "
+            f"{r['seconds']:.1f} s, {r['status']})"
+            for r in rated
         )
     else:
-        throughput = f"not recorded (no {SUMMARY_FILE} beside the Parquet files)"
+        throughput = f"not recorded (no {RUN_RECORD} with a rate in the runs' folders)"
     facts = [
         ("run", uri),
         ("model", ", ".join(stats.models) or "-"),

@@ -95,11 +95,11 @@ def class_folders(tmp_path_factory, local_ray, reference, checkpoint_path):
     (root / GOLF_BALL / "truncated.JPEG").write_bytes(b"\xff\xd8\xff")
     output = tmp_path_factory.mktemp("eval") / "classes"
     result = run(["--input", str(root), "--weights", str(checkpoint_path), "--top-k", "1"], output)
-    return result, output, labels
+    return result, output, labels, root
 
 
 def test_class_folders_metrics_equal_an_independent_count(class_folders, reference):
-    result, _, labels = class_folders
+    result, _, labels, _ = class_folders
     _, ref_ids = reference
     top1, top5 = expected_scores(labels, ref_ids, unreadable=1)
     assert 0 < top1 < top5 < 100  # the set mixes hits, top-5-only hits and misses
@@ -110,7 +110,7 @@ def test_class_folders_metrics_equal_an_independent_count(class_folders, referen
 
 
 def test_per_class_and_per_image_results(class_folders, reference):
-    result, output, labels = class_folders
+    result, output, labels, _ = class_folders
     paths, ref_ids = reference
     per_class = {c["wnid"]: c for c in result["per_class"]}
     golf = per_class[GOLF_BALL]
@@ -129,8 +129,11 @@ def test_per_class_and_per_image_results(class_folders, reference):
 
 
 def test_rerun_into_the_same_output_is_refused(class_folders, checkpoint_path, capsys):
-    _, output, _ = class_folders
-    assert main(["--input", str(output), "--output", str(output), "--weights", str(checkpoint_path)]) == 2
+    _, output, _, root = class_folders
+    before = (output / "metrics.json").read_text()
+    assert main(["--input", str(root), "--output", str(output), "--weights", str(checkpoint_path)]) == 2
+    assert "holds the finished run" in capsys.readouterr().err
+    assert (output / "metrics.json").read_text() == before
 
 
 def write_meta_mat(path, order: list[str]) -> None:

@@ -43,6 +43,7 @@ def test_report_renders_the_runs_charts_and_figures(run_output, capsys):
         "Top-1 confidence",
         "Low confidence share",
         "Error kinds",
+        "Throughput",
     ]
     for _, data in charts:
         with Image.open(io.BytesIO(base64.b64decode(data))) as png:
@@ -54,7 +55,7 @@ def test_report_renders_the_runs_charts_and_figures(run_output, capsys):
     assert f"<li>{top_label}: {top1_labels.count(top_label)}</li>" in page
     assert "<li>UnidentifiedImageError: 2</li>" in page
     assert "2 of 6 readable images (33.3 %)" in page
-    assert "images/s (8 images in" in page  # throughput from the run's _summary.json
+    assert re.search(r"run \S+: [0-9.]+ images/s \(8 images in [0-9.]+ s, succeeded\)", page)  # from _run.json
     assert "http://" not in page and "https://" not in page  # nothing to fetch: readable offline
     assert pq.read_table(run_output).num_rows == 8  # the page does not break reading the run as one table
 
@@ -63,13 +64,17 @@ def test_report_without_summary_or_errors(run_output, tmp_path):
     table = pq.read_table(run_output)
     clean = tmp_path / "clean"
     clean.mkdir()
-    pq.write_table(table.filter(table.column("error").is_null()), clean / "part.parquet")
+    pq.write_table(table.filter(table.column("error").is_null()), clean / "part-0.parquet")
     destination = tmp_path / "elsewhere" / "page.html"
     destination.parent.mkdir()
     assert report_main(["--output", str(clean), "--report", str(destination)]) == 0
     page = destination.read_text()
     assert "throughput</th><td>not recorded" in page
-    assert page.count("data:image/png;base64,") == 3 and "<h2>Error kinds</h2>\n<p>nothing to show</p>" in page
+    assert (
+        page.count("data:image/png;base64,") == 3
+        and "<h2>Throughput</h2>\n<p>nothing to show</p>" in page
+        and "<h2>Error kinds</h2>\n<p>nothing to show</p>" in page
+    )
 
 
 def test_report_on_a_location_without_a_run(tmp_path, capsys):
