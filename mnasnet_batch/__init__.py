@@ -10,6 +10,12 @@ Data flows through one module per stage:
 - ``postprocess``: top-k and the Parquet output schema.
 - ``output``: guards the output location, records the config, counts what was written.
 - ``pipeline``: the only module that builds the Ray Data graph; ``cli``: the job's command line.
+
+Around the job, for ``jobs/evaluate.py``, ``jobs/model_info.py`` and ``jobs/report.py``:
+
+- ``imagenet``: the ImageNet-1k wnid list (package data) in torchvision's class order.
+- ``ground_truth``: labels from class folders, ``LOC_val_solution.csv`` or the devkit; ``metrics``: top-1/top-5.
+- ``model_info``: parameters, MACs and FLOPs; ``report``: a run's HTML page with PNG charts.
 """
 
 __version__ = "0.1.0"

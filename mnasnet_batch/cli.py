@@ -7,10 +7,15 @@ import logging
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, load_config, parse_override
+from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConfig, load_config, parse_override
 from mnasnet_batch.storage import StorageError
 from mnasnet_batch.weights import WeightsError
+
+if TYPE_CHECKING:
+    from mnasnet_batch.output import RunPlan, Summary
+    from mnasnet_batch.weights import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +47,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the labeling job; returns the process exit status (0 ok, 2 bad configuration or inputs)."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Importing torch and Ray costs seconds; the configuration is checked before either is needed.
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    """The job configuration from ``build_parser()``'s arguments: defaults, --config, flags, then --set.
+
+    Raises:
+        ConfigError: a bad value, or no input or output.
+    """
     flags = {
         "input": {"uri": args.input},
         "output": {"uri": args.output, "mode": args.mode, "run_id": args.run_id},
         "model": {"name": args.model, "weights": args.weights, "top_k": args.top_k},
     }
     flags = {section: {k: v for k, v in values.items() if v is not None} for section, values in flags.items()}
+    config = load_config(args.config, [flags, *(parse_override(s) for s in args.set)])
+    if not config.input.uri or not config.output.uri:
+        raise ConfigError("--input and --output are required (or input.uri and output.uri in --config)")
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the labeling job; returns the process exit status (0 ok, 2 bad configuration or inputs)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Importing torch and Ray costs seconds; the configuration is checked before either is needed.
     try:
-        config = load_config(args.config, [flags, *(parse_override(s) for s in args.set)])
-        if not config.input.uri or not config.output.uri:
-            raise ConfigError("--input and --output are required (or input.uri and output.uri in --config)")
+        config = config_from_args(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -84,6 +99,19 @@ def main(argv: list[str] | None = None) -> int:
         plan.run_id,
     )
 
+    summary = label(config, checkpoint, plan, todo)
+    print(summary.line())
+    return 0
+
+
+def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: list[str]) -> Summary:
+    """Labels ``todo`` into ``plan``'s run on Ray (joined or started here) and closes the run's record.
+
+    Returns:
+        What the run holds, over all its attempts.
+    """
+    from mnasnet_batch import output
+
     start = time.monotonic()
     try:
         if todo:
@@ -99,6 +127,4 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         output.finish_run(config, plan, time.monotonic() - start, len(todo), error=f"{type(exc).__name__}: {exc}")
         raise
-    summary = output.finish_run(config, plan, time.monotonic() - start, len(todo))
-    print(summary.line())
-    return 0
+    return output.finish_run(config, plan, time.monotonic() - start, len(todo))

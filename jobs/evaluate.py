@@ -1,0 +1,104 @@
+"""Evaluates a MnasNet on a labeled image set with the labeling pipeline: top-1/top-5 to metrics.json."""
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+# Importable from a checkout where the package is not installed (the working dir of `ray job submit`).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mnasnet_batch import cli  # noqa: E402
+from mnasnet_batch.config import ConfigError  # noqa: E402
+
+# Where the labeling job's own Parquet output goes, under --output.
+PREDICTIONS_DIR = "predictions"
+
+
+def build_parser():
+    """The labeling job's options, plus where the ground truth is."""
+    parser = cli.build_parser()
+    parser.prog = "evaluate.py"
+    parser.description = (
+        "Label a labeled image set with the labeling pipeline and score it: writes metrics.json (top1/top5 in "
+        "percent, per-class accuracy), per_image.parquet, and the predictions under OUTPUT/predictions/. "
+        "Without --labels, each image's parent folder must be its wnid (ImageNet val as n01440764/...)."
+    )
+    parser.add_argument(
+        "--labels",
+        help="ground truth for a flat folder: LOC_val_solution.csv, or the devkit's "
+        "ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012_ID per line)",
+    )
+    parser.add_argument(
+        "--synsets",
+        help="for the devkit form: its data/meta.mat (default: meta.mat beside --labels), or a text file with "
+        "one wnid per line in ILSVRC2012_ID order",
+    )
+    return parser
+
+
+def main(argv=None) -> int:
+    """Runs the evaluation; returns the process exit status (0 ok, 2 bad configuration, inputs or labels)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = cli.config_from_args(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Top-5 accuracy needs five classes per image, whatever the profile says.
+    run_config = dataclasses.replace(
+        config,
+        output=dataclasses.replace(config.output, uri=f"{config.output.uri.rstrip('/')}/{PREDICTIONS_DIR}"),
+        model=dataclasses.replace(config.model, top_k=max(5, config.model.top_k)),
+    )
+
+    from mnasnet_batch import ground_truth, metrics, output, storage
+    from mnasnet_batch.weights import WeightsError, resolve_checkpoint, torchvision_weights
+
+    try:
+        checkpoint = resolve_checkpoint(
+            config.model.name, config.model.weights, config.model.sha256, config.model.download
+        )
+        uris = storage.list_images(config.input.uri, config.input.extensions)
+        truth = ground_truth.load_ground_truth(uris, args.labels or "", args.synsets or "")
+        # The labeling job's run rules apply: a finished evaluation is refused (--mode overwrite redoes it),
+        # an interrupted one resumes.
+        plan = output.plan_run(run_config, checkpoint.weights_id)
+    except (WeightsError, storage.StorageError, ground_truth.GroundTruthError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    todo = output.remaining(uris, plan.done)
+    logging.getLogger(__name__).info(
+        "%d labeled images (%s) under %s, %d to label", len(uris), truth.layout, config.input.uri, len(todo)
+    )
+
+    summary = cli.label(run_config, checkpoint, plan, todo)
+    weights = torchvision_weights(config.model.name)
+    scores, per_image = metrics.score(
+        metrics.read_predictions(run_config.output.uri, uris), truth.labels, weights.meta["categories"]
+    )
+    published = weights.meta["_metrics"]["ImageNet-1K"]
+    result = {
+        "model": config.model.name,
+        "weights": checkpoint.weights_id,
+        "ground_truth": truth.layout,
+        **scores,
+        "published": {"top1": published["acc@1"], "top5": published["acc@5"]}
+        if checkpoint.weights_id == weights.name
+        else None,
+        "run_id": plan.run_id,
+        "seconds": summary.seconds,
+    }
+    metrics.write_results(config.output.uri, result, per_image)
+    print(summary.line())
+    print(
+        f"{config.model.name}: top-1 {result['top1']:.3f} %, top-5 {result['top5']:.3f} % "
+        f"over {result['images']} images ({result['errors']} errors)"
+        + (f"; published {published['acc@1']} / {published['acc@5']}" if result["published"] else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

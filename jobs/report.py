@@ -1,0 +1,45 @@
+"""Writes an HTML report with PNG charts for a labeling run's Parquet output."""
+
+import argparse
+import sys
+from pathlib import Path
+
+# Importable from a checkout where the package is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="report.py",
+        description="Report on a labeling run: most frequent labels, top-1 confidence, low-confidence share, "
+        "error kinds and throughput, as one HTML page with inline PNG charts (no network needed to view it).",
+    )
+    parser.add_argument("--output", required=True, help="the labeling run's --output (directory or URI prefix)")
+    parser.add_argument("--report", help="where to write the page (default OUTPUT/_report.html)")
+    parser.add_argument(
+        "--low-confidence", type=float, default=0.5, help="top-1 scores under this are low confidence (default 0.5)"
+    )
+    parser.add_argument("--top-labels", type=int, default=20, help="labels in the frequency chart (default 20)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from mnasnet_batch import report
+
+    destination = args.report or f"{args.output.rstrip('/')}/{report.REPORT_FILE}"
+    try:
+        stats = report.read_run(args.output, args.low_confidence)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: cannot read the run's Parquet files under {args.output}: {exc}", file=sys.stderr)
+        return 2
+    report.write(destination, report.render(stats, args.output, args.top_labels))
+    print(
+        f"report {destination}: {stats.images} images, {stats.errors} errors, "
+        f"{stats.low_confidence_share:.1f} % low confidence"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""A labeling run's report: one self-contained HTML page with PNG charts, readable offline."""
+
+from __future__ import annotations
+
+import base64
+import collections
+import datetime
+import html
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.dataset as pads
+from fsspec.core import url_to_fs
+
+from mnasnet_batch.output import RUN_RECORD
+
+# Underscore-prefixed like _config.yaml, so pyarrow, pandas and Spark still read the directory as one table.
+REPORT_FILE = "_report.html"
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """What the report shows, computed from a run's Parquet files (and its summary, when recorded)."""
+
+    images: int
+    errors: int
+    top1_scores: np.ndarray
+    label_counts: list[tuple[str, int]]
+    error_kinds: list[tuple[str, int]]
+    models: list[str]
+    weights: list[str]
+    low_confidence: float
+    # The records (_run.json) of the runs read, oldest first; their rates are the recorded throughput.
+    runs: list[dict]
+
+    @property
+    def low_confidence_count(self) -> int:
+        return int((self.top1_scores < self.low_confidence).sum())
+
+    @property
+    def low_confidence_share(self) -> float:
+        """Share of the readable images whose top-1 score is under the threshold, in percent."""
+        return 100.0 * self.low_confidence_count / len(self.top1_scores) if len(self.top1_scores) else 0.0
+
+
+def read_run(uri: str, low_confidence: float = 0.5) -> RunStats:
+    """Reads the Parquet parts under ``uri`` (a labeling job's ``--output``) and its runs' records.
+
+    Args:
+        uri: the run's output directory or URI prefix.
+        low_confidence: top-1 scores under this count as low confidence.
+    """
+    fs, root = url_to_fs(uri)
+    root = root.rstrip("/")
+    found = fs.find(root) if fs.isdir(root) else []
+    files = sorted(p for p in found if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet parts under {uri}")
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    table = dataset.to_table(columns=["status", "error", "top_k_scores", "top_k_labels", "model", "weights"])
+    ok = table.filter(pads.field("status") == "ok")
+    scores = np.array([s[0] for s in ok.column("top_k_scores").to_pylist()], dtype=np.float32)
+    labels = collections.Counter(names[0] for names in ok.column("top_k_labels").to_pylist())
+    errors = table.column("error").drop_null().to_pylist()
+    kinds = collections.Counter(message.split(":", 1)[0] for message in errors)
+    # The output's runs each keep a record in run=<id>/; ``uri`` may also be one run's folder.
+    record_paths = [p for p in found if p.endswith(f"/{RUN_RECORD}") and p.rsplit("/", 2)[-2].startswith("run=")]
+    runs = sorted((json.loads(fs.cat_file(p)) for p in record_paths), key=lambda r: r.get("started_at") or "")
+    return RunStats(
+        images=table.num_rows,
+        errors=len(errors),
+        top1_scores=scores,
+        label_counts=labels.most_common(),
+        error_kinds=kinds.most_common(),
+        models=sorted(set(table.column("model").drop_null().to_pylist())),
+        weights=sorted(set(table.column("weights").drop_null().to_pylist())),
+        low_confidence=low_confidence,
+        runs=runs,
+    )
+
+
+def _png(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _bar_chart(title: str, pairs: list[tuple[str, int]], xlabel: str) -> str:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    names = [name for name, _ in pairs][::-1]  # largest at the top
+    counts = [count for _, count in pairs][::-1]
+    figure = Figure(figsize=(8, max(2.0, 0.3 * len(pairs) + 1)))
+    axes = figure.subplots()
+    axes.barh(names, counts, color="#4c72b0")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts of images
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    return _png(figure)
+
+
+def _confidence_chart(stats: RunStats) -> str:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(8, 3.5))
+    axes = figure.subplots()
+    axes.hist(stats.top1_scores, bins=20, range=(0.0, 1.0), color="#4c72b0")
+    axes.axvline(
+        stats.low_confidence, color="#c44e52", linestyle="--", label=f"low confidence < {stats.low_confidence}"
+    )
+    axes.set_title("Top-1 score (softmax probability)")
+    axes.set_xlabel("top-1 score")
+    axes.set_ylabel("images")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.legend()
+    return _png(figure)
+
+
+def _outcome_chart(stats: RunStats) -> str:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    confident = len(stats.top1_scores) - stats.low_confidence_count
+    outcomes = [("confident", confident), ("low confidence", stats.low_confidence_count), ("error", stats.errors)]
+    figure = Figure(figsize=(8, 2.2))
+    axes = figure.subplots()
+    axes.barh(
+        [name for name, _ in outcomes][::-1], [n for _, n in outcomes][::-1], color=["#c44e52", "#dd8452", "#55a868"]
+    )
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_title("Outcome per image")
+    axes.set_xlabel("images")
+    return _png(figure)
+
+
+def _throughput_chart(runs: list[dict]) -> str:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, max(2.0, 0.4 * len(runs) + 1)))
+    axes = figure.subplots()
+    axes.barh([f"run {r['run_id']}" for r in runs][::-1], [r["images_per_s"] for r in runs][::-1], color="#8172b3")
+    axes.set_title("Throughput per run (last attempt, Ray start-up included)")
+    axes.set_xlabel("images/s")
+    return _png(figure)
+
+
+def render(stats: RunStats, uri: str, top_labels: int = 20) -> str:
+    """The report as one HTML page; charts are inline PNGs (data: URIs), so the page needs no network."""
+    rated = [r for r in stats.runs if r.get("images_per_s")]
+    charts = [
+        (
+            "Most frequent top-1 labels",
+            _bar_chart(f"Most frequent top-1 labels (up to {top_labels})", stats.label_counts[:top_labels], "images"),
+        )
+        if stats.label_counts
+        else ("Most frequent top-1 labels", None),
+        ("Top-1 confidence", _confidence_chart(stats) if len(stats.top1_scores) else None),
+        ("Low confidence share", _outcome_chart(stats)),
+        (
+            "Error kinds",
+            _bar_chart("Errors by exception type", stats.error_kinds, "images") if stats.error_kinds else None,
+        ),
+        ("Throughput", _throughput_chart(rated) if rated else None),
+    ]
+    if rated:
+        throughput = "; ".join(
+            f"run {r['run_id']}: {r['images_per_s']:.1f} images/s ({r['counts']['labeled_this_attempt']} images in "
+            f"{r['seconds']:.1f} s, {r['status']})"
+            for r in rated
+        )
+    else:
+        throughput = f"not recorded (no {RUN_RECORD} with a rate in the runs' folders)"
+    facts = [
+        ("run", uri),
+        ("model", ", ".join(stats.models) or "-"),
+        ("weights", ", ".join(stats.weights) or "-"),
+        ("images", f"{stats.images}"),
+        ("errors", f"{stats.errors} ({100.0 * stats.errors / stats.images if stats.images else 0:.1f} %)"),
+        (
+            "low confidence",
+            f"{stats.low_confidence_count} of {len(stats.top1_scores)} readable images "
+            f"({stats.low_confidence_share:.1f} %) have a top-1 score under {stats.low_confidence}",
+        ),
+        ("median top-1 score", f"{np.median(stats.top1_scores):.3f}" if len(stats.top1_scores) else "-"),
+        ("distinct top-1 labels", f"{len(stats.label_counts)}"),
+        ("throughput", throughput),
+    ]
+    rows = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
+    # The counts behind the two bar charts, as text too: searchable, and exact where bars are not.
+    listings = {
+        "Most frequent top-1 labels": stats.label_counts[:top_labels],
+        "Error kinds": stats.error_kinds,
+    }
+    sections = []
+    for title, png in charts:
+        body = (
+            f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">' if png else "<p>nothing to show</p>"
+        )
+        if listings.get(title):
+            items = "".join(f"<li>{html.escape(name)}: {count}</li>" for name, count in listings[title])
+            body += f"\n<ol>{items}</ol>"
+        sections.append(f"<section><h2>{html.escape(title)}</h2>\n{body}\n</section>")
+    generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Labeling run report: {html.escape(uri)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; }}
+th, td {{ text-align: left; padding: 0.2em 1em 0.2em 0; vertical-align: top; }}
+img {{ max-width: 100%; }}
+</style>
+</head>
+<body>
+<h1>Labeling run report</h1>
+<table>
+{rows}
+</table>
+{chr(10).join(sections)}
+<p><small>generated {generated} by mnasnet_batch.report</small></p>
+</body>
+</html>
+"""
+
+
+def write(uri: str, page: str) -> None:
+    """Writes the page to a local path or fsspec URI."""
+    fs, path = url_to_fs(uri)
+    with fs.open(path, "w", encoding="utf-8") as f:
+        f.write(page)
