@@ -137,3 +137,11 @@ def checkpoint_bytes(model: torch.nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getvalue()
+
+
+def job_argv(images: Path, output: Path, weights: Path, *settings: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """The labeling job's command line for a test: input, output, weights, then ``--set`` per setting."""
+    argv = ["--input", str(images), "--output", str(output), "--weights", str(weights), *extra]
+    for setting in settings:
+        argv += ["--set", setting]
+    return argv

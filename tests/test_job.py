@@ -24,20 +24,7 @@ def labeled(tmp_path_factory, local_ray, corpus, checkpoint_path):
     (images / "nested" / "html.JPG").write_text("<html>error</html>")
     (images / "notes.txt").write_text("not an image, not listed")
     output = tmp_path_factory.mktemp("out") / "labels"
-    status = main(
-        [
-            "--input",
-            str(images),
-            "--output",
-            str(output),
-            "--weights",
-            str(checkpoint_path),
-            "--set",
-            "preprocess.batch_size=8",
-            "--set",
-            "compute.batch_size=16",
-        ]
-    )
+    status = main(support.job_argv(images, output, checkpoint_path, "preprocess.batch_size=8", "compute.batch_size=16"))
     return status, images, output
 
 

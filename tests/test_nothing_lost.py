@@ -21,6 +21,8 @@ from mnasnet_batch.cli import main
 from tests import support
 
 ROOT = Path(__file__).resolve().parents[1]
+# Small parts and batches, so a run of a few hundred images writes as it goes and can be interrupted.
+SMALL_BATCHES = ("output.rows_per_file=8", "compute.batch_size=8", "preprocess.batch_size=8")
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -151,20 +153,7 @@ def many_images(tmp_path: Path, corpus, copies: int) -> Path:
 def test_killed_model_actor_loses_and_duplicates_nothing(local_ray, corpus, tmp_path, checkpoint_path):
     images = many_images(tmp_path, corpus, 6)  # 144 images
     output = tmp_path / "out"
-    argv = [
-        "--input",
-        str(images),
-        "--output",
-        str(output),
-        "--weights",
-        str(checkpoint_path),
-        "--set",
-        "output.rows_per_file=8",
-        "--set",
-        "compute.batch_size=8",
-        "--set",
-        "preprocess.batch_size=8",
-    ]
+    argv = support.job_argv(images, output, checkpoint_path, *SMALL_BATCHES)
     result = {}
     job = threading.Thread(target=lambda: result.setdefault("status", main(argv)))
     job.start()
@@ -218,20 +207,7 @@ def kill_session(process: subprocess.Popen) -> None:
 def test_killed_driver_then_same_command_finishes_the_rest(local_ray, corpus, tmp_path, checkpoint_path, capsys):
     images = many_images(tmp_path, corpus, 8)  # 192 images
     output = tmp_path / "out"
-    argv = [
-        "--input",
-        str(images),
-        "--output",
-        str(output),
-        "--weights",
-        str(checkpoint_path),
-        "--set",
-        "output.rows_per_file=8",
-        "--set",
-        "compute.batch_size=8",
-        "--set",
-        "preprocess.batch_size=8",
-    ]
+    argv = support.job_argv(images, output, checkpoint_path, *SMALL_BATCHES)
     job = start_job(argv)
     try:
         poll(lambda: len(list(output.glob("run=*/part-*.parquet"))) >= 2, 180, "two written parts")
@@ -269,18 +245,7 @@ def test_driver_killed_while_a_part_is_being_written(local_ray, corpus, tmp_path
     )
     images = many_images(tmp_path, corpus, 1)
     output = tmp_path / "out"
-    argv = [
-        "--input",
-        str(images),
-        "--output",
-        str(output),
-        "--weights",
-        str(checkpoint_path),
-        "--set",
-        "output.rows_per_file=8",
-        "--set",
-        "compute.batch_size=8",
-    ]
+    argv = support.job_argv(images, output, checkpoint_path, "output.rows_per_file=8", "compute.batch_size=8")
     pythonpath = os.pathsep.join([str(hooks), str(ROOT), os.environ.get("PYTHONPATH", "")])
     job = start_job(argv, env={"PYTHONPATH": pythonpath})
     try:
@@ -304,7 +269,7 @@ def test_incremental_labels_only_new_images_and_modes_guard_the_output(
     for path in corpus[:10]:
         shutil.copy(path, images / path.name)
     output = tmp_path / "out"
-    argv = ["--input", str(images), "--output", str(output), "--weights", str(checkpoint_path)]
+    argv = support.job_argv(images, output, checkpoint_path)
     assert main(argv) == 0
     first = rows_by_uri(output)
     assert len(first) == 10
@@ -348,4 +313,3 @@ def test_exif_orientation_option_rotates_before_cropping(photos):
     upright = photos["coffee"].transpose(Image.Transpose.ROTATE_270)
     np.testing.assert_array_equal(applied, preprocess_image(encode(upright, "PNG"), spec))
     np.testing.assert_array_equal(ignored, preprocess_image(encode(photos["coffee"], "PNG"), spec))
-    assert support  # the photos fixture comes from tests.support
