@@ -10,6 +10,22 @@ from mnasnet_batch.postprocess import output_table, top_k
 from mnasnet_batch.weights import Checkpoint, build_model, torchvision_weights
 
 
+def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Folds every eval-mode BatchNorm2d that directly follows a Conv2d into that convolution.
+
+    MnasNet is built from ``nn.Sequential`` runs of conv -> BN (-> ReLU); folding removes one pass over
+    every activation map per layer, with outputs equal to float rounding.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Sequential):
+            for i in range(len(module) - 1):
+                conv, bn = module[i], module[i + 1]
+                if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
+                    module[i] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+                    module[i + 1] = torch.nn.Identity()
+    return model
+
+
 class Predictor:
     """Holds one MnasNet; called with preprocessed batches, returns output rows.
 
@@ -26,7 +42,7 @@ class Predictor:
             torch.set_num_threads(num_threads)
         weights = torchvision_weights(checkpoint.model_name)
         transforms = weights.transforms()
-        self.model = build_model(checkpoint).to(self.device, memory_format=torch.channels_last)
+        self.model = fold_batchnorm(build_model(checkpoint)).to(self.device, memory_format=torch.channels_last)
         self.mean = torch.tensor(transforms.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(transforms.std, device=self.device).view(1, 3, 1, 1)
         self.categories = weights.meta["categories"]
