@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConfig, load_config, parse_override
@@ -76,18 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from mnasnet_batch import output, storage
-    from mnasnet_batch.weights import resolve_checkpoint
+    from mnasnet_batch import output
 
-    try:
-        checkpoint = resolve_checkpoint(
-            config.model.name, config.model.weights, config.model.sha256, config.model.download
-        )
-        uris = storage.list_images(config.input.uri, config.input.extensions)
-        plan = output.plan_run(config, checkpoint.weights_id)
-    except (WeightsError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # Starting a local Ray takes seconds of mostly waiting; verifying weights and listing inputs overlap it.
+    # Ray starts in this (the main) thread: its processes are tied to the thread that starts them.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        prepared = pool.submit(prepare, config)
+        start_ray(config)
+        try:
+            checkpoint, uris, plan = prepared.result()
+        except (WeightsError, StorageError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     todo = output.remaining(uris, plan.done)
     log.info(
         "weights %s verified (%s); %d images under %s, %d to label in run %s",
@@ -104,6 +105,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def prepare(config: JobConfig) -> tuple[Checkpoint, list[str], RunPlan]:
+    """Verifies the weights, lists the inputs and opens the run: everything that can fail before any image is read.
+
+    Raises:
+        WeightsError: the weights cannot be found, read, verified or fitted.
+        StorageError: the input or the output cannot be used.
+    """
+    from mnasnet_batch import output, storage
+    from mnasnet_batch.weights import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(config.model.name, config.model.weights, config.model.sha256, config.model.download)
+    uris = storage.list_images(config.input.uri, config.input.extensions)
+    return checkpoint, uris, output.plan_run(config, checkpoint.weights_id)
+
+
+def start_ray(config: JobConfig) -> None:
+    """Joins the configured cluster (``ray.address``, else ``RAY_ADDRESS``) or starts a local Ray in-process."""
+    import ray
+
+    if not ray.is_initialized():
+        address = config.ray.address or os.environ.get("RAY_ADDRESS")
+        # A local Ray started here needs no dashboard; one we connect to keeps its own settings.
+        ray.init(address=address) if address else ray.init(include_dashboard=False)
+
+
 def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: list[str]) -> Summary:
     """Labels ``todo`` into ``plan``'s run on Ray (joined or started here) and closes the run's record.
 
@@ -115,14 +141,9 @@ def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: list[s
     start = time.monotonic()
     try:
         if todo:
-            import ray
-
             from mnasnet_batch import pipeline
 
-            if not ray.is_initialized():
-                address = config.ray.address or os.environ.get("RAY_ADDRESS")
-                # A local Ray started here needs no dashboard; one we connect to keeps its own settings.
-                ray.init(address=address) if address else ray.init(include_dashboard=False)
+            start_ray(config)
             pipeline.run(config, checkpoint, todo, plan.run_uri)
     except BaseException as exc:
         output.finish_run(config, plan, time.monotonic() - start, len(todo), error=f"{type(exc).__name__}: {exc}")
