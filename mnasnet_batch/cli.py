@@ -8,8 +8,10 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import mnasnet_batch
 from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConfig, load_config, parse_override
 from mnasnet_batch.storage import StorageError
 from mnasnet_batch.weights import WeightsError
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the labeling job; returns the process exit status (0 ok, 2 bad configuration or inputs)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Which code ran: under `ray job submit --working-dir` this is the uploaded copy, not an installed one.
+    log.info("mnasnet-batch %s from %s", mnasnet_batch.__version__, Path(mnasnet_batch.__file__).parent)
     # Importing torch and Ray costs seconds; the configuration is checked before either is needed.
     try:
         config = config_from_args(args)

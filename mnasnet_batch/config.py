@@ -11,6 +11,7 @@ import yaml
 
 OUTPUT_MODES = ("auto", "incremental", "overwrite")
 MODEL_NAMES = ("mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3")
+DEVICES = ("auto", "cpu", "gpu")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 
 
@@ -71,10 +72,16 @@ class PreprocessConfig:
 class ComputeConfig:
     # 64: fills a CPU core's vector units and a GPU's launch queue; 224x224x3 uint8 is 9.6 MB per batch.
     batch_size: int = 64
+    # auto: one GPU per model actor when the cluster has GPUs when the job starts, else CPU actors. Set gpu on
+    # clusters whose GPU nodes autoscale from zero: at start they show no GPU, yet the actors must ask for one.
+    device: str = "auto"
     # At least one model actor, so the job always makes progress.
     min_actors: int = 1
     # 0: derived from the cluster: one actor per GPU, else as many as fit in 3/4 of the CPUs.
     max_actors: int = 0
+    # 0: start with min_actors and let Ray Data add actors while work queues up; more saves the ramp-up
+    # (~10 s per actor start) on a large job. Never more than max_actors.
+    initial_actors: int = 0
     # 0: derived: 1 with a GPU, else 3/4 of the cluster's CPUs, from 1 to 4; CPU actors run that many threads.
     actor_cpus: float = 0.0
     # Memory reserved per model actor: a mnasnet0_5 actor peaks at ~1.0 GB here (torch, model, a batch of 64);
@@ -89,6 +96,13 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class ProgressConfig:
+    # 30 s: in job logs (no terminal) a 10-minute run reads as 20 lines, and a stall shows within a minute.
+    # At a terminal a progress bar is redrawn every second instead.
+    interval_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class JobConfig:
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -96,6 +110,7 @@ class JobConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
 
 
 def _section_types() -> dict[str, type]:
@@ -228,6 +243,19 @@ def validate(config: JobConfig) -> None:
             config.compute.max_actors == 0 or config.compute.max_actors >= config.compute.min_actors,
             "compute.max_actors: must be 0 (derived) or at least compute.min_actors",
         ),
+        (
+            config.compute.device in DEVICES,
+            f"compute.device: {config.compute.device!r} is not one of {', '.join(DEVICES)}",
+        ),
+        (
+            config.compute.initial_actors == 0 or config.compute.initial_actors >= config.compute.min_actors,
+            "compute.initial_actors: must be 0 (min_actors) or at least compute.min_actors",
+        ),
+        (
+            config.compute.max_actors == 0 or config.compute.initial_actors <= config.compute.max_actors,
+            "compute.initial_actors: must be at most compute.max_actors",
+        ),
+        (config.progress.interval_s > 0, "progress.interval_s: must be more than 0"),
         (config.compute.actor_memory_gb > 0, "compute.actor_memory_gb: must be more than 0"),
         (config.compute.actor_cpus >= 0, "compute.actor_cpus: must be 0 (derived) or more"),
     ]

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data.block import BlockAccessor
 
@@ -14,6 +20,7 @@ from mnasnet_batch.config import JobConfig
 from mnasnet_batch.output import write_part
 from mnasnet_batch.predictor import Predictor
 from mnasnet_batch.preprocess import PreprocessSpec, load_batch
+from mnasnet_batch.progress import ProgressReporter
 from mnasnet_batch.weights import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -42,21 +49,39 @@ class PartSink(ray.data.Datasink):
         return [write_part(pa.concat_tables(tables), self.run_uri)] if tables else []
 
 
-def model_resources(config: JobConfig, cluster: dict[str, float]) -> tuple[dict[str, float], int, int]:
+@dataclass(frozen=True)
+class ActorPool:
+    """The model actors' resources and the bounds Ray Data autoscales the pool between."""
+
+    resources: dict[str, float]
+    min_size: int
+    max_size: int
+    initial_size: int
+
+    def strategy(self) -> ray.data.ActorPoolStrategy:
+        return ray.data.ActorPoolStrategy(
+            min_size=self.min_size, max_size=self.max_size, initial_size=self.initial_size
+        )
+
+
+def model_actor_pool(config: JobConfig, cluster: dict[str, float]) -> ActorPool:
     """Chooses the model actors' resources and pool bounds from the configuration and the cluster.
 
-    One GPU per actor where the cluster has GPUs. Otherwise CPU actors share three quarters of the
+    One GPU per actor where the cluster has GPUs (or ``compute.device`` is ``gpu``, for GPU nodes that
+    autoscale from zero), at most one actor per GPU. Otherwise CPU actors share three quarters of the
     cluster's CPUs, up to 4 each (MnasNet's small convolutions gain little from more threads): on CPU
     the model costs ~5x more per image than decoding (55 vs 270 images/s per core measured here).
+    Values set in the configuration win over derived ones.
 
-    Returns:
-        Ray resource arguments for one actor, the pool's minimum and its maximum size.
+    Args:
+        config: the job's configuration.
+        cluster: ``ray.cluster_resources()`` when the job starts.
     """
     compute = config.compute
     gpus = int(cluster.get("GPU", 0))
     cpus = cluster.get("CPU", 1)
-    if gpus:
-        resources = {"num_gpus": 1, "num_cpus": compute.actor_cpus or 1}
+    if compute.device == "gpu" or (compute.device == "auto" and gpus):
+        resources = {"num_gpus": 1, "num_cpus": compute.actor_cpus or 1.0}
         derived_max = gpus
     else:
         # Never all of them: decode tasks need room beside the actors, or the pipeline cannot start.
@@ -65,15 +90,69 @@ def model_resources(config: JobConfig, cluster: dict[str, float]) -> tuple[dict[
             raise ValueError(f"the cluster has {cpus} CPUs: too few for a model actor beside a decode task")
         resources = {"num_cpus": actor_cpus}
         derived_max = int(MODEL_CPU_SHARE * cpus // actor_cpus)
-    max_actors = compute.max_actors or max(compute.min_actors, derived_max)
-    return resources, compute.min_actors, max_actors
+    max_size = compute.max_actors or max(compute.min_actors, derived_max)
+    # A derived maximum can be below a configured initial size (a smaller cluster than planned).
+    initial_size = min(compute.initial_actors or compute.min_actors, max_size)
+    return ActorPool(resources, compute.min_actors, max_size, initial_size)
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    """Images labeled so far, reported by every model actor, read by the driver's progress reporter."""
+
+    def __init__(self):
+        self.images = 0
+        self.errors = 0
+
+    def add(self, images: int, errors: int) -> None:
+        self.images += images
+        self.errors += errors
+
+    def counts(self) -> tuple[int, int]:
+        return self.images, self.errors
+
+
+class CountingPredictor(Predictor):
+    """The model actor, also reporting each batch's image and error counts to a ``ProgressCounter``."""
+
+    def __init__(self, counter: ray.actor.ActorHandle, **predictor_kwargs):
+        super().__init__(**predictor_kwargs)
+        self.counter = counter
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        table = super().__call__(batch)
+        errors = pc.sum(pc.equal(table["status"], "error")).as_py() or 0
+        # Fire and forget: the count is for people watching, not worth a round trip per batch.
+        self.counter.add.remote(table.num_rows, errors)
+        return table
+
+
+@contextlib.contextmanager
+def reporting_progress(counter: ray.actor.ActorHandle, total: int, interval_s: float) -> Iterator[None]:
+    """Polls ``counter`` from a driver thread while the body runs: a bar at a terminal, else log lines."""
+    reporter = ProgressReporter(total, interval_s, terminal=sys.stderr if sys.stderr.isatty() else None)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(min(1.0, interval_s)):
+            reporter.update(*ray.get(counter.counts.remote()))
+
+    thread = threading.Thread(target=poll, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        reporter.close()
 
 
 def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str], run_uri: str) -> None:
     """Labels ``uris`` and writes their rows as Parquet parts under ``run_uri``; Ray must be initialised."""
     context = ray.data.DataContext.get_current()
-    # Per-operator progress bars help at a terminal and flood the logs of `ray job submit`.
-    context.enable_progress_bars = sys.stderr.isatty()
+    # Ray Data's per-operator bars flood the logs of `ray job submit`; ProgressReporter draws one bar
+    # at a terminal and logs one line every progress.interval_s elsewhere.
+    context.enable_progress_bars = False
 
     spec = PreprocessSpec.for_model(
         config.model.name, config.preprocess.max_pixels, config.preprocess.apply_exif_orientation
@@ -82,18 +161,20 @@ def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str], run_uri: str
     # One small Arrow block per decode task, so decoding spreads over every CPU from the first second.
     table = pa.table({"uri": pa.array(uris, pa.string())})
     blocks = [table.slice(i, rows_per_block) for i in range(0, len(uris), rows_per_block)]
-    resources, min_actors, max_actors = model_resources(config, ray.cluster_resources())
+    pool = model_actor_pool(config, ray.cluster_resources())
     # CPU actors run as many torch threads as the CPUs they hold, rounded half up (1.5 CPUs -> 2 threads).
-    num_threads = 0 if "num_gpus" in resources else max(1, math.floor(resources["num_cpus"] + 0.5))
+    num_threads = 0 if "num_gpus" in pool.resources else max(1, math.floor(pool.resources["num_cpus"] + 0.5))
     log.info(
-        "labeling %d images with %s: %d decode tasks, %d-%d model actors with %s",
+        "labeling %d images with %s: %d decode tasks, %d-%d model actors (%d at start) with %s",
         len(uris),
         config.model.name,
         len(blocks),
-        min_actors,
-        max_actors,
-        resources,
+        pool.min_size,
+        pool.max_size,
+        pool.initial_size,
+        pool.resources,
     )
+    counter = ProgressCounter.remote()
 
     dataset = ray.data.from_arrow(blocks).map_batches(
         load_batch,
@@ -103,21 +184,23 @@ def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str], run_uri: str
         num_cpus=config.preprocess.num_cpus,
     )
     dataset = dataset.map_batches(
-        Predictor,
+        CountingPredictor,
         fn_constructor_kwargs={
+            "counter": counter,
             "checkpoint": checkpoint,
             "top_k": config.model.top_k,
             "num_threads": num_threads,
         },
-        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+        compute=pool.strategy(),
         batch_size=config.compute.batch_size,
         batch_format="numpy",
         # The memory reservation keeps Ray from packing more actors on a node than fit, and, since decode
         # tasks reserve none, also keeps Ray Data from fusing decoding into the actors, where it would run
         # serially with inference instead of on the other CPUs.
         memory=config.compute.actor_memory_gb * 2**30,
-        **resources,
+        **pool.resources,
     )
-    dataset.write_datasink(
-        PartSink(run_uri, config.output.rows_per_file), ray_remote_args={"num_cpus": WRITE_TASK_CPUS}
-    )
+    with reporting_progress(counter, len(uris), config.progress.interval_s):
+        dataset.write_datasink(
+            PartSink(run_uri, config.output.rows_per_file), ray_remote_args={"num_cpus": WRITE_TASK_CPUS}
+        )

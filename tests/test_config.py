@@ -86,15 +86,15 @@ def test_job_script_reports_bad_config_and_exits_non_zero(tmp_path):
 
 def test_derived_model_resources_leave_room_for_decoding():
     pytest.importorskip("ray")
-    from mnasnet_batch.pipeline import model_resources
+    from mnasnet_batch.pipeline import model_actor_pool
 
     config = load_config()
     for cpus in (1, 2, 8, 16, 64):
-        resources, low, high = model_resources(config, {"CPU": cpus})
-        assert high * resources["num_cpus"] + config.preprocess.num_cpus <= cpus
-        assert resources["num_cpus"] <= 4 and low == 1 <= high
-    assert model_resources(config, {"CPU": 2})[0] == {"num_cpus": 1.5}
-    assert model_resources(config, {"CPU": 64, "GPU": 8})[0] == {"num_gpus": 1, "num_cpus": 1}
-    assert model_resources(config, {"CPU": 64, "GPU": 8})[2] == 8
+        pool = model_actor_pool(config, {"CPU": cpus})
+        assert pool.max_size * pool.resources["num_cpus"] + config.preprocess.num_cpus <= cpus
+        assert pool.resources["num_cpus"] <= 4 and pool.min_size == 1 <= pool.max_size
+    assert model_actor_pool(config, {"CPU": 2}).resources == {"num_cpus": 1.5}
+    assert model_actor_pool(config, {"CPU": 64, "GPU": 8}).resources == {"num_gpus": 1, "num_cpus": 1}
+    assert model_actor_pool(config, {"CPU": 64, "GPU": 8}).max_size == 8
     with pytest.raises(ValueError, match="too few"):
-        model_resources(config, {"CPU": 0.5})
+        model_actor_pool(config, {"CPU": 0.5})

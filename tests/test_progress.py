@@ -1,0 +1,69 @@
+"""Progress reporting: the line's numbers, one log line per interval without a terminal, a bar with one."""
+
+import io
+import logging
+
+import pytest
+
+from mnasnet_batch.progress import ProgressReporter, format_duration, progress_line
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0 s"), (42.4, "42 s"), (185, "3 min 05 s"), (7620, "2 h 07 min")])
+def test_durations(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_line_has_done_rate_errors_and_eta():
+    assert progress_line(120, 2, 300, 18.0) == "120/300 images (40%), 18.0 images/s, 2 errors, ETA 10 s"
+    assert progress_line(0, 0, 300, 0.0).endswith("ETA unknown")
+    assert progress_line(300, 0, 300, 5.0).endswith("done")
+
+
+def test_without_a_terminal_one_line_per_interval(caplog):
+    clock = Clock()
+    reporter = ProgressReporter(total=100, interval_s=30, clock=clock)
+    with caplog.at_level(logging.INFO, logger="mnasnet_batch.progress"):
+        # Polled every second for 95 s, labeling one image a second after 5 s of actor start-up.
+        for second in range(1, 96):
+            clock.now += 1
+            reporter.update(max(0, second - 5), 0)
+        reporter.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    # The start-up before the first images does not drag the rate down: 1.0 images/s, not 55/85.
+    assert lines[-1] == "progress: 85/100 images (85%), 1.0 images/s, 0 errors, ETA 15 s"
+
+
+def test_the_rate_follows_the_last_minute():
+    clock = Clock()
+    reporter = ProgressReporter(total=10_000, interval_s=30, clock=clock)
+    done = 0
+    for second in range(300):
+        clock.now += 1
+        done += 1 if second < 150 else 10  # the pool scaled up after 150 s
+        reporter.update(done, 0)
+    assert reporter.rate(clock.now, done) == pytest.approx(10, rel=0.05)
+
+
+def test_at_a_terminal_a_bar_redrawn_in_place(caplog):
+    clock = Clock()
+    terminal = io.StringIO()
+    reporter = ProgressReporter(total=4, interval_s=30, terminal=terminal, clock=clock)
+    with caplog.at_level(logging.INFO, logger="mnasnet_batch.progress"):
+        for done in (1, 2, 4):
+            clock.now += 1
+            reporter.update(done, 1)
+        reporter.close()
+    assert not caplog.records
+    frames = terminal.getvalue().split("\r")[1:]
+    assert len(frames) == 3 and terminal.getvalue().endswith("\n")
+    assert frames[1].startswith("[" + "#" * 15 + "." * 15 + "] 2/4 images (50%)")
+    assert "4/4 images (100%)" in frames[2] and "1 errors, done" in frames[2]
