@@ -20,7 +20,7 @@ from mnasnet_batch.config import JobConfig
 from mnasnet_batch.output import write_part
 from mnasnet_batch.predictor import Predictor
 from mnasnet_batch.preprocess import PreprocessSpec, load_batch
-from mnasnet_batch.progress import ProgressReporter
+from mnasnet_batch.progress import ProgressCounter, ProgressReporter
 from mnasnet_batch.weights import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -96,22 +96,6 @@ def model_actor_pool(config: JobConfig, cluster: dict[str, float]) -> ActorPool:
     return ActorPool(resources, compute.min_actors, max_size, initial_size)
 
 
-@ray.remote(num_cpus=0)
-class ProgressCounter:
-    """Images labeled so far, reported by every model actor, read by the driver's progress reporter."""
-
-    def __init__(self):
-        self.images = 0
-        self.errors = 0
-
-    def add(self, images: int, errors: int) -> None:
-        self.images += images
-        self.errors += errors
-
-    def counts(self) -> tuple[int, int]:
-        return self.images, self.errors
-
-
 class CountingPredictor(Predictor):
     """The model actor, also reporting each batch's image and error counts to a ``ProgressCounter``."""
 
@@ -122,8 +106,10 @@ class CountingPredictor(Predictor):
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         table = super().__call__(batch)
         errors = pc.sum(pc.equal(table["status"], "error")).as_py() or 0
-        # Fire and forget: the count is for people watching, not worth a round trip per batch.
-        self.counter.add.remote(table.num_rows, errors)
+        # Fire and forget: the count is for people watching, not worth a round trip per batch, and a
+        # counter that is gone (its driver died) must not fail a batch whose rows are fine.
+        with contextlib.suppress(Exception):
+            self.counter.add.remote(table.num_rows, errors)
         return table
 
 
@@ -135,7 +121,12 @@ def reporting_progress(counter: ray.actor.ActorHandle, total: int, interval_s: f
 
     def poll() -> None:
         while not stop.wait(min(1.0, interval_s)):
-            reporter.update(*ray.get(counter.counts.remote()))
+            try:
+                reporter.update(*ray.get(counter.counts.remote(), timeout=30))
+            except Exception as exc:
+                # Progress is for people; losing it must not disturb the job, which reports its own errors.
+                log.warning("progress reporting stopped: %s: %s", type(exc).__name__, exc)
+                return
 
     thread = threading.Thread(target=poll, name="progress", daemon=True)
     thread.start()
@@ -145,6 +136,7 @@ def reporting_progress(counter: ray.actor.ActorHandle, total: int, interval_s: f
         stop.set()
         thread.join()
         reporter.close()
+        ray.kill(counter)
 
 
 def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str], run_uri: str) -> None:
@@ -174,7 +166,8 @@ def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str], run_uri: str
         pool.initial_size,
         pool.resources,
     )
-    counter = ProgressCounter.remote()
+    # No CPU: it only adds numbers, and must not take a slot from decoding or the model.
+    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
 
     dataset = ray.data.from_arrow(blocks).map_batches(
         load_batch,

@@ -16,6 +16,24 @@ BAR_WIDTH = 30
 RATE_WINDOW_S = 60.0
 
 
+class ProgressCounter:
+    """Images labeled so far: model actors add each batch's counts, the driver reads them.
+
+    Run as a Ray actor by the pipeline; it lives here, away from torch, so its process starts in a blink.
+    """
+
+    def __init__(self):
+        self.images = 0
+        self.errors = 0
+
+    def add(self, images: int, errors: int) -> None:
+        self.images += images
+        self.errors += errors
+
+    def counts(self) -> tuple[int, int]:
+        return self.images, self.errors
+
+
 def format_duration(seconds: float) -> str:
     """``42 s``, ``3 min 05 s`` or ``2 h 07 min``: short enough for a log line, exact enough for an ETA."""
     seconds = round(seconds)
