@@ -1,0 +1,39 @@
+"""Lists the labeling runs under an output root: status, counts and throughput from each run's record."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# Importable from a checkout where the package is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runs.py",
+        description="List the runs under a labeling job's --output: status, mode, times, images, errors, images/s.",
+    )
+    parser.add_argument("--output", required=True, help="the labeling job's --output (directory or URI prefix)")
+    parser.add_argument("--format", choices=("table", "json"), default="table", help="table (default) or json")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from mnasnet_batch import runs
+
+    try:
+        records = runs.list_runs(args.output)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps(records, indent=2))
+    else:
+        print(runs.format_table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
