@@ -161,7 +161,7 @@ def plan_run(config: JobConfig, weights_id: str) -> RunPlan:
         if resumed:
             run_id = latest["run_id"]
         else:
-            run_id = config.output.run_id or os.environ.get("RAY_JOB_SUBMISSION_ID") or _default_run_id()
+            run_id = config.output.run_id or submission_id() or _default_run_id()
         run_uri = _join(uri, f"run={run_id}")
         run_root = _join(root, f"run={run_id}")
         if not resumed and fs.exists(run_root):
@@ -194,6 +194,19 @@ def plan_run(config: JobConfig, weights_id: str) -> RunPlan:
     if resumed:
         log.info("resuming run %s: %d images already written", run_id, len(done))
     return RunPlan(run_id=run_id, run_uri=run_uri, resumed=resumed, done=done)
+
+
+def submission_id() -> str:
+    """The Ray job submission id when this process is a job's driver (``ray job submit``, a KubeRay RayJob).
+
+    Ray gives the driver no variable of its own for it: the id is in the job config Ray passes the driver in
+    ``RAY_JOB_CONFIG_JSON_ENV_VAR``, under ``metadata.job_submission_id``. Empty when not under a job.
+    """
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+        return str((config.get("metadata") or {}).get("job_submission_id") or "")
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _default_run_id() -> str:

@@ -70,3 +70,12 @@ def test_json_has_the_records_and_marks_the_latest_complete_run(three_runs, tmp_
 def test_no_runs_is_an_error(tmp_path, capsys):
     assert runs_main(["--output", str(tmp_path)]) == 2
     assert "no runs under" in capsys.readouterr().err
+
+
+def test_the_run_id_defaults_to_the_ray_job_submission_id(monkeypatch):
+    # What Ray's job supervisor sets for the driver of `ray job submit --submission-id raysubmit_X`.
+    job_config = {"runtime_env": {}, "metadata": {"job_submission_id": "raysubmit_X", "job_name": "raysubmit_X"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job_config))
+    assert output.submission_id() == "raysubmit_X"
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert output.submission_id() == ""
