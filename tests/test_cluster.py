@@ -302,6 +302,14 @@ def test_every_image_is_labeled(submitted, fixture_model):
     assert f"labeled {IMAGES} images (0 errors)" in logs
 
 
+def test_the_run_is_named_after_the_submission(submitted):
+    job, _, _, output = submitted
+    # `ray job submit` gives the driver its submission id, which the job takes as the run id.
+    record = json.loads((output / f"run={job['submission_id']}" / "_run.json").read_text())
+    assert record["status"] == "succeeded" and record["counts"]["ok"] == IMAGES
+    assert (output / "_SUCCESS").read_text() == job["submission_id"]
+
+
 def test_the_driver_imported_the_uploaded_working_dir(cluster, submitted):
     _, logs, _, _ = submitted
     line = next(line for line in logs.splitlines() if "mnasnet-batch 0.1.0 from " in line)

@@ -167,8 +167,9 @@ def test_cluster_spec_is_the_same_in_the_raycluster_rayjob_and_raycronjob():
     cluster, job, cron = load_yaml("raycluster.yaml"), load_yaml("rayjob.yaml"), load_yaml("raycronjob.yaml")
     assert (cluster["kind"], job["kind"], cron["kind"]) == ("RayCluster", "RayJob", "RayCronJob")
     assert job["spec"]["rayClusterSpec"] == cluster["spec"]
-    template = dict(cron["spec"]["jobTemplate"])
-    # The schedule's entrypoint labels yesterday's images; everything else is the RayJob's.
+    template = cron["spec"]["jobTemplate"]
+    # The schedule labels only what is new each night; everything else is the RayJob's.
+    assert template["entrypoint"] == job["spec"]["entrypoint"] + " --mode incremental"
     assert {k: v for k, v in template.items() if k != "entrypoint"} == {
         k: v for k, v in job["spec"].items() if k != "entrypoint"
     }
