@@ -9,13 +9,15 @@ Data flows through one module per stage:
 - ``predictor``: the model actor: uint8 -> normalise on device -> MnasNet -> softmax top-k.
 - ``postprocess``: top-k and the Parquet output schema.
 - ``output``: guards the output location, records the config, counts what was written.
-- ``pipeline``: the only module that builds the Ray Data graph; ``cli``: the job's command line.
+- ``pipeline``: the only module that builds the Ray Data graph and sizes the model actor pool; ``cli``: the
+  job's command line; ``progress``: a bar at a terminal, else a log line every N seconds.
 
-Around the job, for ``jobs/evaluate.py``, ``jobs/model_info.py`` and ``jobs/report.py``:
+Around the job, for ``jobs/evaluate.py``, ``jobs/model_info.py``, ``jobs/report.py`` and ``jobs/runs.py``:
 
 - ``imagenet``: the ImageNet-1k wnid list (package data) in torchvision's class order.
 - ``ground_truth``: labels from class folders, ``LOC_val_solution.csv`` or the devkit; ``metrics``: top-1/top-5.
 - ``model_info``: parameters, MACs and FLOPs; ``report``: a run's HTML page with PNG charts.
+- ``runs``: the runs under an output root, from their ``_run.json`` records.
 """
 
 __version__ = "0.1.0"
