@@ -10,7 +10,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -96,21 +95,18 @@ def model_actor_pool(config: JobConfig, cluster: dict[str, float]) -> ActorPool:
     return ActorPool(resources, compute.min_actors, max_size, initial_size)
 
 
-class CountingPredictor(Predictor):
-    """The model actor, also reporting each batch's image and error counts to a ``ProgressCounter``."""
+class CountProgress:
+    """The model actors' ``on_batch``: sends each output table's image and error counts to a ``ProgressCounter``."""
 
-    def __init__(self, counter: ray.actor.ActorHandle, **predictor_kwargs):
-        super().__init__(**predictor_kwargs)
+    def __init__(self, counter: ray.actor.ActorHandle):
         self.counter = counter
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        table = super().__call__(batch)
+    def __call__(self, table: pa.Table) -> None:
         errors = pc.sum(pc.equal(table["status"], "error")).as_py() or 0
         # Fire and forget: the count is for people watching, not worth a round trip per batch, and a
         # counter that is gone (its driver died) must not fail a batch whose rows are fine.
         with contextlib.suppress(Exception):
             self.counter.add.remote(table.num_rows, errors)
-        return table
 
 
 @contextlib.contextmanager
@@ -177,12 +173,12 @@ def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str], run_uri: str
         num_cpus=config.preprocess.num_cpus,
     )
     dataset = dataset.map_batches(
-        CountingPredictor,
+        Predictor,
         fn_constructor_kwargs={
-            "counter": counter,
             "checkpoint": checkpoint,
             "top_k": config.model.top_k,
             "num_threads": num_threads,
+            "on_batch": CountProgress(counter),
         },
         compute=pool.strategy(),
         batch_size=config.compute.batch_size,

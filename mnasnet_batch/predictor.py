@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -34,9 +36,17 @@ class Predictor:
         top_k: how many classes to keep per image.
         device: ``cuda``, ``cpu``, or "" for CUDA when this process sees a GPU.
         num_threads: torch CPU threads; 0 leaves torch's default. Set it to the CPUs the actor holds.
+        on_batch: called with every output table, e.g. to count progress; None calls nothing.
     """
 
-    def __init__(self, checkpoint: Checkpoint, top_k: int, device: str = "", num_threads: int = 0):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        top_k: int,
+        device: str = "",
+        num_threads: int = 0,
+        on_batch: Callable[[pa.Table], None] | None = None,
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
@@ -49,6 +59,7 @@ class Predictor:
         self.top_k = top_k
         self.model_name = checkpoint.model_name
         self.weights_id = checkpoint.weights_id
+        self.on_batch = on_batch
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Classifies (N, H, W, 3) uint8 crops.
@@ -77,4 +88,7 @@ class Predictor:
         else:
             ids = np.zeros((0, self.top_k), np.int32)
             scores = np.zeros((0, self.top_k), np.float32)
-        return output_table(batch["uri"], errors, ids, scores, self.categories, self.model_name, self.weights_id)
+        table = output_table(batch["uri"], errors, ids, scores, self.categories, self.model_name, self.weights_id)
+        if self.on_batch is not None:
+            self.on_batch(table)
+        return table

@@ -324,7 +324,7 @@ def test_work_ran_on_both_nodes_gpu_actors_on_the_gpu_node(cluster, submitted):
     gpu_node = next(node_id for node_id, n in nodes.items() if n["resources_total"].get("GPU"))
     tasks = cluster.state("tasks", job_id=job["job_id"])
     decode_nodes = {t["node_id"] for t in tasks if "load_batch" in t["name"] and t["state"] == "FINISHED"}
-    actors = [a for a in cluster.state("actors", job_id=job["job_id"]) if "CountingPredictor" in a["repr_name"]]
+    actors = [a for a in cluster.state("actors", job_id=job["job_id"]) if "MapBatches(Predictor)" in a["repr_name"]]
     assert actors and {a["node_id"] for a in actors} == {gpu_node}
     # Decoding ran on the CPU-only head (Ray prefers it for tasks that need no GPU), possibly also on the GPU node.
     assert decode_nodes and len(decode_nodes | {gpu_node}) == 2
@@ -332,7 +332,7 @@ def test_work_ran_on_both_nodes_gpu_actors_on_the_gpu_node(cluster, submitted):
 
 def test_the_actor_pool_stays_within_its_bounds(cluster, submitted):
     job, logs, _, _ = submitted
-    actors = [a for a in cluster.state("actors", job_id=job["job_id"]) if "CountingPredictor" in a["repr_name"]]
+    actors = [a for a in cluster.state("actors", job_id=job["job_id"]) if "MapBatches(Predictor)" in a["repr_name"]]
     # Every actor the job ever started, dead or alive: the pool cannot have been larger at any moment.
     assert 1 <= len(actors) <= MAX_ACTORS
     assert f"1-{MAX_ACTORS} model actors (1 at start)" in logs

@@ -67,3 +67,27 @@ def test_at_a_terminal_a_bar_redrawn_in_place(caplog):
     assert len(frames) == 3 and terminal.getvalue().endswith("\n")
     assert frames[1].startswith("[" + "#" * 15 + "." * 15 + "] 2/4 images (50%)")
     assert "4/4 images (100%)" in frames[2] and "1 errors, done" in frames[2]
+
+
+def test_the_model_actor_reports_each_output_batch(checkpoint_path, photos):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from mnasnet_batch.pipeline import CountProgress
+    from mnasnet_batch.predictor import Predictor
+    from mnasnet_batch.weights import resolve_checkpoint
+
+    sent = []
+    counter = SimpleNamespace(add=SimpleNamespace(remote=lambda images, errors: sent.append((images, errors))))
+    predictor = Predictor(
+        resolve_checkpoint("mnasnet0_5", str(checkpoint_path)), top_k=5, device="cpu", on_batch=CountProgress(counter)
+    )
+    crop = np.asarray(next(iter(photos.values())).resize((224, 224)), dtype=np.uint8)
+    batch = {
+        "uri": np.asarray(["a.jpg", "b.jpg", "c.jpg"], dtype=object),
+        "image": np.stack([crop, crop, np.zeros_like(crop)]),
+        "error": np.asarray(["", "", "UnidentifiedImageError: no"], dtype=object),
+    }
+    assert predictor(batch).num_rows == 3
+    assert sent == [(3, 1)]
