@@ -173,15 +173,44 @@ def time_command(contender: str, input_dir: Path, output: Path, model: str, weig
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir(parents=True)
     if contender == "job":
-        command = [sys.executable, str(ROOT / "jobs" / "label_images.py"), "--input", str(input_dir),
-                   "--output", str(output), "--model", model, "--weights", str(weights)]
+        command = [
+            sys.executable,
+            str(ROOT / "jobs" / "label_images.py"),
+            "--input",
+            str(input_dir),
+            "--output",
+            str(output),
+            "--model",
+            model,
+            "--weights",
+            str(weights),
+        ]
     else:
-        command = [sys.executable, __file__, "--run-one", contender, "--input", str(input_dir),
-                   "--output", str(output), "--models", model, "--weights", str(weights)]
+        command = [
+            sys.executable,
+            __file__,
+            "--run-one",
+            contender,
+            "--input",
+            str(input_dir),
+            "--output",
+            str(output),
+            "--models",
+            model,
+            "--weights",
+            str(weights),
+        ]
     environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     start = time.monotonic()
-    process = subprocess.Popen(command, env=environment, start_new_session=True, cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command,
+        env=environment,
+        start_new_session=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(process.stdout))
     reader.start()
@@ -226,8 +255,14 @@ def subset(corpus: list[Path], count: int, directory: Path) -> Path:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -240,8 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", default=["mnasnet0_5", "mnasnet1_0"])
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--sizes", nargs=2, type=int, default=[500, 2000], metavar=("SMALL", "LARGE"))
-    parser.add_argument("--memory-sizes", nargs="*", type=int, default=[],
-                        help="also run the job on these corpus sizes for peak memory, e.g. 2000 20000")
+    parser.add_argument(
+        "--memory-sizes",
+        nargs="*",
+        type=int,
+        default=[],
+        help="also run the job on these corpus sizes for peak memory, e.g. 2000 20000",
+    )
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "benchmark.json")
     parser.add_argument("--run-one", choices=CONTENDERS[1:], help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
@@ -262,8 +302,11 @@ def main(argv=None) -> int:
     small, large = args.sizes
     corpus = make_corpus(args.workdir / "corpus", max([large, *args.memory_sizes]))
     sizes_kb = sorted(p.stat().st_size / 1024 for p in corpus[:large])
-    results = {"machine": machine(), "images": {"small": small, "large": large,
-               "median_kb": round(sizes_kb[len(sizes_kb) // 2], 1)}, "models": {}}
+    results = {
+        "machine": machine(),
+        "images": {"small": small, "large": large, "median_kb": round(sizes_kb[len(sizes_kb) // 2], 1)},
+        "models": {},
+    }
     for model in args.models:
         weights = args.workdir / f"fixture-{model}.pth"
         if not weights.exists():
@@ -277,7 +320,9 @@ def main(argv=None) -> int:
                 print(f"{model} {contender} {count} images: {timings[count]}", flush=True)
             rows[contender] = {
                 "whole_s": timings[large]["seconds"],
-                "steady_images_per_s": round((large - small) / (timings[large]["seconds"] - timings[small]["seconds"]), 1),
+                "steady_images_per_s": round(
+                    (large - small) / (timings[large]["seconds"] - timings[small]["seconds"]), 1
+                ),
                 "first_row_s": timings[large]["first_row_s"],
                 "peak_rss_gb": timings[large]["peak_rss_gb"],
                 "spilled": timings[large]["spilled"],
@@ -296,17 +341,22 @@ def main(argv=None) -> int:
 
 
 def table(results: dict) -> str:
-    lines = [f"machine: {results['machine']}", "",
-             "| model | contender | steady images/s | whole command s | first row s | peak RSS GB | job steady / this |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"machine: {results['machine']}",
+        "",
+        "| model | contender | steady images/s | whole command s | first row s | peak RSS GB | job steady / this |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for model, rows in results["models"].items():
         job = rows.get("job", {}).get("steady_images_per_s")
         for contender in CONTENDERS:
             if contender in rows:
                 row = rows[contender]
                 ratio = f"{job / row['steady_images_per_s']:.2f}x" if job else ""
-                lines.append(f"| {model} | {contender} | {row['steady_images_per_s']} | {row['whole_s']} | "
-                             f"{row['first_row_s']} | {row['peak_rss_gb']} | {ratio} |")
+                lines.append(
+                    f"| {model} | {contender} | {row['steady_images_per_s']} | {row['whole_s']} | "
+                    f"{row['first_row_s']} | {row['peak_rss_gb']} | {ratio} |"
+                )
         lines.append(f"| {model} | model alone (uint8 crops in memory) | {rows['model_alone_images_per_s']} | | | | |")
     return "\n".join(lines)
 

@@ -119,16 +119,27 @@ def test_file_deleted_between_listing_and_reading(local_ray, corpus, tmp_path, c
 
 
 def ray_worker_pids(title: str) -> list[int]:
-    """Processes whose title (as Ray sets it) contains ``title``."""
-    pids = []
+    """Our own Ray's processes whose title (as Ray sets it) contains ``title``.
+
+    Only descendants of this process count: other Ray clusters on the machine are none of this test's business.
+    """
+    parents, titles = {}, {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if title in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                titles[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except (OSError, IndexError, ValueError):
                 pass
-    return pids
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return [pid for pid, text in titles.items() if title in text and ours(pid)]
 
 
 def poll(condition, timeout: float, what: str):
