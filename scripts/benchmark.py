@@ -357,7 +357,10 @@ def table(results: dict) -> str:
                     f"| {model} | {contender} | {row['steady_images_per_s']} | {row['whole_s']} | "
                     f"{row['first_row_s']} | {row['peak_rss_gb']} | {ratio} |"
                 )
-        lines.append(f"| {model} | model alone (uint8 crops in memory) | {rows['model_alone_images_per_s']} | | | | |")
+        if rows.get("model_alone_images_per_s"):
+            lines.append(
+                f"| {model} | model alone (uint8 crops in memory) | {rows['model_alone_images_per_s']} | | | | |"
+            )
     return "\n".join(lines)
 
 
