@@ -3,7 +3,8 @@
 Data flows through one module per stage:
 
 - ``config``: typed, frozen dataclasses loaded from a YAML profile and ``--set`` overrides.
-- ``storage``: lists image URIs and reads bytes through fsspec (local, s3, gs, az, memory).
+- ``storage``: fsspec / pyarrow filesystems from the ``storage`` config (local, s3, gs, az, memory), listing, reads.
+- ``sources``: the input layouts (loose images, WebDataset tar shards, Parquet of bytes, manifests of URIs).
 - ``weights``: the four MnasNet variants, finding and verifying their checkpoints.
 - ``preprocess``: bytes -> Pillow decode -> resize + centre crop -> uint8 HWC, or an error per image.
 - ``predictor``: the model actor: uint8 -> normalise on device -> MnasNet -> softmax top-k.

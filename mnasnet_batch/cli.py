@@ -18,6 +18,7 @@ from mnasnet_batch.weights import WeightsError
 
 if TYPE_CHECKING:
     from mnasnet_batch.output import RunPlan, Summary
+    from mnasnet_batch.sources import InputPlan
     from mnasnet_batch.weights import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from mnasnet_batch import output
+    from mnasnet_batch import output, sources
 
     # Starting a local Ray takes seconds of mostly waiting; verifying weights and listing inputs overlap it.
     # Ray starts in this (the main) thread: its processes are tied to the thread that starts them.
@@ -89,18 +90,22 @@ def main(argv: list[str] | None = None) -> int:
         prepared = pool.submit(prepare, config)
         start_ray(config)
         try:
-            checkpoint, uris, plan = prepared.result()
+            checkpoint, inputs, plan = prepared.result()
         except (WeightsError, StorageError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    todo = output.remaining(uris, plan.done)
+    # Images already labeled are not even read; in shards and Parquet their rows are dropped after reading.
+    todo = inputs
+    if inputs.format in ("files", "manifest"):
+        todo = sources.InputPlan(inputs.format, output.remaining(inputs.uris, plan.done))
     log.info(
-        "weights %s verified (%s); %d images under %s, %d to label in run %s",
+        "weights %s verified (%s); %s (%s) under %s, %s to label in run %s",
         checkpoint.source,
         checkpoint.weights_id,
-        len(uris),
+        inputs.describe(),
+        inputs.format,
         config.input.uri,
-        len(todo),
+        todo.describe(),
         plan.run_id,
     )
 
@@ -109,19 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def prepare(config: JobConfig) -> tuple[Checkpoint, list[str], RunPlan]:
-    """Verifies the weights, lists the inputs and opens the run: everything that can fail before any image is read.
+def prepare(config: JobConfig) -> tuple[Checkpoint, InputPlan, RunPlan]:
+    """Verifies the weights, plans the input and opens the run: everything that can fail before any image is read.
 
     Raises:
         WeightsError: the weights cannot be found, read, verified or fitted.
         StorageError: the input or the output cannot be used.
     """
-    from mnasnet_batch import output, storage
+    from mnasnet_batch import output, sources
     from mnasnet_batch.weights import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(config.model.name, config.model.weights, config.model.sha256, config.model.download)
-    uris = storage.list_images(config.input.uri, config.input.extensions)
-    return checkpoint, uris, output.plan_run(config, checkpoint.weights_id)
+    inputs = sources.plan_input(config.input, config.storage)
+    return checkpoint, inputs, output.plan_run(config, checkpoint.weights_id)
 
 
 def start_ray(config: JobConfig) -> None:
@@ -134,22 +139,34 @@ def start_ray(config: JobConfig) -> None:
         ray.init(address=address) if address else ray.init(include_dashboard=False)
 
 
-def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: list[str]) -> Summary:
-    """Labels ``todo`` into ``plan``'s run on Ray (joined or started here) and closes the run's record.
+def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: list[str] | InputPlan) -> Summary:
+    """Labels ``todo`` (image URIs, or a planned input) into ``plan``'s run on Ray and closes the run's record.
 
     Returns:
         What the run holds, over all its attempts.
     """
-    from mnasnet_batch import output
+    from mnasnet_batch import output, sources, storage
 
     start = time.monotonic()
+    todo = todo if isinstance(todo, sources.InputPlan) else sources.InputPlan("files", list(todo))
+    # Only loose files are counted before reading; other layouts count the rows this attempt added.
+    counted = todo.format in ("files", "manifest")
+    labeled_now = len(todo.uris) if counted else 0
     try:
-        if todo:
+        if todo.uris:
             from mnasnet_batch import pipeline
 
             start_ray(config)
-            pipeline.run(config, checkpoint, todo, plan.run_uri)
+            if not counted:
+                labeled_now = -output.summarize(plan.run_uri, 0, 0, config.storage).images
+            pipeline.run(config, checkpoint, todo, plan.run_uri, plan.done)
+            # Other processes wrote the parts: this one's cached listings (s3fs, gcsfs) have not seen them.
+            storage.filesystem(plan.run_uri, config.storage)[0].invalidate_cache()
+            if not counted:
+                labeled_now += output.summarize(plan.run_uri, 0, 0, config.storage).images
     except BaseException as exc:
-        output.finish_run(config, plan, time.monotonic() - start, len(todo), error=f"{type(exc).__name__}: {exc}")
+        output.finish_run(
+            config, plan, time.monotonic() - start, max(0, labeled_now), error=f"{type(exc).__name__}: {exc}"
+        )
         raise
-    return output.finish_run(config, plan, time.monotonic() - start, len(todo))
+    return output.finish_run(config, plan, time.monotonic() - start, labeled_now)

@@ -13,6 +13,10 @@ OUTPUT_MODES = ("auto", "incremental", "overwrite")
 MODEL_NAMES = ("mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3")
 DEVICES = ("auto", "cpu", "gpu")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+INPUT_FORMATS = ("auto", "files", "webdataset", "parquet", "manifest")
+# Option names whose values are credentials: never logged or written (matched as substrings, lower case).
+SECRET_NAMES = ("key", "secret", "token", "password", "credential", "sas", "sig", "connection_string")
+REDACTED = "<redacted>"
 
 
 class ConfigError(ValueError):
@@ -25,6 +29,29 @@ class InputConfig:
     uri: str = ""
     # The image formats Pillow decodes that appear in web-scale corpora; matched case-insensitively.
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    # auto: read the layout from what the URI holds (images, then *.tar shards, then *.parquet whose
+    # schema has image_column, else a manifest); set it when a location holds more than one layout.
+    format: str = "auto"
+    # Parquet input: the binary column of encoded images and the column written as each row's `uri`.
+    # "image" and "id" are the plainest names; datasets built by other tools set their own.
+    image_column: str = "image"
+    id_column: str = "id"
+    # CSV and Parquet manifests: the column of image URIs ("uri", like this job's own output).
+    uri_column: str = "uri"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    # Empty: the provider's endpoint, or AWS_ENDPOINT_URL; set it for MinIO, moto, or other S3-compatible stores.
+    endpoint_url: str = ""
+    # False: sign requests with the standard credential chain (env, profile, instance role); true for public buckets.
+    anonymous: bool = False
+    # Empty: the region from AWS_REGION / the profile, which buckets in other regions redirect from anyway.
+    region: str = ""
+    # Extra fsspec options for every non-local filesystem (e.g. {"requester_pays": true}); options given
+    # under a scheme name ({"s3": {...}, "gs": {...}}) apply to that scheme only. Credentials given here
+    # are redacted from the written configuration.
+    options: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,6 +138,7 @@ class JobConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     progress: ProgressConfig = field(default_factory=ProgressConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 def _section_types() -> dict[str, type]:
@@ -138,6 +166,11 @@ def _coerce(where: str, value: object, expected: object) -> object:
             value = [part.strip() for part in value.split(",") if part.strip()]
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return tuple(value)
+    elif typing.get_origin(expected) is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        if value == "":
+            return {}
     name = getattr(expected, "__name__", str(expected))
     raise ConfigError(f"{where}: expected {name}, got {value!r}")
 
@@ -259,6 +292,14 @@ def validate(config: JobConfig) -> None:
         (config.compute.actor_memory_gb > 0, "compute.actor_memory_gb: must be more than 0"),
         (config.compute.actor_cpus >= 0, "compute.actor_cpus: must be 0 (derived) or more"),
     ]
+    checks.append(
+        (
+            config.input.format in INPUT_FORMATS,
+            f"input.format: {config.input.format!r} is not one of {', '.join(INPUT_FORMATS)}",
+        )
+    )
+    for name in ("image_column", "id_column", "uri_column"):
+        checks.append((bool(getattr(config.input, name)), f"input.{name}: empty; name a column"))
     unknown_ext = [e for e in config.input.extensions if e.lower().lstrip(".") not in IMAGE_EXTENSIONS]
     checks.append(
         (not unknown_ext, f"input.extensions: {unknown_ext} not supported; valid: {', '.join(IMAGE_EXTENSIONS)}")
@@ -272,9 +313,26 @@ def _is_sha256(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text.lower())
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether an option with this name holds a credential (``key``, ``secret``, ``token``, ...)."""
+    return any(part in name.lower() for part in SECRET_NAMES)
+
+
+def redact(value: object) -> object:
+    """Replaces credentials in nested option mappings, and passwords in URLs, with ``<redacted>``."""
+    if isinstance(value, dict):
+        return {k: REDACTED if is_secret_name(str(k)) and v not in (None, "") else redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = value.split("://", 1)
+        return f"{scheme}://{REDACTED}@{rest.split('@', 1)[1]}"
+    return value
+
+
 def to_dict(config: JobConfig) -> dict[str, dict[str, object]]:
-    """The configuration as plain YAML-ready data (tuples become lists)."""
+    """The configuration as plain YAML-ready data (tuples become lists), with credentials redacted."""
     return {
-        name: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        name: {k: list(v) if isinstance(v, tuple) else redact(v) for k, v in values.items()}
         for name, values in dataclasses.asdict(config).items()
     }

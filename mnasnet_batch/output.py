@@ -28,11 +28,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import yaml
-from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from mnasnet_batch.config import JobConfig, to_dict
-from mnasnet_batch.storage import StorageError
+from mnasnet_batch.config import JobConfig, StorageConfig, to_dict
+from mnasnet_batch.storage import StorageError, filesystem
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ def plan_run(config: JobConfig, weights_id: str) -> RunPlan:
     uri, mode = config.output.uri, config.output.mode
     current = fingerprint(config, weights_id)
     try:
-        fs, root = url_to_fs(uri)
+        fs, root = filesystem(uri, config.storage)
         if mode == "overwrite" and fs.exists(root):
             # Only what this job writes: anything else a user keeps there stays.
             for name in fs.ls(root, detail=False):
@@ -250,7 +249,7 @@ def write_record(fs, root: str, run_id: str, record: dict) -> None:
     _write_bytes(fs, _join(root, RUN_RECORD), data)
 
 
-def write_part(table: pa.Table, run_uri: str) -> str:
+def write_part(table: pa.Table, run_uri: str, storage_config: StorageConfig | None = None) -> str:
     """Writes one Parquet part atomically, named by the URIs it holds.
 
     The name is a hash of the sorted URIs, so a write that is retried (after a worker died) replaces its
@@ -260,7 +259,7 @@ def write_part(table: pa.Table, run_uri: str) -> str:
         The part's path.
     """
     digest = hashlib.sha256("\n".join(sorted(table["uri"].to_pylist())).encode()).hexdigest()[:24]
-    fs, root = url_to_fs(run_uri)
+    fs, root = filesystem(run_uri, storage_config or StorageConfig())
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     path = _join(root, f"part-{digest}.parquet")
@@ -270,9 +269,9 @@ def write_part(table: pa.Table, run_uri: str) -> str:
 
 def finish_run(config: JobConfig, plan: RunPlan, seconds: float, labeled_now: int, error: str = "") -> Summary:
     """Counts what the run wrote, closes its record, and marks the output complete unless it failed."""
-    fs, root = url_to_fs(config.output.uri)
+    fs, root = filesystem(config.output.uri, config.storage)
     record = _read_json(fs, _join(root, f"run={plan.run_id}", RUN_RECORD)) or {}
-    summary = summarize(plan.run_uri, seconds, labeled_now)
+    summary = summarize(plan.run_uri, seconds, labeled_now, config.storage)
     record.update(
         status="failed" if error else "succeeded",
         error=error or None,
@@ -293,9 +292,9 @@ def finish_run(config: JobConfig, plan: RunPlan, seconds: float, labeled_now: in
     return summary
 
 
-def summarize(run_uri: str, seconds: float, labeled_now: int) -> Summary:
+def summarize(run_uri: str, seconds: float, labeled_now: int, storage_config: StorageConfig | None = None) -> Summary:
     """Counts rows and error kinds in the Parquet parts under ``run_uri``."""
-    fs, root = url_to_fs(run_uri)
+    fs, root = filesystem(run_uri, storage_config or StorageConfig())
     dataset = _parts(fs, root)
     if dataset is None:
         return Summary(images=0, errors=0, seconds=seconds, labeled_now=labeled_now)

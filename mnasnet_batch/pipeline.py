@@ -15,11 +15,13 @@ import pyarrow.compute as pc
 import ray
 from ray.data.block import BlockAccessor
 
-from mnasnet_batch.config import JobConfig
+from mnasnet_batch import sources
+from mnasnet_batch.config import JobConfig, StorageConfig
 from mnasnet_batch.output import write_part
 from mnasnet_batch.predictor import Predictor
 from mnasnet_batch.preprocess import PreprocessSpec, load_batch
 from mnasnet_batch.progress import ProgressCounter, ProgressReporter
+from mnasnet_batch.sources import InputPlan
 from mnasnet_batch.weights import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -30,13 +32,27 @@ MODEL_CPU_SHARE = 0.75
 # none for it while actors and decode tasks hold them all, stalling the pipeline.
 WRITE_TASK_CPUS = 0.1
 
+# URIs per block handed from the driver to Ray: the first block holds one decode batch, each next one twice
+# as many, up to 4,096, so the first decode tasks start at once and 10^5 URIs take ~30 object puts, not 3,000.
+MAX_INPUT_BLOCK = 4_096
+
+
+def input_block_bounds(count: int, first: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the URI blocks handed to Ray: doubling from ``first`` to MAX_INPUT_BLOCK."""
+    bounds, start, size = [], 0, first
+    while start < count:
+        bounds.append((start, min(count, start + size)))
+        start, size = start + size, max(first, min(2 * size, MAX_INPUT_BLOCK))
+    return bounds
+
 
 class PartSink(ray.data.Datasink):
     """Writes each bundle of at least ``rows_per_file`` rows as one atomic Parquet part of the run."""
 
-    def __init__(self, run_uri: str, rows_per_file: int):
+    def __init__(self, run_uri: str, rows_per_file: int, storage_config: StorageConfig | None = None):
         self.run_uri = run_uri
         self.rows_per_file = rows_per_file
+        self.storage_config = storage_config
 
     @property
     def min_rows_per_write(self) -> int:
@@ -45,7 +61,64 @@ class PartSink(ray.data.Datasink):
     def write(self, blocks, ctx) -> list[str]:
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
         tables = [t for t in tables if t.num_rows]
-        return [write_part(pa.concat_tables(tables), self.run_uri)] if tables else []
+        return [write_part(pa.concat_tables(tables), self.run_uri, self.storage_config)] if tables else []
+
+
+def read_images(config: JobConfig, plan: InputPlan, spec: PreprocessSpec) -> ray.data.Dataset:
+    """The dataset of preprocessed images (``uri``, ``image``, ``error``) for the planned input layout.
+
+    Loose files, manifests' URIs, shards and Parquet files are listed by the driver (one recursive listing,
+    not Ray's per-path expansion, which takes minutes on millions of paths) and handed to CPU tasks as blocks
+    of URIs, so nothing but URIs is held by the driver and decoding starts as soon as the dataset executes.
+    """
+    preprocess = config.preprocess
+    storage_config = config.storage
+    if plan.format in ("files", "manifest", "webdataset"):
+        # Files: blocks of URIs that decode tasks read one batch at a time, yielding each as it is done; the
+        # first blocks are small so decoding starts on every CPU at once. Putting one block per batch from the
+        # driver costs ~5-10 ms each (a minute per 10^5 images). Ray Data's streaming repartition, which cuts
+        # big blocks on the workers, stalled the job on 2 CPUs (model actor 1.5, decode tasks 0.5 each).
+        # Shards: one block (one task) per shard, streaming out batches.
+        per_block = 1 if plan.format == "webdataset" else preprocess.batch_size
+        table = pa.table({"uri": pa.array(plan.uris, pa.string())})
+        bounds = input_block_bounds(len(plan.uris), per_block) if per_block > 1 else None
+        if bounds is None:
+            blocks = [table.slice(i, 1) for i in range(len(plan.uris))]
+        else:
+            blocks = [table.slice(start, stop - start) for start, stop in bounds]
+        dataset = ray.data.from_arrow(blocks)
+        if plan.format != "webdataset":
+            fn, fn_kwargs = load_batch, {"spec": spec, "storage_config": storage_config}
+        else:
+            fn = sources.read_shards
+            fn_kwargs = {
+                "spec": spec,
+                "extensions": config.input.extensions,
+                "batch_size": preprocess.batch_size,
+                "storage_config": storage_config,
+            }
+        return dataset.map_batches(
+            fn,
+            fn_kwargs=fn_kwargs,
+            batch_size=None if plan.format == "webdataset" else preprocess.batch_size,
+            batch_format="numpy",
+            num_cpus=preprocess.num_cpus,
+        )
+    # Parquet: one task per file, streaming out batches of preprocessed rows.
+    blocks = [pa.table({"uri": pa.array([uri], pa.string())}) for uri in plan.uris]
+    return ray.data.from_arrow(blocks).map_batches(
+        sources.read_parquet_images,
+        fn_kwargs={
+            "id_column": config.input.id_column,
+            "image_column": config.input.image_column,
+            "spec": spec,
+            "batch_size": preprocess.batch_size,
+            "storage_config": storage_config,
+        },
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=preprocess.num_cpus,
+    )
 
 
 @dataclass(frozen=True)
@@ -135,8 +208,19 @@ def reporting_progress(counter: ray.actor.ActorHandle, total: int, interval_s: f
         ray.kill(counter)
 
 
-def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str], run_uri: str) -> None:
-    """Labels ``uris`` and writes their rows as Parquet parts under ``run_uri``; Ray must be initialised."""
+def run(
+    config: JobConfig,
+    checkpoint: Checkpoint,
+    inputs: InputPlan | list[str],
+    run_uri: str,
+    done: pa.Array | None = None,
+) -> None:
+    """Labels the planned input and writes its rows as Parquet parts under ``run_uri``; Ray must be initialised.
+
+    ``inputs`` is a planned input, or a list of image URIs. Rows whose ``uri`` is in ``done`` (labeled by an
+    earlier attempt) are dropped before the model.
+    """
+    inputs = inputs if isinstance(inputs, InputPlan) else InputPlan("files", list(inputs))
     context = ray.data.DataContext.get_current()
     # Ray Data's per-operator bars flood the logs of `ray job submit`; ProgressReporter draws one bar
     # at a terminal and logs one line every progress.interval_s elsewhere.
@@ -145,18 +229,14 @@ def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str], run_uri: str
     spec = PreprocessSpec.for_model(
         config.model.name, config.preprocess.max_pixels, config.preprocess.apply_exif_orientation
     )
-    rows_per_block = config.preprocess.batch_size
-    # One small Arrow block per decode task, so decoding spreads over every CPU from the first second.
-    table = pa.table({"uri": pa.array(uris, pa.string())})
-    blocks = [table.slice(i, rows_per_block) for i in range(0, len(uris), rows_per_block)]
     pool = model_actor_pool(config, ray.cluster_resources())
     # CPU actors run as many torch threads as the CPUs they hold, rounded half up (1.5 CPUs -> 2 threads).
     num_threads = 0 if "num_gpus" in pool.resources else max(1, math.floor(pool.resources["num_cpus"] + 0.5))
     log.info(
-        "labeling %d images with %s: %d decode tasks, %d-%d model actors (%d at start) with %s",
-        len(uris),
+        "labeling %s (%s) with %s: %d-%d model actors (%d at start) with %s",
+        inputs.describe(),
+        inputs.format,
         config.model.name,
-        len(blocks),
         pool.min_size,
         pool.max_size,
         pool.initial_size,
@@ -165,13 +245,16 @@ def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str], run_uri: str
     # No CPU: it only adds numbers, and must not take a slot from decoding or the model.
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
 
-    dataset = ray.data.from_arrow(blocks).map_batches(
-        load_batch,
-        fn_kwargs={"spec": spec},
-        batch_size=None,
-        batch_format="numpy",
-        num_cpus=config.preprocess.num_cpus,
-    )
+    dataset = read_images(config, inputs, spec)
+    if done is not None and len(done) and inputs.format in ("webdataset", "parquet"):
+        # Same CPUs as decoding, so Ray Data fuses the filter into the decode tasks.
+        dataset = dataset.map_batches(
+            sources.drop_done,
+            fn_kwargs={"done": done},
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=config.preprocess.num_cpus,
+        )
     dataset = dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={
@@ -189,7 +272,10 @@ def run(config: JobConfig, checkpoint: Checkpoint, uris: list[str], run_uri: str
         memory=config.compute.actor_memory_gb * 2**30,
         **pool.resources,
     )
-    with reporting_progress(counter, len(uris), config.progress.interval_s):
+    # The number of images is known up front for listed images only; shards and Parquet report 0 as total.
+    total = len(inputs.uris) if inputs.format in ("files", "manifest") else 0
+    with reporting_progress(counter, total, config.progress.interval_s):
         dataset.write_datasink(
-            PartSink(run_uri, config.output.rows_per_file), ray_remote_args={"num_cpus": WRITE_TASK_CPUS}
+            PartSink(run_uri, config.output.rows_per_file, config.storage),
+            ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
         )

@@ -10,6 +10,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 
 from mnasnet_batch import storage
+from mnasnet_batch.config import StorageConfig
 from mnasnet_batch.weights import torchvision_weights
 
 
@@ -85,7 +86,9 @@ def preprocess_batch(
     return {"uri": np.asarray(uris, dtype=object), "image": images, "error": np.asarray(errors, dtype=object)}
 
 
-def load_batch(batch: dict[str, np.ndarray], spec: PreprocessSpec) -> dict[str, np.ndarray]:
+def load_batch(
+    batch: dict[str, np.ndarray], spec: PreprocessSpec, storage_config: StorageConfig | None = None
+) -> dict[str, np.ndarray]:
     """Reads a batch of image URIs from storage and preprocesses them (the pipeline's CPU stage)."""
     uris = batch["uri"]
-    return preprocess_batch(uris, storage.read_many([str(u) for u in uris]), spec)
+    return preprocess_batch(uris, storage.read_many([str(u) for u in uris], storage_config), spec)

@@ -1,73 +1,208 @@
-"""Listing and reading images through fsspec, so local paths and s3:// URIs share one code path."""
+"""Filesystems for URIs (local, s3, gs, az, memory) from the storage config, listing, and reading bytes."""
 
 from __future__ import annotations
 
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+from mnasnet_batch.config import StorageConfig
+
+# The optional extra (pyproject.toml) that brings each cloud scheme's fsspec implementation.
+EXTRAS = {
+    "s3": ("s3", "s3fs"),
+    "s3a": ("s3", "s3fs"),
+    "gs": ("gcs", "gcsfs"),
+    "gcs": ("gcs", "gcsfs"),
+    "az": ("azure", "adlfs"),
+    "abfs": ("azure", "adlfs"),
+    "abfss": ("azure", "adlfs"),
+    "adl": ("azure", "adlfs"),
+}
+LOCAL_SCHEMES = ("file", "local", "memory")
+# Sub-directories (prefixes) listed at once: an object store returns 1,000 keys per request, one request
+# after another within a prefix, so millions of keys take many minutes unless prefixes are listed together.
+LISTING_THREADS = 16
 
 
 class StorageError(RuntimeError):
     """Storage that cannot be listed or reached; the message says which URI and why."""
 
 
-def _has_extension(path: str, extensions: tuple[str, ...]) -> bool:
-    return posixpath.splitext(path)[1].lower().lstrip(".") in extensions
+def scheme(uri: str) -> str:
+    """The URI's scheme, ``file`` for plain paths."""
+    return split_protocol(uri)[0] or "file"
 
 
-def list_images(uri: str, extensions: tuple[str, ...]) -> list[str]:
-    """Lists the image files under a directory or prefix (recursively), a glob, or a single file.
+def fsspec_options(protocol: str, config: StorageConfig) -> dict[str, object]:
+    """The keyword arguments of the fsspec filesystem for ``protocol`` that the storage config asks for.
 
-    Args:
-        uri: a local path or fsspec URI.
-        extensions: file extensions to keep, lower case without the dot.
+    Credentials not given here come from each library's standard chain (``AWS_*`` variables and profiles,
+    ``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_*``), read where the filesystem is created.
+    """
+    if protocol in LOCAL_SCHEMES:
+        return {}
+    options: dict[str, object] = {}
+    family = EXTRAS.get(protocol, ("", ""))[0]
+    if family == "s3":
+        if config.endpoint_url:
+            options["endpoint_url"] = config.endpoint_url
+        if config.anonymous:
+            options["anon"] = True
+        if config.region:
+            options["client_kwargs"] = {"region_name": config.region}
+    elif family == "gcs":
+        if config.endpoint_url:
+            options["endpoint_url"] = config.endpoint_url
+        if config.anonymous:
+            options["token"] = "anon"
+    elif family == "azure":
+        if config.anonymous:
+            options["anon"] = True
+        if config.endpoint_url:
+            options["account_host"] = config.endpoint_url.split("://", 1)[-1].rstrip("/")
+    schemes = set(EXTRAS) | set(LOCAL_SCHEMES) | {"http", "https"}
+    extra = {k: v for k, v in config.options.items() if k not in schemes}
+    extra.update(config.options.get(protocol) or {})
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(options.get(key), dict):
+            options[key] = {**options[key], **value}  # e.g. client_kwargs: region plus the user's own
+        else:
+            options[key] = value
+    return options
+
+
+def filesystem(uri: str, config: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri``, configured from ``config``, and the path inside it.
+
+    Raises:
+        StorageError: the scheme's package is not installed (the message names the extra to install).
+    """
+    protocol = scheme(uri)
+    try:
+        return url_to_fs(uri, **fsspec_options(protocol, config))
+    except ImportError as exc:
+        if protocol in EXTRAS:
+            extra, package = EXTRAS[protocol]
+            raise StorageError(
+                f"{uri}: {protocol}:// needs the optional package {package}; "
+                f"install it with: pip install 'mnasnet-batch[{extra}]'"
+            ) from None
+        raise StorageError(f"{uri}: {exc}") from None
+    except ValueError as exc:
+        if "Protocol not known" in str(exc):
+            raise StorageError(f"{uri}: unknown URI scheme {protocol}://") from None
+        raise
+
+
+def pyarrow_filesystem(uri: str, config: StorageConfig):
+    """A pyarrow filesystem and path for ``uri`` (what Ray Data's readers and ``write_parquet`` take).
+
+    Local paths get pyarrow's own LocalFileSystem; every other scheme wraps the fsspec filesystem
+    configured from ``config``, so endpoints and credentials are the same for reading and writing.
 
     Returns:
-        Full URIs (absolute paths for local files), sorted so runs are reproducible.
+        ``(pyarrow.fs.FileSystem, path)``.
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri, config)
+    if isinstance(fs, LocalFileSystem):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def has_extension(path: str, extensions: tuple[str, ...]) -> bool:
+    """Whether ``path`` ends in one of ``extensions`` (lower case, no dot; ``tar.gz`` works), ignoring case."""
+    name = posixpath.basename(path).lower()
+    return any(name.endswith("." + e) for e in extensions)
+
+
+def list_files(uri: str, config: StorageConfig) -> tuple[list[str], bool]:
+    """Lists the files under a directory or prefix (recursively), matching a glob, or the single file named.
+
+    One recursive listing call per location (a flat ``ListObjectsV2`` walk on S3), no per-file requests.
+
+    Returns:
+        Full URIs (absolute paths for local files), sorted so runs are reproducible, and whether ``uri``
+        named a single file.
+
+    Raises:
+        StorageError: the location does not exist or cannot be reached.
+    """
+    try:
+        fs, path = filesystem(uri, config)
+        if any(c in path for c in "*?["):
+            single, paths = False, [p for p, info in fs.glob(path, detail=True).items() if info["type"] != "directory"]
+        elif fs.isfile(path):
+            single, paths = True, [path]
+        elif fs.isdir(path):
+            single, paths = False, _find(fs, path)
+        else:
+            raise StorageError(f"input {uri} does not exist")
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"input {uri} cannot be listed: {type(exc).__name__}: {exc}") from None
+    # Local files keep plain absolute paths; everything else keeps its scheme, so a row's uri can be read back.
+    local = isinstance(fs, LocalFileSystem)
+    return sorted(p if local else fs.unstrip_protocol(p) for p in paths), single
+
+
+def _find(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Every file under ``path``, listing its top-level sub-directories (prefixes) concurrently."""
+    entries = fs.ls(path, detail=True)
+    directories = [e["name"] for e in entries if e["type"] == "directory"]
+    if len(directories) < 2:
+        return fs.find(path)
+    files = [e["name"] for e in entries if e["type"] != "directory"]
+    with ThreadPoolExecutor(min(LISTING_THREADS, len(directories))) as pool:
+        for found in pool.map(fs.find, directories):
+            files.extend(found)
+    return files
+
+
+def list_images(uri: str, extensions: tuple[str, ...], config: StorageConfig | None = None) -> list[str]:
+    """Lists the image files under a directory or prefix (recursively), a glob, or a single file.
 
     Raises:
         StorageError: the location does not exist, cannot be reached, or holds no images.
     """
     extensions = tuple(e.lower().lstrip(".") for e in extensions)
-    try:
-        fs, path = url_to_fs(uri)
-        if fs.isfile(path):
-            paths = [path]
-        elif any(c in path for c in "*?["):
-            paths = [p for p in fs.glob(path) if not fs.isdir(p)]
-        elif fs.isdir(path):
-            paths = fs.find(path)
-        else:
-            raise StorageError(f"input {uri} does not exist")
-    except StorageError:
-        raise
-    except ImportError as exc:
-        raise StorageError(f"input {uri}: {exc}") from None
-    except Exception as exc:
-        raise StorageError(f"input {uri} cannot be listed: {type(exc).__name__}: {exc}") from None
-    # Local files keep plain absolute paths; everything else keeps its scheme, so a row's uri can be read back.
-    local = isinstance(fs, LocalFileSystem)
-    images = sorted(p if local else fs.unstrip_protocol(p) for p in paths if _has_extension(p, extensions))
+    files, _ = list_files(uri, config or StorageConfig())
+    images = [f for f in files if has_extension(f, extensions)]
     if not images:
         raise StorageError(f"input {uri} holds no image files with extensions {', '.join(extensions)}")
     return images
 
 
-def read_many(uris: list[str]) -> list[bytes | Exception]:
+def read_many(uris: list[str], config: StorageConfig | None = None) -> list[bytes | Exception]:
     """Reads whole files, concurrently where the filesystem can (s3fs, gcsfs), keeping failures per file.
+
+    URIs may mix schemes and buckets (a manifest's may); a URI that cannot even be resolved to a
+    filesystem gets its exception like one that does not exist.
 
     Returns:
         For each URI in order, its bytes or the exception that reading it raised.
     """
+    config = config or StorageConfig()
     by_fs: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str]]]] = {}
-    for i, uri in enumerate(uris):
-        fs, path = url_to_fs(uri)
-        by_fs.setdefault(id(fs), (fs, []))[1].append((i, path))
     results: list[bytes | Exception] = [None] * len(uris)  # type: ignore[list-item]
+    for i, uri in enumerate(uris):
+        try:
+            fs, path = filesystem(uri, config)
+        except Exception as exc:
+            results[i] = exc
+            continue
+        by_fs.setdefault(id(fs), (fs, []))[1].append((i, path))
     for fs, items in by_fs.values():
-        contents = fs.cat([path for _, path in items], on_error="return")
+        try:
+            contents = fs.cat([path for _, path in items], on_error="return")
+        except Exception as exc:
+            contents = {path: exc for _, path in items}
         for i, path in items:
             results[i] = contents.get(path, FileNotFoundError(path))
     return results

@@ -37,3 +37,18 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API: moto's server on 127.0.0.1, on a free port, for the whole session.
+
+    Yields:
+        The storage section that reaches it (endpoint and moto's dummy credentials), as overrides.
+    """
+    server_module = pytest.importorskip("moto.server")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {"endpoint_url": f"http://{host}:{port}", "options": {"key": "testing", "secret": "s3cr3t-not-for-logs"}}
+    server.stop()

@@ -1,0 +1,289 @@
+"""Input layouts: finding what to read (loose images, WebDataset shards, Parquet, manifests) and reading it."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mnasnet_batch import storage
+from mnasnet_batch.config import InputConfig, StorageConfig
+from mnasnet_batch.preprocess import PreprocessSpec, preprocess_batch
+from mnasnet_batch.storage import StorageError
+
+log = logging.getLogger(__name__)
+
+SHARD_EXTENSIONS = ("tar", "tar.gz", "tgz")
+PARQUET_EXTENSIONS = ("parquet",)
+MANIFEST_EXTENSIONS = ("txt", "csv", "tsv", "parquet")
+# WebDataset's sample key: the member's directory plus its base name up to the first dot.
+_SAMPLE_KEY = re.compile(r"^((?:.*/|)[^./]+)\.[^/]*$")
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """What the job reads: the layout and what was listed for it (image URIs, shards, or Parquet files)."""
+
+    format: str
+    uris: list[str]
+
+    def describe(self) -> str:
+        noun = {"files": "image files", "webdataset": "tar shards", "parquet": "Parquet files"}
+        return f"{len(self.uris)} {noun.get(self.format, 'image URIs from manifests')}"
+
+
+def plan_input(config: InputConfig, storage_config: StorageConfig) -> InputPlan:
+    """Lists the input once and decides its layout (``input.format``, or detected when ``auto``).
+
+    Detection takes the first layout the listing holds: image files, then tar shards, then Parquet files
+    with ``input.image_column`` (else those Parquet files are a manifest), then text or CSV manifests.
+    A single file named explicitly is taken whatever its extension when the format is set.
+
+    Raises:
+        StorageError: the input does not exist, holds nothing of its layout, or lacks the configured columns.
+    """
+    extensions = tuple(e.lower().lstrip(".") for e in config.extensions)
+    files, single = storage.list_files(config.uri, storage_config)
+    selected = {
+        "files": [f for f in files if storage.has_extension(f, extensions)],
+        "webdataset": [f for f in files if storage.has_extension(f, SHARD_EXTENSIONS)],
+        "parquet": [f for f in files if storage.has_extension(f, PARQUET_EXTENSIONS)],
+        "manifest": [f for f in files if storage.has_extension(f, MANIFEST_EXTENSIONS)],
+    }
+    layout = config.format
+    if layout == "auto":
+        layout = next((name for name in ("files", "webdataset", "parquet", "manifest") if selected[name]), "")
+        if not layout:
+            raise StorageError(
+                f"input {config.uri} holds no image files ({', '.join(extensions)}), tar shards, Parquet files "
+                "or manifests (txt, csv, tsv)"
+            )
+        if layout == "parquet" and config.image_column not in _parquet_columns(selected["parquet"][0], storage_config):
+            layout = "manifest"
+        log.info("input format %s (detected from %s)", layout, config.uri)
+    uris = files if single and layout != "files" else selected[layout]
+    if not uris:
+        wanted = {
+            "files": f"image files with extensions {', '.join(extensions)}",
+            "webdataset": "tar shards (*.tar, *.tar.gz, *.tgz)",
+            "parquet": "Parquet files (*.parquet)",
+            "manifest": "manifests (*.txt, *.csv, *.tsv, *.parquet)",
+        }[layout]
+        raise StorageError(f"input {config.uri} holds no {wanted}")
+    if layout == "parquet":
+        columns = _parquet_columns(uris[0], storage_config)
+        missing = [c for c in (config.image_column, config.id_column) if c not in columns]
+        if missing:
+            raise StorageError(
+                f"input {uris[0]} has no column {', '.join(missing)}; its columns: {', '.join(columns)}; "
+                "set input.image_column and input.id_column"
+            )
+    if layout == "manifest":
+        # The driver reads manifests as it lists files: it holds only URIs, and the image reads are spread
+        # over decode tasks exactly as for loose files (so a resumed run skips what it already labeled).
+        uris = [u for manifest in uris for u in manifest_uris(manifest, config.uri_column, storage_config)]
+        if not uris:
+            raise StorageError(f"input {config.uri}: the manifests list no URIs")
+    return InputPlan(layout, uris)
+
+
+def _parquet_columns(uri: str, storage_config: StorageConfig) -> list[str]:
+    import pyarrow.parquet as pq
+
+    fs, path = storage.pyarrow_filesystem(uri, storage_config)
+    try:
+        return pq.read_schema(path, filesystem=fs).names
+    except Exception as exc:
+        raise StorageError(f"input {uri} cannot be read as Parquet: {type(exc).__name__}: {exc}") from None
+
+
+def manifest_kind(uri: str) -> str:
+    """``parquet``, ``csv`` (also ``tsv``) or ``text`` (one URI per line), from the manifest's extension."""
+    if storage.has_extension(uri, ("parquet",)):
+        return "parquet"
+    if storage.has_extension(uri, ("csv", "tsv")):
+        return "csv"
+    return "text"
+
+
+def manifest_uris(uri: str, column: str, storage_config: StorageConfig) -> list[str]:
+    """The image URIs a manifest lists: one per line (text), or its ``column`` (CSV, TSV, Parquet); blanks skipped.
+
+    Raises:
+        StorageError: the manifest cannot be read, or has no such column.
+    """
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    kind = manifest_kind(uri)
+    try:
+        fs, path = storage.filesystem(uri, storage_config)
+        with fs.open(path, "rb") as f:
+            if kind == "parquet":
+                values = pq.read_table(f, columns=[column]).column(column)
+            elif kind == "csv":
+                delimiter = "\t" if storage.has_extension(uri, ("tsv",)) else ","
+                values = pacsv.read_csv(
+                    f,
+                    parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                    convert_options=pacsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()}),
+                ).column(column)
+            else:
+                values = pa.array(f.read().decode("utf-8").splitlines())
+    except Exception as exc:
+        raise StorageError(f"manifest {uri} cannot be read: {type(exc).__name__}: {exc}") from None
+    stripped = (str(v).strip() for v in values.to_pylist() if v is not None)
+    return [v for v in stripped if v]
+
+
+def read_parquet_images(
+    batch: dict[str, np.ndarray],
+    id_column: str,
+    image_column: str,
+    spec: PreprocessSpec,
+    batch_size: int,
+    storage_config: StorageConfig,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Reads the Parquet files of a batch ``batch_size`` rows at a time and preprocesses them (the CPU stage).
+
+    Ray Data's ``read_parquet`` is not used: in Ray 2.60 it plans a ``ListFiles`` operator whose tasks
+    reserve a whole CPU and cannot be configured; beside a model actor holding 1.5 of 2 CPUs and a decode
+    task holding the rest, that task is never scheduled and the job hangs (observed on the CI machine).
+    """
+    import pyarrow.parquet as pq
+
+    for uri in batch["uri"]:
+        fs, path = storage.filesystem(str(uri), storage_config)
+        with fs.open(path, "rb") as f:
+            for record_batch in pq.ParquetFile(f).iter_batches(
+                batch_size=batch_size, columns=[id_column, image_column]
+            ):
+                columns = {
+                    name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in (id_column, image_column)
+                }
+                yield parquet_batch(columns, id_column, image_column, spec)
+
+
+def parquet_batch(
+    batch: dict[str, np.ndarray], id_column: str, image_column: str, spec: PreprocessSpec
+) -> dict[str, np.ndarray]:
+    """Preprocesses a batch of Parquet rows holding encoded images; a row's ``uri`` is its id."""
+    ids = np.asarray([str(i) for i in batch[id_column]], dtype=object)
+    contents = [ValueError(f"{image_column} is null") if data is None else bytes(data) for data in batch[image_column]]
+    return preprocess_batch(ids, contents, spec)
+
+
+def drop_done(batch: dict[str, np.ndarray], done: pa.Array) -> dict[str, np.ndarray]:
+    """Drops the rows whose ``uri`` an earlier attempt already wrote (resuming a run of shards, Parquet, manifests)."""
+    keep = pc.invert(pc.is_in(pa.array(batch["uri"].tolist(), pa.string()), value_set=done)).to_numpy(False)
+    return {name: values[keep] for name, values in batch.items()}
+
+
+def sample_key(member: str) -> str | None:
+    """The WebDataset sample key of a tar member (``a/img_01.seg.png`` -> ``a/img_01``), None without one."""
+    match = _SAMPLE_KEY.match(member)
+    return match.group(1) if match else None
+
+
+def shard_images(
+    shard: str, extensions: tuple[str, ...], storage_config: StorageConfig
+) -> Iterator[tuple[str, bytes | Exception]]:
+    """Streams a WebDataset shard, yielding each sample's image as ``(shard#member, bytes)``.
+
+    A sample (consecutive members sharing a key) yields its first member with an image extension; a sample
+    without one yields ``(shard#key, ValueError)``. When the shard cannot be read to its end (truncated,
+    corrupt, or unreachable), the samples before that point are yielded as usual and one last item,
+    ``(shard#member-being-read, error)`` or ``(shard, error)`` when no member was being read, says where
+    reading stopped; what follows in the shard is unknown.
+
+    Ray Data's ``read_webdataset`` is not used: its tar iterator raises on a truncated or corrupt shard,
+    failing the whole read task (so every sample of the shard, not only the unreadable ones, would be lost or
+    the job would stop), raises on a repeated key, and keeps only each member's extension, not its name.
+    """
+    key: str | None = None
+    image: tuple[str, bytes] | None = None
+    members: list[str] = []
+    reading: str | None = None
+
+    def finish() -> tuple[str, bytes | Exception]:
+        if image is None:
+            found = ", ".join(posixpath.basename(m) for m in members)
+            return f"{shard}#{key}", ValueError(f"sample {key} has no image member (members: {found})")
+        return f"{shard}#{image[0]}", image[1]
+
+    try:
+        fs, path = storage.filesystem(shard, storage_config)
+        # Stream mode ("r|*") reads the shard front to back once, gzip or not, without seeking.
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                member_key = sample_key(info.name)
+                if member_key is None:
+                    continue
+                if member_key != key:
+                    if key is not None:
+                        yield finish()
+                    key, image, members = member_key, None, []
+                members.append(info.name)
+                reading = info.name
+                # Every member is read, not skipped: skipping a truncated member goes unnoticed in stream mode.
+                data = tar.extractfile(info).read()
+                reading = None
+                if image is None and storage.has_extension(info.name, extensions):
+                    image = (info.name, data)
+            # Stream mode ends quietly where a header is cut short or missing; only a whole block of zeros
+            # (tar's end-of-archive marker, which every tar writer emits) ends a shard that is complete.
+            if tar.fileobj.tell() - tar.offset != tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("unexpected end of data (no end-of-archive marker)")
+    except Exception as exc:
+        where = f" inside member {reading}" if reading else f" after member {members[-1]}" if members else ""
+        log.warning("shard %s cannot be read%s: %s: %s", shard, where, type(exc).__name__, exc)
+        error = _with_context(exc, f"shard cannot be read{where}: {exc}")
+        if key is not None and image is not None:
+            yield finish()  # the sample's image is whole; only what follows it is lost
+            yield (f"{shard}#{reading}" if reading else shard), error
+        elif key is not None:
+            yield f"{shard}#{reading or key}", error
+        else:
+            yield shard, error
+        return
+    if key is not None:
+        yield finish()
+
+
+def _with_context(exc: Exception, message: str) -> Exception:
+    """The same exception type with ``message`` (so error kinds stay ``ReadError`` etc.), or ``exc`` itself."""
+    try:
+        return type(exc)(message)
+    except Exception:
+        return exc
+
+
+def read_shards(
+    batch: dict[str, np.ndarray],
+    spec: PreprocessSpec,
+    extensions: tuple[str, ...],
+    batch_size: int,
+    storage_config: StorageConfig,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Reads and preprocesses the shards of a batch, yielding ``batch_size`` images at a time (the CPU stage)."""
+    extensions = tuple(e.lower().lstrip(".") for e in extensions)
+    for shard in batch["uri"]:
+        uris: list[str] = []
+        contents: list[bytes | Exception] = []
+        for uri, content in shard_images(str(shard), extensions, storage_config):
+            uris.append(uri)
+            contents.append(content)
+            if len(uris) == batch_size:
+                yield preprocess_batch(np.asarray(uris, dtype=object), contents, spec)
+                uris, contents = [], []
+        if uris:
+            yield preprocess_batch(np.asarray(uris, dtype=object), contents, spec)

@@ -1,0 +1,247 @@
+"""Input layouts and storage without a cluster: WebDataset shards, planning, manifests, options, secrets."""
+
+import gzip
+import importlib
+import io
+import sys
+import tarfile
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from mnasnet_batch import sources, storage
+from mnasnet_batch.config import REDACTED, StorageConfig, load_config, parse_override, to_dict
+from mnasnet_batch.preprocess import PreprocessSpec, load_batch
+from mnasnet_batch.sources import plan_input, shard_images
+from mnasnet_batch.storage import StorageError
+
+EXTENSIONS = ("jpg", "png")
+# fsspec's loaded implementations (the fsspec.registry attribute is a read-only view of it).
+REGISTRY = importlib.import_module("fsspec.registry")._registry
+NO_STORAGE = StorageConfig()
+
+
+def make_tar(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+# Offsets: x1.jpg header 0, data 512-3512; x1.json header 3584; x2.cls header 4608, data 5120;
+# x3.png header 5632, data 6144-9144; x3.txt header 9216, data 9728-11728; x4.jpg header 11776.
+SHARD = make_tar(
+    [
+        ("a/x1.jpg", b"J" * 3000),
+        ("a/x1.json", b"{}"),
+        ("a/x2.cls", b"3"),
+        ("a/x3.png", b"P" * 3000),
+        ("a/x3.txt", b"t" * 2000),
+        ("a/x4.jpg", b"Q" * 3000),
+    ]
+)
+
+
+def read(path, data):
+    path.write_bytes(data)
+    return [
+        (uri.split("#", 1)[1] if "#" in uri else "", item)
+        for uri, item in shard_images(str(path), EXTENSIONS, NO_STORAGE)
+    ]
+
+
+def test_a_whole_shard_yields_one_item_per_sample(tmp_path):
+    items = read(tmp_path / "s.tar", SHARD)
+    assert [name for name, _ in items] == ["a/x1.jpg", "a/x2", "a/x3.png", "a/x4.jpg"]
+    assert items[0][1] == b"J" * 3000 and items[2][1] == b"P" * 3000
+    assert isinstance(items[1][1], ValueError) and "no image member (members: x2.cls)" in str(items[1][1])
+    gzipped = read(tmp_path / "s.tar.gz", gzip.compress(SHARD))
+    assert [(name, str(item)) for name, item in gzipped] == [(name, str(item)) for name, item in items]
+
+
+@pytest.mark.parametrize(
+    "cut, expected",
+    [
+        (2024, [("a/x1.jpg", "inside member a/x1.jpg")]),
+        (4708, [("a/x1.jpg", None), ("", "after member a/x1.json")]),
+        (5632, [("a/x1.jpg", None), ("a/x2", "after member a/x2.cls")]),
+        (9728, [("a/x1.jpg", None), ("a/x2", "no image member"), ("a/x3.png", None), ("a/x3.txt", "inside member")]),
+        (100, [("", "truncated header")]),
+    ],
+    ids=["inside-image", "inside-header", "at-block-boundary", "inside-later-member", "first-header"],
+)
+def test_a_truncated_shard_yields_what_can_be_read_then_one_error(tmp_path, cut, expected):
+    items = read(tmp_path / "s.tar", SHARD[:cut])
+    assert [name for name, _ in items] == [name for name, _ in expected]
+    for (_, item), (_, message) in zip(items, expected, strict=True):
+        if message is None:
+            assert isinstance(item, bytes)
+        else:
+            assert isinstance(item, Exception) and message in str(item)
+    if expected[-1][1] != "no image member":
+        assert all(isinstance(item, bytes) for _, item in items[:-1] if not isinstance(item, ValueError))
+        assert type(items[-1][1]).__name__ == "ReadError"
+
+
+def test_a_missing_shard_is_one_error_naming_it(tmp_path):
+    [(uri, error)] = list(shard_images(str(tmp_path / "gone.tar"), EXTENSIONS, NO_STORAGE))
+    assert uri == str(tmp_path / "gone.tar") and isinstance(error, FileNotFoundError)
+
+
+def test_sample_keys_follow_webdataset():
+    assert sources.sample_key("a/b/img_01.seg.png") == "a/b/img_01"
+    assert sources.sample_key("img_01.jpg") == "img_01"
+    assert sources.sample_key("README") is None
+
+
+@pytest.fixture()
+def layouts(tmp_path):
+    root = tmp_path / "layouts"
+    (root / "images" / "sub").mkdir(parents=True)
+    (root / "images" / "sub" / "b.JPG").write_bytes(b"x")
+    (root / "images" / "a.png").write_bytes(b"x")
+    (root / "images" / "notes.txt").write_text("ignored")
+    (root / "shards").mkdir()
+    for i in range(2):
+        (root / "shards" / f"{i:06d}.tar").write_bytes(SHARD)
+    (root / "table").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), root / "table" / "part-0.parquet")
+    (root / "list").mkdir()
+    pq.write_table(pa.table({"uri": ["s3://b/a.jpg"]}), root / "list" / "m.parquet")
+    (root / "urls.txt").write_text("/x/a.jpg\n")
+    return root
+
+
+def config(uri, **values):
+    overrides = [parse_override(f"input.{key}={value}") for key, value in values.items()]
+    return load_config(overrides=[{"input": {"uri": str(uri)}}, *overrides])
+
+
+def test_layouts_are_detected(layouts):
+    plan = plan_input(config(layouts / "images").input, NO_STORAGE)
+    assert plan.format == "files" and [p.rsplit("/", 1)[1] for p in plan.uris] == ["a.png", "b.JPG"]
+    plan = plan_input(config(layouts / "shards").input, NO_STORAGE)
+    assert plan.format == "webdataset" and len(plan.uris) == 2 and plan.describe() == "2 tar shards"
+    assert plan_input(config(layouts / "table").input, NO_STORAGE).format == "parquet"
+    assert plan_input(config(layouts / "list").input, NO_STORAGE).format == "manifest"
+    plan = plan_input(config(layouts / "urls.txt").input, NO_STORAGE)
+    assert plan.format == "manifest" and plan.uris == ["/x/a.jpg"] and plan.describe() == "1 image URIs from manifests"
+    # Images win over other layouts in one tree; input.format picks another.
+    assert plan_input(config(layouts).input, NO_STORAGE).format == "files"
+    assert plan_input(config(layouts, format="webdataset").input, NO_STORAGE).uris[0].endswith("000000.tar")
+    assert plan_input(config(f"{layouts}/shards/*.tar").input, NO_STORAGE).format == "webdataset"
+
+
+def test_plans_that_cannot_run_are_refused_with_what_to_set(layouts, tmp_path):
+    with pytest.raises(StorageError, match="has no column picture; its columns: id, image; set input.image_column"):
+        plan_input(config(layouts / "table", format="parquet", image_column="picture").input, NO_STORAGE)
+    with pytest.raises(StorageError, match="holds no tar shards"):
+        plan_input(config(layouts / "images", format="webdataset").input, NO_STORAGE)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StorageError, match="holds no image files .* tar shards, Parquet files or manifests"):
+        plan_input(config(tmp_path / "empty").input, NO_STORAGE)
+    with pytest.raises(StorageError, match="does not exist"):
+        plan_input(config(tmp_path / "nowhere").input, NO_STORAGE)
+
+
+def test_manifests_of_each_kind_list_their_uris(tmp_path):
+    (tmp_path / "m.txt").write_text("s3://a/1.jpg\n\n  gs://b/2.png  \n")
+    (tmp_path / "m.csv").write_text("id,uri\n1,s3://a/1.jpg\n2,\n3,/x/3.jpg\n")
+    (tmp_path / "m.tsv").write_text("uri\tid\ns3://a/1.jpg\t1\n")
+    pq.write_table(pa.table({"link": ["s3://a/1.jpg", None]}), tmp_path / "m.parquet")
+    assert sources.manifest_uris(str(tmp_path / "m.txt"), "uri", NO_STORAGE) == ["s3://a/1.jpg", "gs://b/2.png"]
+    assert sources.manifest_uris(str(tmp_path / "m.csv"), "uri", NO_STORAGE) == ["s3://a/1.jpg", "/x/3.jpg"]
+    assert sources.manifest_uris(str(tmp_path / "m.tsv"), "uri", NO_STORAGE) == ["s3://a/1.jpg"]
+    assert sources.manifest_uris(str(tmp_path / "m.parquet"), "link", NO_STORAGE) == ["s3://a/1.jpg"]
+    with pytest.raises(StorageError, match="manifest .*m.csv cannot be read"):
+        sources.manifest_uris(str(tmp_path / "m.csv"), "url", NO_STORAGE)
+
+
+def test_image_reads_report_what_does_not_exist(corpus, tmp_path):
+    spec = PreprocessSpec.for_model("mnasnet0_5", 10**8)
+    uris = [str(corpus[0]), str(tmp_path / "missing.jpg"), "nope://bucket/x.jpg", f"file://{corpus[1]}"]
+    batch = load_batch({"uri": np.asarray(uris, dtype=object)}, spec, NO_STORAGE)
+    assert list(batch["uri"]) == uris
+    assert batch["error"][0] == "" and batch["error"][3] == "" and batch["image"][0].any()
+    assert batch["error"][1].startswith("FileNotFoundError")
+    assert batch["error"][2].startswith("StorageError: nope://bucket/x.jpg: unknown URI scheme")
+
+
+def test_parquet_rows_use_the_id_as_uri_and_a_null_image_is_an_error(corpus):
+    spec = PreprocessSpec.for_model("mnasnet0_5", 10**8)
+    batch = {"key": pa.array([7, 8]).to_numpy(), "jpg": pa.array([corpus[0].read_bytes(), None]).to_numpy(False)}
+    out = sources.parquet_batch(batch, "key", "jpg", spec)
+    assert list(out["uri"]) == ["7", "8"] and out["error"][0] == "" and out["error"][1] == "ValueError: jpg is null"
+
+
+def test_storage_section_becomes_fsspec_options():
+    config = StorageConfig(
+        endpoint_url="http://127.0.0.1:9000",
+        anonymous=True,
+        region="eu-west-3",
+        options={"client_kwargs": {"verify": False}, "s3": {"requester_pays": True}, "gs": {"project": "p"}},
+    )
+    assert storage.fsspec_options("s3", config) == {
+        "endpoint_url": "http://127.0.0.1:9000",
+        "anon": True,
+        "client_kwargs": {"region_name": "eu-west-3", "verify": False},
+        "requester_pays": True,
+    }
+    assert storage.fsspec_options("gs", config) == {
+        "endpoint_url": "http://127.0.0.1:9000",
+        "token": "anon",
+        "client_kwargs": {"verify": False},
+        "project": "p",
+    }
+    assert storage.fsspec_options("file", config) == {} and storage.fsspec_options("memory", config) == {}
+
+
+class RecordingFileSystem(fsspec.AbstractFileSystem):
+    """Stands in for gcsfs and adlfs, which cannot reach a real GCS or Azure from here (mocked on purpose)."""
+
+    protocol = ("gs", "az")
+    cachable = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.kwargs = kwargs
+
+
+def test_gcs_and_azure_get_the_storage_section_mocked(monkeypatch):
+    for protocol in ("gs", "az"):
+        monkeypatch.setitem(REGISTRY, protocol, RecordingFileSystem)
+    fs, path = storage.filesystem("gs://bucket/a.jpg", StorageConfig(anonymous=True, endpoint_url="http://gcs:4443"))
+    assert fs.kwargs == {"token": "anon", "endpoint_url": "http://gcs:4443"} and path == "bucket/a.jpg"
+    fs, _ = storage.filesystem("az://container/a.jpg", StorageConfig(anonymous=True, options={"account_name": "acct"}))
+    assert fs.kwargs == {"anon": True, "account_name": "acct"}
+
+
+@pytest.mark.parametrize("uri, extra", [("s3://b/x", "s3"), ("gs://b/x", "gcs"), ("abfs://c/x", "azure")])
+def test_a_missing_filesystem_package_names_the_extra(monkeypatch, uri, extra):
+    # gcsfs and adlfs are not installed here; s3fs is, so it is hidden for this test.
+    monkeypatch.delitem(REGISTRY, "s3", raising=False)
+    monkeypatch.setitem(sys.modules, "s3fs", None)
+    with pytest.raises(StorageError, match=rf"pip install 'mnasnet-batch\[{extra}\]'"):
+        storage.filesystem(uri, NO_STORAGE)
+
+
+def test_credentials_are_redacted_from_the_written_config():
+    config = load_config(
+        overrides=[
+            parse_override("storage.endpoint_url=http://user:pa55@minio:9000"),
+            parse_override("storage.options={key: AKIA1, secret: s3cr3t, client_kwargs: {aws_session_token: t0k}}"),
+        ]
+    )
+    assert config.storage.options["secret"] == "s3cr3t"
+    written = yaml.safe_dump(to_dict(config))
+    for secret in ("AKIA1", "s3cr3t", "t0k", "pa55"):
+        assert secret not in written
+    assert to_dict(config)["storage"]["options"]["client_kwargs"] == {"aws_session_token": REDACTED}
+    assert to_dict(config)["storage"]["endpoint_url"] == f"http://{REDACTED}@minio:9000"
