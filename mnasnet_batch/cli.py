@@ -109,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         plan.run_id,
     )
 
-    summary = label(config, checkpoint, plan, todo)
+    try:
+        summary = label(config, checkpoint, plan, todo)
+    except ConfigError as exc:  # settings that do not fit the cluster, found once it is known
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(summary.line())
     return 0
 

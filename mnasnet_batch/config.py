@@ -12,6 +12,8 @@ import yaml
 OUTPUT_MODES = ("auto", "incremental", "overwrite")
 MODEL_NAMES = ("mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3")
 DEVICES = ("auto", "cpu", "gpu")
+DECODE_PLACES = ("workers", "actor")
+PRECISIONS = ("fp32", "fp16", "bf16")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 INPUT_FORMATS = ("auto", "files", "webdataset", "parquet", "manifest")
 # Option names whose values are credentials: never logged or written (matched as substrings, lower case).
@@ -93,6 +95,10 @@ class PreprocessConfig:
     num_cpus: float = 0.5
     # False: the reference pipeline (PIL open + transforms) ignores EXIF orientation, so predictions match it.
     apply_exif_orientation: bool = False
+    # workers: Pillow on the CPU decode tasks, the reference's own code. actor: JPEGs travel as bytes and the
+    # model actor decodes them (nvJPEG, in batches, on a GPU) with the same resize to the bit; for GPU nodes
+    # whose CPUs cannot decode as fast as the GPU classifies. Other formats are decoded there with Pillow.
+    decode_on: str = "workers"
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,9 @@ class ComputeConfig:
     # Memory reserved per model actor: a mnasnet0_5 actor peaks at ~1.0 GB here (torch, model, a batch of 64);
     # 1.5 leaves room for mnasnet1_3 and larger batches.
     actor_memory_gb: float = 1.5
+    # fp32: the reference's arithmetic. fp16/bf16 run the model under autocast (GPU: ~2x faster, scores move
+    # by ~1e-3); fp16 needs a GPU.
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -287,6 +296,18 @@ def validate(config: JobConfig) -> None:
         (
             config.compute.max_actors == 0 or config.compute.initial_actors <= config.compute.max_actors,
             "compute.initial_actors: must be at most compute.max_actors",
+        ),
+        (
+            config.preprocess.decode_on in DECODE_PLACES,
+            f"preprocess.decode_on: {config.preprocess.decode_on!r} is not one of {', '.join(DECODE_PLACES)}",
+        ),
+        (
+            config.compute.precision in PRECISIONS,
+            f"compute.precision: {config.compute.precision!r} is not one of {', '.join(PRECISIONS)}",
+        ),
+        (
+            not (config.compute.precision == "fp16" and config.compute.device == "cpu"),
+            "compute.precision: fp16 needs GPU actors (compute.device=cpu); use bf16 or fp32 on CPU",
         ),
         (config.progress.interval_s > 0, "progress.interval_s: must be more than 0"),
         (config.compute.actor_memory_gb > 0, "compute.actor_memory_gb: must be more than 0"),

@@ -16,7 +16,7 @@ import ray
 from ray.data.block import BlockAccessor
 
 from mnasnet_batch import sources
-from mnasnet_batch.config import JobConfig, StorageConfig
+from mnasnet_batch.config import ConfigError, JobConfig, StorageConfig
 from mnasnet_batch.output import write_part
 from mnasnet_batch.predictor import Predictor
 from mnasnet_batch.preprocess import PreprocessSpec, load_batch
@@ -159,7 +159,9 @@ def model_actor_pool(config: JobConfig, cluster: dict[str, float]) -> ActorPool:
         # Never all of them: decode tasks need room beside the actors, or the pipeline cannot start.
         actor_cpus = compute.actor_cpus or min(4.0, MODEL_CPU_SHARE * cpus, cpus - config.preprocess.num_cpus)
         if actor_cpus <= 0:
-            raise ValueError(f"the cluster has {cpus} CPUs: too few for a model actor beside a decode task")
+            raise ConfigError(f"the cluster has {cpus} CPUs: too few for a model actor beside a decode task")
+        if compute.precision == "fp16":
+            raise ConfigError("compute.precision: fp16 needs GPU actors and the cluster has no GPU; use bf16 or fp32")
         resources = {"num_cpus": actor_cpus}
         derived_max = int(MODEL_CPU_SHARE * cpus // actor_cpus)
     max_size = compute.max_actors or max(compute.min_actors, derived_max)
@@ -227,7 +229,10 @@ def run(
     context.enable_progress_bars = False
 
     spec = PreprocessSpec.for_model(
-        config.model.name, config.preprocess.max_pixels, config.preprocess.apply_exif_orientation
+        config.model.name,
+        config.preprocess.max_pixels,
+        config.preprocess.apply_exif_orientation,
+        config.preprocess.decode_on,
     )
     pool = model_actor_pool(config, ray.cluster_resources())
     # CPU actors run as many torch threads as the CPUs they hold, rounded half up (1.5 CPUs -> 2 threads).
@@ -262,6 +267,8 @@ def run(
             "top_k": config.model.top_k,
             "num_threads": num_threads,
             "on_batch": CountProgress(counter),
+            "precision": config.compute.precision,
+            "spec": spec,
         },
         compute=pool.strategy(),
         batch_size=config.compute.batch_size,

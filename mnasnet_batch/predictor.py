@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from mnasnet_batch.device_preprocess import decode_crops
 from mnasnet_batch.postprocess import output_table, top_k
+from mnasnet_batch.preprocess import PreprocessSpec
 from mnasnet_batch.weights import Checkpoint, build_model, torchvision_weights
 
 
@@ -37,6 +40,8 @@ class Predictor:
         device: ``cuda``, ``cpu``, or "" for CUDA when this process sees a GPU.
         num_threads: torch CPU threads; 0 leaves torch's default. Set it to the CPUs the actor holds.
         on_batch: called with every output table, e.g. to count progress; None calls nothing.
+        precision: ``fp32``, or ``fp16`` / ``bf16`` to run the model under autocast (fp16 on CUDA only).
+        spec: the preprocessing geometry, needed for batches of encoded ``data`` (``decode_on=actor``).
     """
 
     def __init__(
@@ -46,8 +51,14 @@ class Predictor:
         device: str = "",
         num_threads: int = 0,
         on_batch: Callable[[pa.Table], None] | None = None,
+        precision: str = "fp32",
+        spec: PreprocessSpec | None = None,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("compute.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+        self.autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self.spec = spec
         if self.device.type == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
         weights = torchvision_weights(checkpoint.model_name)
@@ -61,15 +72,20 @@ class Predictor:
         self.weights_id = checkpoint.weights_id
         self.on_batch = on_batch
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Classifies (N, H, W, 3) uint8 crops.
+    def predict(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Classifies (N, H, W, 3) uint8 crops, from host memory or already on the device.
 
         Returns:
             ``top_k_ids`` (N, k) int32 and ``top_k_scores`` (N, k) float32, scores descending.
         """
-        with torch.inference_mode():
-            x = torch.from_numpy(images)
-            if self.device.type == "cuda":
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            x = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+            if self.device.type == "cuda" and x.device.type == "cpu":
                 # Page-locked memory lets the copy run asynchronously, overlapping the previous batch.
                 x = x.pin_memory()
             x = x.to(self.device, non_blocking=True)
@@ -81,10 +97,20 @@ class Predictor:
             return top_k(self.model(x), self.top_k)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        errors = batch["error"]
-        ok = np.asarray([not e for e in errors], dtype=bool)
+        errors = np.array(batch["error"], dtype=object)  # a copy: decoding may add errors
+        ok = errors == ""
+        if "data" in batch:  # preprocess.decode_on=actor: the bytes are decoded here, on the model's device
+            with torch.inference_mode():
+                crops, decode_errors = decode_crops(
+                    list(batch["data"][ok]), batch["on_device"][ok], self.spec, self.device
+                )
+            errors[ok] = decode_errors
+            images = crops[torch.from_numpy(np.asarray(decode_errors, dtype=object) == "")]
+            ok = errors == ""
+        else:
+            images = batch["image"][ok]
         if ok.any():
-            ids, scores = self.predict(batch["image"][ok])
+            ids, scores = self.predict(images)
         else:
             ids = np.zeros((0, self.top_k), np.int32)
             scores = np.zeros((0, self.top_k), np.float32)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,9 +25,13 @@ class PreprocessSpec:
     interpolation: TF.InterpolationMode
     max_pixels: int
     apply_exif_orientation: bool = False
+    # "workers": decode here; "actor": hand the bytes on for the model actor to decode (device_preprocess).
+    decode_on: str = "workers"
 
     @classmethod
-    def for_model(cls, model_name: str, max_pixels: int, apply_exif_orientation: bool = False) -> PreprocessSpec:
+    def for_model(
+        cls, model_name: str, max_pixels: int, apply_exif_orientation: bool = False, decode_on: str = "workers"
+    ) -> PreprocessSpec:
         """Reads resize, crop and interpolation from the model's torchvision weights, never by hand."""
         transforms = torchvision_weights(model_name).transforms()
         return cls(
@@ -34,7 +40,20 @@ class PreprocessSpec:
             interpolation=transforms.interpolation,
             max_pixels=max_pixels,
             apply_exif_orientation=apply_exif_orientation,
+            decode_on=decode_on,
         )
+
+
+@contextlib.contextmanager
+def open_image(data: bytes, spec: PreprocessSpec) -> Iterator[Image.Image]:
+    """Opens an image from its header only, refusing more than ``spec.max_pixels`` before anything is decoded."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if width * height > spec.max_pixels:
+            raise ValueError(
+                f"image is {width}x{height} = {width * height} pixels, over preprocess.max_pixels={spec.max_pixels}"
+            )
+        yield image
 
 
 def preprocess_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
@@ -50,16 +69,26 @@ def preprocess_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     Raises:
         Exception: whatever makes the image unusable; callers turn it into an error row.
     """
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size  # read from the header: nothing is decoded yet
-        if width * height > spec.max_pixels:
-            raise ValueError(
-                f"image is {width}x{height} = {width * height} pixels, over preprocess.max_pixels={spec.max_pixels}"
-            )
+    with open_image(data, spec) as image:
         rgb = (ImageOps.exif_transpose(image) if spec.apply_exif_orientation else image).convert("RGB")
     resized = TF.resize(rgb, [spec.resize_size], interpolation=spec.interpolation, antialias=True)
     cropped = TF.center_crop(resized, [spec.crop_size, spec.crop_size])
     return np.asarray(cropped, dtype=np.uint8)
+
+
+def decodable_on_device(data: bytes, spec: PreprocessSpec) -> bool:
+    """Whether the model actor's JPEG decoder may take an image: a JPEG in RGB or greyscale.
+
+    Other formats and modes (CMYK, PNG, ...), and images whose EXIF orientation is to be applied, take the
+    Pillow path, whose conversions are the reference's.
+
+    Raises:
+        Exception: whatever Pillow raises reading the header (not an image), or ValueError over max_pixels.
+    """
+    with open_image(data, spec) as image:
+        if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+            return False
+        return not (spec.apply_exif_orientation and image.getexif().get(0x0112, 1) != 1)
 
 
 def preprocess_batch(
@@ -69,10 +98,14 @@ def preprocess_batch(
 
     Returns:
         ``uri``; ``image`` (N, crop, crop, 3) uint8, zeros where the image failed; ``error``, "" where
-        the image is usable, else ``"<ExceptionType>: <message>"``.
+        the image is usable, else ``"<ExceptionType>: <message>"``. With ``spec.decode_on == "actor"``,
+        ``data`` (the encoded bytes, b"" on error) and ``on_device`` (``decodable_on_device``) replace
+        ``image``: only the header is read here.
     """
     # Pillow's own bomb guard warns and raises at fixed thresholds; ours (max_pixels) replaces it.
     Image.MAX_IMAGE_PIXELS = None
+    if spec.decode_on == "actor":
+        return _check_batch(uris, contents, spec)
     images = np.zeros((len(uris), spec.crop_size, spec.crop_size, 3), dtype=np.uint8)
     errors = []
     for i, content in enumerate(contents):
@@ -84,6 +117,27 @@ def preprocess_batch(
         except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
     return {"uri": np.asarray(uris, dtype=object), "image": images, "error": np.asarray(errors, dtype=object)}
+
+
+def _check_batch(uris: np.ndarray, contents: list[bytes | Exception], spec: PreprocessSpec) -> dict[str, np.ndarray]:
+    data = np.full(len(uris), b"", dtype=object)
+    on_device = np.zeros(len(uris), dtype=bool)
+    errors = []
+    for i, content in enumerate(contents):
+        try:
+            if isinstance(content, Exception):
+                raise content
+            on_device[i] = decodable_on_device(content, spec)
+            data[i] = content
+            errors.append("")
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    return {
+        "uri": np.asarray(uris, dtype=object),
+        "data": data,
+        "on_device": on_device,
+        "error": np.asarray(errors, dtype=object),
+    }
 
 
 def load_batch(
