@@ -56,11 +56,12 @@ def resize_coefficients(in_size: int, out_size: int, start: int, count: int) -> 
 
 def _fixed_point_to_uint8(sums: torch.Tensor) -> torch.Tensor:
     # Resample.c starts each sum at half a unit, shifts right (a floor) and clips to 0..255.
-    return torch.floor((sums + (1 << (PRECISION_BITS - 1))) / (1 << PRECISION_BITS)).clamp_(0, 255)
+    return (sums + (1 << (PRECISION_BITS - 1))).div_(1 << PRECISION_BITS, rounding_mode="floor").clamp_(0, 255)
 
 
+@functools.lru_cache(maxsize=512)  # ~1 MB each for photos of ~500 px: one upload per image size seen
 def _coefficients(in_size: int, out_size: int, start: int, count: int, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(resize_coefficients(in_size, out_size, start, count)).to(device, non_blocking=True)
+    return torch.from_numpy(resize_coefficients(in_size, out_size, start, count)).to(device)
 
 
 def resize_crop(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:

@@ -1,0 +1,272 @@
+"""GPU check without Ray: parity of the device paths and per-stage throughput of the model actor on one GPU.
+
+The GPU machines this project is lent for a few minutes have torch and torchvision but not Ray, so this runs
+the package's own stages (Pillow decode on a process pool as the CPU tasks would, ``Predictor`` as the actor
+would, ``write_part``) in one process. It measures:
+
+- parity: nvJPEG decode + exact resize vs Pillow (grey levels), CUDA fp32 vs CPU fp32, fp16/bf16 vs fp32;
+- throughput of each stage: Pillow decode on all CPU cores, GPU decode + resize, the model alone, the write;
+- end to end, both ``preprocess.decode_on`` settings, as the actor runs them.
+
+Usage (prepare the inputs here, run there)::
+
+    python scripts/gpu_check.py prepare --dir .gpu_check       # corpus + fixture checkpoints
+    python scripts/gpu_check.py run --dir .gpu_check --out OUT  # on the GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODELS = ("mnasnet1_0", "mnasnet0_5")
+
+
+def prepare(directory: Path, images: int) -> None:
+    import torch
+
+    from tests import support
+
+    support.write_corpus(directory / "corpus", images, seed=11, png_every=0)
+    for name in MODELS:
+        torch.save(support.make_model(name).state_dict(), directory / f"fixture_{name}.pth")
+
+
+def _pillow_chunk(args):
+    from mnasnet_batch.preprocess import preprocess_batch
+
+    uris, contents, spec = args
+    return preprocess_batch(uris, contents, spec)
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def cycle(contents: list[bytes], count: int) -> list[bytes]:
+    return [contents[i % len(contents)] for i in range(count)]
+
+
+def chunks(contents: list[bytes], size: int, spec):
+    import numpy as np
+
+    for start in range(0, len(contents), size):
+        part = contents[start : start + size]
+        yield np.asarray([f"img{start + i}" for i in range(len(part))], dtype=object), part, spec
+
+
+def run(directory: Path, out: Path, images: int, budget_s: float, device_name: str) -> dict:
+    import numpy as np
+
+    from mnasnet_batch.preprocess import PreprocessSpec
+
+    started = time.monotonic()
+    results: dict = {"python": platform.python_version(), "cpus": os.cpu_count()}
+    contents = [p.read_bytes() for p in sorted((directory / "corpus").glob("*.jpg"))]
+    spec = PreprocessSpec.for_model("mnasnet1_0", max_pixels=10**9)
+    actor_spec = PreprocessSpec.for_model("mnasnet1_0", max_pixels=10**9, decode_on="actor")
+    stream = cycle(contents, images)
+    # The pool forks before CUDA is initialised: a forked CUDA context is unusable.
+    pool = multiprocessing.get_context("fork").Pool(os.cpu_count(), initializer=_init_worker)
+    pool.map(_pillow_chunk, list(chunks(contents[:64], 16, spec)))  # warm the workers' imports
+    t = time.perf_counter()
+    pool.map(_pillow_chunk, list(chunks(stream[:4000], 64, spec)))
+    results["cpu_pillow_decode_img_s"] = 4000 / (time.perf_counter() - t)
+    t = time.perf_counter()
+    pool.map(_pillow_chunk, list(chunks(stream[:4000], 64, actor_spec)))
+    results["cpu_header_check_img_s"] = 4000 / (time.perf_counter() - t)
+    print(json.dumps(results), flush=True)
+
+    import pyarrow as pa
+    import torch
+
+    from mnasnet_batch.device_preprocess import decode_crops, resize_crop
+    from mnasnet_batch.output import write_part
+    from mnasnet_batch.predictor import Predictor
+    from mnasnet_batch.preprocess import decodable_on_device, preprocess_image
+    from mnasnet_batch.weights import resolve_checkpoint
+
+    cuda = torch.device(device_name)  # "cpu" only to try the script out on a machine without a GPU
+    on_gpu = cuda.type == "cuda"
+    precisions = ("fp32", "fp16", "bf16") if on_gpu else ("fp32", "bf16")
+    batch_sizes = (256, 512, 1024) if on_gpu else (16,)
+    results.update(gpu=torch.cuda.get_device_name() if on_gpu else "none", torch=torch.__version__)
+    torch.backends.cudnn.benchmark = True
+
+    def sync_time(fn, repeat: int = 1) -> float:
+        if on_gpu:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        if on_gpu:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / repeat
+
+    # Parity: nvJPEG + exact resize vs Pillow.
+    reference = np.stack([preprocess_image(c, spec) for c in contents])
+    on_device = np.asarray([decodable_on_device(c, spec) for c in contents])
+    crops, errors = decode_crops(contents, on_device, spec, cuda)
+    difference = np.abs(crops.cpu().numpy().astype(int) - reference.astype(int))
+    results["gpu_decode_parity"] = {
+        "images": len(contents),
+        "errors": sum(bool(e) for e in errors),
+        "max_levels": int(difference.max()),
+        "mean_levels": float(difference.mean()),
+        "pixels_differing": float((difference > 0).mean()),
+        "images_identical": int((difference.reshape(len(contents), -1).max(1) == 0).sum()),
+    }
+    decoded = torchvision_decode(contents, cuda)
+    cpu_decoded = torchvision_decode(contents, torch.device("cpu"))
+    same_size = [a.shape == b.shape for a, b in zip(decoded, cpu_decoded, strict=True)]
+    results["nvjpeg_vs_libjpeg_max_levels"] = max(
+        int((a.cpu().int() - b.int()).abs().max()) for a, b in zip(decoded, cpu_decoded, strict=True)
+    )
+    results["nvjpeg_same_sizes"] = all(same_size)
+    exact = np.stack([resize_crop(image, spec).cpu().numpy() for image in decoded])
+    results["gpu_resize_vs_pillow_on_nvjpeg_pixels_max_levels"] = int(
+        np.abs(exact.astype(int) - np.stack([pillow_on(image, spec) for image in decoded]).astype(int)).max()
+    )
+    print(json.dumps(results), flush=True)
+
+    # Model parity and precision, per model.
+    for name in MODELS:
+        checkpoint = resolve_checkpoint(name, str(directory / f"fixture_{name}.pth"))
+        cpu_ids, cpu_scores = Predictor(checkpoint, 5, device="cpu", num_threads=os.cpu_count()).predict(reference)
+        entry = {}
+        fp32_scores = None
+        for precision in precisions:
+            predictor = Predictor(checkpoint, 5, device=device_name, precision=precision)
+            ids, scores = predictor.predict(reference)
+            fp32_scores = scores if precision == "fp32" else fp32_scores
+            entry[precision] = {
+                "top1_same_as_cpu_fp32": int((ids[:, 0] == cpu_ids[:, 0]).sum()),
+                "top5_same_as_cpu_fp32": int((ids == cpu_ids).all(1).sum()),
+                "max_score_diff_vs_cpu_fp32": float(np.abs(scores - cpu_scores).max()),
+            }
+            if precision == "fp32":
+                gpu_ids, _ = predictor.predict(crops)
+                entry["gpu_decoded_top1_same"] = int((gpu_ids[:, 0] == cpu_ids[:, 0]).sum())
+        entry["images"] = len(contents)
+        entry["cpu_top1_margin_min"] = float((cpu_scores[:, 0] - cpu_scores[:, 1]).min())
+        results[f"parity_{name}"] = entry
+        print(json.dumps({name: entry}), flush=True)
+
+    # The model alone on crops already on the GPU.
+    for name in MODELS:
+        checkpoint = resolve_checkpoint(name, str(directory / f"fixture_{name}.pth"))
+        for precision in precisions:
+            predictor = Predictor(checkpoint, 5, device=device_name, precision=precision)
+            for batch in batch_sizes:
+                x = crops[torch.arange(batch) % len(contents)].contiguous()
+                predictor.predict(x)
+                seconds = sync_time(lambda x=x, predictor=predictor: predictor.predict(x), repeat=10)
+                results[f"model_{name}_{precision}_b{batch}_img_s"] = batch / seconds
+        print(json.dumps({k: round(v) for k, v in results.items() if k.startswith(f"model_{name}")}), flush=True)
+
+    # GPU decode and resize, per stage, in batches of 256.
+    batch_contents = cycle(contents, 256)
+    torchvision_decode(batch_contents, cuda)
+    results["gpu_nvjpeg_decode_b256_img_s"] = 256 / sync_time(lambda: torchvision_decode(batch_contents, cuda), 3)
+    decoded256 = torchvision_decode(batch_contents, cuda)
+    results["gpu_resize_crop_img_s"] = 256 / sync_time(lambda: [resize_crop(i, spec) for i in decoded256], 3)
+    flags = np.ones(256, dtype=bool)
+    results["gpu_decode_crops_b256_img_s"] = 256 / sync_time(lambda: decode_crops(batch_contents, flags, spec, cuda), 3)
+    speeds = {k: round(v) for k, v in results.items() if k.startswith("gpu_") and k.endswith("img_s")}
+    print(json.dumps(speeds), flush=True)
+
+    # End to end as the actor runs it: CPU pool -> Predictor(batch) -> Parquet part, per decode_on setting.
+    checkpoint = resolve_checkpoint("mnasnet1_0", str(directory / "fixture_mnasnet1_0.pth"))
+    with tempfile.TemporaryDirectory() as scratch:
+        for decode_on, chunk_spec in (("actor", actor_spec), ("workers", spec)):
+            for precision in precisions[:2][::-1]:
+                if time.monotonic() - started > budget_s:
+                    results[f"e2e_{decode_on}_{precision}"] = "skipped: out of time"
+                    continue
+                predictor = Predictor(checkpoint, 5, device=device_name, precision=precision, spec=actor_spec)
+                predictor(_pillow_chunk(next(chunks(contents[:64], 64, chunk_spec))))
+                stages = {"wait_cpu": 0.0, "actor": 0.0, "write": 0.0}
+                t0 = time.perf_counter()
+                rows = 0
+                pending = []  # tables waiting to fill a part, as output.rows_per_file would cut them
+                batches = pool.imap(_pillow_chunk, chunks(stream, 256, chunk_spec))
+                while True:
+                    t = time.perf_counter()
+                    batch = next(batches, None)
+                    stages["wait_cpu"] += time.perf_counter() - t
+                    if batch is None:
+                        break
+                    t = time.perf_counter()
+                    pending.append(predictor(batch))
+                    stages["actor"] += time.perf_counter() - t
+                    rows += pending[-1].num_rows
+                    if sum(table.num_rows for table in pending) >= 2560 or rows == len(stream):
+                        t = time.perf_counter()
+                        write_part(pa.concat_tables(pending), scratch)
+                        pending = []
+                        stages["write"] += time.perf_counter() - t
+                wall = time.perf_counter() - t0
+                results[f"e2e_{decode_on}_{precision}"] = {
+                    "images": rows,
+                    "img_s": rows / wall,
+                    "seconds": {k: round(v, 2) for k, v in stages.items()},
+                }
+                print(json.dumps({f"e2e_{decode_on}_{precision}": results[f"e2e_{decode_on}_{precision}"]}), flush=True)
+    pool.close()
+    results["total_s"] = time.monotonic() - started
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def torchvision_decode(contents: list[bytes], device) -> list:
+    import torch
+    import torchvision.io
+
+    encoded = [torch.frombuffer(bytearray(c), dtype=torch.uint8) for c in contents]
+    return list(torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB, device=device))
+
+
+def pillow_on(image, spec):
+    """The Pillow path's resize and crop applied to already-decoded pixels (isolates the resize)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mnasnet_batch.preprocess import preprocess_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(buffer, "PNG")
+    return np.asarray(preprocess_image(buffer.getvalue(), spec))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("prepare", "run"))
+    parser.add_argument("--dir", type=Path, default=Path(".gpu_check"))
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--images", type=int, default=None, help="prepare: corpus size (300); run: stream (20000)")
+    parser.add_argument("--device", default="cuda", help="cpu: only to try the script out")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="skip the end-to-end runs after this")
+    args = parser.parse_args(argv)
+    if args.action == "prepare":
+        prepare(args.dir, args.images or 300)
+    else:
+        run(args.dir, args.out, args.images or 20_000, args.budget_s, args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
