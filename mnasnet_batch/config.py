@@ -120,6 +120,9 @@ class ComputeConfig:
     # Memory reserved per model actor: a mnasnet0_5 actor peaks at ~1.0 GB here (torch, model, a batch of 64);
     # 1.5 leaves room for mnasnet1_3 and larger batches.
     actor_memory_gb: float = 1.5
+    # GPUs per model actor on GPU clusters: 1. Below 1 (0.5, 0.25) packs several actors on a GPU, which one
+    # actor alone cannot keep busy while it also decodes, copies and writes on the CPU.
+    actor_gpus: float = 1.0
     # fp32: the reference's arithmetic. fp16/bf16 run the model under autocast (GPU: ~2x faster, scores move
     # by ~1e-3); fp16 needs a GPU.
     precision: str = "fp32"
@@ -312,6 +315,10 @@ def validate(config: JobConfig) -> None:
         (config.progress.interval_s > 0, "progress.interval_s: must be more than 0"),
         (config.compute.actor_memory_gb > 0, "compute.actor_memory_gb: must be more than 0"),
         (config.compute.actor_cpus >= 0, "compute.actor_cpus: must be 0 (derived) or more"),
+        (
+            0 < config.compute.actor_gpus <= 1 or config.compute.actor_gpus == int(config.compute.actor_gpus) > 0,
+            "compute.actor_gpus: must be a fraction in (0, 1] or a whole number of GPUs",
+        ),
     ]
     checks.append(
         (

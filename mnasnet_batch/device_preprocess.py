@@ -1,14 +1,14 @@
-"""Decoding and preprocessing on the model's device: JPEG bytes -> uint8 crops equal to the Pillow path.
+"""Decoding and preprocessing on the model's device: JPEG bytes -> uint8 crops, batched.
 
 Used when ``preprocess.decode_on`` is ``actor``: on a GPU, nvJPEG decodes a whole batch and the resize runs as
-two matrix products, so CPU cores stop limiting throughput. torchvision's own tensor resize differs from
+batched matrix products, so CPU cores stop limiting throughput. torchvision's own tensor resize differs from
 Pillow's by up to 2 grey levels; this one reproduces Pillow's fixed-point bilinear filter (Resample.c) bit for
-bit, so both decode paths feed the model the same pixels wherever the decoders agree.
+bit, so the crops differ from the Pillow path's only where the JPEG decoders differ (libjpeg-turbo on CPU
+agrees with Pillow exactly; nvJPEG does not, see the README).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -19,39 +19,47 @@ from mnasnet_batch.preprocess import PreprocessSpec, preprocess_image
 
 # Pillow's Resample.c keeps 8-bit coefficients as integers with this many fractional bits (32 - 8 - 2).
 PRECISION_BITS = 22
+# Padded pixels per resize chunk: bounds the float64 working set (x3 channels x8 bytes: ~0.8 GB).
+CHUNK_PIXELS = 2**25
 
 
-@functools.lru_cache(maxsize=8192)
-def resize_coefficients(in_size: int, out_size: int, start: int, count: int) -> np.ndarray:
-    """Pillow's bilinear (triangle, antialiased) coefficients for output pixels ``start .. start+count``.
+def resize_coefficients(
+    in_sizes: torch.Tensor, out_sizes: torch.Tensor, starts: torch.Tensor, count: int, length: int
+) -> torch.Tensor:
+    """Pillow's bilinear (triangle, antialiased) coefficients, one matrix per image, for output pixels
+    ``start .. start+count`` of a resize from ``in_size`` to ``out_size`` pixels.
 
-    Follows Resample.c's ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` operation for operation in
-    float64, including its sequential sum of the weights, so the integer coefficients come out identical.
+    Follows Resample.c's ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` one float64 operation at a
+    time (separate kernels, so nothing is fused into a multiply-add) and sums the weights left to right as
+    its loop does, so the integer coefficients come out identical.
+
+    Args:
+        in_sizes, out_sizes, starts: (N,) int64 tensors on the device.
+        length: the padded input length (at least every ``in_size``).
 
     Returns:
-        A (count, in_size) float64 matrix of integer coefficients (scaled by 2**PRECISION_BITS).
+        (N, count, length) float64 integer coefficients, scaled by 2**PRECISION_BITS, zero beyond each input.
     """
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = 1.0 * filterscale  # the triangle filter's support is 1
-    ksize = int(math.ceil(support)) * 2 + 1
-    center = (np.arange(start, start + count) + 0.5) * scale
+    scale = in_sizes.double() / out_sizes.double()
+    filterscale = scale.clamp(min=1.0)
+    support = filterscale * 1.0  # the triangle filter's support is 1
+    ksize = int(math.ceil(float(support.max()))) * 2 + 1
+    center = (torch.arange(count, device=scale.device)[None, :] + starts[:, None] + 0.5) * scale[:, None]
     # C's (int) truncates toward zero; both bounds are then clamped to the image.
-    xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
-    xmax = np.minimum(np.trunc(center + support + 0.5), in_size).astype(np.int64) - xmin
-    taps = np.arange(ksize)
-    used = taps[None, :] < xmax[:, None]
-    distance = np.abs(((taps[None, :] + xmin[:, None]) - center[:, None] + 0.5) * (1.0 / filterscale))
-    weights = np.where(used & (distance < 1.0), 1.0 - distance, 0.0)
-    # cumsum adds left to right, as the C loop does; a pairwise sum could round differently.
-    total = np.cumsum(weights, axis=1)[:, -1:]
-    weights = np.divide(weights, total, out=weights, where=total != 0.0)
-    fixed = np.floor(0.5 + weights * (1 << PRECISION_BITS))  # every weight is >= 0: (int)(0.5 + w) is floor
-    matrix = np.zeros((count, in_size), dtype=np.float64)
-    rows = np.repeat(np.arange(count), ksize).reshape(count, ksize)
-    columns = np.minimum(taps[None, :] + xmin[:, None], in_size - 1)
-    np.add.at(matrix, (rows[used], columns[used]), fixed[used])
-    return matrix
+    xmin = torch.trunc((center - support[:, None]) + 0.5).clamp(min=0)
+    xmax = torch.minimum(torch.trunc((center + support[:, None]) + 0.5), in_sizes[:, None].double()) - xmin
+    taps = torch.arange(ksize, device=scale.device, dtype=torch.float64)
+    x = (((taps + xmin[..., None]) - center[..., None]) + 0.5) * (1.0 / filterscale)[:, None, None]
+    distance = x.abs()
+    weights = torch.where((taps < xmax[..., None]) & (distance < 1.0), 1.0 - distance, 0.0)
+    total = weights[..., 0].clone()
+    for tap in range(1, ksize):
+        total = total + weights[..., tap]
+    weights = torch.where(total[..., None] != 0.0, weights / total[..., None], weights)
+    fixed = torch.floor(0.5 + weights * (1 << PRECISION_BITS))  # every weight is >= 0: (int)(0.5 + w) is floor
+    index = (taps + xmin[..., None]).long().clamp(max=length - 1)  # clamped taps all carry weight 0
+    dense = torch.zeros((len(scale), count, length), dtype=torch.float64, device=scale.device)
+    return dense.scatter_add_(2, index, fixed)
 
 
 def _fixed_point_to_uint8(sums: torch.Tensor) -> torch.Tensor:
@@ -59,48 +67,62 @@ def _fixed_point_to_uint8(sums: torch.Tensor) -> torch.Tensor:
     return (sums + (1 << (PRECISION_BITS - 1))).div_(1 << PRECISION_BITS, rounding_mode="floor").clamp_(0, 255)
 
 
-@functools.lru_cache(maxsize=512)  # ~1 MB each for photos of ~500 px: one upload per image size seen
-def _coefficients(in_size: int, out_size: int, start: int, count: int, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(resize_coefficients(in_size, out_size, start, count)).to(device)
-
-
-def resize_crop(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """Resizes the short side to ``spec.resize_size`` and centre-crops, exactly as Pillow and torchvision do.
+def resize_crops(images: list[torch.Tensor], spec: PreprocessSpec) -> torch.Tensor:
+    """Resizes each image's short side to ``spec.resize_size`` and centre-crops, as Pillow and torchvision do.
 
     Args:
-        image: a (3, H, W) uint8 tensor on any device.
+        images: (3, H, W) uint8 tensors, all on one device, of any sizes.
 
     Returns:
-        The (crop, crop, 3) uint8 crop on the same device.
+        (N, crop, crop, 3) uint8 crops on the same device.
     """
-    _, height, width = image.shape
-    short, long = min(height, width), max(height, width)
-    # torchvision's _compute_resized_output_size: the long side is truncated, not rounded.
-    new_long = int(spec.resize_size * long / short)
-    new_height, new_width = (spec.resize_size, new_long) if height <= width else (new_long, spec.resize_size)
     crop = spec.crop_size
-    # torchvision's center_crop rounds the offsets (half to even, as Python's round).
-    top, left = int(round((new_height - crop) / 2.0)), int(round((new_width - crop) / 2.0))
-    x = image.to(torch.float64)
-
-    def horizontal_pass(x: torch.Tensor) -> torch.Tensor:  # (3, rows, W) -> (3, rows, crop)
-        if new_width == width:  # Pillow skips a pass that keeps the size
-            return x[:, :, left : left + crop]
-        return _fixed_point_to_uint8(x @ _coefficients(width, new_width, left, crop, x.device).T)
-
-    def vertical_pass(x: torch.Tensor) -> torch.Tensor:  # (3, H, columns) -> (3, crop, columns)
-        if new_height == height:
-            return x[:, top : top + crop]
-        return _fixed_point_to_uint8(_coefficients(height, new_height, top, crop, x.device) @ x)
-
+    device = images[0].device if images else torch.device("cpu")
+    out = torch.empty((len(images), crop, crop, 3), dtype=torch.uint8, device=device)
+    geometry = []
+    for image in images:
+        _, height, width = image.shape
+        short, long = min(height, width), max(height, width)
+        new_long = int(spec.resize_size * long / short)  # torchvision truncates the long side
+        new_h, new_w = (spec.resize_size, new_long) if height <= width else (new_long, spec.resize_size)
+        # torchvision's center_crop rounds the offsets half to even, as Python's round does.
+        geometry.append(
+            (height, width, new_h, new_w, int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0)))
+        )
     # Each pass rounds to 8 bits, so the order matters. Pillow 13 shrinks images more than twice as tall as
     # wide vertically first, all others horizontally first: found by comparing both orders with Pillow over
     # 400 random sizes; tests/test_device_preprocess.py keeps comparing.
-    if height > 2 * width and new_height < height:
-        x = horizontal_pass(vertical_pass(x))
+    tall = [i for i, (h, w, new_h, *_) in enumerate(geometry) if h > 2 * w and new_h < h]
+    other = [i for i in range(len(images)) if i not in set(tall)]
+    for group, vertical_first in ((tall, True), (other, False)):
+        group = sorted(group, key=lambda i: geometry[i][0] * geometry[i][1])  # similar sizes pad less
+        while group:
+            chunk = [group.pop(0)]
+            while group and (len(chunk) + 1) * _padded(geometry, chunk + group[:1]) <= CHUNK_PIXELS:
+                chunk.append(group.pop(0))
+            out[chunk] = _resize_chunk([images[i] for i in chunk], [geometry[i] for i in chunk], crop, vertical_first)
+    return out
+
+
+def _padded(geometry: list[tuple[int, ...]], chunk: list[int]) -> int:
+    return max(geometry[i][0] for i in chunk) * max(geometry[i][1] for i in chunk)
+
+
+def _resize_chunk(images: list[torch.Tensor], geometry: list[tuple[int, ...]], crop: int, vertical_first: bool):
+    device = images[0].device
+    height = max(g[0] for g in geometry)
+    width = max(g[1] for g in geometry)
+    x = torch.zeros((len(images), 3, height, width), dtype=torch.float64, device=device)
+    for j, image in enumerate(images):
+        x[j, :, : image.shape[1], : image.shape[2]] = image
+    h, w, new_h, new_w, top, left = (torch.tensor(column, device=device) for column in zip(*geometry, strict=True))
+    horizontal = resize_coefficients(w, new_w, left, crop, width).transpose(1, 2)[:, None]  # (N, 1, W, crop)
+    vertical = resize_coefficients(h, new_h, top, crop, height)[:, None]  # (N, 1, crop, H)
+    if vertical_first:
+        x = _fixed_point_to_uint8(_fixed_point_to_uint8(vertical @ x) @ horizontal)
     else:
-        x = vertical_pass(horizontal_pass(x))
-    return x.to(torch.uint8).permute(1, 2, 0)  # (3, H, W) -> (H, W, 3), like the Pillow path's arrays
+        x = _fixed_point_to_uint8(vertical @ _fixed_point_to_uint8(x @ horizontal))
+    return x.to(torch.uint8).permute(0, 2, 3, 1)  # (N, 3, crop, crop) -> (N, crop, crop, 3)
 
 
 def decode_crops(
@@ -121,11 +143,14 @@ def decode_crops(
     errors = [""] * len(contents)
     jpegs = [i for i in range(len(contents)) if on_device[i]]
     pillow = [i for i in range(len(contents)) if not on_device[i]]
+    decoded = []
     for i, image in zip(jpegs, _decode_jpegs([contents[i] for i in jpegs], device), strict=True):
         if image is None:
             pillow.append(i)
         else:
-            images[i] = resize_crop(image, spec)
+            decoded.append((i, image))
+    if decoded:
+        images[[i for i, _ in decoded]] = resize_crops([image for _, image in decoded], spec)
     for i in pillow:
         try:
             images[i] = torch.from_numpy(preprocess_image(contents[i], spec).copy()).to(device)  # Pillow's is read-only

@@ -139,8 +139,8 @@ class ActorPool:
 def model_actor_pool(config: JobConfig, cluster: dict[str, float]) -> ActorPool:
     """Chooses the model actors' resources and pool bounds from the configuration and the cluster.
 
-    One GPU per actor where the cluster has GPUs (or ``compute.device`` is ``gpu``, for GPU nodes that
-    autoscale from zero), at most one actor per GPU. Otherwise CPU actors share three quarters of the
+    ``compute.actor_gpus`` GPUs per actor where the cluster has GPUs (or ``compute.device`` is ``gpu``, for GPU
+    nodes that autoscale from zero), as many actors as the GPUs hold. Otherwise CPU actors share three quarters of the
     cluster's CPUs, up to 4 each (MnasNet's small convolutions gain little from more threads): on CPU
     the model costs ~5x more per image than decoding (55 vs 270 images/s per core measured here).
     Values set in the configuration win over derived ones.
@@ -153,8 +153,8 @@ def model_actor_pool(config: JobConfig, cluster: dict[str, float]) -> ActorPool:
     gpus = int(cluster.get("GPU", 0))
     cpus = cluster.get("CPU", 1)
     if compute.device == "gpu" or (compute.device == "auto" and gpus):
-        resources = {"num_gpus": 1, "num_cpus": compute.actor_cpus or 1.0}
-        derived_max = gpus
+        resources = {"num_gpus": compute.actor_gpus, "num_cpus": compute.actor_cpus or 1.0}
+        derived_max = int(gpus / compute.actor_gpus)
     else:
         # Never all of them: decode tasks need room beside the actors, or the pipeline cannot start.
         actor_cpus = compute.actor_cpus or min(4.0, MODEL_CPU_SHARE * cpus, cpus - config.preprocess.num_cpus)

@@ -91,7 +91,7 @@ def run(directory: Path, out: Path, images: int, budget_s: float, device_name: s
     import pyarrow as pa
     import torch
 
-    from mnasnet_batch.device_preprocess import decode_crops, resize_crop
+    from mnasnet_batch.device_preprocess import decode_crops, resize_crops
     from mnasnet_batch.output import write_part
     from mnasnet_batch.predictor import Predictor
     from mnasnet_batch.preprocess import decodable_on_device, preprocess_image
@@ -134,7 +134,7 @@ def run(directory: Path, out: Path, images: int, budget_s: float, device_name: s
         int((a.cpu().int() - b.int()).abs().max()) for a, b in zip(decoded, cpu_decoded, strict=True)
     )
     results["nvjpeg_same_sizes"] = all(same_size)
-    exact = np.stack([resize_crop(image, spec).cpu().numpy() for image in decoded])
+    exact = resize_crops(decoded, spec).cpu().numpy()
     results["gpu_resize_vs_pillow_on_nvjpeg_pixels_max_levels"] = int(
         np.abs(exact.astype(int) - np.stack([pillow_on(image, spec) for image in decoded]).astype(int)).max()
     )
@@ -180,7 +180,7 @@ def run(directory: Path, out: Path, images: int, budget_s: float, device_name: s
     torchvision_decode(batch_contents, cuda)
     results["gpu_nvjpeg_decode_b256_img_s"] = 256 / sync_time(lambda: torchvision_decode(batch_contents, cuda), 3)
     decoded256 = torchvision_decode(batch_contents, cuda)
-    results["gpu_resize_crop_img_s"] = 256 / sync_time(lambda: [resize_crop(i, spec) for i in decoded256], 3)
+    results["gpu_resize_crop_img_s"] = 256 / sync_time(lambda: resize_crops(decoded256, spec), 3)
     flags = np.ones(256, dtype=bool)
     results["gpu_decode_crops_b256_img_s"] = 256 / sync_time(lambda: decode_crops(batch_contents, flags, spec, cuda), 3)
     speeds = {k: round(v) for k, v in results.items() if k.startswith("gpu_") and k.endswith("img_s")}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mnasnet_batch.device_preprocess import decode_crops, resize_crop
+from mnasnet_batch.device_preprocess import decode_crops, resize_crops
 from mnasnet_batch.predictor import Predictor
 from mnasnet_batch.preprocess import PreprocessSpec, decodable_on_device, preprocess_batch, preprocess_image
 from mnasnet_batch.weights import resolve_checkpoint
@@ -28,12 +28,25 @@ def encode(image: Image.Image, format: str, **params) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
-def test_resize_crop_equals_pillow_to_the_bit(photos, size):
-    image = photos["chelsea"].resize(size, Image.BICUBIC)
-    expected = preprocess_image(encode(image, "PNG"), SPEC)
-    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-    np.testing.assert_array_equal(resize_crop(pixels, SPEC).numpy(), expected)
+def test_resize_crops_equal_pillow_to_the_bit(photos):
+    images = [photos[name].resize(size, Image.BICUBIC) for name, size in zip(list(photos) * 3, SIZES, strict=False)]
+    expected = [preprocess_image(encode(image, "PNG"), SPEC) for image in images]
+    pixels = [torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1) for image in images]  # (3, H, W)
+    # All sizes in one batch (padded matrix products), and each alone.
+    batched = resize_crops(pixels, SPEC).numpy()
+    for i, size in enumerate(SIZES):
+        np.testing.assert_array_equal(batched[i], expected[i], err_msg=f"{size} in a batch")
+        np.testing.assert_array_equal(resize_crops(pixels[i : i + 1], SPEC)[0].numpy(), expected[i], err_msg=str(size))
+
+
+def test_resize_crops_in_chunks(photos, monkeypatch):
+    from mnasnet_batch import device_preprocess
+
+    monkeypatch.setattr(device_preprocess, "CHUNK_PIXELS", 300 * 600)  # a few images per chunk
+    images = [photos["coffee"].resize(size, Image.BICUBIC) for size in SIZES]
+    pixels = [torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1) for image in images]
+    for crop, image in zip(resize_crops(pixels, SPEC).numpy(), images, strict=True):
+        np.testing.assert_array_equal(crop, preprocess_image(encode(image, "PNG"), SPEC))
 
 
 def test_decode_crops_equals_the_pillow_path(photos):

@@ -93,3 +93,26 @@ def test_top_k_and_model_flags(local_ray, corpus, tmp_path, checkpoint_path, cap
     table, _ = read_rows(output)
     assert table.num_rows == 1 and len(table.column("top_k_ids")[0]) == 1
     assert "labeled 1 images (0 errors)" in capsys.readouterr().out
+
+
+def test_decoding_on_the_model_actor_gives_the_reference_predictions(
+    local_ray, corpus, tmp_path, checkpoint_path, fixture_model
+):
+    # preprocess.decode_on=actor: JPEG bytes travel to the actor, which decodes them (here on CPU, with
+    # libjpeg-turbo, which agrees with Pillow) and resizes them exactly as Pillow; PNGs take Pillow there.
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in corpus:
+        shutil.copy(path, images / path.name)
+    (images / "broken.jpg").write_bytes(corpus[0].read_bytes()[:500])
+    output = tmp_path / "labels"
+    argv = support.job_argv(images, output, checkpoint_path, "preprocess.decode_on=actor", "compute.batch_size=16")
+    assert main(argv) == 0
+    _, rows = read_rows(output)
+    assert len(rows) == len(corpus) + 1
+    assert rows[str(images / "broken.jpg")]["status"] == "error"
+    ref_ids, ref_scores = support.reference_predictions(corpus, fixture_model, "mnasnet0_5", 5)
+    for path, ids, scores in zip(corpus, ref_ids, ref_scores, strict=True):
+        row = rows[str(images / path.name)]
+        assert row["top_k_ids"] == ids.tolist(), path.name
+        np.testing.assert_allclose(row["top_k_scores"], scores, atol=1e-4)

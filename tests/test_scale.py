@@ -35,6 +35,19 @@ def test_device_gpu_asks_for_gpus_before_any_gpu_node_exists():
     assert "num_gpus" not in model_actor_pool(config(device="cpu"), GPU_CLUSTER).resources
 
 
+def test_fractional_gpus_pack_several_actors_per_gpu():
+    pool = model_actor_pool(config(actor_gpus=0.5), GPU_CLUSTER)
+    assert pool == ActorPool({"num_gpus": 0.5, "num_cpus": 1.0}, 1, 8, 1)
+
+
+def test_fp16_refused_where_actors_would_run_on_cpu():
+    with pytest.raises(ConfigError, match="fp16 needs GPU actors"):
+        model_actor_pool(config(precision="fp16"), CPU_CLUSTER)
+    assert model_actor_pool(config(precision="fp16"), GPU_CLUSTER).resources["num_gpus"] == 1
+    with pytest.raises(ConfigError, match="fp16 needs GPU actors"):
+        config(precision="fp16", device="cpu")
+
+
 def test_initial_size_is_clamped_to_a_derived_maximum():
     pool = model_actor_pool(config(initial_actors=8, actor_cpus=1), {"CPU": 4.0})
     assert (pool.min_size, pool.max_size, pool.initial_size) == (1, 3, 3)
@@ -56,6 +69,10 @@ def test_the_strategy_carries_all_three_bounds():
         (["compute.min_actors=2", "compute.initial_actors=1"], "initial_actors: must be 0 (min_actors) or at least"),
         (["compute.max_actors=2", "compute.initial_actors=3"], "initial_actors: must be at most compute.max_actors"),
         (["progress.interval_s=0"], "progress.interval_s: must be more than 0"),
+        (["compute.precision=fp8"], "compute.precision: 'fp8' is not one of fp32, fp16, bf16"),
+        (["compute.actor_gpus=1.5"], "compute.actor_gpus: must be a fraction in (0, 1] or a whole number"),
+        (["compute.actor_gpus=0"], "compute.actor_gpus: must be a fraction"),
+        (["preprocess.decode_on=gpu"], "preprocess.decode_on: 'gpu' is not one of workers, actor"),
     ],
 )
 def test_bad_pool_settings_are_rejected(overrides, message):
