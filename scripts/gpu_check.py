@@ -100,7 +100,7 @@ def run(directory: Path, out: Path, images: int, budget_s: float, device_name: s
     cuda = torch.device(device_name)  # "cpu" only to try the script out on a machine without a GPU
     on_gpu = cuda.type == "cuda"
     precisions = ("fp32", "fp16", "bf16") if on_gpu else ("fp32", "bf16")
-    batch_sizes = (256, 512, 1024) if on_gpu else (16,)
+    batch_sizes = (256, 512) if on_gpu else (16,)
     results.update(gpu=torch.cuda.get_device_name() if on_gpu else "none", torch=torch.__version__)
     torch.backends.cudnn.benchmark = True
 
@@ -189,45 +189,95 @@ def run(directory: Path, out: Path, images: int, budget_s: float, device_name: s
     # End to end as the actor runs it: CPU pool -> Predictor(batch) -> Parquet part, per decode_on setting.
     checkpoint = resolve_checkpoint("mnasnet1_0", str(directory / "fixture_mnasnet1_0.pth"))
     with tempfile.TemporaryDirectory() as scratch:
-        for decode_on, chunk_spec in (("actor", actor_spec), ("workers", spec)):
-            for precision in precisions[:2][::-1]:
-                if time.monotonic() - started > budget_s:
-                    results[f"e2e_{decode_on}_{precision}"] = "skipped: out of time"
-                    continue
-                predictor = Predictor(checkpoint, 5, device=device_name, precision=precision, spec=actor_spec)
-                predictor(_pillow_chunk(next(chunks(contents[:64], 64, chunk_spec))))
-                stages = {"wait_cpu": 0.0, "actor": 0.0, "write": 0.0}
-                t0 = time.perf_counter()
-                rows = 0
-                pending = []  # tables waiting to fill a part, as output.rows_per_file would cut them
-                batches = pool.imap(_pillow_chunk, chunks(stream, 256, chunk_spec))
-                while True:
+        for decode_on, chunk_spec, precision in (
+            ("actor", actor_spec, precisions[1]),
+            ("actor", actor_spec, "fp32"),
+            ("workers", spec, precisions[1]),
+        ):
+            if time.monotonic() - started > budget_s:
+                results[f"e2e_{decode_on}_{precision}"] = "skipped: out of time"
+                continue
+            predictor = Predictor(checkpoint, 5, device=device_name, precision=precision, spec=actor_spec)
+            predictor(_pillow_chunk(next(chunks(contents[:64], 64, chunk_spec))))
+            stages = {"wait_cpu": 0.0, "actor": 0.0, "write": 0.0}
+            t0 = time.perf_counter()
+            rows = 0
+            pending = []  # tables waiting to fill a part, as output.rows_per_file would cut them
+            batches = pool.imap(_pillow_chunk, chunks(stream, 256, chunk_spec))
+            while True:
+                t = time.perf_counter()
+                batch = next(batches, None)
+                stages["wait_cpu"] += time.perf_counter() - t
+                if batch is None:
+                    break
+                t = time.perf_counter()
+                pending.append(predictor(batch))
+                stages["actor"] += time.perf_counter() - t
+                rows += pending[-1].num_rows
+                if sum(table.num_rows for table in pending) >= 2560 or rows == len(stream):
                     t = time.perf_counter()
-                    batch = next(batches, None)
-                    stages["wait_cpu"] += time.perf_counter() - t
-                    if batch is None:
-                        break
-                    t = time.perf_counter()
-                    pending.append(predictor(batch))
-                    stages["actor"] += time.perf_counter() - t
-                    rows += pending[-1].num_rows
-                    if sum(table.num_rows for table in pending) >= 2560 or rows == len(stream):
-                        t = time.perf_counter()
-                        write_part(pa.concat_tables(pending), scratch)
-                        pending = []
-                        stages["write"] += time.perf_counter() - t
-                wall = time.perf_counter() - t0
-                results[f"e2e_{decode_on}_{precision}"] = {
-                    "images": rows,
-                    "img_s": rows / wall,
-                    "seconds": {k: round(v, 2) for k, v in stages.items()},
-                }
-                print(json.dumps({f"e2e_{decode_on}_{precision}": results[f"e2e_{decode_on}_{precision}"]}), flush=True)
+                    write_part(pa.concat_tables(pending), scratch)
+                    pending = []
+                    stages["write"] += time.perf_counter() - t
+            wall = time.perf_counter() - t0
+            results[f"e2e_{decode_on}_{precision}"] = {
+                "images": rows,
+                "img_s": rows / wall,
+                "seconds": {k: round(v, 2) for k, v in stages.items()},
+            }
+            print(json.dumps({f"e2e_{decode_on}_{precision}": results[f"e2e_{decode_on}_{precision}"]}), flush=True)
     pool.close()
+
+    # Several actors sharing the GPU (compute.actor_gpus < 1), each its own process as Ray would run them,
+    # decoding on the GPU; the header check (the CPU tasks' share) is done before the clock starts.
+    context = multiprocessing.get_context("spawn")
+    for actors in (1, 2, 4):
+        if time.monotonic() - started > budget_s:
+            results[f"e2e_actor_{precisions[1]}_{actors}_actors"] = "skipped: out of time"
+            continue
+        barrier, queue = context.Barrier(actors), context.Queue()
+        args = (directory, device_name, precisions[1], images // actors, 256, barrier, queue)
+        processes = [context.Process(target=_actor_process, args=args) for _ in range(actors)]
+        for process in processes:
+            process.start()
+        done = [queue.get(timeout=300) for _ in processes]
+        for process in processes:
+            process.join()
+        rows = sum(d[0] for d in done)
+        wall = max(d[2] for d in done) - min(d[1] for d in done)
+        results[f"e2e_actor_{precisions[1]}_{actors}_actors"] = {"images": rows, "img_s": rows / wall}
+        print(json.dumps({f"e2e_actor_{precisions[1]}_{actors}_actors": rows / wall}), flush=True)
     results["total_s"] = time.monotonic() - started
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _actor_process(directory, device_name, precision, count, batch_size, barrier, queue) -> None:
+    """One model actor: decodes (on the device), classifies and writes ``count`` images after the barrier."""
+    import pyarrow as pa
+
+    from mnasnet_batch.output import write_part
+    from mnasnet_batch.predictor import Predictor
+    from mnasnet_batch.preprocess import PreprocessSpec
+    from mnasnet_batch.weights import resolve_checkpoint
+
+    spec = PreprocessSpec.for_model("mnasnet1_0", max_pixels=10**9, decode_on="actor")
+    contents = cycle([p.read_bytes() for p in sorted((directory / "corpus").glob("*.jpg"))], count)
+    batches = [_pillow_chunk(args) for args in chunks(contents, batch_size, spec)]
+    checkpoint = resolve_checkpoint("mnasnet1_0", str(directory / "fixture_mnasnet1_0.pth"))
+    predictor = Predictor(checkpoint, 5, device=device_name, precision=precision, spec=spec)
+    predictor(batches[0])
+    with tempfile.TemporaryDirectory() as scratch:
+        barrier.wait()
+        start, rows, pending = time.time(), 0, []
+        for batch in batches:
+            pending.append(predictor(batch))
+            rows += pending[-1].num_rows
+            if len(pending) == 10 or rows == count:
+                write_part(pa.concat_tables(pending), scratch)
+                pending = []
+        queue.put((rows, start, time.time()))
 
 
 def torchvision_decode(contents: list[bytes], device) -> list:
