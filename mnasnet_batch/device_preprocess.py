@@ -1,10 +1,11 @@
 """Decoding and preprocessing on the model's device: JPEG bytes -> uint8 crops, batched.
 
 Used when ``preprocess.decode_on`` is ``actor``: on a GPU, nvJPEG decodes a whole batch and the resize runs as
-batched matrix products, so CPU cores stop limiting throughput. torchvision's own tensor resize differs from
-Pillow's by up to 2 grey levels; this one reproduces Pillow's fixed-point bilinear filter (Resample.c) bit for
-bit, so the crops differ from the Pillow path's only where the JPEG decoders differ (libjpeg-turbo on CPU
-agrees with Pillow exactly; nvJPEG does not, see the README).
+batched gathers and integer multiply-adds, so CPU cores stop limiting throughput. torchvision's own tensor
+resize differs from Pillow's by up to 2 grey levels; this one reproduces Pillow's fixed-point bilinear filter
+(Resample.c) bit for bit, so the crops differ from the Pillow path's only where the JPEG decoders differ
+(libjpeg-turbo on CPU agrees with Pillow exactly; nvJPEG does not, see the README). On CPU actors this path is
+~10x slower than Pillow on the decode tasks: it is for GPUs.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from mnasnet_batch.preprocess import PreprocessSpec, preprocess_image
 
 # Pillow's Resample.c keeps 8-bit coefficients as integers with this many fractional bits (32 - 8 - 2).
 PRECISION_BITS = 22
-# Padded pixels per resize chunk: bounds the float64 working set (x3 channels x8 bytes: ~0.8 GB).
-CHUNK_PIXELS = 2**25
+# Padded pixels per resize chunk: bounds the working set (x3 channels, 1 byte in, 4 bytes per partial sum).
+CHUNK_PIXELS = 2**26
 
 
 def resize_coefficients(
@@ -38,7 +39,8 @@ def resize_coefficients(
         length: the padded input length (at least every ``in_size``).
 
     Returns:
-        (N, count, length) float64 integer coefficients, scaled by 2**PRECISION_BITS, zero beyond each input.
+        Per image and output pixel, the int32 coefficients of its taps, scaled by 2**PRECISION_BITS, and the
+        input pixel of each tap (N, count, taps); taps beyond an image's filter carry 0 and a valid index.
     """
     scale = in_sizes.double() / out_sizes.double()
     filterscale = scale.clamp(min=1.0)
@@ -58,13 +60,29 @@ def resize_coefficients(
     weights = torch.where(total[..., None] != 0.0, weights / total[..., None], weights)
     fixed = torch.floor(0.5 + weights * (1 << PRECISION_BITS))  # every weight is >= 0: (int)(0.5 + w) is floor
     index = (taps + xmin[..., None]).long().clamp(max=length - 1)  # clamped taps all carry weight 0
-    dense = torch.zeros((len(scale), count, length), dtype=torch.float64, device=scale.device)
-    return dense.scatter_add_(2, index, fixed)
+    return fixed.int(), index
 
 
-def _fixed_point_to_uint8(sums: torch.Tensor) -> torch.Tensor:
-    # Resample.c starts each sum at half a unit, shifts right (a floor) and clips to 0..255.
-    return (sums + (1 << (PRECISION_BITS - 1))).div_(1 << PRECISION_BITS, rounding_mode="floor").clamp_(0, 255)
+def _filter(x: torch.Tensor, dim: int, coefficients: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """One pass of the separable filter along ``dim`` (2: rows, 3: columns) of (N, 3, H, W) 8-bit values.
+
+    A sum over the filter's taps of gathered pixels times integer coefficients, in int32 as Resample.c does
+    (the coefficients of one output add up to 2**22, so a sum stays below 2**31): exact in any order.
+    """
+    weights, index = coefficients  # (N, count, taps) each
+    n, _, height, width = x.shape
+    count = weights.shape[1]
+    shape = (n, 3, count, width) if dim == 2 else (n, 3, height, count)
+    total = torch.full(shape, 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=x.device)  # the rounding half
+    for tap in range(weights.shape[2]):
+        if dim == 2:
+            taken = x.gather(2, index[:, None, :, tap, None].expand(n, 3, count, width))
+            total += taken.int() * weights[:, None, :, tap, None]
+        else:
+            taken = x.gather(3, index[:, None, None, :, tap].expand(n, 3, height, count))
+            total += taken.int() * weights[:, None, None, :, tap]
+    # Resample.c shifts right (a floor) and clips to 0..255.
+    return (total >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
 
 
 def resize_crops(images: list[torch.Tensor], spec: PreprocessSpec) -> torch.Tensor:
@@ -112,17 +130,17 @@ def _resize_chunk(images: list[torch.Tensor], geometry: list[tuple[int, ...]], c
     device = images[0].device
     height = max(g[0] for g in geometry)
     width = max(g[1] for g in geometry)
-    x = torch.zeros((len(images), 3, height, width), dtype=torch.float64, device=device)
+    x = torch.zeros((len(images), 3, height, width), dtype=torch.uint8, device=device)
     for j, image in enumerate(images):
         x[j, :, : image.shape[1], : image.shape[2]] = image
     h, w, new_h, new_w, top, left = (torch.tensor(column, device=device) for column in zip(*geometry, strict=True))
-    horizontal = resize_coefficients(w, new_w, left, crop, width).transpose(1, 2)[:, None]  # (N, 1, W, crop)
-    vertical = resize_coefficients(h, new_h, top, crop, height)[:, None]  # (N, 1, crop, H)
+    horizontal = resize_coefficients(w, new_w, left, crop, width)
+    vertical = resize_coefficients(h, new_h, top, crop, height)
     if vertical_first:
-        x = _fixed_point_to_uint8(_fixed_point_to_uint8(vertical @ x) @ horizontal)
+        x = _filter(_filter(x, 2, vertical), 3, horizontal)
     else:
-        x = _fixed_point_to_uint8(vertical @ _fixed_point_to_uint8(x @ horizontal))
-    return x.to(torch.uint8).permute(0, 2, 3, 1)  # (N, 3, crop, crop) -> (N, crop, crop, 3)
+        x = _filter(_filter(x, 3, horizontal), 2, vertical)
+    return x.permute(0, 2, 3, 1)  # (N, 3, crop, crop) -> (N, crop, crop, 3)
 
 
 def decode_crops(

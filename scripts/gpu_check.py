@@ -66,7 +66,7 @@ def chunks(contents: list[bytes], size: int, spec):
         yield np.asarray([f"img{start + i}" for i in range(len(part))], dtype=object), part, spec
 
 
-def run(directory: Path, out: Path, images: int, budget_s: float, device_name: str) -> dict:
+def run(directory: Path, out: Path, images: int, budget_s: float, device_name: str, skip: tuple[str, ...] = ()) -> dict:
     import numpy as np
 
     from mnasnet_batch.preprocess import PreprocessSpec
@@ -93,6 +93,7 @@ def run(directory: Path, out: Path, images: int, budget_s: float, device_name: s
 
     from mnasnet_batch.device_preprocess import decode_crops, resize_crops
     from mnasnet_batch.output import write_part
+    from mnasnet_batch.postprocess import output_table
     from mnasnet_batch.predictor import Predictor
     from mnasnet_batch.preprocess import decodable_on_device, preprocess_image
     from mnasnet_batch.weights import resolve_checkpoint
@@ -141,7 +142,7 @@ def run(directory: Path, out: Path, images: int, budget_s: float, device_name: s
     print(json.dumps(results), flush=True)
 
     # Model parity and precision, per model.
-    for name in MODELS:
+    for name in MODELS if "model" not in skip else ():
         checkpoint = resolve_checkpoint(name, str(directory / f"fixture_{name}.pth"))
         cpu_ids, cpu_scores = Predictor(checkpoint, 5, device="cpu", num_threads=os.cpu_count()).predict(reference)
         entry = {}
@@ -164,7 +165,7 @@ def run(directory: Path, out: Path, images: int, budget_s: float, device_name: s
         print(json.dumps({name: entry}), flush=True)
 
     # The model alone on crops already on the GPU.
-    for name in MODELS:
+    for name in MODELS if "model" not in skip else ():
         checkpoint = resolve_checkpoint(name, str(directory / f"fixture_{name}.pth"))
         for precision in precisions:
             predictor = Predictor(checkpoint, 5, device=device_name, precision=precision)
@@ -183,6 +184,33 @@ def run(directory: Path, out: Path, images: int, budget_s: float, device_name: s
     results["gpu_resize_crop_img_s"] = 256 / sync_time(lambda: resize_crops(decoded256, spec), 3)
     flags = np.ones(256, dtype=bool)
     results["gpu_decode_crops_b256_img_s"] = 256 / sync_time(lambda: decode_crops(batch_contents, flags, spec, cuda), 3)
+    # Where an actor's time goes, per batch of 256 (decode_on=actor, fp16), each stage synchronised.
+    checkpoint = resolve_checkpoint("mnasnet1_0", str(directory / "fixture_mnasnet1_0.pth"))
+    predictor = Predictor(checkpoint, 5, device=device_name, precision=precisions[1], spec=actor_spec)
+    stage_batch = 256 if on_gpu else 8
+    batches = [
+        _pillow_chunk(args)
+        for args in chunks(cycle(contents, stage_batch * (21 if on_gpu else 2)), stage_batch, actor_spec)
+    ]
+    stage_s = {"decode_crops": 0.0, "model": 0.0, "output_table": 0.0, "whole_call": 0.0}
+    for i, batch in enumerate(batches):
+        seconds = {
+            "decode_crops": sync_time(lambda b=batch: decode_crops(list(b["data"]), b["on_device"], actor_spec, cuda)),
+            "model": sync_time(lambda: predictor.predict(crops[torch.arange(stage_batch) % len(contents)])),
+            "whole_call": sync_time(lambda b=batch: predictor(b)),
+        }
+        ids, scores = predictor.predict(crops[torch.arange(stage_batch) % len(contents)])
+        seconds["output_table"] = sync_time(
+            lambda b=batch, ids=ids, scores=scores: output_table(
+                b["uri"], b["error"], ids, scores, predictor.categories, "m", "w"
+            )
+        )
+        if i:  # the first batch warms up
+            stage_s = {k: v + seconds[k] for k, v in stage_s.items()}
+    results[f"actor_stage_ms_per_batch_{stage_batch}"] = {
+        k: round(1000 * v / (len(batches) - 1), 2) for k, v in stage_s.items()
+    }
+    print(json.dumps(results[f"actor_stage_ms_per_batch_{stage_batch}"]), flush=True)
     speeds = {k: round(v) for k, v in results.items() if k.startswith("gpu_") and k.endswith("img_s")}
     print(json.dumps(speeds), flush=True)
 
@@ -309,12 +337,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--images", type=int, default=None, help="prepare: corpus size (300); run: stream (20000)")
     parser.add_argument("--device", default="cuda", help="cpu: only to try the script out")
+    parser.add_argument("--skip", nargs="*", default=(), choices=("model",), help="model: no model parity or speed")
     parser.add_argument("--budget-s", type=float, default=300.0, help="skip the end-to-end runs after this")
     args = parser.parse_args(argv)
     if args.action == "prepare":
         prepare(args.dir, args.images or 300)
     else:
-        run(args.dir, args.out, args.images or 20_000, args.budget_s, args.device)
+        run(args.dir, args.out, args.images or 20_000, args.budget_s, args.device, tuple(args.skip))
     return 0
 
 
