@@ -7,7 +7,9 @@ Data flows through one module per stage:
 - ``sources``: the input layouts (loose images, WebDataset tar shards, Parquet of bytes, manifests of URIs).
 - ``weights``: the four MnasNet variants, finding and verifying their checkpoints.
 - ``preprocess``: bytes -> Pillow decode -> resize + centre crop -> uint8 HWC, or an error per image.
-- ``predictor``: the model actor: uint8 -> normalise on device -> MnasNet -> softmax top-k.
+- ``device_preprocess``: with ``preprocess.decode_on=actor``, JPEG bytes -> batched decode (nvJPEG on a GPU) ->
+  Pillow's exact resize + crop, on the model actor's device.
+- ``predictor``: the model actor: uint8 -> normalise on device -> MnasNet (fp32, or fp16/bf16 autocast) -> top-k.
 - ``postprocess``: top-k and the Parquet output schema.
 - ``output``: guards the output location, records the config, counts what was written.
 - ``pipeline``: the only module that builds the Ray Data graph and sizes the model actor pool; ``cli``: the
