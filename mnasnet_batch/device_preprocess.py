@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torchvision.io
 
-from mnasnet_batch.preprocess import PreprocessSpec, preprocess_image
+from mnasnet_batch.preprocess import PreprocessSpec, error_message, preprocess_image
 
 # Pillow's Resample.c keeps 8-bit coefficients as integers with this many fractional bits (32 - 8 - 2).
 PRECISION_BITS = 22
@@ -173,7 +173,7 @@ def decode_crops(
         try:
             images[i] = torch.from_numpy(preprocess_image(contents[i], spec).copy()).to(device)  # Pillow's is read-only
         except Exception as exc:
-            errors[i] = f"{type(exc).__name__}: {exc}"
+            errors[i] = error_message(exc)
     return images, errors
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnasnet_batch import storage
 from mnasnet_batch.config import StorageConfig
@@ -76,6 +76,15 @@ def preprocess_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     return np.asarray(cropped, dtype=np.uint8)
 
 
+def error_message(exc: Exception) -> str:
+    """An error row's message: ``"<ExceptionType>: <message>"``, the same on every run for the same input."""
+    if isinstance(exc, UnidentifiedImageError):
+        # Pillow names the in-memory buffer by its address (``<_io.BytesIO object at 0x7f...>``): noise that
+        # would make two runs over the same bytes disagree.
+        return f"{type(exc).__name__}: cannot identify image data (not an image, or a format Pillow cannot read)"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def decodable_on_device(data: bytes, spec: PreprocessSpec) -> bool:
     """Whether the model actor's JPEG decoder may take an image: a JPEG in RGB or greyscale.
 
@@ -115,7 +124,7 @@ def preprocess_batch(
             images[i] = preprocess_image(content, spec)
             errors.append("")
         except Exception as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
+            errors.append(error_message(exc))
     return {"uri": np.asarray(uris, dtype=object), "image": images, "error": np.asarray(errors, dtype=object)}
 
 
@@ -131,7 +140,7 @@ def _check_batch(uris: np.ndarray, contents: list[bytes | Exception], spec: Prep
             data[i] = content
             errors.append("")
         except Exception as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
+            errors.append(error_message(exc))
     return {
         "uri": np.asarray(uris, dtype=object),
         "data": data,

@@ -112,8 +112,7 @@ def test_predictor_decoding_gives_the_same_rows(checkpoint_path, corpus):
     predictor = Predictor(checkpoint, top_k=5, device="cpu", spec=actor_spec)
     on_actor = predictor(preprocess_batch(uris, contents, actor_spec))
     on_workers = predictor(preprocess_batch(uris, contents, SPEC))
-    assert on_actor.drop_columns("error").to_pylist() == on_workers.drop_columns("error").to_pylist()
-    assert on_actor.column("error").to_pylist()[-1].startswith("UnidentifiedImageError")
+    assert on_actor.to_pylist() == on_workers.to_pylist()
     assert on_actor.column("status").to_pylist() == ["ok"] * len(corpus) + ["error"]
 
 
