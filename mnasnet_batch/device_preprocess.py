@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torchvision.io
 
-from mnasnet_batch.preprocess import PreprocessSpec, error_message, preprocess_image
+from mnasnet_batch.preprocess import PreprocessSpec, error_message, preprocess_image, resize_geometry
 
 # Pillow's Resample.c keeps 8-bit coefficients as integers with this many fractional bits (32 - 8 - 2).
 PRECISION_BITS = 22
@@ -100,13 +100,7 @@ def resize_crops(images: list[torch.Tensor], spec: PreprocessSpec) -> torch.Tens
     geometry = []
     for image in images:
         _, height, width = image.shape
-        short, long = min(height, width), max(height, width)
-        new_long = int(spec.resize_size * long / short)  # torchvision truncates the long side
-        new_h, new_w = (spec.resize_size, new_long) if height <= width else (new_long, spec.resize_size)
-        # torchvision's center_crop rounds the offsets half to even, as Python's round does.
-        geometry.append(
-            (height, width, new_h, new_w, int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0)))
-        )
+        geometry.append((height, width, *resize_geometry(height, width, spec)))
     # Each pass rounds to 8 bits, so the order matters. Pillow 13 shrinks images more than twice as tall as
     # wide vertically first, all others horizontally first: found by comparing both orders with Pillow over
     # 400 random sizes; tests/test_device_preprocess.py keeps comparing.

@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,11 +19,12 @@ from ray.data.block import BlockAccessor
 from mnasnet_batch import sources
 from mnasnet_batch.config import ConfigError, JobConfig, StorageConfig
 from mnasnet_batch.output import write_part
-from mnasnet_batch.predictor import Predictor
 from mnasnet_batch.preprocess import PreprocessSpec, load_batch
 from mnasnet_batch.progress import ProgressCounter, ProgressReporter
 from mnasnet_batch.sources import InputPlan
-from mnasnet_batch.weights import Checkpoint
+
+if TYPE_CHECKING:  # torch stays out of this module's imports: write tasks unpickle PartSink from it
+    from mnasnet_batch.weights import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +262,8 @@ def run(
             batch_format="numpy",
             num_cpus=config.preprocess.num_cpus,
         )
+    from mnasnet_batch.predictor import Predictor  # the actors import torch; nothing else in the graph does
+
     dataset = dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={

@@ -8,12 +8,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnasnet_batch import storage
 from mnasnet_batch.config import StorageConfig
-from mnasnet_batch.weights import torchvision_weights
+
+# Decode tasks import this module, and nothing here imports torch: a worker process that loads torch spends
+# 5-8 s of CPU on it, which on a small machine is taken from the model. The driver reads the geometry from
+# torchvision (``PreprocessSpec.for_model``) and ships it as plain numbers.
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class PreprocessSpec:
 
     resize_size: int
     crop_size: int
-    interpolation: TF.InterpolationMode
+    resample: int  # Pillow's filter for torchvision's interpolation mode (Image.Resampling.BILINEAR for MnasNet)
     max_pixels: int
     apply_exif_orientation: bool = False
     # "workers": decode here; "actor": hand the bytes on for the model actor to decode (device_preprocess).
@@ -33,11 +35,15 @@ class PreprocessSpec:
         cls, model_name: str, max_pixels: int, apply_exif_orientation: bool = False, decode_on: str = "workers"
     ) -> PreprocessSpec:
         """Reads resize, crop and interpolation from the model's torchvision weights, never by hand."""
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        from mnasnet_batch.weights import torchvision_weights
+
         transforms = torchvision_weights(model_name).transforms()
         return cls(
             resize_size=transforms.resize_size[0],
             crop_size=transforms.crop_size[0],
-            interpolation=transforms.interpolation,
+            resample=int(pil_modes_mapping[transforms.interpolation]),
             max_pixels=max_pixels,
             apply_exif_orientation=apply_exif_orientation,
             decode_on=decode_on,
@@ -71,9 +77,24 @@ def preprocess_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     """
     with open_image(data, spec) as image:
         rgb = (ImageOps.exif_transpose(image) if spec.apply_exif_orientation else image).convert("RGB")
-    resized = TF.resize(rgb, [spec.resize_size], interpolation=spec.interpolation, antialias=True)
-    cropped = TF.center_crop(resized, [spec.crop_size, spec.crop_size])
+    height, width, top, left = resize_geometry(rgb.height, rgb.width, spec)
+    # What torchvision's resize and center_crop do with a PIL image: Image.resize (antialiased), Image.crop.
+    resized = rgb.resize((width, height), resample=spec.resample)
+    cropped = resized.crop((left, top, left + spec.crop_size, top + spec.crop_size))
     return np.asarray(cropped, dtype=np.uint8)
+
+
+def resize_geometry(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:
+    """The resized height and width, and the top and left of the centre crop, as torchvision computes them.
+
+    The short side becomes ``resize_size`` and the long side is truncated (``_compute_resized_output_size``);
+    the crop offsets are rounded half to even, as Python's round in ``center_crop``.
+    """
+    short, long = min(height, width), max(height, width)
+    new_long = int(spec.resize_size * long / short)
+    new_height, new_width = (spec.resize_size, new_long) if height <= width else (new_long, spec.resize_size)
+    crop = spec.crop_size
+    return new_height, new_width, int(round((new_height - crop) / 2.0)), int(round((new_width - crop) / 2.0))
 
 
 def error_message(exc: Exception) -> str:

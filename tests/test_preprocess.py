@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mnasnet_batch.preprocess import PreprocessSpec, preprocess_batch, preprocess_image
+from mnasnet_batch.preprocess import PreprocessSpec, load_batch, preprocess_batch, preprocess_image
 from tests import support
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -96,3 +96,22 @@ def test_bad_images_become_error_values(photos):
     assert errors[5].startswith("FileNotFoundError")
     assert batch["image"][0].any() and not batch["image"][1:].any()
     assert list(batch["uri"]) == list(uris)
+
+
+def test_decode_and_write_tasks_do_not_import_torch(tmp_path):
+    # Each Ray worker that imports torch spends seconds of CPU on it; only the model actors need it.
+    import pickle
+    import subprocess
+    import sys
+
+    from mnasnet_batch.pipeline import PartSink
+
+    spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9)
+    payload = tmp_path / "task.pickle"
+    payload.write_bytes(pickle.dumps((load_batch, spec, PartSink(str(tmp_path), 10))))
+    code = (
+        "import pickle, sys; fn, spec, sink = pickle.load(open(sys.argv[1], 'rb'));"
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(payload)], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
