@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,37 +137,38 @@ def preprocess_batch(
     if spec.decode_on == "actor":
         return _check_batch(uris, contents, spec)
     images = np.zeros((len(uris), spec.crop_size, spec.crop_size, 3), dtype=np.uint8)
-    errors = []
-    for i, content in enumerate(contents):
-        try:
-            if isinstance(content, Exception):
-                raise content
-            images[i] = preprocess_image(content, spec)
-            errors.append("")
-        except Exception as exc:
-            errors.append(error_message(exc))
-    return {"uri": np.asarray(uris, dtype=object), "image": images, "error": np.asarray(errors, dtype=object)}
+
+    def decode(i: int, content: bytes) -> None:
+        images[i] = preprocess_image(content, spec)
+
+    errors = _each_image(contents, decode)
+    return {"uri": np.asarray(uris, dtype=object), "image": images, "error": errors}
 
 
 def _check_batch(uris: np.ndarray, contents: list[bytes | Exception], spec: PreprocessSpec) -> dict[str, np.ndarray]:
     data = np.full(len(uris), b"", dtype=object)
     on_device = np.zeros(len(uris), dtype=bool)
+
+    def check(i: int, content: bytes) -> None:
+        on_device[i] = decodable_on_device(content, spec)
+        data[i] = content
+
+    errors = _each_image(contents, check)
+    return {"uri": np.asarray(uris, dtype=object), "data": data, "on_device": on_device, "error": errors}
+
+
+def _each_image(contents: list[bytes | Exception], work: Callable[[int, bytes], None]) -> np.ndarray:
+    """Calls ``work(i, content)`` for each readable image; per image "" or the error message (object array)."""
     errors = []
     for i, content in enumerate(contents):
         try:
-            if isinstance(content, Exception):
+            if isinstance(content, Exception):  # the read failed
                 raise content
-            on_device[i] = decodable_on_device(content, spec)
-            data[i] = content
+            work(i, content)
             errors.append("")
         except Exception as exc:
             errors.append(error_message(exc))
-    return {
-        "uri": np.asarray(uris, dtype=object),
-        "data": data,
-        "on_device": on_device,
-        "error": np.asarray(errors, dtype=object),
-    }
+    return np.asarray(errors, dtype=object)
 
 
 def load_batch(
