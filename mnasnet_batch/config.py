@@ -123,8 +123,8 @@ class ComputeConfig:
     # GPUs per model actor on GPU clusters: 1. Below 1 (0.5, 0.25) packs several actors on a GPU, which one
     # actor alone cannot keep busy while it also decodes, copies and writes on the CPU.
     actor_gpus: float = 1.0
-    # fp32: the reference's arithmetic. fp16/bf16 run the model under autocast (GPU: ~2x faster, scores move
-    # by ~1e-3); fp16 needs a GPU.
+    # fp32: the reference's arithmetic. fp16/bf16 run the model under autocast (2.3x the model's speed on an
+    # H200; scores move, by how much on published weights is not measured yet, see the README); fp16 needs a GPU.
     precision: str = "fp32"
 
 
@@ -263,7 +263,7 @@ def load_config(path: str | Path | None = None, overrides: list[dict[str, dict[s
 def validate(config: JobConfig) -> None:
     """Rejects values that are of the right type but cannot work, naming the valid choices."""
     checks = [
-        (config.model.name in MODEL_NAMES, f"model.name: {config.model.name!r} is not one of {', '.join(MODEL_NAMES)}"),
+        _one_of("model.name", config.model.name, MODEL_NAMES),
         (1 <= config.model.top_k <= 1000, f"model.top_k: {config.model.top_k} is not between 1 and 1000"),
         (bool(config.model.weights), "model.weights: empty; use IMAGENET1K_V1, a file path or a URI"),
         (
@@ -273,10 +273,7 @@ def validate(config: JobConfig) -> None:
         (config.preprocess.batch_size >= 1, "preprocess.batch_size: must be at least 1"),
         (config.preprocess.max_pixels >= 1, "preprocess.max_pixels: must be at least 1"),
         (config.preprocess.num_cpus > 0, "preprocess.num_cpus: must be more than 0"),
-        (
-            config.output.mode in OUTPUT_MODES,
-            f"output.mode: {config.output.mode!r} is not one of {', '.join(OUTPUT_MODES)}",
-        ),
+        _one_of("output.mode", config.output.mode, OUTPUT_MODES),
         (
             all(c.isalnum() or c in "-_." for c in config.output.run_id),
             f"output.run_id: {config.output.run_id!r} may hold only letters, digits, '-', '_' and '.'",
@@ -288,10 +285,7 @@ def validate(config: JobConfig) -> None:
             config.compute.max_actors == 0 or config.compute.max_actors >= config.compute.min_actors,
             "compute.max_actors: must be 0 (derived) or at least compute.min_actors",
         ),
-        (
-            config.compute.device in DEVICES,
-            f"compute.device: {config.compute.device!r} is not one of {', '.join(DEVICES)}",
-        ),
+        _one_of("compute.device", config.compute.device, DEVICES),
         (
             config.compute.initial_actors == 0 or config.compute.initial_actors >= config.compute.min_actors,
             "compute.initial_actors: must be 0 (min_actors) or at least compute.min_actors",
@@ -300,14 +294,8 @@ def validate(config: JobConfig) -> None:
             config.compute.max_actors == 0 or config.compute.initial_actors <= config.compute.max_actors,
             "compute.initial_actors: must be at most compute.max_actors",
         ),
-        (
-            config.preprocess.decode_on in DECODE_PLACES,
-            f"preprocess.decode_on: {config.preprocess.decode_on!r} is not one of {', '.join(DECODE_PLACES)}",
-        ),
-        (
-            config.compute.precision in PRECISIONS,
-            f"compute.precision: {config.compute.precision!r} is not one of {', '.join(PRECISIONS)}",
-        ),
+        _one_of("preprocess.decode_on", config.preprocess.decode_on, DECODE_PLACES),
+        _one_of("compute.precision", config.compute.precision, PRECISIONS),
         (
             not (config.compute.precision == "fp16" and config.compute.device == "cpu"),
             "compute.precision: fp16 needs GPU actors (compute.device=cpu); use bf16 or fp32 on CPU",
@@ -320,12 +308,7 @@ def validate(config: JobConfig) -> None:
             "compute.actor_gpus: must be a fraction in (0, 1] or a whole number of GPUs",
         ),
     ]
-    checks.append(
-        (
-            config.input.format in INPUT_FORMATS,
-            f"input.format: {config.input.format!r} is not one of {', '.join(INPUT_FORMATS)}",
-        )
-    )
+    checks.append(_one_of("input.format", config.input.format, INPUT_FORMATS))
     for name in ("image_column", "id_column", "uri_column"):
         checks.append((bool(getattr(config.input, name)), f"input.{name}: empty; name a column"))
     unknown_ext = [e for e in config.input.extensions if e.lower().lstrip(".") not in IMAGE_EXTENSIONS]
@@ -335,6 +318,11 @@ def validate(config: JobConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> tuple[bool, str]:
+    """A validation check that ``value`` is one of ``choices``, with the message naming them."""
+    return value in choices, f"{key}: {value!r} is not one of {', '.join(choices)}"
 
 
 def _is_sha256(text: str) -> bool:
