@@ -26,8 +26,8 @@ CHUNK_PIXELS = 2**26
 
 def resize_coefficients(
     in_sizes: torch.Tensor, out_sizes: torch.Tensor, starts: torch.Tensor, count: int, length: int
-) -> torch.Tensor:
-    """Pillow's bilinear (triangle, antialiased) coefficients, one matrix per image, for output pixels
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pillow's bilinear (triangle, antialiased) filter taps, per image, for output pixels
     ``start .. start+count`` of a resize from ``in_size`` to ``out_size`` pixels.
 
     Follows Resample.c's ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` one float64 operation at a
@@ -104,10 +104,10 @@ def resize_crops(images: list[torch.Tensor], spec: PreprocessSpec) -> torch.Tens
     # Each pass rounds to 8 bits, so the order matters. Pillow 13 shrinks images more than twice as tall as
     # wide vertically first, all others horizontally first: found by comparing both orders with Pillow over
     # 400 random sizes; tests/test_device_preprocess.py keeps comparing.
-    tall = [i for i, (h, w, new_h, *_) in enumerate(geometry) if h > 2 * w and new_h < h]
-    other = [i for i in range(len(images)) if i not in set(tall)]
-    for group, vertical_first in ((tall, True), (other, False)):
-        group = sorted(group, key=lambda i: geometry[i][0] * geometry[i][1])  # similar sizes pad less
+    tall = [h > 2 * w and new_h < h for h, w, new_h, *_ in geometry]
+    for vertical_first in (True, False):
+        group = [i for i in range(len(images)) if tall[i] == vertical_first]
+        group.sort(key=lambda i: geometry[i][0] * geometry[i][1])  # similar sizes pad less
         while group:
             chunk = [group.pop(0)]
             while group and (len(chunk) + 1) * _padded(geometry, chunk + group[:1]) <= CHUNK_PIXELS:

@@ -41,7 +41,7 @@ def prepare(directory: Path, images: int) -> None:
         torch.save(support.make_model(name).state_dict(), directory / f"fixture_{name}.pth")
 
 
-def _pillow_chunk(args):
+def _preprocess_chunk(args):
     from mnasnet_batch.preprocess import preprocess_batch
 
     uris, contents, spec = args
@@ -79,12 +79,12 @@ def run(directory: Path, out: Path, images: int, budget_s: float, device_name: s
     stream = cycle(contents, images)
     # The pool forks before CUDA is initialised: a forked CUDA context is unusable.
     pool = multiprocessing.get_context("fork").Pool(os.cpu_count(), initializer=_init_worker)
-    pool.map(_pillow_chunk, list(chunks(contents[:64], 16, spec)))  # warm the workers' imports
+    pool.map(_preprocess_chunk, list(chunks(contents[:64], 16, spec)))  # warm the workers' imports
     t = time.perf_counter()
-    pool.map(_pillow_chunk, list(chunks(stream[:4000], 64, spec)))
+    pool.map(_preprocess_chunk, list(chunks(stream[:4000], 64, spec)))
     results["cpu_pillow_decode_img_s"] = 4000 / (time.perf_counter() - t)
     t = time.perf_counter()
-    pool.map(_pillow_chunk, list(chunks(stream[:4000], 64, actor_spec)))
+    pool.map(_preprocess_chunk, list(chunks(stream[:4000], 64, actor_spec)))
     results["cpu_header_check_img_s"] = 4000 / (time.perf_counter() - t)
     print(json.dumps(results), flush=True)
 
@@ -189,7 +189,7 @@ def run(directory: Path, out: Path, images: int, budget_s: float, device_name: s
     predictor = Predictor(checkpoint, 5, device=device_name, precision=precisions[1], spec=actor_spec)
     stage_batch = 256 if on_gpu else 8
     batches = [
-        _pillow_chunk(args)
+        _preprocess_chunk(args)
         for args in chunks(cycle(contents, stage_batch * (21 if on_gpu else 2)), stage_batch, actor_spec)
     ]
     stage_s = {"decode_crops": 0.0, "model": 0.0, "output_table": 0.0, "whole_call": 0.0}
@@ -226,12 +226,12 @@ def run(directory: Path, out: Path, images: int, budget_s: float, device_name: s
                 results[f"e2e_{decode_on}_{precision}"] = "skipped: out of time"
                 continue
             predictor = Predictor(checkpoint, 5, device=device_name, precision=precision, spec=actor_spec)
-            predictor(_pillow_chunk(next(chunks(contents[:64], 64, chunk_spec))))
+            predictor(_preprocess_chunk(next(chunks(contents[:64], 64, chunk_spec))))
             stages = {"wait_cpu": 0.0, "actor": 0.0, "write": 0.0}
             t0 = time.perf_counter()
             rows = 0
             pending = []  # tables waiting to fill a part, as output.rows_per_file would cut them
-            batches = pool.imap(_pillow_chunk, chunks(stream, 256, chunk_spec))
+            batches = pool.imap(_preprocess_chunk, chunks(stream, 256, chunk_spec))
             while True:
                 t = time.perf_counter()
                 batch = next(batches, None)
@@ -292,7 +292,7 @@ def _actor_process(directory, device_name, precision, count, batch_size, barrier
 
     spec = PreprocessSpec.for_model("mnasnet1_0", max_pixels=10**9, decode_on="actor")
     contents = cycle([p.read_bytes() for p in sorted((directory / "corpus").glob("*.jpg"))], count)
-    batches = [_pillow_chunk(args) for args in chunks(contents, batch_size, spec)]
+    batches = [_preprocess_chunk(args) for args in chunks(contents, batch_size, spec)]
     checkpoint = resolve_checkpoint("mnasnet1_0", str(directory / "fixture_mnasnet1_0.pth"))
     predictor = Predictor(checkpoint, 5, device=device_name, precision=precision, spec=spec)
     predictor(batches[0])
