@@ -273,6 +273,7 @@ def run(
             "on_batch": CountProgress(counter),
             "precision": config.compute.precision,
             "spec": spec,
+            "micro_batch": config.compute.micro_batch,
         },
         compute=pool.strategy(),
         batch_size=config.compute.batch_size,
