@@ -14,7 +14,6 @@ from mnasnet_batch.postprocess import output_table, top_k
 from mnasnet_batch.preprocess import PreprocessSpec
 from mnasnet_batch.weights import Checkpoint, build_model, torchvision_weights
 
-
 # Images per forward pass on a CPU: a run of 8 keeps the activations of each layer in the core's caches. On the
 # 2-core EPYC of the README, 2 threads: mnasnet0_5 162-178 img/s at 8 vs 110-125 at 64; mnasnet1_0 88 vs 50.
 CPU_MICRO_BATCH = 8
