@@ -150,8 +150,12 @@ def model_alone(model_name: str, weights: Path, images: int = 256) -> float:
 # ---------------------------------------------------------------- harness
 
 
-def tree_rss(root_pid: int) -> int:
-    """Resident memory of a process and everything in its session (Ray's processes included), in bytes."""
+def tree_memory(root_pid: int) -> int:
+    """Memory of a process and everything in its session (Ray's processes included), in bytes.
+
+    Proportional set sizes: a page shared by n processes (Ray's object store, which every worker maps; torch's
+    libraries) counts 1/n in each, so the sum counts it once, where a sum of resident sizes counts it n times.
+    """
     total = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -159,7 +163,9 @@ def tree_rss(root_pid: int) -> int:
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             if int(fields[3]) == root_pid:  # session id
-                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+                for line in (entry / "smaps_rollup").read_text().splitlines():
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
         except (OSError, IndexError, ValueError):
             pass
     return total
@@ -216,7 +222,7 @@ def time_command(contender: str, input_dir: Path, output: Path, model: str, weig
     reader.start()
     peak, first_row = 0, None
     while process.poll() is None:
-        peak = max(peak, tree_rss(process.pid))
+        peak = max(peak, tree_memory(process.pid))
         if first_row is None and first_row_seen(output):
             first_row = time.monotonic() - start
         time.sleep(0.2)
@@ -228,7 +234,7 @@ def time_command(contender: str, input_dir: Path, output: Path, model: str, weig
     return {
         "seconds": round(seconds, 2),
         "first_row_s": round(first_row if first_row is not None else seconds, 2),
-        "peak_rss_gb": round(peak / 2**30, 2),
+        "peak_pss_gb": round(peak / 2**30, 2),
         "spilled": "Spilled" in text or "spilled" in text,
     }
 
@@ -324,7 +330,7 @@ def main(argv=None) -> int:
                     (large - small) / (timings[large]["seconds"] - timings[small]["seconds"]), 1
                 ),
                 "first_row_s": timings[large]["first_row_s"],
-                "peak_rss_gb": timings[large]["peak_rss_gb"],
+                "peak_pss_gb": timings[large]["peak_pss_gb"],
                 "spilled": timings[large]["spilled"],
             }
         rows["model_alone_images_per_s"] = round(model_alone(model, weights), 1)
@@ -344,7 +350,7 @@ def table(results: dict) -> str:
     lines = [
         f"machine: {results['machine']}",
         "",
-        "| model | contender | steady images/s | whole command s | first row s | peak RSS GB | job steady / this |",
+        "| model | contender | steady images/s | whole command s | first row s | peak PSS GB | job steady / this |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model, rows in results["models"].items():
@@ -355,7 +361,7 @@ def table(results: dict) -> str:
                 ratio = f"{job / row['steady_images_per_s']:.2f}x" if job else ""
                 lines.append(
                     f"| {model} | {contender} | {row['steady_images_per_s']} | {row['whole_s']} | "
-                    f"{row['first_row_s']} | {row['peak_rss_gb']} | {ratio} |"
+                    f"{row['first_row_s']} | {row['peak_pss_gb']} | {ratio} |"
                 )
         if rows.get("model_alone_images_per_s"):
             lines.append(
