@@ -250,7 +250,7 @@ def run(
         config.preprocess.decode_on,
     )
     pool = model_actor_pool(config, ray.cluster_resources())
-    # Decoding outruns the model (2.7x on CPU); left alone, Ray Data buffers decoded crops up to half the object
+    # Decoding outruns the model (~2.5x on CPU); left alone, Ray Data buffers decoded crops up to half the object
     # store, so memory grows with the corpus (2.5 GB for 2,000 images, 3.65 GB for 20,000 on the README's
     # machine). Enough for BUFFERED_BATCHES model batches per actor keeps every actor fed and memory flat.
     crop_bytes = spec.crop_size**2 * 3
