@@ -52,8 +52,19 @@ def random_crop(photo: Image.Image, rng: np.random.Generator, long_side: int = 5
     return crop.resize((max(1, round(crop_w * scale)), max(1, round(crop_h * scale))), Image.BICUBIC)
 
 
-def write_corpus(directory: Path, count: int, seed: int = 0, long_side: int = 500, png_every: int = 5) -> list[Path]:
+def write_corpus(
+    directory: Path,
+    count: int,
+    seed: int = 0,
+    long_side: int = 500,
+    png_every: int = 5,
+    quality: int = 90,
+    grain: float = 0.0,
+) -> list[Path]:
     """Writes ``count`` varied crops of the photos as JPEG (and every ``png_every``-th as PNG; 0: none) files.
+
+    ``grain`` adds Gaussian noise of that standard deviation (grey levels), like a camera sensor's: the
+    scaled-up crops are smoother than photos, and their JPEGs smaller, than ImageNet's.
 
     Returns:
         The written paths, sorted.
@@ -66,9 +77,12 @@ def write_corpus(directory: Path, count: int, seed: int = 0, long_side: int = 50
     for i in range(count):
         name = names[i % len(names)]
         crop = random_crop(photos[name], rng, long_side)
+        if grain:
+            noisy = np.asarray(crop, np.float32) + rng.normal(0, grain, (crop.height, crop.width, 3))
+            crop = Image.fromarray(np.clip(noisy + 0.5, 0, 255).astype(np.uint8))
         suffix = "png" if png_every and i % png_every == png_every - 1 else "jpg"
         path = directory / f"{name}_{i:05d}.{suffix}"
-        crop.save(path, quality=90) if suffix == "jpg" else crop.save(path)
+        crop.save(path, quality=quality) if suffix == "jpg" else crop.save(path)
         paths.append(path)
     return sorted(paths)
 
