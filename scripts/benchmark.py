@@ -9,7 +9,8 @@ Contenders, each timed as a whole command (start-up included) on the first 500 a
 - ``ceiling``: this job's own decode, preprocessing and model code in one plain Python loop, without Ray.
 
 Steady state is ``1500 / (T(2000) - T(500))``. Also measured: the model alone on decoded uint8 crops, the time
-from command start to the first written row, and the peak memory of all of a command's processes.
+from command start to the first written row, and, in one more run of the large set, the peak memory of all of a
+command's processes.
 
     .venv/bin/python scripts/benchmark.py --workdir /tmp/bench --models mnasnet0_5 mnasnet1_0
 """
@@ -175,7 +176,15 @@ def first_row_seen(output: Path) -> bool:
     return any(p.suffix == ".parquet" for p in output.rglob("*.parquet"))
 
 
-def time_command(contender: str, input_dir: Path, output: Path, model: str, weights: Path) -> dict:
+def time_command(
+    contender: str, input_dir: Path, output: Path, model: str, weights: Path, sample_memory: bool = False
+) -> dict:
+    """Runs one contender as a whole command: its wall time, when its first row was written, and whether it spilled.
+
+    With ``sample_memory``, also the peak PSS of its processes. Timed runs do not sample: reading the PSS of a
+    Ray job's processes costs ~0.25 CPU-s per sample here (the kernel walks every process's mapping of the
+    object store), which on two cores slowed the Ray contenders by a fifth.
+    """
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir(parents=True)
     if contender == "job":
@@ -222,7 +231,8 @@ def time_command(contender: str, input_dir: Path, output: Path, model: str, weig
     reader.start()
     peak, first_row = 0, None
     while process.poll() is None:
-        peak = max(peak, tree_memory(process.pid))
+        if sample_memory:
+            peak = max(peak, tree_memory(process.pid))
         if first_row is None and first_row_seen(output):
             first_row = time.monotonic() - start
         time.sleep(0.2)
@@ -231,12 +241,12 @@ def time_command(contender: str, input_dir: Path, output: Path, model: str, weig
     if process.returncode != 0:
         raise RuntimeError(f"{contender} failed:\n{''.join(log[-40:])}")
     text = "".join(log)
-    return {
+    result = {
         "seconds": round(seconds, 2),
         "first_row_s": round(first_row if first_row is not None else seconds, 2),
-        "peak_pss_gb": round(peak / 2**30, 2),
         "spilled": "Spilled" in text or "spilled" in text,
     }
+    return result | ({"peak_pss_gb": round(peak / 2**30, 2)} if sample_memory else {})
 
 
 # ImageNet-like JPEGs: long side about 500 px; quality 95 and a little sensor grain put most files at 30-110 KB
@@ -346,13 +356,17 @@ def main(argv=None) -> int:
                     (large - small) / (timings[large]["seconds"] - timings[small]["seconds"]), 1
                 ),
                 "first_row_s": timings[large]["first_row_s"],
-                "peak_pss_gb": timings[large]["peak_pss_gb"],
                 "spilled": timings[large]["spilled"],
             }
+            sampled = time_command(contender, subset(corpus, large), args.workdir / "out", model, weights, True)
+            rows[contender]["peak_pss_gb"] = sampled["peak_pss_gb"]
+            print(f"{model} {contender} {large} images, memory sampled: {sampled}", flush=True)
         rows["model_alone_images_per_s"] = round(model_alone(model, weights), 1)
         for count in args.memory_sizes:
             folder = subset(corpus, count)
-            rows.setdefault("job_memory", {})[count] = time_command("job", folder, args.workdir / "out", model, weights)
+            rows.setdefault("job_memory", {})[count] = time_command(
+                "job", folder, args.workdir / "out", model, weights, sample_memory=True
+            )
             print(f"{model} job memory {count} images: {rows['job_memory'][count]}", flush=True)
         results["models"][model] = rows
     args.results.parent.mkdir(parents=True, exist_ok=True)
