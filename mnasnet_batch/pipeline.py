@@ -250,15 +250,14 @@ def run(
         config.preprocess.decode_on,
     )
     pool = model_actor_pool(config, ray.cluster_resources())
-    # Decoding outruns the model (~2.5x on CPU); left alone, Ray Data buffers decoded crops up to half the object
-    # store, so memory grows with the corpus (2.5 GB for 2,000 images, 3.65 GB for 20,000 on the README's
-    # machine). Enough for BUFFERED_BATCHES model batches per actor keeps every actor fed and memory flat.
-    crop_bytes = spec.crop_size**2 * 3
-    batch_bytes = config.compute.batch_size * crop_bytes
+    batch_bytes = config.compute.batch_size * spec.crop_size**2 * 3  # one model batch of uint8 crops
     # A decode task hands on each batch as soon as it is done. Left at Ray Data's 128 MiB, its yields gather into
     # blocks of ~850 crops, and the model waited for each: decoding and the model took turns instead of
     # overlapping (6,000 images on the README's machine: 66 -> 98 images/s steady).
     context.target_max_block_size = batch_bytes
+    # Decoding outruns the model (~2.5x on CPU); left alone, Ray Data buffers decoded crops up to half the object
+    # store, so memory grows with the corpus (2.5 GB for 2,000 images, 3.65 GB for 20,000 on the README's
+    # machine). Enough for BUFFERED_BATCHES model batches per actor keeps every actor fed and memory flat.
     context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
         object_store_memory=max(MIN_BUFFER_BYTES, pool.max_size * BUFFERED_BATCHES * batch_bytes)
     )
