@@ -358,7 +358,9 @@ def main(argv=None) -> int:
                 "first_row_s": timings[large]["first_row_s"],
                 "spilled": timings[large]["spilled"],
             }
-            sampled = time_command(contender, subset(corpus, large), args.workdir / "out", model, weights, True)
+            sampled = time_command(
+                contender, subset(corpus, large), args.workdir / "out", model, weights, sample_memory=True
+            )
             rows[contender]["peak_pss_gb"] = sampled["peak_pss_gb"]
             print(f"{model} {contender} {large} images, memory sampled: {sampled}", flush=True)
         rows["model_alone_images_per_s"] = round(model_alone(model, weights), 1)
