@@ -95,9 +95,10 @@ class PreprocessConfig:
     num_cpus: float = 0.5
     # False: the reference pipeline (PIL open + transforms) ignores EXIF orientation, so predictions match it.
     apply_exif_orientation: bool = False
-    # workers: Pillow on the CPU decode tasks, the reference's own code. actor: JPEGs travel as bytes and the
-    # model actor decodes them (nvJPEG, in batches, on a GPU) with the same resize to the bit; for GPU nodes
-    # whose CPUs cannot decode as fast as the GPU classifies. Other formats are decoded there with Pillow.
+    # workers: Pillow on the CPU decode tasks, the reference's own code. actor: images travel as bytes and the
+    # model actor decodes them: on a GPU, JPEGs in batches with nvJPEG and the same resize to the bit, for GPU
+    # nodes whose CPUs cannot decode as fast as the GPU classifies; on a CPU, with Pillow on the actor's threads
+    # (as fast as workers on the README's 2-core machine).
     decode_on: str = "workers"
 
 

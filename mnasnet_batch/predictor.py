@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +12,7 @@ import torch
 
 from mnasnet_batch.device_preprocess import decode_crops
 from mnasnet_batch.postprocess import output_table, top_k
-from mnasnet_batch.preprocess import PreprocessSpec
+from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.weights import Checkpoint, build_model, torchvision_weights
 
 # Images per forward pass on a CPU: a run of 8 keeps the activations of each layer in the core's caches. On the
@@ -45,7 +46,8 @@ class Predictor:
         num_threads: torch CPU threads; 0 leaves torch's default. Set it to the CPUs the actor holds.
         on_batch: called with every output table, e.g. to count progress; None calls nothing.
         precision: ``fp32``, or ``fp16`` / ``bf16`` to run the model under autocast (fp16 on CUDA only).
-        spec: the preprocessing geometry, needed for batches of encoded ``data`` (``decode_on=actor``).
+        spec: the preprocessing geometry, needed for batches of encoded ``data`` (``decode_on=actor``), which a
+            GPU actor decodes with ``device_preprocess`` and a CPU actor with Pillow, on ``num_threads`` threads.
         micro_batch: images per forward pass; a batch is split into runs of this many. 0: the whole batch
             on a GPU, ``CPU_MICRO_BATCH`` on a CPU.
     """
@@ -85,6 +87,8 @@ class Predictor:
         self.weights_id = checkpoint.weights_id
         self.on_batch = on_batch
         self.micro_batch = micro_batch or (CPU_MICRO_BATCH if self.device.type == "cpu" else 0)
+        # For batches of encoded images on a CPU (decode_on=actor): as many decoding threads as torch's.
+        self.decode_threads = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="decode")
 
     def predict(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Classifies (N, H, W, 3) uint8 crops, from host memory or already on the device.
@@ -119,11 +123,16 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = np.array(batch["error"], dtype=object)  # a copy: decoding may add errors
         ok = errors == ""
-        if "data" in batch:  # preprocess.decode_on=actor: the bytes are decoded here, on the model's device
-            with torch.inference_mode():
-                crops, decode_errors = decode_crops(
-                    list(batch["data"][ok]), batch["on_device"][ok], self.spec, self.device
-                )
+        if "data" in batch:  # preprocess.decode_on=actor: the bytes are decoded here
+            contents = list(batch["data"][ok])
+            if self.device.type == "cpu":
+                # Pillow, the reference's decoder, on the actor's threads: decoding and the model take turns on
+                # the same cores instead of contending for them.
+                crops, decode_errors = decode_batch(contents, self.spec, self.decode_threads)
+                crops = torch.from_numpy(crops)
+            else:
+                with torch.inference_mode():
+                    crops, decode_errors = decode_crops(contents, batch["on_device"][ok], self.spec, self.device)
             errors[ok] = decode_errors
             images = crops[torch.from_numpy(np.asarray(decode_errors, dtype=object) == "")]
             ok = errors == ""

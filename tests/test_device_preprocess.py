@@ -1,6 +1,7 @@
 """Decoding on the model actor (preprocess.decode_on=actor), run here on CPU: the same crops as the Pillow path."""
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -9,7 +10,13 @@ from PIL import Image
 
 from mnasnet_batch.device_preprocess import decode_crops, resize_crops
 from mnasnet_batch.predictor import Predictor
-from mnasnet_batch.preprocess import PreprocessSpec, decodable_on_device, preprocess_batch, preprocess_image
+from mnasnet_batch.preprocess import (
+    PreprocessSpec,
+    decodable_on_device,
+    decode_batch,
+    preprocess_batch,
+    preprocess_image,
+)
 from mnasnet_batch.weights import resolve_checkpoint
 from tests import support
 
@@ -128,3 +135,17 @@ def test_reduced_precision(checkpoint_path, corpus):
     # classifier amplifies small feature errors, so closeness is measured with scripts/gpu_check.py instead.
     assert np.abs(fp32 - bf16).max() > 1e-4
     assert ids.dtype == np.int32 and (np.diff(bf16, axis=1) <= 0).all() and ((bf16 >= 0) & (bf16 <= 1)).all()
+
+
+def test_decoding_on_threads_keeps_each_image_in_its_place(corpus):
+    # CPU model actors decode their batches with Pillow on their own threads (decode_on=actor).
+    contents = [p.read_bytes() for p in corpus] + [b"not an image", OSError("unreadable")]
+    contents.insert(3, contents.pop(-2))
+    serial_images, serial_errors = decode_batch(contents, SPEC)
+    with ThreadPoolExecutor(4) as threads:
+        images, errors = decode_batch(contents, SPEC, threads)
+    assert errors.tolist() == serial_errors.tolist()
+    assert errors[3].startswith("UnidentifiedImageError") and errors[-1] == "OSError: unreadable"
+    assert sum(e == "" for e in errors) == len(corpus)
+    np.testing.assert_array_equal(images, serial_images)
+    assert images[~(errors == "")].max() == 0 and images[errors == ""].any(axis=(1, 2, 3)).all()

@@ -98,8 +98,8 @@ def test_top_k_and_model_flags(local_ray, corpus, tmp_path, checkpoint_path, cap
 def test_decoding_on_the_model_actor_gives_the_reference_predictions(
     local_ray, corpus, tmp_path, checkpoint_path, fixture_model
 ):
-    # preprocess.decode_on=actor: JPEG bytes travel to the actor, which decodes them (here on CPU, with
-    # libjpeg-turbo, which agrees with Pillow) and resizes them exactly as Pillow; PNGs take Pillow there.
+    # preprocess.decode_on=actor: the encoded bytes travel to the actor, which decodes them (here a CPU actor,
+    # with Pillow on its threads; a GPU actor's path is tested in test_device_preprocess).
     images = tmp_path / "images"
     images.mkdir()
     for path in corpus:
