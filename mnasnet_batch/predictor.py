@@ -47,7 +47,7 @@ class Predictor:
         on_batch: called with every output table, e.g. to count progress; None calls nothing.
         precision: ``fp32``, or ``fp16`` / ``bf16`` to run the model under autocast (fp16 on CUDA only).
         spec: the preprocessing geometry, needed for batches of encoded ``data`` (``decode_on=actor``), which a
-            GPU actor decodes with ``device_preprocess`` and a CPU actor with Pillow, on ``num_threads`` threads.
+            GPU actor decodes with ``device_preprocess`` and a CPU actor with Pillow, on as many threads as torch's.
         micro_batch: images per forward pass; a batch is split into runs of this many. 0: the whole batch
             on a GPU, ``CPU_MICRO_BATCH`` on a CPU.
     """
