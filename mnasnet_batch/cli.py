@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import logging
 import os
+import re
+import signal
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from fsspec.core import split_protocol
 
 import mnasnet_batch
 from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConfig, load_config, parse_override
@@ -22,6 +31,11 @@ if TYPE_CHECKING:
     from mnasnet_batch.weights import Checkpoint
 
 log = logging.getLogger(__name__)
+
+# The signals that stop a job: Ctrl-C, and what `ray job stop`, Kubernetes and systemd send.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# torchvision's weights are named like IMAGENET1K_V1 or DEFAULT; anything else is a file.
+WEIGHTS_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def absolute_location(uri: str) -> str:
+    """A local path made absolute and normalised (``./photos``, ``photos/`` and ``/abs/photos`` are one input); a
+    URI with a scheme without trailing slashes (``s3://b/photos/`` is ``s3://b/photos``)."""
+    protocol, path = split_protocol(uri)
+    if protocol is None:
+        return os.path.abspath(os.path.expanduser(uri))
+    return f"{protocol}://{path.rstrip('/')}" if path.rstrip("/") else uri
+
+
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     """The job configuration from ``build_parser()``'s arguments: defaults, --config, flags, then --set.
 
@@ -66,13 +89,28 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     config = load_config(args.config, [flags, *(parse_override(s) for s in args.set)])
     if not config.input.uri or not config.output.uri:
         raise ConfigError("--input and --output are required (or input.uri and output.uri in --config)")
-    return config
+    # Relative paths are the user's, resolved against the directory the command was run from, once: the driver
+    # leaves that directory before joining a cluster (see main), and runs into one output must name one input.
+    weights = config.model.weights
+    if not WEIGHTS_NAME.fullmatch(weights) and (split_protocol(weights)[0] or os.path.exists(weights)):
+        weights = absolute_location(weights)
+    return dataclasses.replace(
+        config,
+        input=dataclasses.replace(config.input, uri=absolute_location(config.input.uri)),
+        output=dataclasses.replace(config.output, uri=absolute_location(config.output.uri)),
+        model=dataclasses.replace(config.model, weights=weights),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the labeling job; returns the process exit status (0 ok, 2 bad configuration or inputs)."""
+    """Runs the labeling job; returns the process exit status.
+
+    0: labeled; 1: the run failed (it can be resumed); 2: bad configuration or inputs, nothing labeled;
+    130 / 143: stopped by SIGINT / SIGTERM, the run recorded as interrupted (it can be resumed).
+    """
+    started = time.monotonic()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     # Which code ran: under `ray job submit --working-dir` this is the uploaded copy, not an installed one.
     log.info("mnasnet-batch %s from %s", mnasnet_batch.__version__, Path(mnasnet_batch.__file__).parent)
     # Importing torch and Ray costs seconds; the configuration is checked before either is needed.
@@ -81,44 +119,143 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    from mnasnet_batch import output, sources
-
-    # Starting a local Ray takes seconds of mostly waiting; importing torch (4-7 s), verifying weights and
-    # listing inputs overlap it. Ray starts in this (the main) thread: its processes are tied to the thread
-    # that starts them.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        prepared = pool.submit(prepare, config)
-        start_ray(config)
-        from mnasnet_batch.weights import WeightsError  # waits for prepare's import of torch, if still running
-
-        try:
-            checkpoint, inputs, plan = prepared.result()
-        except (WeightsError, StorageError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    # Images already labeled are not even read; in shards and Parquet their rows are dropped after reading.
-    todo = inputs
-    if inputs.format in ("files", "manifest"):
-        todo = sources.InputPlan(inputs.format, output.remaining(inputs.uris, plan.done))
-    log.info(
-        "weights %s verified (%s); %s (%s) under %s, %s to label in run %s",
-        checkpoint.source,
-        checkpoint.weights_id,
-        inputs.describe(),
-        inputs.format,
-        config.input.uri,
-        todo.describe(),
-        plan.run_id,
-    )
-
+    plan = None
+    started_ray = False
     try:
-        summary = label(config, checkpoint, plan, todo)
+        with stop_on_signals():
+            # Every module the driver runs is imported before Ray starts, so none is imported from a working
+            # directory that Ray replaces (below).
+            from mnasnet_batch import output, pipeline, sources  # noqa: F401
+
+            joining = bool(config.ray.address or os.environ.get("RAY_ADDRESS")) and not ray_initialized()
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                prepared = pool.submit(prepare, config)
+                if not joining:
+                    # A local Ray starts in seconds of mostly waiting; importing torch, verifying weights and
+                    # listing inputs overlap it. It starts in this (the main) thread: its processes are tied to
+                    # the thread that starts them.
+                    started_ray = not ray_initialized()
+                    start_ray(config)
+                from mnasnet_batch.weights import WeightsError  # waits for prepare's import of torch
+
+                try:
+                    checkpoint, inputs, plan = prepared.result()
+                except (WeightsError, StorageError) as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 2
+            if joining:
+                # Under `ray job submit`, Ray 2.60 unpacks the job's working dir again (rmtree, then extract) when it
+                # sets the job's runtime env up on this node, under the driver running in it: from then on the
+                # directory this process is in no longer exists, and os.getcwd() fails. Every path is absolute by
+                # now and every import done, so the driver leaves for a directory nothing replaces.
+                os.chdir(tempfile.gettempdir())
+                start_ray(config)
+            # Images already labeled are not even read; in shards and Parquet their rows are dropped after reading.
+            todo = inputs
+            if inputs.format in ("files", "manifest"):
+                todo = sources.InputPlan(inputs.format, output.remaining(inputs.uris, plan.done))
+            log.info(
+                "weights %s verified (%s); %s (%s) under %s, %s to label in run %s",
+                checkpoint.source,
+                checkpoint.weights_id,
+                inputs.describe(),
+                inputs.format,
+                config.input.uri,
+                todo.describe(),
+                plan.run_id,
+            )
+            summary = label(config, checkpoint, plan, todo)
     except ConfigError as exc:  # settings that do not fit the cluster, found once it is known
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(summary.line())
+    except Stopped as stop:
+        where = f"run {plan.run_id} is recorded as interrupted; " if plan is not None else ""
+        print(f"stopped by {stop.name}: {where}run the same command again to resume", file=sys.stderr)
+        return 128 + stop.signum
+    except Exception as exc:
+        # One line for people; Ray has already logged the failed task's traceback where there was one.
+        where = f"run {plan.run_id} failed, run the same command again to resume: " if plan is not None else ""
+        print(f"error: {where}{root_cause(exc)}", file=sys.stderr)
+        log.debug("the job failed", exc_info=True)
+        return 1
+    if started_ray:
+        import ray
+
+        ray.shutdown()  # within the command's time, which the summary gives
+    print(dataclasses.replace(summary, seconds=time.monotonic() - started).line())
     return 0
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived: the job stops where it is, recording its run as interrupted."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turns SIGINT and SIGTERM into ``Stopped`` in the main thread while the body runs.
+
+    ``ray.init`` sets its own SIGTERM handler (``sys.exit``), so ``start_ray`` sets this one again after it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    install_stop_handlers()
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def install_stop_handlers() -> None:
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, stop)
+
+
+def root_cause(exc: BaseException) -> str:
+    """``Type: message`` of the exception that started a chain (a Ray task error's own cause included)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    message = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {message[0] if message else ''}".rstrip(": ")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged (tests and tools swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging() -> None:
+    """INFO lines of this package's loggers on stderr; the root logger, and so every other library's, is left
+    as it is (configuring it would pull their INFO lines into the job's log)."""
+    package = logging.getLogger("mnasnet_batch")
+    if not any(isinstance(h, _StderrHandler) for h in package.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+    package.setLevel(logging.INFO)
 
 
 def entrypoint() -> None:
@@ -145,6 +282,12 @@ def prepare(config: JobConfig) -> tuple[Checkpoint, InputPlan, RunPlan]:
     return checkpoint, inputs, output.plan_run(config, checkpoint.weights_id)
 
 
+def ray_initialized() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
 def start_ray(config: JobConfig) -> None:
     """Joins the configured cluster (``ray.address``, else ``RAY_ADDRESS``) or starts a local Ray in-process."""
     import ray
@@ -153,6 +296,7 @@ def start_ray(config: JobConfig) -> None:
         address = config.ray.address or os.environ.get("RAY_ADDRESS")
         # A local Ray started here needs no dashboard; one we connect to keeps its own settings.
         ray.init(address=address) if address else ray.init(include_dashboard=False)
+        install_stop_handlers()
 
 
 def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: list[str] | InputPlan) -> Summary:
@@ -165,24 +309,29 @@ def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: list[s
 
     start = time.monotonic()
     todo = todo if isinstance(todo, sources.InputPlan) else sources.InputPlan("files", list(todo))
-    # Only loose files are counted before reading; other layouts count the rows this attempt added.
-    counted = todo.format in ("files", "manifest")
-    labeled_now = len(todo.uris) if counted else 0
+    fs = storage.filesystem(plan.run_uri, config.storage)[0]
+    # What this attempt labeled is what the run gained: a resumed run already holds an earlier attempt's rows.
+    before = output.summarize(plan.run_uri, 0, 0, config.storage).images if plan.resumed else 0
+
+    def labeled_now() -> int:
+        # Other processes wrote the parts: this one's cached listings (s3fs, gcsfs) have not seen them.
+        fs.invalidate_cache()
+        return output.summarize(plan.run_uri, 0, 0, config.storage).images - before
+
     try:
         if todo.uris:
             from mnasnet_batch import pipeline
 
             start_ray(config)
-            if not counted:
-                labeled_now = -output.summarize(plan.run_uri, 0, 0, config.storage).images
             pipeline.run(config, checkpoint, todo, plan.run_uri, plan.done)
-            # Other processes wrote the parts: this one's cached listings (s3fs, gcsfs) have not seen them.
-            storage.filesystem(plan.run_uri, config.storage)[0].invalidate_cache()
-            if not counted:
-                labeled_now += output.summarize(plan.run_uri, 0, 0, config.storage).images
     except BaseException as exc:
         output.finish_run(
-            config, plan, time.monotonic() - start, max(0, labeled_now), error=f"{type(exc).__name__}: {exc}"
+            config,
+            plan,
+            time.monotonic() - start,
+            labeled_now(),
+            error=root_cause(exc),
+            interrupted=isinstance(exc, Stopped),
         )
         raise
-    return output.finish_run(config, plan, time.monotonic() - start, labeled_now)
+    return output.finish_run(config, plan, time.monotonic() - start, labeled_now())

@@ -124,6 +124,9 @@ class ComputeConfig:
     # Memory reserved per model actor: a mnasnet0_5 actor peaks at ~1.0 GB here (torch, model, a batch of 64);
     # 1.5 leaves room for mnasnet1_3 and larger batches.
     actor_memory_gb: float = 1.5
+    # 0: fail at once when no node can hold a model actor (Ray would keep it pending forever). Set it where an
+    # autoscaler adds nodes (GPU groups that scale from zero): the job asks for one actor's node and waits.
+    node_wait_s: float = 0.0
     # GPUs per model actor on GPU clusters: 1. Below 1 (0.5, 0.25) packs several actors on a GPU, which one
     # actor alone cannot keep busy while it also decodes, copies and writes on the CPU.
     actor_gpus: float = 1.0
@@ -308,6 +311,7 @@ def validate(config: JobConfig) -> None:
         (config.progress.interval_s > 0, "progress.interval_s: must be more than 0"),
         (config.compute.actor_memory_gb > 0, "compute.actor_memory_gb: must be more than 0"),
         (config.compute.actor_cpus >= 0, "compute.actor_cpus: must be 0 (derived) or more"),
+        (config.compute.node_wait_s >= 0, "compute.node_wait_s: must be 0 (do not wait) or more"),
         (
             0 < config.compute.actor_gpus <= 1 or config.compute.actor_gpus == int(config.compute.actor_gpus) > 0,
             "compute.actor_gpus: must be a fraction in (0, 1] or a whole number of GPUs",

@@ -267,13 +267,18 @@ def write_part(table: pa.Table, run_uri: str, storage_config: StorageConfig | No
     return path
 
 
-def finish_run(config: JobConfig, plan: RunPlan, seconds: float, labeled_now: int, error: str = "") -> Summary:
-    """Counts what the run wrote, closes its record, and marks the output complete unless it failed."""
+def finish_run(
+    config: JobConfig, plan: RunPlan, seconds: float, labeled_now: int, error: str = "", interrupted: bool = False
+) -> Summary:
+    """Counts what the run wrote, closes its record, and marks the output complete unless it failed.
+
+    A run that failed (``error``) or was stopped (``interrupted``, by a signal) is resumed by the same command.
+    """
     fs, root = filesystem(config.output.uri, config.storage)
     record = _read_json(fs, _join(root, f"run={plan.run_id}", RUN_RECORD)) or {}
     summary = summarize(plan.run_uri, seconds, labeled_now, config.storage)
     record.update(
-        status="failed" if error else "succeeded",
+        status="interrupted" if interrupted else "failed" if error else "succeeded",
         error=error or None,
         ended_at=_now(),
         counts={

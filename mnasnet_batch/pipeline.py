@@ -7,13 +7,15 @@ import logging
 import math
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+import ray.autoscaler.sdk
 from ray.data.block import BlockAccessor
 
 from mnasnet_batch import sources
@@ -37,6 +39,9 @@ WRITE_TASK_CPUS = 0.1
 # Model batches of decoded crops buffered per model actor, and the least object store memory Ray Data may use.
 BUFFERED_BATCHES = 16
 MIN_BUFFER_BYTES = 256 * 2**20
+
+# Seconds between looks at the cluster's nodes while waiting for one that can hold a model actor.
+NODE_POLL_S = 5.0
 
 # URIs per block handed from the driver to Ray: the first block holds one decode batch, each next one twice
 # as many, up to 4,096, so the first decode tasks start at once and 10^5 URIs take ~30 object puts, not 3,000.
@@ -151,7 +156,7 @@ class ActorPool:
         )
 
 
-def model_actor_pool(config: JobConfig, cluster: dict[str, float]) -> ActorPool:
+def model_actor_pool(config: JobConfig, cluster: dict[str, float], node_cpus: float | None = None) -> ActorPool:
     """Chooses the model actors' resources and pool bounds from the configuration and the cluster.
 
     ``compute.actor_gpus`` GPUs per actor where the cluster has GPUs (or ``compute.device`` is ``gpu``, for GPU
@@ -163,6 +168,8 @@ def model_actor_pool(config: JobConfig, cluster: dict[str, float]) -> ActorPool:
     Args:
         config: the job's configuration.
         cluster: ``ray.cluster_resources()`` when the job starts.
+        node_cpus: the CPUs of the cluster's largest node, which bound a derived actor's (an actor runs on
+            one node); None when the cluster is one node.
     """
     compute = config.compute
     gpus = int(cluster.get("GPU", 0))
@@ -172,7 +179,8 @@ def model_actor_pool(config: JobConfig, cluster: dict[str, float]) -> ActorPool:
         derived_max = int(gpus / compute.actor_gpus)
     else:
         # Never all of them: decode tasks need room beside the actors, or the pipeline cannot start.
-        actor_cpus = compute.actor_cpus or min(4.0, MODEL_CPU_SHARE * cpus, cpus - config.preprocess.num_cpus)
+        largest = cpus if node_cpus is None else node_cpus
+        actor_cpus = compute.actor_cpus or min(4.0, MODEL_CPU_SHARE * cpus, cpus - config.preprocess.num_cpus, largest)
         if actor_cpus <= 0:
             raise ConfigError(f"the cluster has {cpus} CPUs: too few for a model actor beside a decode task")
         if compute.precision == "fp16":
@@ -183,6 +191,68 @@ def model_actor_pool(config: JobConfig, cluster: dict[str, float]) -> ActorPool:
     # A derived maximum can be below a configured initial size (a smaller cluster than planned).
     initial_size = min(compute.initial_actors or compute.min_actors, max_size)
     return ActorPool(resources, compute.min_actors, max_size, initial_size)
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    """The total resources of each alive node of the cluster."""
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def actor_demand(config: JobConfig, pool: ActorPool) -> dict[str, float]:
+    """One model actor's resources, by Ray's resource names."""
+    demand = {"CPU": pool.resources["num_cpus"], "memory": config.compute.actor_memory_gb * 2**30}
+    if "num_gpus" in pool.resources:
+        demand["GPU"] = pool.resources["num_gpus"]
+    return demand
+
+
+def fits(demand: dict[str, float], node: dict[str, float]) -> bool:
+    """Whether a node has, in all, the resources ``demand`` asks for."""
+    return all(node.get(name, 0.0) >= amount for name, amount in demand.items())
+
+
+def describe_resources(resources: dict[str, float]) -> str:
+    """``2 CPU, 1 GPU, 1.5 GB memory``: resources as a person reads them."""
+    parts = [f"{resources.get(name, 0.0):g} {name}" for name in ("CPU", "GPU") if name in resources]
+    return ", ".join([*parts, f"{resources.get('memory', 0.0) / 2**30:.1f} GB memory"])
+
+
+def wait_for_room(config: JobConfig, pool: ActorPool, nodes: Callable[[], list[dict[str, float]]]) -> None:
+    """Returns once a node of the cluster can hold a model actor beside the decode tasks' CPUs.
+
+    Ray keeps a task or actor that no node can hold pending forever, so a job that asks for more than any node
+    has would hang. Where nodes can be added (an autoscaler, ``compute.node_wait_s`` > 0), the autoscaler is
+    asked for one actor's resources and the job waits up to that long for a node that holds them.
+
+    Raises:
+        ConfigError: no node can hold a model actor, or the actors leave no CPU for decoding.
+    """
+    demand = actor_demand(config, pool)
+    deadline = time.monotonic() + config.compute.node_wait_s
+    requested = False
+    while not any(fits(demand, node) for node in nodes()):
+        if time.monotonic() >= deadline:
+            largest = max(nodes(), key=lambda node: (node.get("GPU", 0.0), node.get("CPU", 0.0)), default={})
+            raise ConfigError(
+                f"no node of the cluster can hold a model actor ({describe_resources(demand)}); the largest has "
+                f"{describe_resources(largest)}: lower compute.actor_cpus, compute.actor_gpus or "
+                f"compute.actor_memory_gb, use compute.device=cpu without GPU nodes, or set compute.node_wait_s "
+                f"for nodes an autoscaler adds"
+            )
+        if not requested:
+            log.info("waiting up to %g s for a node with %s", config.compute.node_wait_s, describe_resources(demand))
+            ray.autoscaler.sdk.request_resources(bundles=[demand])
+            requested = True
+        time.sleep(NODE_POLL_S)
+    if requested:
+        ray.autoscaler.sdk.request_resources(bundles=[])  # the pending actors now ask for what they need
+    cpus = sum(node.get("CPU", 0.0) for node in nodes())
+    if cpus - pool.min_size * demand["CPU"] < config.preprocess.num_cpus:
+        raise ConfigError(
+            f"{pool.min_size} model actor(s) of {demand['CPU']:g} CPUs leave the cluster's {cpus:g} CPUs no room for "
+            f"a decode task of preprocess.num_cpus={config.preprocess.num_cpus:g}: lower compute.actor_cpus or "
+            "compute.min_actors"
+        )
 
 
 class CountProgress:
@@ -249,7 +319,9 @@ def run(
         config.preprocess.apply_exif_orientation,
         config.preprocess.decode_on,
     )
-    pool = model_actor_pool(config, ray.cluster_resources())
+    nodes = alive_nodes()
+    pool = model_actor_pool(config, ray.cluster_resources(), max(node.get("CPU", 0.0) for node in nodes))
+    wait_for_room(config, pool, alive_nodes)
     batch_bytes = config.compute.batch_size * spec.crop_size**2 * 3  # one model batch of uint8 crops
     # A decode task hands on each batch as soon as it is done. Left at Ray Data's 128 MiB, its yields gather into
     # blocks of ~850 crops, and the model waited for each: decoding and the model took turns instead of

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv on first use, then runs the labeling job with the embedded default profile (conf/local.yaml):
 #   bash scripts/label.sh --input ~/photos --output ./labels [--weights PATH] [--set section.key=value ...]
+# Relative paths are the caller's: the job runs in the directory this was called from.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-[ -x .venv/bin/mnasnet-label ] || bash scripts/setup.sh s3
-exec .venv/bin/python jobs/label_images.py --config conf/local.yaml "$@"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+[ -x "$root/.venv/bin/mnasnet-label" ] || bash "$root/scripts/setup.sh" s3
+exec "$root/.venv/bin/python" "$root/jobs/label_images.py" --config "$root/conf/local.yaml" "$@"

@@ -168,7 +168,13 @@ def test_shards_label_the_readable_samples_and_report_the_rest(runs, images):
     local = {
         row["uri"].replace(str(local_shards), "s3://corpus/shards"): row for row in tables["local-shards"].to_pylist()
     }
-    assert {uri: {**row, "uri": uri} for uri, row in local.items()} == rows
+    assert set(local) == set(rows)
+    for uri, row in rows.items():
+        # Scores within the contract's 1e-4: the two runs batch the images differently, which moves float sums.
+        same = {**local[uri], "uri": uri, "top_k_scores": row["top_k_scores"]}
+        assert same == row, uri
+        if row["top_k_scores"] is not None:
+            np.testing.assert_allclose(row["top_k_scores"], local[uri]["top_k_scores"], atol=1e-4)
 
 
 def test_predictions_match_the_local_run_and_the_reference(runs, images, fixture_model):
@@ -185,7 +191,7 @@ def test_predictions_match_the_local_run_and_the_reference(runs, images, fixture
             np.testing.assert_allclose(row["top_k_scores"], ref_scores, atol=1e-4)
             if path.name in local and local[path.name]["status"] == "ok":
                 assert row["top_k_ids"] == local[path.name]["top_k_ids"]
-                np.testing.assert_allclose(row["top_k_scores"], local[path.name]["top_k_scores"], atol=1e-6)
+                np.testing.assert_allclose(row["top_k_scores"], local[path.name]["top_k_scores"], atol=1e-4)
 
 
 def test_no_secret_in_logs_written_config_or_output(runs, buckets, s3_server):
