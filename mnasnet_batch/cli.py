@@ -295,7 +295,11 @@ def start_ray(config: JobConfig) -> None:
     if not ray.is_initialized():
         address = config.ray.address or os.environ.get("RAY_ADDRESS")
         # A local Ray started here needs no dashboard; one we connect to keeps its own settings.
-        ray.init(address=address) if address else ray.init(include_dashboard=False)
+        # Ray's own INFO lines ("Started a local Ray instance") are not the job's; its warnings and errors are.
+        options = {"logging_level": logging.WARNING}
+        if not sys.stderr.isatty():
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in workers' lines written to files
+        ray.init(address=address, **options) if address else ray.init(include_dashboard=False, **options)
         install_stop_handlers()
 
 

@@ -312,6 +312,12 @@ def run(
     # Ray Data's per-operator bars flood the logs of `ray job submit`; ProgressReporter draws one bar
     # at a terminal and logs one line every progress.interval_s elsewhere.
     context.enable_progress_bars = False
+    # Ray Data's INFO lines (execution plans, sink summaries) and its warning that the bars are off stay in its own
+    # log file of the Ray session; the job's log is for people.
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled": we did
 
     spec = PreprocessSpec.for_model(
         config.model.name,

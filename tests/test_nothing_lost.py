@@ -1,5 +1,6 @@
 """Every input exactly once: bad images, a killed model actor, a killed driver, incremental runs."""
 
+import contextlib
 import io
 import json
 import os
@@ -197,7 +198,8 @@ def start_job(argv: list[str], env: dict | None = None) -> subprocess.Popen:
 
 def kill_session(process: subprocess.Popen) -> None:
     """SIGKILLs the driver's whole session (driver and the Ray it started) and waits until none is left."""
-    os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # the group is gone when every member already exited
+        os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
 
     def session_members():

@@ -1,0 +1,143 @@
+"""The job as people run it: the README's command from another directory, stopping it, settings that cannot fit,
+and a driver whose working directory Ray replaces under it."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mnasnet_batch.cli import main
+from tests import support
+from tests.test_nothing_lost import SMALL_BATCHES, kill_session, many_images, poll, rows_by_uri
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plain_environment(**extra: str) -> dict[str, str]:
+    """This environment without a cluster address: the command starts its own local Ray."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | extra
+
+
+def test_the_readme_command_from_another_directory_with_relative_paths(corpus, tmp_path, checkpoint_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in corpus[:4]:
+        shutil.copy(path, photos / path.name)
+    shutil.copy(checkpoint_path, tmp_path / "w.pth")
+    started = time.monotonic()
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "label.sh"), "--input", "photos", "--output", "./labels", "--weights", "w.pth"],
+        cwd=tmp_path,
+        env=plain_environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    wall = time.monotonic() - started
+    printed = result.stdout + result.stderr
+    assert result.returncode == 0, printed
+    assert set(rows_by_uri(tmp_path / "labels")) == {str(photos / p.name) for p in corpus[:4]}
+    assert not (ROOT / "labels").exists()
+    # A log for people: no colour codes, no Ray start-up chatter, no warning about what the job chose itself.
+    assert "\x1b[" not in printed
+    assert "Started a local Ray instance" not in printed and "Progress bars disabled" not in printed
+    assert "Execution plan of Dataset" not in printed
+    # The summary's time is the command's (it said 31.9 s for a 56 s command: Ray's start and stop were missing).
+    seconds = float(re.search(r"labeled 4 images \(0 errors\) in ([0-9.]+) s", result.stdout).group(1))
+    assert wall - 3 <= seconds <= wall, (seconds, wall)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stopped_job_says_how_to_resume_and_records_the_run_interrupted(corpus, tmp_path, checkpoint_path, signum):
+    images = many_images(tmp_path, corpus, 8)  # 192 images
+    output = tmp_path / "out"
+    argv = support.job_argv(images, output, checkpoint_path, *SMALL_BATCHES)
+    with open(tmp_path / "stderr", "w") as stderr:
+        job = subprocess.Popen(
+            [sys.executable, str(ROOT / "jobs" / "label_images.py"), *argv],
+            env=plain_environment(),
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            poll(lambda: list(output.glob("run=*/part-*.parquet")), 180, "a written part")
+            assert job.poll() is None, "the run finished before it could be stopped"
+            os.kill(job.pid, signum)  # the driver alone, as Kubernetes and `kill` do
+            status = job.wait(timeout=120)
+        finally:
+            kill_session(job)
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    assert status == 128 + signum
+    assert "Traceback" not in "\n".join(lines)
+    record = json.loads((output / "_run.json").read_text())
+    assert lines[-1] == (
+        f"stopped by {signal.Signals(signum).name}: run {record['run_id']} is recorded as interrupted; "
+        "run the same command again to resume"
+    )
+    assert record["status"] == "interrupted" and not (output / "_SUCCESS").exists()
+    # What this attempt labeled is what it wrote, not what it was given.
+    written = len(rows_by_uri(output))
+    assert 0 < written < 192 and record["counts"]["labeled_this_attempt"] == written == record["counts"]["images"]
+
+
+def test_model_actors_that_fit_no_node_stop_the_job_with_one_line(local_ray, corpus, tmp_path, checkpoint_path, capsys):
+    # The local Ray has 2 CPUs; Ray would keep an actor asking for 4 pending forever, and the job with it.
+    argv = support.job_argv(corpus[0].parent, tmp_path / "out", checkpoint_path, "compute.actor_cpus=4")
+    statuses = []
+    job = threading.Thread(target=lambda: statuses.append(main(argv)), daemon=True)
+    job.start()
+    job.join(timeout=120)
+    assert statuses == [2], "the job did not stop"
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: no node of the cluster can hold a model actor (4 CPU, 1.5 GB memory)")
+    assert "compute.actor_cpus" in error
+    assert json.loads((tmp_path / "out" / "_run.json").read_text())["status"] == "failed"
+
+
+def test_a_driver_whose_working_directory_is_replaced_still_labels_everything(
+    local_ray, corpus, tmp_path, checkpoint_path
+):
+    # `ray job submit` runs the driver in the unpacked working dir, then Ray unpacks it again (rmtree, extract)
+    # while setting the job's runtime env up on the node. This driver joins the tests' Ray from such a directory,
+    # and a test-only hook (sitecustomize, loaded at start-up) replaces the directory right after ray.init returns.
+    working_dir = tmp_path / "working_dir"
+    shutil.copytree(ROOT / "mnasnet_batch", working_dir / "mnasnet_batch", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "jobs", working_dir / "jobs")
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os, shutil, ray\n"
+        "_init = ray.init\n"
+        "def _init_then_replace_the_working_dir(*args, **kwargs):\n"
+        "    context = _init(*args, **kwargs)\n"
+        f"    shutil.copytree({str(working_dir)!r}, {str(tmp_path / 'pristine')!r})\n"
+        f"    shutil.rmtree({str(working_dir)!r})\n"
+        f"    os.rename({str(tmp_path / 'pristine')!r}, {str(working_dir)!r})\n"
+        f"    open({str(tmp_path / 'replaced')!r}, 'w').close()\n"
+        "    return context\n"
+        "ray.init = _init_then_replace_the_working_dir\n"
+    )
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "jobs/label_images.py", *support.job_argv(corpus[0].parent, output, checkpoint_path)],
+        cwd=working_dir,
+        env=plain_environment(
+            RAY_ADDRESS=local_ray.get_runtime_context().gcs_address,
+            PYTHONPATH=os.pathsep.join([str(hooks), str(working_dir)]),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert (tmp_path / "replaced").exists(), "the hook did not replace the working dir"
+    assert set(rows_by_uri(output)) == {str(p) for p in corpus}
