@@ -140,7 +140,9 @@ def prepare(config: JobConfig) -> tuple[Checkpoint, InputPlan, RunPlan]:
     from mnasnet_batch import output, sources
     from mnasnet_batch.weights import resolve_checkpoint
 
-    checkpoint = resolve_checkpoint(config.model.name, config.model.weights, config.model.sha256, config.model.download)
+    checkpoint = resolve_checkpoint(
+        config.model.name, config.model.weights, config.model.sha256, config.model.download, config.storage
+    )
     inputs = sources.plan_input(config.input, config.storage)
     return checkpoint, inputs, output.plan_run(config, checkpoint.weights_id)
 
