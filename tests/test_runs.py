@@ -36,8 +36,9 @@ def three_runs(tmp_path):
     config, plan = start(out, "incremental", "night-2")
     output.write_part(rows(["/images/d.jpg"]), plan.run_uri)
     output.finish_run(config, plan, seconds=0.5, labeled_now=1)
-    start(out, "incremental", "night-3")
-    return out
+    _, plan = start(out, "incremental", "night-3")
+    yield out
+    plan.lease.release()
 
 
 def test_table_lists_every_run_with_status_counts_and_rate(three_runs, capsys):
