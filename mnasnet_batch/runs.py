@@ -14,7 +14,9 @@ COLUMNS = ("run", "status", "mode", "started (UTC)", "ended (UTC)", "images", "o
 
 def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     """The labeling job's ``--config`` and ``--set``, for the tools that read its output (runs.py, report.py)."""
-    parser.add_argument("--config", help="the job's YAML profile, e.g. conf/s3.yaml; only its storage section is used")
+    parser.add_argument(
+        "--config", help="the job's YAML profile, e.g. conf/cpu-cluster.yaml; only its storage section is used"
+    )
     parser.add_argument(
         "--set",
         action="append",
