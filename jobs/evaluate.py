@@ -58,10 +58,10 @@ def main(argv=None) -> int:
 
     try:
         checkpoint = resolve_checkpoint(
-            config.model.name, config.model.weights, config.model.sha256, config.model.download
+            config.model.name, config.model.weights, config.model.sha256, config.model.download, config.storage
         )
-        uris = storage.list_images(config.input.uri, config.input.extensions)
-        truth = ground_truth.load_ground_truth(uris, args.labels or "", args.synsets or "")
+        uris = storage.list_images(config.input.uri, config.input.extensions, config.storage)
+        truth = ground_truth.load_ground_truth(uris, args.labels or "", args.synsets or "", config.storage)
         # The labeling job's run rules apply: a finished evaluation is refused (--mode overwrite redoes it),
         # an interrupted one resumes.
         plan = output.plan_run(run_config, checkpoint.weights_id)
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     summary = cli.label(run_config, checkpoint, plan, todo)
     weights = torchvision_weights(config.model.name)
     scores, per_image = metrics.score(
-        metrics.read_predictions(run_config.output.uri, uris), truth.labels, weights.meta["categories"]
+        metrics.read_predictions(run_config.output.uri, uris, config.storage), truth.labels, weights.meta["categories"]
     )
     published = weights.meta["_metrics"]["ImageNet-1K"]
     result = {
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         "run_id": plan.run_id,
         "seconds": summary.seconds,
     }
-    metrics.write_results(config.output.uri, result, per_image)
+    metrics.write_results(config.output.uri, result, per_image, config.storage)
     print(summary.line())
     print(
         f"{config.model.name}: top-1 {result['top1']:.3f} %, top-5 {result['top5']:.3f} % "

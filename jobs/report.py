@@ -20,20 +20,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--low-confidence", type=float, default=0.5, help="top-1 scores under this are low confidence (default 0.5)"
     )
     parser.add_argument("--top-labels", type=int, default=20, help="labels in the frequency chart (default 20)")
+    from mnasnet_batch.runs import add_storage_arguments
+
+    add_storage_arguments(parser)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from mnasnet_batch import report
+    from mnasnet_batch.config import ConfigError
+    from mnasnet_batch.runs import storage_from_args
+    from mnasnet_batch.storage import StorageError
 
     destination = args.report or f"{args.output.rstrip('/')}/{report.REPORT_FILE}"
     try:
-        stats = report.read_run(args.output, args.low_confidence)
-    except (FileNotFoundError, ValueError) as exc:
+        storage = storage_from_args(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        stats = report.read_run(args.output, args.low_confidence, storage)
+    except (FileNotFoundError, ValueError, StorageError) as exc:
         print(f"error: cannot read the run's Parquet files under {args.output}: {exc}", file=sys.stderr)
         return 2
-    report.write(destination, report.render(stats, args.output, args.top_labels))
+    report.write(destination, report.render(stats, args.output, args.top_labels), storage)
     print(
         f"report {destination}: {stats.images} images, {stats.errors} errors, "
         f"{stats.low_confidence_share:.1f} % low confidence"

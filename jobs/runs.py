@@ -16,16 +16,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", required=True, help="the labeling job's --output (directory or URI prefix)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="table (default) or json")
+    from mnasnet_batch.runs import add_storage_arguments
+
+    add_storage_arguments(parser)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from mnasnet_batch import runs
+    from mnasnet_batch.config import ConfigError
+    from mnasnet_batch.storage import StorageError
 
     try:
-        records = runs.list_runs(args.output)
-    except FileNotFoundError as exc:
+        records = runs.list_runs(args.output, runs.storage_from_args(args))
+    except (ConfigError, StorageError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.format == "json":

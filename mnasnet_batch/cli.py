@@ -147,9 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 # Under `ray job submit`, Ray 2.60 unpacks the job's working dir again (rmtree, then extract) when it
                 # sets the job's runtime env up on this node, under the driver running in it: from then on the
                 # directory this process is in no longer exists, and os.getcwd() fails. Every path is absolute by
-                # now and every import done, so the driver leaves for a directory nothing replaces.
+                # now and every import done, so the driver leaves for a directory nothing replaces (``label`` joins).
                 os.chdir(tempfile.gettempdir())
-                start_ray(config)
             # Images already labeled are not even read; in shards and Parquet their rows are dropped after reading.
             todo = inputs
             if inputs.format in ("files", "manifest"):
@@ -277,7 +276,9 @@ def prepare(config: JobConfig) -> tuple[Checkpoint, InputPlan, RunPlan]:
     from mnasnet_batch import output, sources
     from mnasnet_batch.weights import resolve_checkpoint
 
-    checkpoint = resolve_checkpoint(config.model.name, config.model.weights, config.model.sha256, config.model.download)
+    checkpoint = resolve_checkpoint(
+        config.model.name, config.model.weights, config.model.sha256, config.model.download, config.storage
+    )
     inputs = sources.plan_input(config.input, config.storage)
     return checkpoint, inputs, output.plan_run(config, checkpoint.weights_id)
 
@@ -309,19 +310,10 @@ def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: list[s
     Returns:
         What the run holds, over all its attempts.
     """
-    from mnasnet_batch import output, sources, storage
+    from mnasnet_batch import output, sources
 
     start = time.monotonic()
     todo = todo if isinstance(todo, sources.InputPlan) else sources.InputPlan("files", list(todo))
-    fs = storage.filesystem(plan.run_uri, config.storage)[0]
-    # What this attempt labeled is what the run gained: a resumed run already holds an earlier attempt's rows.
-    before = output.summarize(plan.run_uri, 0, 0, config.storage).images if plan.resumed else 0
-
-    def labeled_now() -> int:
-        # Other processes wrote the parts: this one's cached listings (s3fs, gcsfs) have not seen them.
-        fs.invalidate_cache()
-        return output.summarize(plan.run_uri, 0, 0, config.storage).images - before
-
     try:
         if todo.uris:
             from mnasnet_batch import pipeline
@@ -330,12 +322,7 @@ def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: list[s
             pipeline.run(config, checkpoint, todo, plan.run_uri, plan.done)
     except BaseException as exc:
         output.finish_run(
-            config,
-            plan,
-            time.monotonic() - start,
-            labeled_now(),
-            error=root_cause(exc),
-            interrupted=isinstance(exc, Stopped),
+            config, plan, time.monotonic() - start, error=root_cause(exc), interrupted=isinstance(exc, Stopped)
         )
         raise
-    return output.finish_run(config, plan, time.monotonic() - start, labeled_now())
+    return output.finish_run(config, plan, time.monotonic() - start)

@@ -9,22 +9,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
+from mnasnet_batch.config import StorageConfig
 from mnasnet_batch.imagenet import wnids
+from mnasnet_batch.storage import filesystem
 
 METRICS_FILE = "metrics.json"
 PER_IMAGE_FILE = "per_image.parquet"
 
 
-def read_predictions(uri: str, uris: list[str] | None = None) -> pa.Table:
+def read_predictions(uri: str, uris: list[str] | None = None, storage_config: StorageConfig | None = None) -> pa.Table:
     """The ``uri``, ``status`` and ``top_k_ids`` columns of the Parquet parts under ``uri``, all runs included.
 
     Args:
         uri: the labeling job's output (or one run's folder).
         uris: when given, only the rows of these images (an incremental output may hold others).
+        storage_config: endpoint, credentials and options for ``uri`` (the job's ``storage`` section).
     """
-    fs, root = url_to_fs(uri)
+    fs, root = filesystem(uri, storage_config or StorageConfig())
     files = sorted(p for p in fs.find(root) if posixpath.basename(p).startswith("part-") and p.endswith(".parquet"))
     dataset = pads.dataset(files, filesystem=fs, format="parquet")
     wanted = None if uris is None else pads.field("uri").isin(pa.array(uris, pa.string()))
@@ -101,9 +103,9 @@ def score(predictions: pa.Table, labels: dict[str, int], categories: list[str]) 
     return metrics, per_image
 
 
-def write_results(uri: str, metrics: dict, per_image: pa.Table) -> None:
-    """Writes ``metrics.json`` and ``per_image.parquet`` under ``uri``."""
-    fs, root = url_to_fs(uri)
+def write_results(uri: str, metrics: dict, per_image: pa.Table, storage_config: StorageConfig | None = None) -> None:
+    """Writes ``metrics.json`` and ``per_image.parquet`` under ``uri``, with the job's storage settings."""
+    fs, root = filesystem(uri, storage_config or StorageConfig())
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/{METRICS_FILE}", "w") as f:

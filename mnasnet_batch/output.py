@@ -8,18 +8,24 @@ starting with ``_``)::
     run=<run_id>/_config.yaml          its resolved configuration, secrets removed
     _run.json                          the record of the latest run
     _SUCCESS                           present only while the latest run is complete
+    _lease.json                        present while a job writes here: its run, host, pid and last heartbeat
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import datetime
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import platform
+import socket
+import threading
 import uuid
 from dataclasses import dataclass, field
 
@@ -39,6 +45,14 @@ RUN_RECORD = "_run.json"
 SUCCESS_MARKER = "_SUCCESS"
 CONFIG_FILE = "_config.yaml"
 TEMP_PREFIX = "_inprogress-"
+LEASE_FILE = "_lease.json"
+# Seconds between the heartbeats of a running job's lease: a small read and write each, cheap on any store.
+LEASE_HEARTBEAT_S = 30.0
+# A lease that has not beaten for this long is stale: its job ended without releasing it (killed, machine lost),
+# and the next job takes the output over. Four intervals, so that a slow storage request or a driver starved of
+# CPU for a minute does not let a second job in; it is also how long a crashed job's output stays locked.
+# The hosts' clocks must agree to well within it.
+LEASE_STALE_S = 4 * LEASE_HEARTBEAT_S
 
 
 @dataclass(frozen=True)
@@ -71,10 +85,24 @@ class RunPlan:
     resumed: bool
     # Input URIs that already have a row under the output (this run's, or every run's when incremental).
     done: pa.Array
+    # Rows the run held before this attempt: what this attempt labeled is at most the rest.
+    rows_before: int = 0
+    # This job's hold on the output while the run is open; finish_run releases it.
+    lease: Lease | None = field(default=None, compare=False, repr=False)
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+def _now(timespec: str = "seconds") -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec=timespec)
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: what a one-line error says about a cause."""
+    line = _first_line(str(exc))
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 def fingerprint(config: JobConfig, weights_id: str) -> dict[str, object]:
@@ -100,15 +128,187 @@ def _read_json(fs, path: str) -> dict | None:
         return None
 
 
+def _temp_path(path: str) -> str:
+    return _join(os.path.dirname(path), f"{TEMP_PREFIX}{uuid.uuid4().hex}")
+
+
+def _remove_quietly(fs, path: str) -> None:
+    """Removes a file if it can (a full disk still allows it); a temporary left behind is removed by the next run."""
+    with contextlib.suppress(OSError):
+        fs.rm(path)
+
+
 def _write_bytes(fs, path: str, data: bytes) -> None:
-    """Writes a whole file so that readers see the old content or the new, never a part."""
+    """Writes a whole file so that readers see the old content or the new, never a part.
+
+    Raises:
+        OSError: the write failed (e.g. the disk is full); the temporary file is removed first.
+    """
     if isinstance(fs, LocalFileSystem):
-        temp = _join(os.path.dirname(path), f"{TEMP_PREFIX}{uuid.uuid4().hex}")
-        fs.pipe_file(temp, data)
-        os.replace(temp, path)
+        temp = _temp_path(path)
+        try:
+            fs.pipe_file(temp, data)
+            os.replace(temp, path)
+        except BaseException:
+            _remove_quietly(fs, temp)
+            raise
     else:
         # Object stores publish an object only once its upload is complete.
         fs.pipe_file(path, data)
+
+
+def _create_exclusively(fs, path: str, data: bytes) -> None:
+    """Writes a whole file only if ``path`` does not exist yet.
+
+    Raises:
+        FileExistsError: ``path`` exists. Stores that cannot create exclusively (S3-compatible stores without
+            conditional writes) may overwrite instead: callers read the file back to see whose it is.
+    """
+    if isinstance(fs, LocalFileSystem):
+        temp = _temp_path(path)
+        try:
+            fs.pipe_file(temp, data)
+            os.link(temp, path)  # fails if path exists, and the file appears whole
+        finally:
+            _remove_quietly(fs, temp)
+    else:
+        fs.pipe_file(path, data, mode="create")  # If-None-Match: * on S3
+
+
+class Lease:
+    """This job's hold on an output location: ``_lease.json``, refreshed by a daemon thread while the run is open.
+
+    A second job on the same output finds the lease fresh and stops, instead of resuming (and labeling again) a
+    run that is still going. A lease not refreshed for ``LEASE_STALE_S``, or whose process is gone from this
+    machine, is stale and is taken over.
+    """
+
+    def __init__(self, fs, path: str, uri: str):
+        self.fs, self.path, self.uri = fs, path, uri
+        self.holder: dict[str, object] = {
+            "run_id": "",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_namespace": _pid_namespace(),
+            "token": uuid.uuid4().hex,
+            "heartbeat_at": _now("milliseconds"),
+        }
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def acquire(cls, fs, root: str, uri: str) -> Lease:
+        """Takes the lease of the output at ``root`` (``uri`` as the user wrote it), unless a live job holds it.
+
+        Raises:
+            StorageError: another job holds the output; the message names its run and when it last beat.
+        """
+        lease = cls(fs, _join(root, LEASE_FILE), uri)
+        try:
+            current = _read_json(fs, lease.path)
+        except ValueError:  # not JSON: a lease no job can be refreshing
+            current = {}
+        if current is not None:
+            if not _lease_is_stale(current):
+                raise StorageError(_in_use(uri, current))
+            log.warning("output %s: taking over the stale lease of %s", uri, _holder_text(current))
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(lease.path)
+        with contextlib.suppress(FileExistsError):  # created by another job since the read: named below
+            _create_exclusively(fs, lease.path, lease._data())
+        # Two jobs racing on a store that cannot create exclusively both write; the last write is the one read.
+        winner = _read_json(fs, lease.path)
+        if (winner or {}).get("token") != lease.holder["token"]:
+            raise StorageError(_in_use(uri, winner or {}))
+        return lease
+
+    def hold(self, run_id: str) -> None:
+        """Names the run in the lease and refreshes it every ``LEASE_HEARTBEAT_S`` until ``release``."""
+        self.holder["run_id"] = run_id
+        self._beat()
+        self._thread = threading.Thread(target=self._heartbeats, name=f"lease-{run_id}", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Stops the heartbeats and deletes the lease if it is still this job's; never raises."""
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=LEASE_HEARTBEAT_S)
+        try:
+            if (_read_json(self.fs, self.path) or {}).get("token") == self.holder["token"]:
+                self.fs.rm(self.path)
+        except Exception as exc:
+            log.warning("output %s: cannot release the lease (%s); stale in %.0f s", self.uri, exc, LEASE_STALE_S)
+
+    def _data(self) -> bytes:
+        return json.dumps(self.holder, indent=2).encode()
+
+    def _beat(self) -> None:
+        current = _read_json(self.fs, self.path)
+        if (current or {}).get("token") != self.holder["token"]:
+            # Taken over while this job could not beat for LEASE_STALE_S: two jobs may now write the output.
+            log.error("output %s: lost the lease to %s", self.uri, _holder_text(current or {}))
+            self._stopped.set()
+            return
+        self.holder["heartbeat_at"] = _now("milliseconds")
+        _write_bytes(self.fs, self.path, self._data())
+
+    def _heartbeats(self) -> None:
+        while not self._stopped.wait(LEASE_HEARTBEAT_S):
+            try:
+                self._beat()
+            except Exception as exc:  # a storage hiccup: the next beat tries again, staleness allows a few
+                log.warning("output %s: lease heartbeat failed: %s", self.uri, _one_line(exc))
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (Linux), so that containers sharing a host name do not judge each other's pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _lease_age_s(holder: dict) -> float:
+    try:
+        beat = datetime.datetime.fromisoformat(str(holder["heartbeat_at"]))
+    except (KeyError, ValueError):
+        return math.inf
+    return (datetime.datetime.now(datetime.timezone.utc) - beat).total_seconds()
+
+
+def _lease_is_stale(holder: dict) -> bool:
+    """Whether a lease no longer protects a live job: not refreshed for LEASE_STALE_S, or its process is gone."""
+    if _lease_age_s(holder) > LEASE_STALE_S:
+        return True
+    here = holder.get("host") == socket.gethostname() and holder.get("pid_namespace") == _pid_namespace()
+    return here and not _process_exists(int(holder.get("pid") or 0))
+
+
+def _process_exists(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _holder_text(holder: dict) -> str:
+    run = f"run {holder['run_id']}" if holder.get("run_id") else "a job still planning its run"
+    return f"{run} (host {holder.get('host', '?')}, pid {holder.get('pid', '?')})"
+
+
+def _in_use(uri: str, holder: dict) -> str:
+    age = _lease_age_s(holder)
+    beat = f"last heartbeat {age:.0f} s ago" if math.isfinite(age) else "no heartbeat yet"
+    return (
+        f"output {uri} is in use by {_holder_text(holder)}, {beat}; wait for it to end, or, if that job is gone, "
+        f"run again once its lease is {LEASE_STALE_S:.0f} s old, or use another --output"
+    )
 
 
 def _parts(fs, root: str) -> pads.Dataset | None:
@@ -126,73 +326,98 @@ def labeled_uris(fs, root: str) -> pa.Array:
 
 
 def plan_run(config: JobConfig, weights_id: str) -> RunPlan:
-    """Decides the run from ``output.mode`` and what the output holds, and opens its record.
+    """Takes the output's lease, decides the run from ``output.mode`` and what the output holds, and opens its record.
+
+    The lease is held (refreshed by a daemon thread) until ``finish_run``.
 
     Raises:
-        StorageError: the output holds a finished run (mode auto), or runs of another configuration, or
-            cannot be written; the message names the flag to use.
+        StorageError: another job is writing the output, or the output holds a finished run (mode auto), or runs
+            of another configuration, or cannot be written; the message names the flag to use.
     """
-    uri, mode = config.output.uri, config.output.mode
-    current = fingerprint(config, weights_id)
+    uri = config.output.uri
+    lease = None
     try:
         fs, root = filesystem(uri, config.storage)
-        if mode == "overwrite" and fs.exists(root):
-            # Only what this job writes: anything else a user keeps there stays.
-            for name in fs.ls(root, detail=False):
-                if os.path.basename(name.rstrip("/")).startswith(("run=", RUN_RECORD, SUCCESS_MARKER)):
-                    fs.rm(name, recursive=True)
-        latest = _read_json(fs, _join(root, RUN_RECORD))
-        finished = fs.exists(_join(root, SUCCESS_MARKER))
-        if latest is None and fs.exists(root) and any(p.endswith(".parquet") for p in fs.find(root)):
-            raise StorageError(f"output {uri} holds Parquet files that no run of this job wrote; choose a new --output")
-        if latest is not None and latest.get("fingerprint") != current:
-            differing = sorted(k for k in current if latest.get("fingerprint", {}).get(k) != current[k])
-            raise StorageError(
-                f"output {uri} holds run {latest['run_id']} of a different configuration "
-                f"({', '.join(differing)} differ); use the same settings, a new --output, or --mode overwrite"
-            )
-        if latest is not None and finished and mode == "auto":
-            raise StorageError(
-                f"output {uri} holds the finished run {latest['run_id']}; use --mode incremental to label only "
-                f"new images, or --mode overwrite to start over"
-            )
-        resumed = latest is not None and not finished
-        if resumed:
-            run_id = latest["run_id"]
-        else:
-            run_id = config.output.run_id or submission_id() or _default_run_id()
-        run_uri = _join(uri, f"run={run_id}")
-        run_root = _join(root, f"run={run_id}")
-        if not resumed and fs.exists(run_root):
-            raise StorageError(f"output {uri} already has a run {run_id}; pass another --run-id")
-        fs.makedirs(run_root, exist_ok=True)
-        for stale in fs.glob(_join(run_root, f"{TEMP_PREFIX}*")):
-            fs.rm(stale)  # left by a writer that was killed; its rows were never visible
-        # Incremental runs skip what any run labeled; others only what this run wrote before it was stopped.
-        incremental = mode == "incremental" or (resumed and latest.get("mode") == "incremental")
-        done = labeled_uris(fs, root if incremental else run_root)
-        if fs.exists(_join(root, SUCCESS_MARKER)):
-            fs.rm(_join(root, SUCCESS_MARKER))
-        record = {
-            "run_id": run_id,
-            "status": "running",
-            "mode": latest["mode"] if resumed else mode,
-            "started_at": (latest or {}).get("started_at") if resumed else _now(),
-            "attempt_started_at": _now(),
-            "ended_at": None,
-            "fingerprint": current,
-            "config": public_config(config),
-            "versions": versions(),
-        }
-        write_record(fs, root, run_id, record)
-        _write_bytes(fs, _join(run_root, CONFIG_FILE), yaml.safe_dump(public_config(config), sort_keys=False).encode())
-    except StorageError:
-        raise
-    except Exception as exc:
-        raise StorageError(f"output {uri} cannot be written: {type(exc).__name__}: {exc}") from None
+        fs.makedirs(root, exist_ok=True)
+        lease = Lease.acquire(fs, root, uri)
+        plan = _open_run(config, weights_id, fs, root)
+        lease.hold(plan.run_id)
+    except BaseException as exc:
+        if lease is not None:
+            lease.release()
+        if isinstance(exc, StorageError) or not isinstance(exc, Exception):
+            raise
+        raise StorageError(f"output {uri} cannot be written: {_one_line(exc)}") from None
+    if plan.resumed:
+        log.info("resuming run %s: %d images already written", plan.run_id, plan.rows_before)
+    return dataclasses.replace(plan, lease=lease)
+
+
+def _open_run(config: JobConfig, weights_id: str, fs, root: str) -> RunPlan:
+    """``plan_run`` once the lease is held: no other job writes the output meanwhile."""
+    uri, mode = config.output.uri, config.output.mode
+    current = fingerprint(config, weights_id)
+    if mode == "overwrite":
+        # Only what this job writes: anything else a user keeps there stays.
+        for name in fs.ls(root, detail=False):
+            if os.path.basename(name.rstrip("/")).startswith(("run=", RUN_RECORD, SUCCESS_MARKER)):
+                fs.rm(name, recursive=True)
+    latest = _read_json(fs, _join(root, RUN_RECORD))
+    finished = fs.exists(_join(root, SUCCESS_MARKER))
+    if latest is None and any(p.endswith(".parquet") for p in fs.find(root)):
+        raise StorageError(f"output {uri} holds Parquet files that no run of this job wrote; choose a new --output")
+    if latest is not None and latest.get("fingerprint") != current:
+        before = latest.get("fingerprint") or {}
+        differing = sorted(k for k in current if before.get(k, "(not recorded)") != current[k])
+        values = ", ".join(
+            f"{k}: {current[k]} (this run) vs {before.get(k, '(not recorded)')} (run {latest['run_id']})"
+            for k in differing
+        )
+        raise StorageError(
+            f"output {uri} holds run {latest['run_id']} of a different configuration ({', '.join(differing)} differ): "
+            f"{values}; use the same settings, a new --output, or --mode overwrite"
+        )
+    if latest is not None and finished and mode == "auto":
+        raise StorageError(
+            f"output {uri} holds the finished run {latest['run_id']}; use --mode incremental to label only "
+            f"new images, or --mode overwrite to start over"
+        )
+    resumed = latest is not None and not finished
     if resumed:
-        log.info("resuming run %s: %d images already written", run_id, len(done))
-    return RunPlan(run_id=run_id, run_uri=run_uri, resumed=resumed, done=done)
+        run_id = latest["run_id"]
+    else:
+        run_id = config.output.run_id or submission_id() or _default_run_id()
+    run_uri = _join(uri, f"run={run_id}")
+    run_root = _join(root, f"run={run_id}")
+    if not resumed and fs.exists(run_root):
+        raise StorageError(f"output {uri} already has a run {run_id}; pass another --run-id")
+    fs.makedirs(run_root, exist_ok=True)
+    for stale in fs.glob(_join(root, f"{TEMP_PREFIX}*")) + fs.glob(_join(run_root, f"{TEMP_PREFIX}*")):
+        fs.rm(stale)  # left by a writer that was killed; its rows were never visible
+    # Incremental runs skip what any run labeled; others only what this run wrote before it was stopped.
+    incremental = mode == "incremental" or (resumed and latest.get("mode") == "incremental")
+    done = labeled_uris(fs, root if incremental else run_root)
+    # Rows this run holds already; what this attempt labels is counted against the rest.
+    if not incremental:
+        rows_before = len(done)
+    else:
+        rows_before = len(labeled_uris(fs, run_root)) if resumed else 0
+    if finished:
+        fs.rm(_join(root, SUCCESS_MARKER))
+    record = {
+        "run_id": run_id,
+        "status": "running",
+        "mode": latest["mode"] if resumed else mode,
+        "started_at": (latest or {}).get("started_at") if resumed else _now(),
+        "attempt_started_at": _now(),
+        "ended_at": None,
+        "fingerprint": current,
+        "config": public_config(config),
+        "versions": versions(),
+    }
+    write_record(fs, root, run_id, record)
+    _write_bytes(fs, _join(run_root, CONFIG_FILE), yaml.safe_dump(public_config(config), sort_keys=False).encode())
+    return RunPlan(run_id=run_id, run_uri=run_uri, resumed=resumed, done=done, rows_before=rows_before)
 
 
 def submission_id() -> str:
@@ -213,17 +438,8 @@ def _default_run_id() -> str:
 
 
 def public_config(config: JobConfig) -> dict[str, dict[str, object]]:
-    """The configuration as YAML-ready data with anything secret-looking replaced by ``***``."""
-    secret_words = ("secret", "password", "token", "credential", "key_id", "access_key", "session")
-
-    def redact(value: object, key: str = "") -> object:
-        if isinstance(value, dict):
-            return {k: redact(v, k) for k, v in value.items()}
-        if value and any(word in key.lower() for word in secret_words):
-            return "***"
-        return value
-
-    return redact(to_dict(config))
+    """The configuration as YAML-ready data, credentials redacted by ``config.redact`` (the one redaction)."""
+    return to_dict(config)
 
 
 def versions() -> dict[str, str]:
@@ -268,32 +484,62 @@ def write_part(table: pa.Table, run_uri: str, storage_config: StorageConfig | No
 
 
 def finish_run(
-    config: JobConfig, plan: RunPlan, seconds: float, labeled_now: int, error: str = "", interrupted: bool = False
+    config: JobConfig,
+    plan: RunPlan,
+    seconds: float,
+    labeled_now: int | None = None,
+    error: str = "",
+    interrupted: bool = False,
 ) -> Summary:
-    """Counts what the run wrote, closes its record, and marks the output complete unless it failed.
+    """Counts what the run wrote, closes its record, marks the output complete unless it failed, releases the lease.
 
     A run that failed (``error``) or was stopped (``interrupted``, by a signal) is resumed by the same command.
+
+    Args:
+        labeled_now: images this attempt labeled, as the caller counted them; recorded at most as the rows this
+            attempt added, and never below 0. None: the rows this attempt added.
+        error: why the attempt failed; empty when it succeeded.
+        interrupted: a signal stopped the attempt.
+
+    Raises:
+        StorageError: the record cannot be written (e.g. a full disk); the message keeps ``error`` and says the
+            run stays resumable.
     """
-    fs, root = filesystem(config.output.uri, config.storage)
-    record = _read_json(fs, _join(root, f"run={plan.run_id}", RUN_RECORD)) or {}
-    summary = summarize(plan.run_uri, seconds, labeled_now, config.storage)
-    record.update(
-        status="interrupted" if interrupted else "failed" if error else "succeeded",
-        error=error or None,
-        ended_at=_now(),
-        counts={
-            "images": summary.images,
-            "ok": summary.images - summary.errors,
-            "error": summary.errors,
-            "error_kinds": summary.error_kinds,
-            "labeled_this_attempt": labeled_now,
-        },
-        seconds=round(seconds, 3),
-        images_per_s=round(labeled_now / seconds, 2) if seconds > 0 else None,
-    )
-    write_record(fs, root, plan.run_id, record)
-    if not error:
-        _write_bytes(fs, _join(root, SUCCESS_MARKER), plan.run_id.encode())
+    try:
+        fs, root = filesystem(config.output.uri, config.storage)
+        record = _read_json(fs, _join(root, f"run={plan.run_id}", RUN_RECORD)) or {}
+        # Other processes wrote the parts: this one's cached listings (s3fs, gcsfs) have not seen them.
+        fs.invalidate_cache()
+        summary = summarize(plan.run_uri, seconds, 0, config.storage)
+        added = summary.images - plan.rows_before
+        counted = added if labeled_now is None else min(labeled_now, added)
+        summary = dataclasses.replace(summary, labeled_now=max(0, counted))
+        record.update(
+            status="interrupted" if interrupted else "failed" if error else "succeeded",
+            error=error or None,
+            ended_at=_now(),
+            counts={
+                "images": summary.images,
+                "ok": summary.images - summary.errors,
+                "error": summary.errors,
+                "error_kinds": summary.error_kinds,
+                "labeled_this_attempt": summary.labeled_now,
+            },
+            seconds=round(seconds, 3),
+            images_per_s=round(summary.labeled_now / seconds, 2) if seconds > 0 else None,
+        )
+        write_record(fs, root, plan.run_id, record)
+        if not error:
+            _write_bytes(fs, _join(root, SUCCESS_MARKER), plan.run_id.encode())
+    except Exception as exc:
+        failed = f"run {plan.run_id} failed ({_first_line(error)}) and " if error else ""
+        raise StorageError(
+            f"{failed}output {config.output.uri} cannot be written: {_one_line(exc)}; run {plan.run_id} stays "
+            f"resumable: make the output writable again (e.g. free space) and run the same command"
+        ) from None
+    finally:
+        if plan.lease is not None:
+            plan.lease.release()
     return summary
 
 

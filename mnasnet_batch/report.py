@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.dataset as pads
-from fsspec.core import url_to_fs
 
+from mnasnet_batch.config import StorageConfig
 from mnasnet_batch.output import RUN_RECORD
+from mnasnet_batch.storage import filesystem
 
 # Underscore-prefixed like _config.yaml, so pyarrow, pandas and Spark still read the directory as one table.
 REPORT_FILE = "_report.html"
@@ -45,14 +46,15 @@ class RunStats:
         return 100.0 * self.low_confidence_count / len(self.top1_scores) if len(self.top1_scores) else 0.0
 
 
-def read_run(uri: str, low_confidence: float = 0.5) -> RunStats:
+def read_run(uri: str, low_confidence: float = 0.5, storage_config: StorageConfig | None = None) -> RunStats:
     """Reads the Parquet parts under ``uri`` (a labeling job's ``--output``) and its runs' records.
 
     Args:
         uri: the run's output directory or URI prefix.
         low_confidence: top-1 scores under this count as low confidence.
+        storage_config: endpoint, credentials and options for ``uri`` (the job's ``storage`` section).
     """
-    fs, root = url_to_fs(uri)
+    fs, root = filesystem(uri, storage_config or StorageConfig())
     root = root.rstrip("/")
     found = fs.find(root) if fs.isdir(root) else []
     files = sorted(p for p in found if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
@@ -229,8 +231,8 @@ img {{ max-width: 100%; }}
 """
 
 
-def write(uri: str, page: str) -> None:
-    """Writes the page to a local path or fsspec URI."""
-    fs, path = url_to_fs(uri)
+def write(uri: str, page: str, storage_config: StorageConfig | None = None) -> None:
+    """Writes the page to a local path or fsspec URI, with the job's storage settings."""
+    fs, path = filesystem(uri, storage_config or StorageConfig())
     with fs.open(path, "w", encoding="utf-8") as f:
         f.write(page)

@@ -2,20 +2,52 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
-from fsspec.core import url_to_fs
-
+from mnasnet_batch.config import ConfigError, StorageConfig, load_config, parse_override
 from mnasnet_batch.output import RUN_RECORD, SUCCESS_MARKER
+from mnasnet_batch.storage import filesystem
 
 COLUMNS = ("run", "status", "mode", "started (UTC)", "ended (UTC)", "images", "ok", "errors", "images/s", "seconds")
 
 
-def list_runs(uri: str) -> list[dict]:
+def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    """The labeling job's ``--config`` and ``--set``, for the tools that read its output (runs.py, report.py)."""
+    parser.add_argument(
+        "--config", help="the job's YAML profile, e.g. conf/cpu-cluster.yaml; only its storage section is used"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="storage.KEY=VALUE",
+        help="override a storage setting, e.g. --set storage.endpoint_url=http://minio:9000 (repeatable)",
+    )
+
+
+def storage_from_args(args: argparse.Namespace) -> StorageConfig:
+    """The storage settings from ``add_storage_arguments``' options, read by the labeling job's own config code.
+
+    Raises:
+        ConfigError: a bad profile or value, or ``--set`` of a setting other than ``storage.*``.
+    """
+    overrides = [parse_override(assignment) for assignment in args.set]
+    for assignment, override in zip(args.set, overrides, strict=True):
+        if set(override) != {"storage"}:
+            raise ConfigError(f"--set {assignment!r}: only storage.* settings apply to reading an output")
+    return load_config(args.config, overrides).storage
+
+
+def list_runs(uri: str, storage_config: StorageConfig | None = None) -> list[dict]:
     """Reads the record of every ``run=<id>/`` under ``uri``, oldest first.
 
     Only the latest run can say ``running``: the job resumes an unfinished run before starting another.
     It may be in progress, or interrupted and resumable by running the same command again.
+
+    Args:
+        uri: the labeling job's ``--output``.
+        storage_config: endpoint, credentials and options for ``uri`` (the job's ``storage`` section).
 
     Returns:
         The records, each with ``latest`` and ``complete`` (the latest run, finished: ``_SUCCESS``) added.
@@ -23,7 +55,7 @@ def list_runs(uri: str) -> list[dict]:
     Raises:
         FileNotFoundError: ``uri`` holds no run records.
     """
-    fs, root = url_to_fs(uri)
+    fs, root = filesystem(uri, storage_config or StorageConfig())
     root = root.rstrip("/")
     paths = fs.glob(f"{root}/run=*/{RUN_RECORD}")
     if not paths:

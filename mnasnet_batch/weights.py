@@ -6,19 +6,24 @@ import hashlib
 import io
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 import torch
 import torchvision
 from torchvision.models import WeightsEnum, get_model_weights
+
+from mnasnet_batch.config import StorageConfig
+from mnasnet_batch.storage import filesystem
 
 log = logging.getLogger(__name__)
 
 # Seconds a download may stall before it counts as offline; torch.hub itself waits forever.
 DOWNLOAD_TIMEOUT_S = 30
+# What every refusal to load a file says the file must be.
+STATE_DICT_ADVICE = "the file must be a state_dict saved with torch.save(model.state_dict(), path)"
 
 
 class WeightsError(RuntimeError):
@@ -56,7 +61,13 @@ def _published_file_names() -> dict[str, str]:
     return names
 
 
-def resolve_checkpoint(model_name: str, weights: str, sha256: str = "", download: bool = True) -> Checkpoint:
+def resolve_checkpoint(
+    model_name: str,
+    weights: str,
+    sha256: str = "",
+    download: bool = True,
+    storage_config: StorageConfig | None = None,
+) -> Checkpoint:
     """Finds, reads and verifies the weights for a job, before any image is read.
 
     Args:
@@ -65,6 +76,7 @@ def resolve_checkpoint(model_name: str, weights: str, sha256: str = "", download
             path or fsspec URI of a state_dict file.
         sha256: when set, the file's full sha256 must equal it.
         download: fetch torchvision's file into the torch hub cache when it is absent.
+        storage_config: endpoint, credentials and options for a ``weights`` URI (the job's ``storage`` section).
 
     Returns:
         The verified checkpoint; its state_dict is known to fit the architecture.
@@ -81,7 +93,11 @@ def resolve_checkpoint(model_name: str, weights: str, sha256: str = "", download
         source, weights_id = str(path), member.name
     else:
         source, weights_id = weights, ""
-    data = _read(source)
+    data = _read(source, storage_config or StorageConfig())
+    if not data:
+        raise WeightsError(
+            f"weights file {source} is empty (0 bytes), e.g. from an interrupted copy or download; {STATE_DICT_ADVICE}"
+        )
     digest = hashlib.sha256(data).hexdigest()
     prefix = _published_file_names().get(os.path.basename(source.rstrip("/")))
     if prefix and not digest.startswith(prefix):
@@ -117,14 +133,30 @@ def _download(url: str, path: Path, allowed: bool) -> None:
         socket.setdefaulttimeout(previous)
 
 
-def _read(source: str) -> bytes:
+def _read(source: str, storage_config: StorageConfig) -> bytes:
     try:
-        with fsspec.open(source, "rb") as f:
-            return f.read()
+        fs, path = filesystem(source, storage_config)
+        return fs.cat_file(path)
     except FileNotFoundError:
         raise WeightsError(f"weights file {source} not found; pass --weights with an existing path or URI") from None
     except Exception as exc:
         raise WeightsError(f"cannot read weights {source}: {type(exc).__name__}: {exc}") from None
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in our words.
+
+    torch's own messages advise retrying with ``weights_only=False``, which runs whatever code the file holds;
+    none of their text is passed on to users.
+    """
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if refused:
+        return f"it holds a pickled {refused.group(1).rstrip('.')}, not only tensors (unpickling it would run code)"
+    if "Weights only load failed" in str(exc) or type(exc).__name__ == "UnpicklingError":
+        return "it holds pickled data that is not tensors (unpickling it would run code)"
+    if isinstance(exc, EOFError):
+        return "it ends before its data does (truncated)"
+    return f"it is not a file torch.save writes ({type(exc).__name__})"
 
 
 def build_model(checkpoint: Checkpoint) -> torch.nn.Module:
@@ -140,13 +172,11 @@ def build_model(checkpoint: Checkpoint) -> torch.nn.Module:
         state_dict = torch.load(io.BytesIO(checkpoint.data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise WeightsError(
-            f"weights {checkpoint.source} cannot be loaded as a state_dict with weights_only=True: "
-            f"{str(exc).splitlines()[0]}"
+            f"weights {checkpoint.source} cannot be loaded: {_load_failure(exc)}; {STATE_DICT_ADVICE}"
         ) from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise WeightsError(
-            f"weights {checkpoint.source} are not a state_dict (a mapping of names to tensors); "
-            f"save one with torch.save(model.state_dict(), path)"
+            f"weights {checkpoint.source} are not a state_dict (a mapping of names to tensors); {STATE_DICT_ADVICE}"
         )
     model = torchvision.models.get_model(checkpoint.model_name, weights=None)
     expected = model.state_dict()

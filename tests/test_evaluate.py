@@ -10,7 +10,9 @@ import torchvision
 
 from jobs.evaluate import main
 from mnasnet_batch import ground_truth, imagenet, metrics
+from mnasnet_batch.config import StorageConfig
 from mnasnet_batch.ground_truth import GroundTruthError, load_ground_truth
+from mnasnet_batch.storage import filesystem
 from tests import support
 
 CATEGORIES = torchvision.models.MNASNet0_5_Weights.IMAGENET1K_V1.meta["categories"]
@@ -227,3 +229,27 @@ def test_unlabeled_input_stops_before_any_image_is_read(tmp_path, corpus, checkp
     assert main(["--input", str(images), "--output", str(output), "--weights", str(checkpoint_path)]) == 2
     assert "not in a class folder" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_evaluation_on_s3_reads_and_writes_with_the_storage_settings(local_ray, s3_server, reference, checkpoint_path):
+    """Images, labels, weights and results all on S3, reachable only through the storage settings."""
+    paths, ref_ids = reference
+    paths, ref_ids = paths[:4], ref_ids[:4]
+    fs, _ = filesystem("s3://eval-bucket", StorageConfig(**s3_server))
+    fs.mkdir("eval-bucket")
+    for i, path in enumerate(paths, start=1):
+        fs.pipe(f"eval-bucket/val/ILSVRC2012_val_{i:08d}.JPEG", path.read_bytes())
+    wnids = [PHOTO_WNIDS[photo_class(p)] if i % 2 == 0 else TENCH for i, p in enumerate(paths)]
+    rows = "".join(f"ILSVRC2012_val_{i:08d},{w} 1 2 3 4\n" for i, w in enumerate(wnids, start=1))
+    fs.pipe("eval-bucket/LOC_val_solution.csv", f"ImageId,PredictionString\n{rows}".encode())
+    fs.pipe("eval-bucket/fixture.pth", checkpoint_path.read_bytes())
+    argv = ["--input", "s3://eval-bucket/val", "--output", "s3://eval-bucket/eval"]
+    argv += ["--weights", "s3://eval-bucket/fixture.pth", "--labels", "s3://eval-bucket/LOC_val_solution.csv"]
+    for key, value in s3_server.items():
+        argv += ["--set", f"storage.{key}={json.dumps(value)}"]
+    assert main([*argv, "--set", "preprocess.batch_size=4"]) == 0
+    result = json.loads(fs.cat_file("eval-bucket/eval/metrics.json"))
+    top1, top5 = expected_scores([imagenet.wnid_to_index()[w] for w in wnids], ref_ids)
+    assert (result["images"], result["errors"], result["ground_truth"]) == (4, 0, "LOC_val_solution.csv")
+    assert result["top1"] == pytest.approx(top1) and result["top5"] == pytest.approx(top5)
+    assert fs.exists("eval-bucket/eval/per_image.parquet")

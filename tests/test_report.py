@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import re
 import shutil
 
@@ -12,6 +13,8 @@ from PIL import Image
 
 from jobs.report import main as report_main
 from mnasnet_batch.cli import main as label_main
+from mnasnet_batch.config import StorageConfig
+from mnasnet_batch.storage import filesystem
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +83,16 @@ def test_report_without_summary_or_errors(run_output, tmp_path):
 def test_report_on_a_location_without_a_run(tmp_path, capsys):
     assert report_main(["--output", str(tmp_path / "missing")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_report_on_s3_uses_the_storage_settings(run_output, s3_server, capsys):
+    fs, _ = filesystem("s3://report-bucket", StorageConfig(**s3_server))
+    fs.mkdir("report-bucket")
+    fs.put(str(run_output), "report-bucket/labels", recursive=True)
+    flags = []
+    for key, value in s3_server.items():
+        flags += ["--set", f"storage.{key}={json.dumps(value)}"]
+    assert report_main(["--output", "s3://report-bucket/labels", *flags]) == 0
+    assert "8 images, 2 errors" in capsys.readouterr().out
+    page = fs.cat_file("report-bucket/labels/_report.html").decode()
+    assert "<li>UnidentifiedImageError: 2</li>" in page and s3_server["options"]["secret"] not in page

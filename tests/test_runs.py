@@ -4,10 +4,12 @@ import json
 
 import pyarrow as pa
 import pytest
+import yaml
 
 from jobs.runs import main as runs_main
 from mnasnet_batch import output
-from mnasnet_batch.config import load_config
+from mnasnet_batch.config import StorageConfig, load_config
+from mnasnet_batch.storage import filesystem
 
 
 def rows(uris, errors=()):
@@ -36,8 +38,9 @@ def three_runs(tmp_path):
     config, plan = start(out, "incremental", "night-2")
     output.write_part(rows(["/images/d.jpg"]), plan.run_uri)
     output.finish_run(config, plan, seconds=0.5, labeled_now=1)
-    start(out, "incremental", "night-3")
-    return out
+    _, plan = start(out, "incremental", "night-3")
+    yield out
+    plan.lease.release()
 
 
 def test_table_lists_every_run_with_status_counts_and_rate(three_runs, capsys):
@@ -79,3 +82,38 @@ def test_the_run_id_defaults_to_the_ray_job_submission_id(monkeypatch):
     assert output.submission_id() == "raysubmit_X"
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     assert output.submission_id() == ""
+
+
+def storage_flags(s3_server) -> list[str]:
+    flags = []
+    for key, value in s3_server.items():
+        flags += ["--set", f"storage.{key}={json.dumps(value)}"]
+    return flags
+
+
+def test_runs_on_s3_are_read_with_the_storage_settings(s3_server, tmp_path, capsys):
+    fs, _ = filesystem("s3://runs-bucket", StorageConfig(**s3_server))
+    fs.mkdir("runs-bucket")
+    out = "s3://runs-bucket/labels"
+    config = load_config(
+        overrides=[{"input": {"uri": "/images"}, "output": {"uri": out, "run_id": "night-1"}, "storage": s3_server}]
+    )
+    plan = output.plan_run(config, "IMAGENET1K_V1")
+    output.write_part(rows(["/images/a.jpg", "/images/b.jpg"]), plan.run_uri, config.storage)
+    output.finish_run(config, plan, seconds=1.0, labeled_now=2)
+
+    assert runs_main(["--output", out, *storage_flags(s3_server), "--format", "json"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert record["run_id"] == "night-1" and record["counts"]["images"] == 2 and record["complete"]
+    # The job's own profile works too: its storage section is used, the rest ignored.
+    profile = tmp_path / "s3.yaml"
+    profile.write_text(yaml.safe_dump({"storage": s3_server, "model": {"top_k": 3}}))
+    assert runs_main(["--output", out, "--config", str(profile)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["night-1", "*", "succeeded"]
+
+
+def test_runs_accept_only_storage_settings(tmp_path, capsys):
+    assert runs_main(["--output", str(tmp_path), "--set", "model.top_k=3"]) == 2
+    assert "only storage.* settings" in capsys.readouterr().err
+    assert runs_main(["--output", str(tmp_path), "--set", "storage.nope=1"]) == 2
+    assert "unknown key storage.nope" in capsys.readouterr().err

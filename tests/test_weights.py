@@ -6,6 +6,8 @@ import pytest
 import torch
 import torchvision
 
+from mnasnet_batch.config import StorageConfig
+from mnasnet_batch.storage import filesystem
 from mnasnet_batch.weights import WeightsError, build_model, hub_path, resolve_checkpoint, torchvision_weights
 
 
@@ -45,10 +47,43 @@ def test_training_checkpoint_is_not_a_state_dict(tmp_path, fixture_model):
     torch.save({"model": fixture_model.state_dict(), "epoch": 3}, path)
     with pytest.raises(WeightsError, match="not a state_dict"):
         resolve_checkpoint("mnasnet0_5", str(path))
+
+
+def test_pickled_module_is_refused_without_pointing_at_the_unsafe_option(tmp_path, fixture_model):
     pickled = tmp_path / "pickled.pth"
-    torch.save(fixture_model, pickled)  # a whole pickled module: refused by weights_only=True
-    with pytest.raises(WeightsError, match="weights_only=True"):
+    torch.save(fixture_model, pickled)  # a whole pickled module: loading it would run code from the file
+    with pytest.raises(WeightsError) as info:
         resolve_checkpoint("mnasnet0_5", str(pickled))
+    message = str(info.value)
+    assert "torchvision.models.mnasnet.MNASNet" in message
+    assert "a state_dict saved with torch.save(model.state_dict(), path)" in message
+    assert "weights_only=False" not in message and "safe_globals" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"garbage, not pickled", b"PK\x03\x04 not a zip", b"\x80\x02}q\x00"],
+    ids=["empty", "garbage", "bad-zip", "truncated-pickle"],
+)
+def test_unloadable_file_is_one_line_naming_what_the_file_must_be(tmp_path, content):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError) as info:
+        resolve_checkpoint("mnasnet0_5", str(path))
+    message = str(info.value)
+    assert str(path) in message and "torch.save(model.state_dict(), path)" in message
+    assert "\n" not in message and "weights_only=False" not in message
+    if not content:
+        assert "empty (0 bytes)" in message
+
+
+def test_weights_uri_is_read_with_the_storage_settings(s3_server, checkpoint_path):
+    storage = StorageConfig(**s3_server)
+    fs, _ = filesystem("s3://weights-bucket", storage)
+    fs.mkdir("weights-bucket")
+    fs.pipe("weights-bucket/fixture.pth", checkpoint_path.read_bytes())
+    checkpoint = resolve_checkpoint("mnasnet0_5", "s3://weights-bucket/fixture.pth", storage_config=storage)
+    assert checkpoint.data == checkpoint_path.read_bytes() and checkpoint.source == "s3://weights-bucket/fixture.pth"
 
 
 def test_missing_file_names_the_option(tmp_path):

@@ -1,0 +1,296 @@
+"""The output location at function level: the lease, writes that fail, the record's counts, redaction, refusals."""
+
+import datetime
+import errno
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+import yaml
+from fsspec.implementations.local import LocalFileSystem
+
+from mnasnet_batch import config as config_module
+from mnasnet_batch import output
+from mnasnet_batch.config import StorageConfig, load_config
+from mnasnet_batch.storage import StorageError, filesystem
+
+
+def job_config(out, run_id="", mode="auto", storage=None, **sections):
+    overrides = {"input": {"uri": "/images"}, "output": {"uri": str(out), "mode": mode, "run_id": run_id}}
+    overrides.update(sections)
+    if storage:
+        overrides["storage"] = storage
+    return load_config(overrides=[overrides])
+
+
+def rows(uris):
+    return pa.table({"uri": pa.array(uris, pa.string()), "error": pa.array([None] * len(uris), pa.string())})
+
+
+def poll(condition, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def no_space(self, path, value, *args, **kwargs):
+    """LocalFileSystem.pipe_file on a full disk: the file is created, then writing fails."""
+    open(path, "wb").close()
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class Disk:
+    """Local writes succeed until ``fill()``, and fail as on a full disk until ``free()``."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.real = monkeypatch, LocalFileSystem.pipe_file
+
+    def fill(self):
+        self.monkeypatch.setattr(LocalFileSystem, "pipe_file", no_space)
+
+    def free(self):
+        self.monkeypatch.setattr(LocalFileSystem, "pipe_file", self.real)
+
+
+@pytest.fixture
+def disk(monkeypatch):
+    return Disk(monkeypatch)
+
+
+def test_a_part_that_cannot_be_written_leaves_no_temporary(tmp_path, disk):
+    run = tmp_path / "run=a"
+    run.mkdir()
+    disk.fill()
+    with pytest.raises(OSError) as info:
+        output.write_part(rows(["/images/a.jpg"]), str(run))
+    assert info.value.errno == errno.ENOSPC
+    assert list(run.iterdir()) == []
+
+
+def test_a_record_that_cannot_be_written_keeps_the_error_and_the_run_resumable(tmp_path, disk):
+    out = tmp_path / "labels"
+    config = job_config(out, run_id="night")
+    plan = output.plan_run(config, "IMAGENET1K_V1")
+    output.write_part(rows(["/images/a.jpg"]), plan.run_uri)
+    disk.fill()  # the attempt fails, and recording that it failed fails too
+    with pytest.raises(StorageError) as info:
+        output.finish_run(config, plan, 1.0, 1, error="RuntimeError: the model actor died\ntraceback line")
+    disk.free()
+    message = str(info.value)
+    assert "\n" not in message
+    assert "RuntimeError: the model actor died" in message and "No space left on device" in message
+    assert "run night stays resumable" in message
+    assert not list(out.rglob(f"{output.TEMP_PREFIX}*")) and not (out / output.LEASE_FILE).exists()
+    assert json.loads((out / "_run.json").read_text())["status"] == "running"
+    # Space freed: the same command resumes the run and keeps what it wrote.
+    again = output.plan_run(config, "IMAGENET1K_V1")
+    assert again.resumed and again.run_id == "night" and again.done.to_pylist() == ["/images/a.jpg"]
+    output.finish_run(config, again, 1.0, 0)
+
+
+def test_the_record_counts_at_most_what_this_attempt_wrote(tmp_path):
+    out = tmp_path / "labels"
+    config = job_config(out, run_id="night")
+    plan = output.plan_run(config, "IMAGENET1K_V1")
+    output.write_part(rows(["/images/a.jpg", "/images/b.jpg"]), plan.run_uri)
+    output.finish_run(config, plan, 2.0, 0, error="KeyboardInterrupt: ")  # interrupted: resumable
+    plan = output.plan_run(config, "IMAGENET1K_V1")
+    assert plan.resumed and plan.rows_before == 2
+    output.write_part(rows(["/images/c.jpg"]), plan.run_uri)
+    summary = output.finish_run(config, plan, 2.0, 3)  # the caller counted the resumed images too
+    record = json.loads((out / "_run.json").read_text())
+    assert record["counts"]["labeled_this_attempt"] == 1 == summary.labeled_now
+    assert record["counts"]["images"] == 3 and record["images_per_s"] == 0.5
+    assert "1 images/s" not in summary.line() and "0.5 images/s" in summary.line()
+
+    config = job_config(tmp_path / "other")
+    plan = output.plan_run(config, "IMAGENET1K_V1")
+    output.finish_run(config, plan, 1.0, -5)
+    assert json.loads((tmp_path / "other" / "_run.json").read_text())["counts"]["labeled_this_attempt"] == 0
+
+
+def test_a_different_configuration_is_refused_with_both_values(tmp_path):
+    out = tmp_path / "labels"
+    config = job_config(out, run_id="night")
+    output.finish_run(config, output.plan_run(config, "IMAGENET1K_V1"), 1.0, 0)
+    other = job_config(out, mode="incremental", input={"uri": "/other"}, model={"top_k": 3})
+    with pytest.raises(StorageError) as info:
+        output.plan_run(other, "IMAGENET1K_V1")
+    message = str(info.value)
+    assert "different configuration (input, top_k differ): " in message
+    assert "input: /other (this run) vs /images (run night)" in message
+    assert "top_k: 3 (this run) vs 5 (run night)" in message
+    assert not (out / output.LEASE_FILE).exists()  # a refusal releases the lease
+
+
+def test_no_credential_in_the_written_configuration_and_one_redaction_marker(tmp_path):
+    out = tmp_path / "labels"
+    storage = {
+        "endpoint_url": "http://minio:pa55word@minio.local:9000",
+        "options": {"key": "AKIA-not-a-secret-id", "secret": "s3cr3t-not-for-files", "s3": {"token": "t0ken-x"}},
+    }
+    config = job_config(out, run_id="night", storage=storage)
+    output.finish_run(config, output.plan_run(config, "IMAGENET1K_V1"), 1.0, 0)
+    for path in (out / "_run.json", out / "run=night" / "_run.json", out / "run=night" / "_config.yaml"):
+        text = path.read_text()
+        for secret in ("pa55word", "AKIA-not-a-secret-id", "s3cr3t-not-for-files", "t0ken-x"):
+            assert secret not in text, (path, secret)
+        assert config_module.REDACTED in text and "***" not in text, path
+    written = yaml.safe_load((out / "run=night" / "_config.yaml").read_text())["storage"]
+    recorded = json.loads((out / "_run.json").read_text())["config"]["storage"]
+    assert written == recorded
+    assert recorded["options"]["secret"] == config_module.REDACTED == recorded["options"]["s3"]["token"]
+    assert recorded["endpoint_url"] == f"http://{config_module.REDACTED}@minio.local:9000"
+
+
+# The lease: one job at a time on an output.
+
+
+def test_a_second_job_on_a_held_output_stops_naming_the_running_run(tmp_path):
+    out = tmp_path / "labels"
+    config = job_config(out, run_id="first")
+    plan = output.plan_run(config, "IMAGENET1K_V1")
+    lease = json.loads((out / output.LEASE_FILE).read_text())
+    assert lease["run_id"] == "first" and lease["token"]
+    with pytest.raises(StorageError, match=r"in use by run first \(host .*, pid \d+\), last heartbeat \d+ s ago"):
+        output.plan_run(job_config(out, run_id="second"), "IMAGENET1K_V1")
+    assert not (out / "run=second").exists()
+    assert json.loads((out / "_run.json").read_text())["run_id"] == "first"
+    output.finish_run(config, plan, 1.0, 0)
+    assert not (out / output.LEASE_FILE).exists()
+    plan = output.plan_run(job_config(out, run_id="second", mode="incremental"), "IMAGENET1K_V1")
+    assert plan.run_id == "second"
+    plan.lease.release()
+
+
+def test_the_lease_beats_while_the_run_is_open(tmp_path, monkeypatch):
+    monkeypatch.setattr(output, "LEASE_HEARTBEAT_S", 0.05)
+    out = tmp_path / "labels"
+    config = job_config(out, run_id="first")
+    plan = output.plan_run(config, "IMAGENET1K_V1")
+    first = json.loads((out / output.LEASE_FILE).read_text())["heartbeat_at"]
+    poll(lambda: json.loads((out / output.LEASE_FILE).read_text())["heartbeat_at"] != first, 10, "a heartbeat")
+    output.finish_run(config, plan, 1.0, 0)
+    assert not (out / output.LEASE_FILE).exists()
+    assert not any(t.name == "lease-first" for t in threading.enumerate())
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.parametrize(
+    "holder",
+    [
+        # Another machine's job that stopped beating longer ago than the staleness bound.
+        {"host": "elsewhere", "pid": 1, "seconds_ago": output.LEASE_STALE_S + 5},
+        # A job on this machine whose process is gone (killed), however fresh its last beat.
+        {"host": "here", "pid": "dead", "seconds_ago": 1},
+    ],
+    ids=["heartbeat-too-old", "process-gone"],
+)
+def test_a_stale_lease_is_taken_over(tmp_path, holder):
+    import socket
+
+    out = tmp_path / "labels"
+    out.mkdir()
+    beat = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=holder["seconds_ago"])
+    lease = {
+        "run_id": "crashed",
+        "host": socket.gethostname() if holder["host"] == "here" else holder["host"],
+        "pid": dead_pid() if holder["pid"] == "dead" else holder["pid"],
+        "pid_namespace": output._pid_namespace(),
+        "token": "theirs",
+        "heartbeat_at": beat.isoformat(),
+    }
+    (out / output.LEASE_FILE).write_text(json.dumps(lease))
+    plan = output.plan_run(job_config(out, run_id="next"), "IMAGENET1K_V1")
+    assert json.loads((out / output.LEASE_FILE).read_text())["run_id"] == "next"
+    plan.lease.release()
+
+
+def test_a_fresh_lease_of_another_machine_is_respected(tmp_path):
+    out = tmp_path / "labels"
+    out.mkdir()
+    beat = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=output.LEASE_STALE_S - 30)
+    lease = {"run_id": "busy", "host": "elsewhere", "pid": 1, "token": "theirs", "heartbeat_at": beat.isoformat()}
+    (out / output.LEASE_FILE).write_text(json.dumps(lease))
+    with pytest.raises(StorageError, match=r"in use by run busy \(host elsewhere, pid 1\), last heartbeat 9\d s ago"):
+        output.plan_run(job_config(out, run_id="next"), "IMAGENET1K_V1")
+    assert json.loads((out / output.LEASE_FILE).read_text())["token"] == "theirs"
+
+
+def race(configs, barrier_around_create, monkeypatch, exclusive=True):
+    """Runs plan_run for each config in its own thread, all creating the lease at once; returns plans and errors."""
+    create = output._create_exclusively
+    barrier = threading.Barrier(len(configs), timeout=30)
+
+    def creating_together(fs, path, data):
+        barrier.wait()  # every job has read the lease as absent
+        try:
+            create(fs, path, data) if exclusive else fs.pipe_file(path, data)
+        finally:
+            if barrier_around_create:
+                barrier.wait()  # every job has written before any reads back
+
+    monkeypatch.setattr(output, "_create_exclusively", creating_together)
+    results = [None] * len(configs)
+
+    def plan(i):
+        try:
+            results[i] = output.plan_run(configs[i], "IMAGENET1K_V1")
+        except StorageError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=plan, args=(i,)) for i in range(len(configs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    plans = [r for r in results if isinstance(r, output.RunPlan)]
+    errors = [r for r in results if isinstance(r, StorageError)]
+    return plans, errors
+
+
+@pytest.mark.parametrize("exclusive", [True, False], ids=["exclusive-create", "last-writer-wins"])
+def test_two_racing_jobs_on_local_disk_one_wins(tmp_path, monkeypatch, exclusive):
+    out = tmp_path / "labels"
+    out.mkdir()
+    configs = [job_config(out, run_id=name) for name in ("a", "b")]
+    plans, errors = race(configs, barrier_around_create=not exclusive, monkeypatch=monkeypatch, exclusive=exclusive)
+    assert len(plans) == 1 and len(errors) == 1, (plans, errors)
+    assert f"in use by run {plans[0].run_id}" in str(errors[0]) or "a job still planning its run" in str(errors[0])
+    assert [p.name for p in out.glob("run=*")] == [f"run={plans[0].run_id}"]
+    output.finish_run(configs[0], plans[0], 1.0, 0)
+
+
+@pytest.fixture
+def s3_output(s3_server):
+    fs, _ = filesystem("s3://lease-bucket", StorageConfig(**s3_server))
+    if not fs.exists("lease-bucket"):
+        fs.mkdir("lease-bucket")
+    return fs
+
+
+def test_the_lease_holds_on_s3(s3_server, s3_output, monkeypatch):
+    out = "s3://lease-bucket/held"
+    config = job_config(out, run_id="first", storage=s3_server)
+    plan = output.plan_run(config, "IMAGENET1K_V1")
+    assert json.loads(s3_output.cat_file("lease-bucket/held/_lease.json"))["run_id"] == "first"
+    with pytest.raises(StorageError, match=r"output s3://lease-bucket/held is in use by run first"):
+        output.plan_run(job_config(out, run_id="second", storage=s3_server), "IMAGENET1K_V1")
+    output.finish_run(config, plan, 1.0, 0)
+    assert not s3_output.exists("lease-bucket/held/_lease.json")
+
+    # Two jobs racing for a fresh output: S3's conditional write lets one create the lease.
+    configs = [job_config("s3://lease-bucket/raced", run_id=name, storage=s3_server) for name in ("a", "b")]
+    plans, errors = race(configs, barrier_around_create=False, monkeypatch=monkeypatch)
+    assert len(plans) == 1 and len(errors) == 1, (plans, errors)
+    output.finish_run(configs[0], plans[0], 1.0, 0)
