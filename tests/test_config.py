@@ -98,3 +98,22 @@ def test_derived_model_resources_leave_room_for_decoding():
     assert model_actor_pool(config, {"CPU": 64, "GPU": 8}).max_size == 8
     with pytest.raises(ValueError, match="too few"):
         model_actor_pool(config, {"CPU": 0.5})
+
+
+def test_one_input_however_it_is_written(tmp_path, monkeypatch):
+    from mnasnet_batch.cli import build_parser, config_from_args
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "w.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+
+    def resolved(*argv: str):
+        config = config_from_args(build_parser().parse_args(["--output", "labels/", *argv]))
+        return config.input.uri, config.output.uri, config.model.weights
+
+    absolute = (str(tmp_path / "photos"), str(tmp_path / "labels"), "IMAGENET1K_V1")
+    for spelling in ("photos", "./photos", "photos/", str(tmp_path / "photos") + "/"):
+        assert resolved("--input", spelling) == absolute, spelling
+    assert resolved("--input", "s3://bucket/photos/")[0] == "s3://bucket/photos"
+    assert resolved("--input", "photos", "--weights", "w.pth")[2] == str(tmp_path / "w.pth")
+    assert resolved("--input", "photos", "--weights", "DEFAULT")[2] == "DEFAULT"
