@@ -245,3 +245,56 @@ def test_credentials_are_redacted_from_the_written_config():
         assert secret not in written
     assert to_dict(config)["storage"]["options"]["client_kwargs"] == {"aws_session_token": REDACTED}
     assert to_dict(config)["storage"]["endpoint_url"] == f"http://{REDACTED}@minio:9000"
+
+
+def test_listed_paths_with_glob_characters_are_read_as_they_are(tmp_path):
+    trip = tmp_path / "2024 [trip]"
+    trip.mkdir()
+    names = ["br[1].jpg", "a?.jpg", "star*.jpg", "plain.jpg"]
+    for name in names:
+        (trip / name).write_bytes(name.encode())
+    (trip / "br1.jpg").write_bytes(b"what br[1].jpg would match as a glob")
+    uris = [str(trip / name) for name in names]
+    assert storage.read_many(uris, NO_STORAGE) == [name.encode() for name in names]
+    # A folder whose name looks like a glob is the folder; a glob that names nothing literally is a glob.
+    plan = plan_input(config(trip).input, NO_STORAGE)
+    assert plan.format == "files" and sorted(plan.uris) == sorted([*uris, str(trip / "br1.jpg")])
+    assert plan_input(config(f"{tmp_path}/2024 ?trip?/br*.jpg").input, NO_STORAGE).uris == [
+        str(trip / "br1.jpg"),
+        str(trip / "br[1].jpg"),
+    ]
+
+
+def test_reads_on_s3_are_literal_too(s3_server):
+    config = StorageConfig(**s3_server)
+    fs, _ = storage.filesystem("s3://globs", config)
+    fs.mkdir("globs")
+    names = ["br[1].jpg", "a?.jpg", "star*.jpg"]
+    for name in names:
+        fs.pipe(f"globs/shots [2024]/{name}", name.encode())
+    fs.pipe("globs/shots [2024]/br1.jpg", b"a decoy")
+    uris = [f"s3://globs/shots [2024]/{name}" for name in names]
+    assert storage.read_many([*uris, "s3://globs/missing[1].jpg"], config)[:3] == [n.encode() for n in names]
+    assert isinstance(storage.read_many(["s3://globs/missing[1].jpg"], config)[0], FileNotFoundError)
+    listed, single = storage.list_files("s3://globs/shots [2024]", config)
+    assert not single and sorted(listed) == sorted([*uris, "s3://globs/shots [2024]/br1.jpg"])
+
+
+def test_symlinked_folders_are_followed_once_and_loops_are_skipped(tmp_path, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "c.jpg").write_bytes(b"c")
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    (images / "a.jpg").write_bytes(b"a")
+    (images / "sub" / "b.jpg").write_bytes(b"b")
+    (images / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (images / "sub" / "back_up").symlink_to(images, target_is_directory=True)  # a loop
+    (images / "file_link.jpg").symlink_to(elsewhere / "c.jpg")
+    (images / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    with caplog.at_level("WARNING", logger="mnasnet_batch.storage"):
+        listed, _ = storage.list_files(str(images), NO_STORAGE)
+    expected = ("a.jpg", "broken.jpg", "file_link.jpg", "linked/c.jpg", "sub/b.jpg")
+    assert listed == [str(images / name) for name in expected]
+    assert f"not following {images}/sub/back_up: a symlink loop back to {images}" in caplog.text
+
