@@ -3,6 +3,7 @@
 import gzip
 import importlib
 import io
+import os
 import sys
 import tarfile
 
@@ -317,7 +318,7 @@ def test_symlinked_folders_are_followed_once_and_loops_are_skipped(tmp_path, cap
         listed, _ = storage.list_files(str(images), NO_STORAGE)
     expected = ("a.jpg", "broken.jpg", "file_link.jpg", "linked/c.jpg", "sub/b.jpg")
     assert listed == [str(images / name) for name in expected]
-    assert f"not following {images}/sub/back_up: a symlink loop back to {images}" in caplog.text
+    assert f"not following {images}/sub/back_up: a symlink loop back to {os.path.realpath(images)}" in caplog.text
 
 
 def test_image_members_a_webdataset_sample_drops_are_counted_and_logged(tmp_path, caplog):
