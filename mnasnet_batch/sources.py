@@ -7,11 +7,13 @@ import posixpath
 import re
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from fsspec.core import split_protocol
 
 from mnasnet_batch import storage
 from mnasnet_batch.config import InputConfig, StorageConfig
@@ -25,6 +27,8 @@ PARQUET_EXTENSIONS = ("parquet",)
 MANIFEST_EXTENSIONS = ("txt", "csv", "tsv", "parquet")
 # WebDataset's sample key: the member's directory plus its base name up to the first dot.
 _SAMPLE_KEY = re.compile(r"^((?:.*/|)[^./]+)\.[^/]*$")
+# Member names a warning about dropped members shows; the count says how many there are in all.
+SHOWN_MEMBERS = 3
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,17 @@ def plan_input(config: InputConfig, storage_config: StorageConfig) -> InputPlan:
             layout = "manifest"
         log.info("input format %s (detected from %s)", layout, config.uri)
     uris = files if single and layout != "files" else selected[layout]
+    if len(uris) < len(files):
+        chosen = set(uris)
+        ignored = [f for f in files if f not in chosen]
+        log.info(
+            "input %s: ignoring %d other files (not %s): %s%s",
+            config.uri,
+            len(ignored),
+            {"files": "images", "webdataset": "tar shards", "parquet": "Parquet files"}.get(layout, "manifests"),
+            ", ".join(posixpath.basename(f) for f in ignored[:SHOWN_MEMBERS]),
+            ", ..." if len(ignored) > SHOWN_MEMBERS else "",
+        )
     if not uris:
         wanted = {
             "files": f"image files with extensions {', '.join(extensions)}",
@@ -85,12 +100,21 @@ def plan_input(config: InputConfig, storage_config: StorageConfig) -> InputPlan:
                 f"input {uris[0]} has no column {', '.join(missing)}; its columns: {', '.join(columns)}; "
                 "set input.image_column and input.id_column"
             )
+        check_parquet_ids(uris, config.id_column, storage_config)
     if layout == "manifest":
         # The driver reads manifests as it lists files: it holds only URIs, and the image reads are spread
         # over decode tasks exactly as for loose files (so a resumed run skips what it already labeled).
-        uris = [u for manifest in uris for u in manifest_uris(manifest, config.uri_column, storage_config)]
-        if not uris:
+        listed = [u for manifest in uris for u in manifest_uris(manifest, config.uri_column, storage_config)]
+        if not listed:
             raise StorageError(f"input {config.uri}: the manifests list no URIs")
+        # An image listed twice is one input: one row, not two rows (or two parts) of the same uri.
+        uris = list(dict.fromkeys(listed))
+        if len(uris) < len(listed):
+            log.warning(
+                "input %s: %d URIs are listed more than once; each image is labeled once",
+                config.uri,
+                len(listed) - len(uris),
+            )
     return InputPlan(layout, uris)
 
 
@@ -104,6 +128,43 @@ def _parquet_columns(uri: str, storage_config: StorageConfig) -> list[str]:
         raise StorageError(f"input {uri} cannot be read as Parquet: {type(exc).__name__}: {exc}") from None
 
 
+def check_parquet_ids(uris: list[str], id_column: str, storage_config: StorageConfig) -> None:
+    """Refuses Parquet input whose ids do not name each row of a file once (a row's ``uri`` is ``FILE#ID``).
+
+    Only the id column is read, from every file at once.
+
+    Raises:
+        StorageError: a file lacks the id column, has a null id, or repeats an id; the message names one.
+    """
+    import pyarrow.parquet as pq
+
+    def problem(uri: str) -> str:
+        fs, path = storage.pyarrow_filesystem(uri, storage_config)
+        try:
+            ids = pq.read_table(path, columns=[id_column], filesystem=fs).column(id_column)
+        except Exception as exc:
+            return f"its column {id_column} cannot be read: {type(exc).__name__}: {exc}"
+        if ids.null_count:
+            return f"{ids.null_count} rows have a null {id_column}"
+        if pc.count_distinct(ids).as_py() < len(ids):
+            counts = pc.value_counts(ids)
+            repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+            first = repeated[0].as_py()
+            return (
+                f"{len(repeated)} values of {id_column} are on more than one row "
+                f"(e.g. {first['values']!r} on {first['counts']} rows)"
+            )
+        return ""
+
+    with ThreadPoolExecutor(min(storage.LISTING_THREADS, len(uris))) as pool:
+        for uri, found in zip(uris, pool.map(problem, uris), strict=True):
+            if found:
+                raise StorageError(
+                    f"input {uri}: {found}; a row's uri is FILE#ID, so input.id_column must name each row of a "
+                    "file once"
+                )
+
+
 def manifest_kind(uri: str) -> str:
     """``parquet``, ``csv`` (also ``tsv``) or ``text`` (one URI per line), from the manifest's extension."""
     if storage.has_extension(uri, ("parquet",)):
@@ -114,7 +175,11 @@ def manifest_kind(uri: str) -> str:
 
 
 def manifest_uris(uri: str, column: str, storage_config: StorageConfig) -> list[str]:
-    """The image URIs a manifest lists: one per line (text), or its ``column`` (CSV, TSV, Parquet); blanks skipped.
+    """The image URIs a manifest lists: one per line (text), or its ``column`` (CSV, TSV, Parquet).
+
+    Blanks are skipped, and in text manifests lines starting with ``#`` (comments). A relative path is
+    resolved against the manifest's folder (``resolve_relative``); URIs with a scheme and absolute paths stay
+    as they are.
 
     Raises:
         StorageError: the manifest cannot be read, or has no such column.
@@ -136,11 +201,24 @@ def manifest_uris(uri: str, column: str, storage_config: StorageConfig) -> list[
                     convert_options=pacsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()}),
                 ).column(column)
             else:
-                values = pa.array(f.read().decode("utf-8").splitlines())
+                lines = f.read().decode("utf-8").splitlines()
+                values = pa.array([line for line in lines if not line.lstrip().startswith("#")], pa.string())
     except Exception as exc:
         raise StorageError(f"manifest {uri} cannot be read: {type(exc).__name__}: {exc}") from None
     stripped = (str(v).strip() for v in values.to_pylist() if v is not None)
-    return [v for v in stripped if v]
+    return [resolve_relative(v, uri) for v in stripped if v]
+
+
+def resolve_relative(uri: str, manifest: str) -> str:
+    """``uri`` as listed in ``manifest``: as it is with a scheme or an absolute path, else in the manifest's folder.
+
+    ``img/a.jpg`` in ``s3://b/lists/m.txt`` is ``s3://b/lists/img/a.jpg``; in ``/data/m.txt``, ``/data/img/a.jpg``.
+    """
+    if split_protocol(uri)[0] or uri.startswith("/"):
+        return uri
+    protocol, path = split_protocol(manifest)
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), uri))
+    return f"{protocol}://{resolved}" if protocol else resolved
 
 
 def read_parquet_images(
@@ -152,6 +230,8 @@ def read_parquet_images(
     storage_config: StorageConfig,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Reads the Parquet files of a batch ``batch_size`` rows at a time and preprocesses them (the CPU stage).
+
+    A row's ``uri`` is ``FILE#ID``: the file's URI, ``#``, the row's id (unique in a file: ``check_parquet_ids``).
 
     Ray Data's ``read_parquet`` is not used: in Ray 2.60 it plans a ``ListFiles`` operator whose tasks
     reserve a whole CPU and cannot be configured; beside a model actor holding 1.5 of 2 CPUs and a decode
@@ -168,14 +248,18 @@ def read_parquet_images(
                 columns = {
                     name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in (id_column, image_column)
                 }
-                yield parquet_batch(columns, id_column, image_column, spec)
+                yield parquet_batch(columns, id_column, image_column, spec, str(uri))
 
 
 def parquet_batch(
-    batch: dict[str, np.ndarray], id_column: str, image_column: str, spec: PreprocessSpec
+    batch: dict[str, np.ndarray], id_column: str, image_column: str, spec: PreprocessSpec, file_uri: str
 ) -> dict[str, np.ndarray]:
-    """Preprocesses a batch of Parquet rows holding encoded images; a row's ``uri`` is its id."""
-    ids = np.asarray([str(i) for i in batch[id_column]], dtype=object)
+    """Preprocesses a batch of rows of the Parquet file ``file_uri`` holding encoded images.
+
+    A row's ``uri`` is ``FILE#ID``, as a tar member's is ``SHARD#MEMBER``: ids need only be unique in their
+    file, and two files with the same ids are still two sets of images.
+    """
+    ids = np.asarray([f"{file_uri}#{i}" for i in batch[id_column]], dtype=object)
     contents = [ValueError(f"{image_column} is null") if data is None else bytes(data) for data in batch[image_column]]
     return preprocess_batch(ids, contents, spec)
 
@@ -198,7 +282,9 @@ def shard_images(
     """Streams a WebDataset shard, yielding each sample's image as ``(shard#member, bytes)``.
 
     A sample (consecutive members sharing a key) yields its first member with an image extension; a sample
-    without one yields ``(shard#key, ValueError)``. When the shard cannot be read to its end (truncated,
+    without one yields ``(shard#key, ValueError)``. Image members this convention drops (a sample's second
+    image, as ``photo.2025.jpg`` after ``photo.2024.jpg``, both of key ``photo``; a name without a key, as
+    ``.hidden.jpg``) are counted and logged, once per shard. When the shard cannot be read to its end (truncated,
     corrupt, or unreachable), the samples before that point are yielded as usual and one last item,
     ``(shard#member-being-read, error)`` or ``(shard, error)`` when no member was being read, says where
     reading stopped; what follows in the shard is unknown.
@@ -211,6 +297,7 @@ def shard_images(
     image: tuple[str, bytes] | None = None
     members: list[str] = []
     reading: str | None = None
+    dropped: list[str] = []  # image members that are not labeled
 
     def finish() -> tuple[str, bytes | Exception]:
         if image is None:
@@ -227,6 +314,8 @@ def shard_images(
                     continue
                 member_key = sample_key(info.name)
                 if member_key is None:
+                    if storage.has_extension(info.name, extensions):
+                        dropped.append(info.name)
                     continue
                 if member_key != key:
                     if key is not None:
@@ -237,8 +326,11 @@ def shard_images(
                 # Every member is read, not skipped: skipping a truncated member goes unnoticed in stream mode.
                 data = tar.extractfile(info).read()
                 reading = None
-                if image is None and storage.has_extension(info.name, extensions):
-                    image = (info.name, data)
+                if storage.has_extension(info.name, extensions):
+                    if image is None:
+                        image = (info.name, data)
+                    else:
+                        dropped.append(info.name)
             # Stream mode ends quietly where a header is cut short or missing; only a whole block of zeros
             # (tar's end-of-archive marker, which every tar writer emits) ends a shard that is complete.
             if tar.fileobj.tell() - tar.offset != tarfile.BLOCKSIZE:
@@ -254,9 +346,23 @@ def shard_images(
             yield f"{shard}#{reading or key}", error
         else:
             yield shard, error
+        _log_dropped(shard, dropped)
         return
     if key is not None:
         yield finish()
+    _log_dropped(shard, dropped)
+
+
+def _log_dropped(shard: str, dropped: list[str]) -> None:
+    if dropped:
+        log.warning(
+            "shard %s: %d image members not labeled (%s%s): a WebDataset sample is the consecutive members "
+            "sharing a key (the name up to its first dot), and only its first image is labeled",
+            shard,
+            len(dropped),
+            ", ".join(dropped[:SHOWN_MEMBERS]),
+            ", ..." if len(dropped) > SHOWN_MEMBERS else "",
+        )
 
 
 def _with_context(exc: Exception, message: str) -> Exception:

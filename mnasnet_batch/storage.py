@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import unquote
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from mnasnet_batch.config import StorageConfig
+
+log = logging.getLogger(__name__)
 
 # The optional extra (pyproject.toml) that brings each cloud scheme's fsspec implementation.
 EXTRAS = {
@@ -26,6 +31,7 @@ LOCAL_SCHEMES = ("file", "local", "memory")
 # Sub-directories (prefixes) listed at once: an object store returns 1,000 keys per request, one request
 # after another within a prefix, so millions of keys take many minutes unless prefixes are listed together.
 LISTING_THREADS = 16
+GLOB_CHARACTERS = "*?["
 
 
 class StorageError(RuntimeError):
@@ -78,10 +84,15 @@ def fsspec_options(protocol: str, config: StorageConfig) -> dict[str, object]:
 def filesystem(uri: str, config: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri``, configured from ``config``, and the path inside it.
 
+    A ``file://`` URI is percent-decoded (RFC 8089; what ``Path.as_uri()`` writes); plain paths are taken as
+    they are.
+
     Raises:
         StorageError: the scheme's package is not installed (the message names the extra to install).
     """
     protocol = scheme(uri)
+    if uri.startswith("file://"):
+        uri = "file://" + unquote(uri[len("file://") :])
     try:
         return url_to_fs(uri, **fsspec_options(protocol, config))
     except ImportError as exc:
@@ -124,7 +135,9 @@ def has_extension(path: str, extensions: tuple[str, ...]) -> bool:
 def list_files(uri: str, config: StorageConfig) -> tuple[list[str], bool]:
     """Lists the files under a directory or prefix (recursively), matching a glob, or the single file named.
 
-    One recursive listing call per location (a flat ``ListObjectsV2`` walk on S3), no per-file requests.
+    ``uri`` is a glob only when nothing exists under its literal name and it holds ``*``, ``?`` or ``[``:
+    ``shots [2024]/`` is a folder when it exists. One recursive listing call per location (a flat
+    ``ListObjectsV2`` walk on S3), no per-file requests; local symlinks to folders are followed.
 
     Returns:
         Full URIs (absolute paths for local files), sorted so runs are reproducible, and whether ``uri``
@@ -135,12 +148,12 @@ def list_files(uri: str, config: StorageConfig) -> tuple[list[str], bool]:
     """
     try:
         fs, path = filesystem(uri, config)
-        if any(c in path for c in "*?["):
-            single, paths = False, [p for p, info in fs.glob(path, detail=True).items() if info["type"] != "directory"]
-        elif fs.isfile(path):
+        if fs.isfile(path):
             single, paths = True, [path]
         elif fs.isdir(path):
             single, paths = False, _find(fs, path)
+        elif any(c in path for c in GLOB_CHARACTERS):
+            single, paths = False, [p for p, info in fs.glob(path, detail=True).items() if info["type"] != "directory"]
         else:
             raise StorageError(f"input {uri} does not exist")
     except StorageError:
@@ -154,6 +167,8 @@ def list_files(uri: str, config: StorageConfig) -> tuple[list[str], bool]:
 
 def _find(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     """Every file under ``path``, listing its top-level sub-directories (prefixes) concurrently."""
+    if isinstance(fs, LocalFileSystem):
+        return _find_local(path)
     entries = fs.ls(path, detail=True)
     directories = [e["name"] for e in entries if e["type"] == "directory"]
     if len(directories) < 2:
@@ -162,6 +177,35 @@ def _find(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     with ThreadPoolExecutor(min(LISTING_THREADS, len(directories))) as pool:
         for found in pool.map(fs.find, directories):
             files.extend(found)
+    return files
+
+
+def _find_local(root: str) -> list[str]:
+    """Every file under a local folder, following symlinks to files and folders (fsspec's ``find`` does not).
+
+    A symlinked folder is listed under the link's path. One that leads back to a folder it is inside (a loop)
+    is skipped with a warning; a broken symlink is listed, so that it becomes an error row like a missing file.
+    Sockets, pipes and devices are not files to read.
+    """
+    files: list[str] = []
+    # (folder, real paths of it and the folders above it)
+    pending = [(root, frozenset({os.path.realpath(root)}))]
+    while pending:
+        folder, ancestors = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            log.warning("folder %s cannot be listed: %s: %s", folder, type(exc).__name__, exc)
+            continue
+        for entry in entries:
+            if entry.is_dir():
+                real = os.path.realpath(entry.path)
+                if real in ancestors:
+                    log.warning("not following %s: a symlink loop back to %s", entry.path, real)
+                    continue
+                pending.append((entry.path, ancestors | {real}))
+            elif entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path)):
+                files.append(entry.path)
     return files
 
 
@@ -183,7 +227,8 @@ def read_many(uris: list[str], config: StorageConfig | None = None) -> list[byte
     """Reads whole files, concurrently where the filesystem can (s3fs, gcsfs), keeping failures per file.
 
     URIs may mix schemes and buckets (a manifest's may); a URI that cannot even be resolved to a
-    filesystem gets its exception like one that does not exist.
+    filesystem gets its exception like one that does not exist. Each URI names one file literally:
+    ``br[1].jpg`` is read, not expanded as a glob (which fsspec's ``cat`` of a list does).
 
     Returns:
         For each URI in order, its bytes or the exception that reading it raised.
@@ -199,10 +244,11 @@ def read_many(uris: list[str], config: StorageConfig | None = None) -> list[byte
             continue
         by_fs.setdefault(id(fs), (fs, []))[1].append((i, path))
     for fs, items in by_fs.values():
+        # cat_ranges reads each path with cat_file, all at once on async filesystems, never expanding globs.
         try:
-            contents = fs.cat([path for _, path in items], on_error="return")
+            contents = fs.cat_ranges([path for _, path in items], None, None, on_error="return")
         except Exception as exc:
-            contents = {path: exc for _, path in items}
-        for i, path in items:
-            results[i] = contents.get(path, FileNotFoundError(path))
+            contents = [exc] * len(items)
+        for (i, _), content in zip(items, contents, strict=True):
+            results[i] = content
     return results

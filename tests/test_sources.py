@@ -3,6 +3,7 @@
 import gzip
 import importlib
 import io
+import os
 import sys
 import tarfile
 
@@ -174,11 +175,32 @@ def test_image_reads_report_what_does_not_exist(corpus, tmp_path):
     assert batch["error"][2].startswith("StorageError: nope://bucket/x.jpg: unknown URI scheme")
 
 
-def test_parquet_rows_use_the_id_as_uri_and_a_null_image_is_an_error(corpus):
+def test_parquet_rows_are_file_hash_id_and_a_null_image_is_an_error(corpus):
     spec = PreprocessSpec.for_model("mnasnet0_5", 10**8)
     batch = {"key": pa.array([7, 8]).to_numpy(), "jpg": pa.array([corpus[0].read_bytes(), None]).to_numpy(False)}
-    out = sources.parquet_batch(batch, "key", "jpg", spec)
-    assert list(out["uri"]) == ["7", "8"] and out["error"][0] == "" and out["error"][1] == "ValueError: jpg is null"
+    out = sources.parquet_batch(batch, "key", "jpg", spec, "s3://b/t/part-0.parquet")
+    assert list(out["uri"]) == ["s3://b/t/part-0.parquet#7", "s3://b/t/part-0.parquet#8"]
+    assert out["error"][0] == "" and out["error"][1] == "ValueError: jpg is null"
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        ([0, 1, 1, 2, 2, 2], r"2 values of id are on more than one row \(e.g. 1 on 2 rows\)"),
+        (["a", None, "b"], "1 rows have a null id"),
+    ],
+    ids=["repeated", "null"],
+)
+def test_parquet_ids_that_do_not_name_each_row_of_a_file_once_are_refused(tmp_path, ids, message):
+    (tmp_path / "t").mkdir()
+    # Another file with the same ids is fine: its rows' uris name their own file.
+    pq.write_table(pa.table({"id": [0, 1, 2], "image": [b"x"] * 3}), tmp_path / "t" / "a.parquet")
+    pq.write_table(pa.table({"id": ids, "image": [b"x"] * len(ids)}), tmp_path / "t" / "b.parquet")
+    with pytest.raises(StorageError, match=rf"input {tmp_path}/t/b.parquet: {message}; a row's uri is FILE#ID"):
+        plan_input(config(tmp_path / "t").input, NO_STORAGE)
+    (tmp_path / "t" / "b.parquet").unlink()
+    pq.write_table(pa.table({"id": [0, 1, 2], "image": [b"x"] * 3}), tmp_path / "t" / "b.parquet")
+    assert len(plan_input(config(tmp_path / "t").input, NO_STORAGE).uris) == 2
 
 
 def test_storage_section_becomes_fsspec_options():
@@ -245,3 +267,103 @@ def test_credentials_are_redacted_from_the_written_config():
         assert secret not in written
     assert to_dict(config)["storage"]["options"]["client_kwargs"] == {"aws_session_token": REDACTED}
     assert to_dict(config)["storage"]["endpoint_url"] == f"http://{REDACTED}@minio:9000"
+
+
+def test_listed_paths_with_glob_characters_are_read_as_they_are(tmp_path):
+    trip = tmp_path / "2024 [trip]"
+    trip.mkdir()
+    names = ["br[1].jpg", "a?.jpg", "star*.jpg", "plain.jpg"]
+    for name in names:
+        (trip / name).write_bytes(name.encode())
+    (trip / "br1.jpg").write_bytes(b"what br[1].jpg would match as a glob")
+    uris = [str(trip / name) for name in names]
+    assert storage.read_many(uris, NO_STORAGE) == [name.encode() for name in names]
+    # A folder whose name looks like a glob is the folder; a glob that names nothing literally is a glob.
+    plan = plan_input(config(trip).input, NO_STORAGE)
+    assert plan.format == "files" and sorted(plan.uris) == sorted([*uris, str(trip / "br1.jpg")])
+    assert plan_input(config(f"{tmp_path}/2024 ?trip?/br*.jpg").input, NO_STORAGE).uris == [
+        str(trip / "br1.jpg"),
+        str(trip / "br[1].jpg"),
+    ]
+
+
+def test_reads_on_s3_are_literal_too(s3_server):
+    config = StorageConfig(**s3_server)
+    fs, _ = storage.filesystem("s3://globs", config)
+    fs.mkdir("globs")
+    names = ["br[1].jpg", "a?.jpg", "star*.jpg"]
+    for name in names:
+        fs.pipe(f"globs/shots [2024]/{name}", name.encode())
+    fs.pipe("globs/shots [2024]/br1.jpg", b"a decoy")
+    uris = [f"s3://globs/shots [2024]/{name}" for name in names]
+    assert storage.read_many([*uris, "s3://globs/missing[1].jpg"], config)[:3] == [n.encode() for n in names]
+    assert isinstance(storage.read_many(["s3://globs/missing[1].jpg"], config)[0], FileNotFoundError)
+    listed, single = storage.list_files("s3://globs/shots [2024]", config)
+    assert not single and sorted(listed) == sorted([*uris, "s3://globs/shots [2024]/br1.jpg"])
+
+
+def test_symlinked_folders_are_followed_once_and_loops_are_skipped(tmp_path, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "c.jpg").write_bytes(b"c")
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    (images / "a.jpg").write_bytes(b"a")
+    (images / "sub" / "b.jpg").write_bytes(b"b")
+    (images / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (images / "sub" / "back_up").symlink_to(images, target_is_directory=True)  # a loop
+    (images / "file_link.jpg").symlink_to(elsewhere / "c.jpg")
+    (images / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    with caplog.at_level("WARNING", logger="mnasnet_batch.storage"):
+        listed, _ = storage.list_files(str(images), NO_STORAGE)
+    expected = ("a.jpg", "broken.jpg", "file_link.jpg", "linked/c.jpg", "sub/b.jpg")
+    assert listed == [str(images / name) for name in expected]
+    assert f"not following {images}/sub/back_up: a symlink loop back to {os.path.realpath(images)}" in caplog.text
+
+
+def test_image_members_a_webdataset_sample_drops_are_counted_and_logged(tmp_path, caplog):
+    shard = make_tar(
+        [
+            ("photo.2024.jpg", b"A"),
+            ("photo.2025.jpg", b"B"),
+            ("photo.json", b"{}"),
+            ("a/.hidden.jpg", b"C"),
+            ("other.png", b"D"),
+        ]
+    )
+    with caplog.at_level("WARNING", logger="mnasnet_batch.sources"):
+        items = read(tmp_path / "s.tar", shard)
+    assert items == [("photo.2024.jpg", b"A"), ("other.png", b"D")]
+    assert f"shard {tmp_path}/s.tar: 2 image members not labeled (photo.2025.jpg, a/.hidden.jpg)" in caplog.text
+
+
+def test_files_a_layout_ignores_are_counted_and_logged(layouts, caplog):
+    with caplog.at_level("INFO", logger="mnasnet_batch.sources"):
+        plan_input(config(layouts / "images").input, NO_STORAGE)
+    assert f"input {layouts}/images: ignoring 1 other files (not images): notes.txt" in caplog.text
+
+
+def test_manifests_skip_comments_resolve_relative_paths_and_decode_file_uris(tmp_path, corpus, caplog):
+    spaced = tmp_path / "my photos" / "a b%.jpg"
+    spaced.parent.mkdir()
+    spaced.write_bytes(corpus[0].read_bytes())
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "m.txt").write_text(
+        f"# images for the test\n  # indented comment\nimg/1.jpg\n../my photos/a b%.jpg\n{spaced.as_uri()}\n"
+        "s3://b/x.jpg\n/abs/2.jpg\nimg/1.jpg\n"
+    )
+    resolved = [str(lists / "img" / "1.jpg"), str(spaced), spaced.as_uri(), "s3://b/x.jpg", "/abs/2.jpg"]
+    assert sources.manifest_uris(str(lists / "m.txt"), "uri", NO_STORAGE) == [*resolved, resolved[0]]
+    (lists / "m.csv").write_text("uri\nimg/1.jpg\ns3://b/x.jpg\n")
+    assert sources.manifest_uris(str(lists / "m.csv"), "uri", NO_STORAGE) == [resolved[0], "s3://b/x.jpg"]
+    pq.write_table(pa.table({"uri": ["img/1.jpg"]}), lists / "m.parquet")
+    assert sources.manifest_uris(str(lists / "m.parquet"), "uri", NO_STORAGE) == [resolved[0]]
+    assert sources.resolve_relative("img/1.jpg", "s3://b/lists/m.txt") == "s3://b/lists/img/1.jpg"
+    assert sources.resolve_relative("../1.jpg", "gs://b/lists/m.txt") == "gs://b/1.jpg"
+    # A percent-encoded file:// URI (Path.as_uri()) reads the file it names.
+    assert storage.read_many([spaced.as_uri()], NO_STORAGE) == [spaced.read_bytes()]
+    # The same image listed twice is one input.
+    with caplog.at_level("WARNING", logger="mnasnet_batch.sources"):
+        plan = plan_input(config(lists / "m.txt").input, NO_STORAGE)
+    assert plan.uris == resolved and "1 URIs are listed more than once" in caplog.text

@@ -143,7 +143,7 @@ def test_every_layout_from_s3_labels_every_image_once(runs, images):
     names = {p.name for p in images}
     assert set(by_name(tables["loose"])) == names
     assert set(tables["loose"].column("uri").to_pylist()) == {f"s3://corpus/loose/{n}" for n in names}
-    assert set(tables["parquet"].column("uri").to_pylist()) == names
+    assert set(tables["parquet"].column("uri").to_pylist()) == {f"s3://corpus/table/part-0.parquet#{n}" for n in names}
     manifest = tables["manifest"].to_pylist()
     assert len(manifest) == 9
     [missing] = [row for row in manifest if row["status"] == "error"]

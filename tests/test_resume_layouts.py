@@ -1,0 +1,119 @@
+"""Shards and Parquet input, every input exactly once: a killed run resumed by the same command, then incremental."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mnasnet_batch.cli import main
+from tests import support
+from tests.test_nothing_lost import ROOT, kill_session, poll, rows_by_uri, start_job
+from tests.test_storage_job import make_shard
+
+# Parts of 4 rows: 16 images make 4 parts, more than the stalled run below can publish.
+SMALL_BATCHES = ("output.rows_per_file=4", "compute.batch_size=4", "preprocess.batch_size=4")
+IMAGES_PER_INPUT = 4
+
+# Test-only fault injection through sitecustomize, inherited by every Ray worker of the job: once a run holds
+# two parts, publishing another stalls, so the job is killed with some of its rows written and the rest not.
+STALL_AFTER_TWO_PARTS = (
+    "import os, time\n"
+    "_replace = os.replace\n"
+    "def _stalling_replace(src, dst, *args, **kwargs):\n"
+    "    folder, name = os.path.split(str(dst))\n"
+    "    if name.startswith('part-') and sum(n.startswith('part-') for n in os.listdir(folder)) >= 2:\n"
+    "        time.sleep(600)\n"
+    "    return _replace(src, dst, *args, **kwargs)\n"
+    "os.replace = _stalling_replace\n"
+)
+
+
+def write_shards(folder: Path, images: list[Path], first: int) -> dict[str, Path]:
+    """Shards of IMAGES_PER_INPUT images (with json, cls and txt members), numbered from ``first``.
+
+    Returns:
+        Each image's expected ``uri`` (``SHARD#MEMBER``) and its file.
+    """
+    folder.mkdir(exist_ok=True)
+    expected = {}
+    for i in range(0, len(images), IMAGES_PER_INPUT):
+        shard = folder / f"{first + i // IMAGES_PER_INPUT:06d}.tar"
+        shard.write_bytes(make_shard(images[i : i + IMAGES_PER_INPUT]))
+        expected.update({f"{shard}#{path.name}": path for path in images[i : i + IMAGES_PER_INPUT]})
+    return expected
+
+
+def write_parquet(folder: Path, images: list[Path], first: int) -> dict[str, Path]:
+    """Parquet files of IMAGES_PER_INPUT images, numbered from ``first``, every file with the ids 0, 1, 2, 3.
+
+    Returns:
+        Each image's expected ``uri`` (``FILE#ID``) and its file.
+    """
+    folder.mkdir(exist_ok=True)
+    expected = {}
+    for i in range(0, len(images), IMAGES_PER_INPUT):
+        chunk = images[i : i + IMAGES_PER_INPUT]
+        path = folder / f"part-{first + i // IMAGES_PER_INPUT}.parquet"
+        pq.write_table(pa.table({"id": range(len(chunk)), "image": [p.read_bytes() for p in chunk]}), path)
+        expected.update({f"{path}#{row}": image for row, image in enumerate(chunk)})
+    return expected
+
+
+WRITERS = {"webdataset": write_shards, "parquet": write_parquet}
+
+
+def assert_predictions_match_the_reference(rows: dict[str, dict], expected: dict[str, Path], model) -> None:
+    uris = sorted(expected)
+    ids, scores = support.reference_predictions([expected[u] for u in uris], model, "mnasnet0_5", 5)
+    for uri, ref_ids, ref_scores in zip(uris, ids, scores, strict=True):
+        assert rows[uri]["status"] == "ok" and rows[uri]["top_k_ids"] == ref_ids.tolist(), uri
+        np.testing.assert_allclose(rows[uri]["top_k_scores"], ref_scores, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "parquet"])
+def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
+    layout, local_ray, corpus, tmp_path, checkpoint_path, fixture_model, capsys
+):
+    inputs = tmp_path / "inputs"
+    expected = WRITERS[layout](inputs, corpus[:16], 0)
+    output = tmp_path / "out"
+    argv = support.job_argv(inputs, output, checkpoint_path, *SMALL_BATCHES)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(STALL_AFTER_TWO_PARTS)
+    job = start_job(
+        argv, env={"PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    )
+    try:
+        poll(lambda: len(list(output.glob("run=*/part-*.parquet"))) >= 2 or job.poll() is not None, 180, "two parts")
+        assert job.poll() is None, "the run finished before it could be killed"
+    finally:
+        kill_session(job)
+    before = {p.name: p.stat().st_mtime_ns for p in output.glob("run=*/part-*.parquet")}
+    rows_before = len(rows_by_uri(output))
+    assert 0 < rows_before < len(expected)
+    assert json.loads((output / "_run.json").read_text())["status"] == "running"
+    capsys.readouterr()
+
+    # The same command resumes the run: what is missing is labeled, what was written is kept, nothing twice.
+    assert main(argv) == 0
+    rows = rows_by_uri(output)
+    assert set(rows) == set(expected)
+    assert_predictions_match_the_reference(rows, expected, fixture_model)
+    assert {p.name: p.stat().st_mtime_ns for p in output.glob("run=*/part-*.parquet") if p.name in before} == before
+    assert f"labeled {len(expected)} images (0 errors, {rows_before} from before the resume)" in capsys.readouterr().out
+    assert len(list(output.glob("run=*"))) == 1 and (output / "_SUCCESS").exists()
+
+    # One more shard or Parquet file (Parquet: with the same ids as every other file); only it is labeled.
+    added = WRITERS[layout](inputs, corpus[16:20], 4)
+    assert main([*argv, "--mode", "incremental", "--run-id", "more"]) == 0
+    assert "labeled 4 images (0 errors)" in capsys.readouterr().out
+    everything = rows_by_uri(output)
+    assert set(everything) == set(expected) | set(added)
+    assert {uri: everything[uri] for uri in rows} == rows
+    assert_predictions_match_the_reference(everything, added, fixture_model)
+    assert json.loads((output / "_run.json").read_text())["status"] == "succeeded"
