@@ -34,8 +34,8 @@ class InputConfig:
     # auto: read the layout from what the URI holds (images, then *.tar shards, then *.parquet whose
     # schema has image_column, else a manifest); set it when a location holds more than one layout.
     format: str = "auto"
-    # Parquet input: the binary column of encoded images and the column written as each row's `uri`.
-    # "image" and "id" are the plainest names; datasets built by other tools set their own.
+    # Parquet input: the binary column of encoded images, and the column of ids (unique within a file) that a
+    # row's `uri` ends with, as FILE#ID. "image" and "id" are the plainest names; other tools' datasets set theirs.
     image_column: str = "image"
     id_column: str = "id"
     # CSV and Parquet manifests: the column of image URIs ("uri", like this job's own output).

@@ -165,7 +165,8 @@ def _create_exclusively(fs, path: str, data: bytes) -> None:
             conditional writes) may overwrite instead: callers read the file back to see whose it is.
     """
     if isinstance(fs, LocalFileSystem):
-        temp = _temp_path(path)
+        # Not a TEMP_PREFIX name: the job holding the lease clears those, and this one may be a racing job's.
+        temp = f"{path}.{uuid.uuid4().hex}"
         try:
             fs.pipe_file(temp, data)
             os.link(temp, path)  # fails if path exists, and the file appears whole
@@ -311,6 +312,16 @@ def _in_use(uri: str, holder: dict) -> str:
     )
 
 
+def _named(fs, folder: str, prefix: str) -> list[str]:
+    """The entries of ``folder`` whose names start with ``prefix``: a listing, not a glob, so that ``[``, ``?`` or
+    ``*`` in the folder's own path are taken as they are."""
+    try:
+        names = fs.ls(folder, detail=False)
+    except FileNotFoundError:  # an object store's "folder" exists only once an object is under it
+        return []
+    return [p for p in names if os.path.basename(p.rstrip("/")).startswith(prefix)]
+
+
 def _parts(fs, root: str) -> pads.Dataset | None:
     """The published Parquet parts under ``root`` (recursively) as one dataset; None when there are none."""
     files = sorted(p for p in fs.find(root) if os.path.basename(p).startswith("part-") and p.endswith(".parquet"))
@@ -392,7 +403,7 @@ def _open_run(config: JobConfig, weights_id: str, fs, root: str) -> RunPlan:
     if not resumed and fs.exists(run_root):
         raise StorageError(f"output {uri} already has a run {run_id}; pass another --run-id")
     fs.makedirs(run_root, exist_ok=True)
-    for stale in fs.glob(_join(root, f"{TEMP_PREFIX}*")) + fs.glob(_join(run_root, f"{TEMP_PREFIX}*")):
+    for stale in _named(fs, root, TEMP_PREFIX) + _named(fs, run_root, TEMP_PREFIX):
         fs.rm(stale)  # left by a writer that was killed; its rows were never visible
     # Incremental runs skip what any run labeled; others only what this run wrote before it was stopped.
     incremental = mode == "incremental" or (resumed and latest.get("mode") == "incremental")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import posixpath
 
 from mnasnet_batch.config import ConfigError, StorageConfig, load_config, parse_override
 from mnasnet_batch.output import RUN_RECORD, SUCCESS_MARKER
@@ -57,7 +58,12 @@ def list_runs(uri: str, storage_config: StorageConfig | None = None) -> list[dic
     """
     fs, root = filesystem(uri, storage_config or StorageConfig())
     root = root.rstrip("/")
-    paths = fs.glob(f"{root}/run=*/{RUN_RECORD}")
+    # A listing, not a glob: ``[`` or ``*`` in the output's own path are taken as they are.
+    paths = [
+        p
+        for p in fs.find(root, maxdepth=2)
+        if posixpath.basename(p) == RUN_RECORD and posixpath.basename(posixpath.dirname(p)).startswith("run=")
+    ]
     if not paths:
         raise FileNotFoundError(f"no runs under {uri} (no run=*/{RUN_RECORD})")
     records = sorted((json.loads(fs.cat_file(p)) for p in paths), key=lambda r: r.get("started_at") or "")

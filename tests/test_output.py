@@ -294,3 +294,18 @@ def test_the_lease_holds_on_s3(s3_server, s3_output, monkeypatch):
     plans, errors = race(configs, barrier_around_create=False, monkeypatch=monkeypatch)
     assert len(plans) == 1 and len(errors) == 1, (plans, errors)
     output.finish_run(configs[0], plans[0], 1.0, 0)
+
+
+def test_an_output_path_with_glob_characters_is_taken_as_it_is(tmp_path):
+    from mnasnet_batch.runs import list_runs
+
+    out = tmp_path / "labels [2024]"
+    plan = output.plan_run(job_config(out, run_id="first"), "w")
+    output.write_part(rows(["/images/a.jpg"]), plan.run_uri)
+    output.finish_run(job_config(out, run_id="first"), plan, seconds=1.0)
+    (out / f"{output.TEMP_PREFIX}left-by-a-killed-writer").write_bytes(b"")
+    plan = output.plan_run(job_config(out, mode="incremental", run_id="second"), "w")
+    assert not list(out.glob(f"{output.TEMP_PREFIX}*")), "a killed writer's temporary stays"
+    assert plan.done.to_pylist() == ["/images/a.jpg"]
+    output.finish_run(job_config(out, mode="incremental", run_id="second"), plan, seconds=1.0)
+    assert [r["run_id"] for r in list_runs(str(out))] == ["first", "second"]
