@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped by {stop.name}: {where}run the same command again to resume", file=sys.stderr)
         return 128 + stop.signum
     except Exception as exc:
-        # One line for people; Ray has already logged the failed task's traceback where there was one.
+        # One line for people; a failed task's traceback is in Ray Data's log (named when labeling started).
         where = f"run {plan.run_id} failed, run the same command again to resume: " if plan is not None else ""
         print(f"error: {where}{root_cause(exc)}", file=sys.stderr)
         log.debug("the job failed", exc_info=True)
@@ -230,7 +230,11 @@ def root_cause(exc: BaseException) -> str:
         if not isinstance(inner, BaseException):
             break
         exc = inner
-    message = str(exc).strip().splitlines()
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        # Ray Data re-raises a task's OSError with its retry report as the file name.
+        message = [f"[Errno {exc.errno}] {exc.strerror}"]
+    else:
+        message = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {message[0] if message else ''}".rstrip(": ")
 
 

@@ -255,6 +255,13 @@ def wait_for_room(config: JobConfig, pool: ActorPool, nodes: Callable[[], list[d
         )
 
 
+def ray_data_log_directory() -> str:
+    """Where Ray Data writes its log files on this node (``logs/ray-data`` of the Ray session)."""
+    from ray.data._internal.logging import get_log_directory  # no public API names it
+
+    return get_log_directory() or "logs/ray-data in the Ray session directory"
+
+
 class CountProgress:
     """The model actors' ``on_batch``: sends each output table's image and error counts to a ``ProgressCounter``."""
 
@@ -312,12 +319,12 @@ def run(
     # Ray Data's per-operator bars flood the logs of `ray job submit`; ProgressReporter draws one bar
     # at a terminal and logs one line every progress.interval_s elsewhere.
     context.enable_progress_bars = False
-    # Ray Data's INFO lines (execution plans, sink summaries) and its warning that the bars are off stay in its own
-    # log file of the Ray session; the job's log is for people.
+    # Ray Data's console lines (execution plans, sink summaries, and each failed task's tracebacks, twice) stay in
+    # its own log file of the Ray session: the job's log is for people, and the job reports a failure in one line.
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):
-            handler.setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled": we did
+            handler.setLevel(logging.CRITICAL)
+    log.info("Ray Data's log, with the traceback of any failed task: %s", ray_data_log_directory())
 
     spec = PreprocessSpec.for_model(
         config.model.name,

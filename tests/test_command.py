@@ -141,3 +141,41 @@ def test_a_driver_whose_working_directory_is_replaced_still_labels_everything(
     assert result.returncode == 0, result.stderr[-5000:]
     assert (tmp_path / "replaced").exists(), "the hook did not replace the working dir"
     assert set(rows_by_uri(output)) == {str(p) for p in corpus}
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes(local_ray, corpus, tmp_path, checkpoint_path):
+    # Test-only fault injection through sitecustomize, inherited by every Ray worker of the job: publishing a
+    # Parquet part fails as on a full disk.
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import errno, os\n"
+        "_replace = os.replace\n"
+        "def _full_disk(src, dst, *args, **kwargs):\n"
+        "    if str(dst).endswith('.parquet'):\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    return _replace(src, dst, *args, **kwargs)\n"
+        "os.replace = _full_disk\n"
+    )
+    output = tmp_path / "out"
+    argv = support.job_argv(corpus[0].parent, output, checkpoint_path)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "label_images.py"), *argv],
+        env=plain_environment(PYTHONPATH=os.pathsep.join([str(hooks), str(ROOT)])),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    record = json.loads((output / "_run.json").read_text())
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: run {record['run_id']} failed, run the same command again to resume: "
+        "OSError: [Errno 28] No space left on device"
+    )
+    assert record["status"] == "failed" and record["counts"]["labeled_this_attempt"] == 0
+    assert not list(output.rglob("_inprogress-*")) and not list(output.rglob("*.parquet"))
+    # Space again: the same command resumes the run and labels everything.
+    assert main(argv) == 0
+    assert set(rows_by_uri(output)) == {str(p) for p in corpus}
+    assert json.loads((output / "_run.json").read_text())["run_id"] == record["run_id"]
