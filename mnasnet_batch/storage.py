@@ -81,7 +81,7 @@ def fsspec_options(protocol: str, config: StorageConfig) -> dict[str, object]:
     return options
 
 
-def filesystem(uri: str, config: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(uri: str | os.PathLike, config: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri``, configured from ``config``, and the path inside it.
 
     A ``file://`` URI is percent-decoded (RFC 8089; what ``Path.as_uri()`` writes); plain paths are taken as
@@ -90,6 +90,7 @@ def filesystem(uri: str, config: StorageConfig) -> tuple[fsspec.AbstractFileSyst
     Raises:
         StorageError: the scheme's package is not installed (the message names the extra to install).
     """
+    uri = os.fspath(uri)  # a pathlib.Path from a caller is a local path
     protocol = scheme(uri)
     if uri.startswith("file://"):
         uri = "file://" + unquote(uri[len("file://") :])
