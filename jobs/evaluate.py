@@ -53,7 +53,8 @@ def main(argv=None) -> int:
         model=dataclasses.replace(config.model, top_k=max(5, config.model.top_k)),
     )
 
-    from mnasnet_batch import ground_truth, metrics, output, storage
+    from mnasnet_batch import output, storage
+    from mnasnet_batch.evaluation import ground_truth, metrics
     from mnasnet_batch.weights import WeightsError, resolve_checkpoint, torchvision_weights
 
     try:

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from mnasnet_batch import model_info
+    from mnasnet_batch.evaluation import model_info
 
     rows = model_info.describe_all()
     if args.format == "json":

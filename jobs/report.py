@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--low-confidence", type=float, default=0.5, help="top-1 scores under this are low confidence (default 0.5)"
     )
     parser.add_argument("--top-labels", type=int, default=20, help="labels in the frequency chart (default 20)")
-    from mnasnet_batch.runs import add_storage_arguments
+    from mnasnet_batch.evaluation.runs import add_storage_arguments
 
     add_storage_arguments(parser)
     return parser
@@ -28,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from mnasnet_batch import report
     from mnasnet_batch.config import ConfigError
-    from mnasnet_batch.runs import storage_from_args
+    from mnasnet_batch.evaluation import report
+    from mnasnet_batch.evaluation.runs import storage_from_args
     from mnasnet_batch.storage import StorageError
 
     destination = args.report or f"{args.output.rstrip('/')}/{report.REPORT_FILE}"

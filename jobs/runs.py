@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", required=True, help="the labeling job's --output (directory or URI prefix)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="table (default) or json")
-    from mnasnet_batch.runs import add_storage_arguments
+    from mnasnet_batch.evaluation.runs import add_storage_arguments
 
     add_storage_arguments(parser)
     return parser
@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from mnasnet_batch import runs
     from mnasnet_batch.config import ConfigError
+    from mnasnet_batch.evaluation import runs
     from mnasnet_batch.storage import StorageError
 
     try:

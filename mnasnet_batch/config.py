@@ -86,11 +86,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    # 32 images (~0.15 s of decode per task on one core) keep task overhead under a few percent.
+    # 32 images (~0.12 s of decoding per task on one core, docs/benchmarks.md) keep task overhead under a few percent.
     batch_size: int = 32
     # Pillow's own decompression-bomb threshold (89.5 Mpx, ~ a 9500x9500 image): refused before decoding.
     max_pixels: int = 89_478_485
-    # CPUs per decode task: Pillow decodes on one thread, but decoding costs ~1/5 of inference per image on
+    # CPUs per decode task: Pillow decodes on one thread, but decoding costs ~2/5 of inference per image on
     # CPU, so half a CPU lets a 2-CPU machine give the model actor 1.5 and still decode alongside it.
     num_cpus: float = 0.5
     # False: the reference pipeline (PIL open + transforms) ignores EXIF orientation, so predictions match it.
@@ -98,7 +98,7 @@ class PreprocessConfig:
     # workers: Pillow on the CPU decode tasks, the reference's own code. actor: images travel as bytes and the
     # model actor decodes them: on a GPU, JPEGs in batches with nvJPEG and the same resize to the bit, for GPU
     # nodes whose CPUs cannot decode as fast as the GPU classifies; on a CPU, with Pillow on the actor's threads
-    # (as fast as workers on the README's 2-core machine).
+    # (at par with workers on a 2-core machine, docs/benchmarks.md).
     decode_on: str = "workers"
 
 
@@ -107,7 +107,7 @@ class ComputeConfig:
     # 64: fills a CPU core's vector units and a GPU's launch queue; 224x224x3 uint8 is 9.6 MB per batch.
     batch_size: int = 64
     # 0: the whole batch per forward pass on a GPU, runs of 8 on a CPU, which keep each layer's activations in the
-    # core's caches (mnasnet0_5 on 2 cores: 1.6x the images/s of one pass over 64, see predictor.CPU_MICRO_BATCH).
+    # core's caches (see predictor.CPU_MICRO_BATCH; measured in docs/benchmarks.md).
     micro_batch: int = 0
     # auto: one GPU per model actor when the cluster has GPUs when the job starts, else CPU actors. Set gpu on
     # clusters whose GPU nodes autoscale from zero: at start they show no GPU, yet the actors must ask for one.
@@ -130,8 +130,8 @@ class ComputeConfig:
     # GPUs per model actor on GPU clusters: 1. Below 1 (0.5, 0.25) packs several actors on a GPU, which one
     # actor alone cannot keep busy while it also decodes, copies and writes on the CPU.
     actor_gpus: float = 1.0
-    # fp32: the reference's arithmetic. fp16/bf16 run the model under autocast (2.3x the model's speed on an
-    # H200; scores move, by how much on published weights is not measured yet, see the README); fp16 needs a GPU.
+    # fp32: the reference's arithmetic. fp16/bf16 run the model under autocast, faster on a GPU, but scores move
+    # (by how much on published weights is not measured yet; docs/gpu.md); fp16 needs a GPU.
     precision: str = "fp32"
 
 

@@ -4,8 +4,9 @@ Used when ``preprocess.decode_on`` is ``actor``: on a GPU, nvJPEG decodes a whol
 batched gathers and integer multiply-adds, so CPU cores stop limiting throughput. torchvision's own tensor
 resize differs from Pillow's by up to 2 grey levels; this one reproduces Pillow's fixed-point bilinear filter
 (Resample.c) bit for bit, so the crops differ from the Pillow path's only where the JPEG decoders differ
-(libjpeg-turbo on CPU agrees with Pillow exactly; nvJPEG does not, see the README). On a CPU it is ~10x slower
-than Pillow, so CPU actors decode with Pillow instead (``Predictor``); the tests run this path on CPU.
+(libjpeg-turbo on CPU agrees with Pillow exactly; nvJPEG does not, see docs/gpu.md). On a CPU it is far slower
+than Pillow (docs/benchmarks.md), so CPU actors decode with Pillow instead (``Predictor``); the tests run this
+path on CPU.
 """
 
 from __future__ import annotations

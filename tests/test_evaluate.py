@@ -9,9 +9,9 @@ import pytest
 import torchvision
 
 from jobs.evaluate import main
-from mnasnet_batch import ground_truth, imagenet, metrics
 from mnasnet_batch.config import StorageConfig
-from mnasnet_batch.ground_truth import GroundTruthError, load_ground_truth
+from mnasnet_batch.evaluation import ground_truth, imagenet, metrics
+from mnasnet_batch.evaluation.ground_truth import GroundTruthError, load_ground_truth
 from mnasnet_batch.storage import filesystem
 from tests import support
 
@@ -191,7 +191,7 @@ def test_solution_csv_scores_the_same_predictions(devkit, reference, tmp_path):
     uris = sorted(str(p) for p in images.iterdir())
     truth = load_ground_truth(uris, str(csv))
     assert truth.layout == "LOC_val_solution.csv"
-    result, _ = metrics.score(metrics.read_predictions(output / "predictions"), truth.labels, CATEGORIES)
+    result, _ = metrics.score(metrics.read_predictions(str(output / "predictions")), truth.labels, CATEGORIES)
     top1, top5 = expected_scores([CATEGORIES.index(n) for n in names], ref_ids)
     assert result["top1"] == pytest.approx(top1) and result["top5"] == pytest.approx(top5)
 

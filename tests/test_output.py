@@ -297,7 +297,7 @@ def test_the_lease_holds_on_s3(s3_server, s3_output, monkeypatch):
 
 
 def test_an_output_path_with_glob_characters_is_taken_as_it_is(tmp_path):
-    from mnasnet_batch.runs import list_runs
+    from mnasnet_batch.evaluation.runs import list_runs
 
     out = tmp_path / "labels [2024]"
     plan = output.plan_run(job_config(out, run_id="first"), "w")

@@ -67,7 +67,7 @@ def describe_all() -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    """The rows as a Markdown table, for a terminal or the README."""
+    """The rows as a Markdown table, for a terminal or docs/model-info.md."""
     header = (
         "| model | params | MACs (M) | FLOPs (M) | torchvision GFLOPS | weights file (MB) | resize -> crop | "
         "top-1 | top-5 |"

@@ -11,7 +11,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from mnasnet_batch.config import StorageConfig
-from mnasnet_batch.imagenet import wnids
+from mnasnet_batch.evaluation.imagenet import wnids
 from mnasnet_batch.storage import filesystem
 
 METRICS_FILE = "metrics.json"

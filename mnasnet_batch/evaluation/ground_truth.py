@@ -8,7 +8,7 @@ import posixpath
 from dataclasses import dataclass
 
 from mnasnet_batch.config import StorageConfig
-from mnasnet_batch.imagenet import is_wnid, wnid_to_index
+from mnasnet_batch.evaluation.imagenet import is_wnid, wnid_to_index
 from mnasnet_batch.storage import filesystem
 
 # File names of the ImageNet validation images that the devkit's ground truth lists, line i being image i.

@@ -225,7 +225,7 @@ img {{ max-width: 100%; }}
 {rows}
 </table>
 {chr(10).join(sections)}
-<p><small>generated {generated} by mnasnet_batch.report</small></p>
+<p><small>generated {generated} by mnasnet_batch.evaluation.report</small></p>
 </body>
 </html>
 """

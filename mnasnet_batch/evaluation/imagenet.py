@@ -15,9 +15,9 @@ def wnids() -> tuple[str, ...]:
     """The 1000 ImageNet-1k wnids; position = class index, the order torchvision's category names follow.
 
     The list is sorted (the convention of class-folder datasets, where index = rank of the folder name);
-    ``mnasnet_batch/data/imagenet1k_wnids.txt`` names where it was copied from.
+    ``mnasnet_batch/evaluation/data/imagenet1k_wnids.txt`` names where it was copied from.
     """
-    text = resources.files("mnasnet_batch").joinpath("data", WNIDS_FILE).read_text()
+    text = resources.files(__package__).joinpath("data", WNIDS_FILE).read_text()
     return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
