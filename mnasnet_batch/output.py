@@ -322,15 +322,17 @@ def _named(fs, folder: str, prefix: str) -> list[str]:
     return [p for p in names if os.path.basename(p.rstrip("/")).startswith(prefix)]
 
 
-def _parts(fs, root: str) -> pads.Dataset | None:
-    """The published Parquet parts under ``root`` (recursively) as one dataset; None when there are none."""
-    files = sorted(p for p in fs.find(root) if os.path.basename(p).startswith("part-") and p.endswith(".parquet"))
+def read_parts(fs, root: str) -> pads.Dataset | None:
+    """The published Parquet parts under ``root`` (an output, or one run's folder) as one dataset; None when there
+    are none. Temporaries (``_inprogress-*``) and records are not parts: a reader sees whole parts only."""
+    found = fs.find(root) if fs.exists(root) else []
+    files = sorted(p for p in found if os.path.basename(p).startswith("part-") and p.endswith(".parquet"))
     return pads.dataset(files, filesystem=fs, format="parquet") if files else None
 
 
 def labeled_uris(fs, root: str) -> pa.Array:
     """The ``uri`` of every row in the Parquet parts under ``root``."""
-    parts = _parts(fs, root)
+    parts = read_parts(fs, root)
     if parts is None:
         return pa.array([], pa.string())
     return parts.to_table(columns=["uri"])["uri"].combine_chunks()
@@ -557,7 +559,7 @@ def finish_run(
 def summarize(run_uri: str, seconds: float, labeled_now: int, storage_config: StorageConfig | None = None) -> Summary:
     """Counts rows and error kinds in the Parquet parts under ``run_uri``."""
     fs, root = filesystem(run_uri, storage_config or StorageConfig())
-    dataset = _parts(fs, root)
+    dataset = read_parts(fs, root)
     if dataset is None:
         return Summary(images=0, errors=0, seconds=seconds, labeled_now=labeled_now)
     errors = dataset.to_table(columns=["error"])["error"].drop_null().to_pylist()

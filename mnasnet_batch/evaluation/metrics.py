@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import posixpath
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +11,7 @@ import pyarrow.parquet as pq
 
 from mnasnet_batch.config import StorageConfig
 from mnasnet_batch.evaluation.imagenet import wnids
+from mnasnet_batch.output import read_parts
 from mnasnet_batch.storage import filesystem
 
 METRICS_FILE = "metrics.json"
@@ -26,9 +26,9 @@ def read_predictions(uri: str, uris: list[str] | None = None, storage_config: St
         uris: when given, only the rows of these images (an incremental output may hold others).
         storage_config: endpoint, credentials and options for ``uri`` (the job's ``storage`` section).
     """
-    fs, root = filesystem(uri, storage_config or StorageConfig())
-    files = sorted(p for p in fs.find(root) if posixpath.basename(p).startswith("part-") and p.endswith(".parquet"))
-    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    dataset = read_parts(*filesystem(uri, storage_config or StorageConfig()))
+    if dataset is None:
+        raise FileNotFoundError(f"no Parquet parts under {uri}")
     wanted = None if uris is None else pads.field("uri").isin(pa.array(uris, pa.string()))
     return dataset.to_table(columns=["uri", "status", "top_k_ids"], filter=wanted)
 

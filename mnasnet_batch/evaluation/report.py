@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from mnasnet_batch.config import StorageConfig
-from mnasnet_batch.output import RUN_RECORD
+from mnasnet_batch.output import RUN_RECORD, read_parts
 from mnasnet_batch.storage import filesystem
 
 # Underscore-prefixed like _config.yaml, so pyarrow, pandas and Spark still read the directory as one table.
@@ -56,11 +56,9 @@ def read_run(uri: str, low_confidence: float = 0.5, storage_config: StorageConfi
     """
     fs, root = filesystem(uri, storage_config or StorageConfig())
     root = root.rstrip("/")
-    found = fs.find(root) if fs.isdir(root) else []
-    files = sorted(p for p in found if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
-    if not files:
+    dataset = read_parts(fs, root)
+    if dataset is None:
         raise FileNotFoundError(f"no Parquet parts under {uri}")
-    dataset = pads.dataset(files, filesystem=fs, format="parquet")
     table = dataset.to_table(columns=["status", "error", "top_k_scores", "top_k_labels", "model", "weights"])
     ok = table.filter(pads.field("status") == "ok")
     scores = np.array([s[0] for s in ok.column("top_k_scores").to_pylist()], dtype=np.float32)
@@ -68,6 +66,7 @@ def read_run(uri: str, low_confidence: float = 0.5, storage_config: StorageConfi
     errors = table.column("error").drop_null().to_pylist()
     kinds = collections.Counter(message.split(":", 1)[0] for message in errors)
     # The output's runs each keep a record in run=<id>/; ``uri`` may also be one run's folder.
+    found = fs.find(root, maxdepth=2)
     record_paths = [p for p in found if p.endswith(f"/{RUN_RECORD}") and p.rsplit("/", 2)[-2].startswith("run=")]
     runs = sorted((json.loads(fs.cat_file(p)) for p in record_paths), key=lambda r: r.get("started_at") or "")
     return RunStats(
