@@ -4,7 +4,8 @@ Data flows through one module per stage:
 
 - ``config``: typed, frozen dataclasses loaded from a YAML profile and ``--set`` overrides.
 - ``storage``: fsspec / pyarrow filesystems from the ``storage`` config (local, s3, gs, az, memory), listing, reads.
-- ``sources``: the input layouts (loose images, WebDataset tar shards, Parquet of bytes, manifests of URIs).
+- ``sources``: the input layouts (loose images, WebDataset tar shards, Parquet of bytes, manifests of URIs), one
+  class each: what it lists, how that becomes blocks, how a block is read (bytes, or an error per image).
 - ``weights``: the four MnasNet variants, finding and verifying their checkpoints.
 - ``preprocess``: bytes -> Pillow decode -> resize + centre crop -> uint8 HWC, or an error per image.
 - ``device_preprocess``: with ``preprocess.decode_on=actor``, JPEG bytes -> batched decode (nvJPEG on a GPU) ->
@@ -12,8 +13,9 @@ Data flows through one module per stage:
 - ``predictor``: the model actor: uint8 -> normalise on device -> MnasNet (fp32, or fp16/bf16 autocast) -> top-k.
 - ``postprocess``: top-k and the Parquet output schema.
 - ``output``: guards the output location, records the config, counts what was written.
-- ``pipeline``: the only module that builds the Ray Data graph and sizes the model actor pool; ``cli``: the
-  job's command line; ``progress``: a bar at a terminal, else a log line every N seconds.
+- ``pipeline``: the only module that builds the Ray Data graph (read -> decode -> predict -> write) and sizes the
+  model actor pool; ``cli``: the job's command line; ``progress``: a bar at a terminal, else a log line every N
+  seconds.
 
 Around the job, for ``jobs/evaluate.py``, ``jobs/model_info.py``, ``jobs/report.py`` and ``jobs/runs.py``:
 
