@@ -46,38 +46,35 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    # Top-5 accuracy needs five classes per image, whatever the profile says.
+    # Top-5 accuracy needs five classes per image, whatever the profile says; ground truth names image files.
     run_config = dataclasses.replace(
         config,
+        input=dataclasses.replace(config.input, format="files"),
         output=dataclasses.replace(config.output, uri=f"{config.output.uri.rstrip('/')}/{PREDICTIONS_DIR}"),
         model=dataclasses.replace(config.model, top_k=max(5, config.model.top_k)),
     )
 
     from mnasnet_batch import output, storage
     from mnasnet_batch.evaluation import ground_truth, metrics
-    from mnasnet_batch.weights import WeightsError, resolve_checkpoint, torchvision_weights
+    from mnasnet_batch.weights import WeightsError, torchvision_weights
 
     try:
-        checkpoint = resolve_checkpoint(
-            config.model.name, config.model.weights, config.model.sha256, config.model.download, config.storage
-        )
-        uris = storage.list_images(config.input.uri, config.input.extensions, config.storage)
-        truth = ground_truth.load_ground_truth(uris, args.labels or "", args.synsets or "", config.storage)
+        checkpoint, inputs = cli.prepare_input(run_config)
+        truth = ground_truth.load_ground_truth(inputs.uris, args.labels or "", args.synsets or "", config.storage)
         # The labeling job's run rules apply: a finished evaluation is refused (--mode overwrite redoes it),
         # an interrupted one resumes.
         plan = output.plan_run(run_config, checkpoint.weights_id)
     except (WeightsError, storage.StorageError, ground_truth.GroundTruthError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    todo = output.remaining(uris, plan.done)
-    logging.getLogger(__name__).info(
-        "%d labeled images (%s) under %s, %d to label", len(uris), truth.layout, config.input.uri, len(todo)
-    )
+    logging.getLogger(__name__).info("ground truth: %s", truth.layout)
 
-    summary = cli.label(run_config, checkpoint, plan, todo)
+    summary = cli.label_remaining(run_config, checkpoint, inputs, plan)
     weights = torchvision_weights(config.model.name)
     scores, per_image = metrics.score(
-        metrics.read_predictions(run_config.output.uri, uris, config.storage), truth.labels, weights.meta["categories"]
+        metrics.read_predictions(run_config.output.uri, inputs.uris, config.storage),
+        truth.labels,
+        weights.meta["categories"],
     )
     published = weights.meta["_metrics"]["ImageNet-1K"]
     result = {

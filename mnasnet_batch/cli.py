@@ -149,21 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 # directory this process is in no longer exists, and os.getcwd() fails. Every path is absolute by
                 # now and every import done, so the driver leaves for a directory nothing replaces (``label`` joins).
                 os.chdir(tempfile.gettempdir())
-            # Images already labeled are not even read; in shards and Parquet their rows are dropped after reading.
-            todo = inputs
-            if inputs.format in ("files", "manifest"):
-                todo = sources.InputPlan(inputs.format, output.remaining(inputs.uris, plan.done))
-            log.info(
-                "weights %s verified (%s); %s (%s) under %s, %s to label in run %s",
-                checkpoint.source,
-                checkpoint.weights_id,
-                inputs.describe(),
-                inputs.format,
-                config.input.uri,
-                todo.describe(),
-                plan.run_id,
-            )
-            summary = label(config, checkpoint, plan, todo)
+            summary = label_remaining(config, checkpoint, inputs, plan)
     except ConfigError as exc:  # settings that do not fit the cluster, found once it is known
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -264,8 +250,8 @@ def configure_logging() -> None:
 def entrypoint() -> None:
     """``main`` as a command: exits with its status."""
     status = main()
-    # Exiting, the interpreter collects garbage over every object torch and Ray created: 1.4 s of the job's
-    # wall time on the README's 2-core machine. Freezing them skips that; atexit handlers (Ray's shutdown) run.
+    # Exiting, the interpreter collects garbage over every object torch and Ray created, which takes a noticeable
+    # part of a short job's wall time. Freezing them skips that; atexit handlers (Ray's shutdown) run.
     gc.freeze()
     sys.exit(status)
 
@@ -277,14 +263,26 @@ def prepare(config: JobConfig) -> tuple[Checkpoint, InputPlan, RunPlan]:
         WeightsError: the weights cannot be found, read, verified or fitted.
         StorageError: the input or the output cannot be used.
     """
-    from mnasnet_batch import output, sources
+    from mnasnet_batch import output
+
+    checkpoint, inputs = prepare_input(config)
+    return checkpoint, inputs, output.plan_run(config, checkpoint.weights_id)
+
+
+def prepare_input(config: JobConfig) -> tuple[Checkpoint, InputPlan]:
+    """Verifies the weights and plans the input (``prepare`` without opening the run).
+
+    Raises:
+        WeightsError: the weights cannot be found, read, verified or fitted.
+        StorageError: the input cannot be used.
+    """
+    from mnasnet_batch import sources
     from mnasnet_batch.weights import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(
         config.model.name, config.model.weights, config.model.sha256, config.model.download, config.storage
     )
-    inputs = sources.plan_input(config.input, config.storage)
-    return checkpoint, inputs, output.plan_run(config, checkpoint.weights_id)
+    return checkpoint, sources.plan_input(config.input, config.storage)
 
 
 def ray_initialized() -> bool:
@@ -308,16 +306,35 @@ def start_ray(config: JobConfig) -> None:
         install_stop_handlers()
 
 
-def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: list[str] | InputPlan) -> Summary:
-    """Labels ``todo`` (image URIs, or a planned input) into ``plan``'s run on Ray and closes the run's record.
+def label_remaining(config: JobConfig, checkpoint: Checkpoint, inputs: InputPlan, plan: RunPlan) -> Summary:
+    """Labels what of ``inputs`` ``plan``'s run still lacks (``InputPlan.remaining``) and closes the run's record.
 
     Returns:
         What the run holds, over all its attempts.
     """
-    from mnasnet_batch import output, sources
+    todo = inputs.remaining(plan.done)
+    log.info(
+        "weights %s verified (%s); %s (%s) under %s, %s to label in run %s",
+        checkpoint.source,
+        checkpoint.weights_id,
+        inputs.describe(),
+        inputs.layout.name,
+        config.input.uri,
+        todo.describe(),
+        plan.run_id,
+    )
+    return label(config, checkpoint, plan, todo)
+
+
+def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: InputPlan) -> Summary:
+    """Labels ``todo`` into ``plan``'s run on Ray and closes the run's record.
+
+    Returns:
+        What the run holds, over all its attempts.
+    """
+    from mnasnet_batch import output
 
     start = time.monotonic()
-    todo = todo if isinstance(todo, sources.InputPlan) else sources.InputPlan("files", list(todo))
     try:
         if todo.uris:
             from mnasnet_batch import pipeline

@@ -17,7 +17,13 @@ import numpy as np
 import torch
 import torchvision.io
 
-from mnasnet_batch.preprocess import PreprocessSpec, error_message, preprocess_image, resize_geometry
+from mnasnet_batch.preprocess import (
+    PreprocessSpec,
+    decodable_on_device,
+    error_message,
+    preprocess_image,
+    resize_geometry,
+)
 
 # Pillow's Resample.c keeps 8-bit coefficients as integers with this many fractional bits (32 - 8 - 2).
 PRECISION_BITS = 22
@@ -170,6 +176,32 @@ def decode_crops(
         except Exception as exc:
             errors[i] = error_message(exc)
     return images, errors
+
+
+def decode_batch_on_device(
+    batch: dict[str, np.ndarray], spec: PreprocessSpec, device: torch.device
+) -> dict[str, np.ndarray]:
+    """The decode stage on the model actor's device (``preprocess.decode_on=actor``), as ``preprocess.decode_batch``.
+
+    Each image's header says whether the device decoder takes it (``decodable_on_device``) or refuses it as
+    no image or over ``max_pixels``; ``decode_crops`` decodes the rest.
+
+    Returns:
+        ``uri``; ``image`` (N, crop, crop, 3) uint8 on ``device``, zeros where the image failed; ``error``.
+    """
+    errors = np.array(batch["error"], dtype=object)  # a copy: decoding adds errors
+    on_device = np.zeros(len(errors), dtype=bool)
+    for i in np.flatnonzero(errors == ""):
+        try:
+            on_device[i] = decodable_on_device(batch["data"][i], spec)
+        except Exception as exc:
+            errors[i] = error_message(exc)
+    readable = np.flatnonzero(errors == "")
+    crops, decode_errors = decode_crops([batch["data"][i] for i in readable], on_device[readable], spec, device)
+    images = torch.zeros((len(errors), spec.crop_size, spec.crop_size, 3), dtype=torch.uint8, device=device)
+    images[torch.from_numpy(readable)] = crops
+    errors[readable] = decode_errors
+    return {"uri": np.asarray(batch["uri"], dtype=object), "image": images, "error": errors}
 
 
 def _decode_jpegs(contents: list[bytes], device: torch.device) -> list[torch.Tensor | None]:

@@ -30,7 +30,6 @@ import uuid
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import yaml
@@ -571,11 +570,3 @@ def summarize(run_uri: str, seconds: float, labeled_now: int, storage_config: St
         error_kinds=dict(kinds),
         labeled_now=labeled_now,
     )
-
-
-def remaining(uris: list[str], done: pa.Array) -> list[str]:
-    """The URIs that have no row yet, in their original order."""
-    if len(done) == 0:
-        return uris
-    candidates = pa.array(uris, pa.string())
-    return candidates.filter(pc.invert(pc.is_in(candidates, value_set=done))).to_pylist()

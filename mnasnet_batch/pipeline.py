@@ -1,4 +1,4 @@
-"""The Ray Data graph: image URIs -> CPU decode tasks -> model actors -> Parquet."""
+"""The Ray Data graph: input URIs -> read + decode CPU tasks -> model actors -> Parquet."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ray.data.block import BlockAccessor
 from mnasnet_batch import sources
 from mnasnet_batch.config import ConfigError, JobConfig, StorageConfig
 from mnasnet_batch.output import write_part
-from mnasnet_batch.preprocess import PreprocessSpec, load_batch
+from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.progress import ProgressCounter, ProgressReporter
 from mnasnet_batch.sources import InputPlan
 
@@ -42,19 +42,6 @@ MIN_BUFFER_BYTES = 256 * 2**20
 
 # Seconds between looks at the cluster's nodes while waiting for one that can hold a model actor.
 NODE_POLL_S = 5.0
-
-# URIs per block handed from the driver to Ray: the first block holds one decode batch, each next one twice
-# as many, up to 4,096, so the first decode tasks start at once and 10^5 URIs take ~30 object puts, not 3,000.
-MAX_INPUT_BLOCK = 4_096
-
-
-def input_block_bounds(count: int, first: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of the URI blocks handed to Ray: doubling from ``first`` to MAX_INPUT_BLOCK."""
-    bounds, start, size = [], 0, first
-    while start < count:
-        bounds.append((start, min(count, start + size)))
-        start, size = start + size, max(first, min(2 * size, MAX_INPUT_BLOCK))
-    return bounds
 
 
 class PartSink(ray.data.Datasink):
@@ -78,66 +65,53 @@ class PartSink(ray.data.Datasink):
 def from_uri_blocks(blocks: list[pa.Table]) -> ray.data.Dataset:
     """A dataset of exactly these blocks of URIs.
 
-    ``from_blocks`` reads the blocks' metadata here; ``from_arrow`` runs a Ray task for it and waits, 1.9 s of
-    the job's start-up on the README's 2-core machine, for a worker to start and import Ray Data.
+    ``from_blocks`` reads the blocks' metadata here; ``from_arrow`` runs a Ray task for it and waits for a worker
+    to start and import Ray Data, which delays the job's start.
     """
     return ray.data.from_blocks(blocks)
 
 
-def read_images(config: JobConfig, plan: InputPlan, spec: PreprocessSpec) -> ray.data.Dataset:
-    """The dataset of preprocessed images (``uri``, ``image``, ``error``) for the planned input layout.
+def read(config: JobConfig, inputs: InputPlan, done: pa.Array | None) -> ray.data.Dataset:
+    """The input's images as read, not decoded (``uri``, ``data``, ``error``), on CPU tasks.
 
-    Loose files, manifests' URIs, shards and Parquet files are listed by the driver (one recursive listing,
-    not Ray's per-path expansion, which takes minutes on millions of paths) and handed to CPU tasks as blocks
-    of URIs, so nothing but URIs is held by the driver and decoding starts as soon as the dataset executes.
+    The driver listed the input (one recursive listing, not Ray's per-path expansion, which takes minutes on
+    millions of paths) and hands it to the read tasks as blocks of URIs that its layout chose, so nothing but URIs
+    is held by the driver and reading starts as soon as the dataset executes. Rows whose ``uri`` is in ``done``
+    are dropped after reading where the layout cannot leave them out before (``InputPlan.remaining``).
     """
-    preprocess = config.preprocess
-    storage_config = config.storage
-    if plan.format in ("files", "manifest", "webdataset"):
-        # Files: blocks of URIs that decode tasks read one batch at a time, yielding each as it is done; the
-        # first blocks are small so decoding starts on every CPU at once. Putting one block per batch from the
-        # driver costs ~5-10 ms each (a minute per 10^5 images). Ray Data's streaming repartition, which cuts
-        # big blocks on the workers, stalled the job on 2 CPUs (model actor 1.5, decode tasks 0.5 each).
-        # Shards: one block (one task) per shard, streaming out batches.
-        per_block = 1 if plan.format == "webdataset" else preprocess.batch_size
-        table = pa.table({"uri": pa.array(plan.uris, pa.string())})
-        bounds = input_block_bounds(len(plan.uris), per_block) if per_block > 1 else None
-        if bounds is None:
-            blocks = [table.slice(i, 1) for i in range(len(plan.uris))]
-        else:
-            blocks = [table.slice(start, stop - start) for start, stop in bounds]
-        dataset = from_uri_blocks(blocks)
-        if plan.format != "webdataset":
-            fn, fn_kwargs = load_batch, {"spec": spec, "storage_config": storage_config}
-        else:
-            fn = sources.read_shards
-            fn_kwargs = {
-                "spec": spec,
-                "extensions": config.input.extensions,
-                "batch_size": preprocess.batch_size,
-                "storage_config": storage_config,
-            }
-        return dataset.map_batches(
-            fn,
-            fn_kwargs=fn_kwargs,
-            batch_size=None if plan.format == "webdataset" else preprocess.batch_size,
-            batch_format="numpy",
-            num_cpus=preprocess.num_cpus,
-        )
-    # Parquet: one task per file, streaming out batches of preprocessed rows.
-    blocks = [pa.table({"uri": pa.array([uri], pa.string())}) for uri in plan.uris]
-    return from_uri_blocks(blocks).map_batches(
-        sources.read_parquet_images,
-        fn_kwargs={
-            "id_column": config.input.id_column,
-            "image_column": config.input.image_column,
-            "spec": spec,
-            "batch_size": preprocess.batch_size,
-            "storage_config": storage_config,
-        },
+    layout = inputs.layout
+    dataset = from_uri_blocks(layout.blocks(inputs.uris, config.preprocess.batch_size)).map_batches(
+        layout.read,
+        fn_kwargs={"batch_size": config.preprocess.batch_size},
         batch_size=None,
         batch_format="numpy",
-        num_cpus=preprocess.num_cpus,
+        num_cpus=config.preprocess.num_cpus,
+    )
+    if done is not None and len(done) and not layout.uri_per_image:
+        dataset = dataset.map_batches(
+            sources.drop_done,
+            fn_kwargs={"done": done},
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=config.preprocess.num_cpus,
+        )
+    return dataset
+
+
+def decode(dataset: ray.data.Dataset, config: JobConfig, spec: PreprocessSpec) -> ray.data.Dataset:
+    """Decoded images (``uri``, ``image``, ``error``), on the CPU tasks that read them.
+
+    With ``preprocess.decode_on=actor`` there is no decode stage: the model actors decode (``Predictor``).
+    """
+    if spec.decode_on == "actor":
+        return dataset
+    # The same CPUs as reading, so Ray Data fuses the two into one task: the bytes never leave the worker.
+    return dataset.map_batches(
+        decode_batch,
+        fn_kwargs={"spec": spec},
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=config.preprocess.num_cpus,
     )
 
 
@@ -162,7 +136,7 @@ def model_actor_pool(config: JobConfig, cluster: dict[str, float], node_cpus: fl
     ``compute.actor_gpus`` GPUs per actor where the cluster has GPUs (or ``compute.device`` is ``gpu``, for GPU
     nodes that autoscale from zero), as many actors as the GPUs hold. Otherwise CPU actors share three quarters of the
     cluster's CPUs, up to 4 each (MnasNet's small convolutions gain little from more threads): on CPU
-    the model costs ~2.5x more per image than decoding (106 vs 270 images/s per core measured here).
+    the model costs several times more per image than decoding.
     Values set in the configuration win over derived ones.
 
     Args:
@@ -302,19 +276,8 @@ def reporting_progress(counter: ray.actor.ActorHandle, total: int, interval_s: f
         ray.kill(counter)
 
 
-def run(
-    config: JobConfig,
-    checkpoint: Checkpoint,
-    inputs: InputPlan | list[str],
-    run_uri: str,
-    done: pa.Array | None = None,
-) -> None:
-    """Labels the planned input and writes its rows as Parquet parts under ``run_uri``; Ray must be initialised.
-
-    ``inputs`` is a planned input, or a list of image URIs. Rows whose ``uri`` is in ``done`` (labeled by an
-    earlier attempt) are dropped before the model.
-    """
-    inputs = inputs if isinstance(inputs, InputPlan) else InputPlan("files", list(inputs))
+def configure_context(config: JobConfig, spec: PreprocessSpec, pool: ActorPool) -> None:
+    """Sets Ray Data's context for this job: its logs, block sizes and buffering."""
     context = ray.data.DataContext.get_current()
     # Ray Data's per-operator bars flood the logs of `ray job submit`; ProgressReporter draws one bar
     # at a terminal and logs one line every progress.interval_s elsewhere.
@@ -325,55 +288,33 @@ def run(
         if isinstance(handler, logging.StreamHandler):
             handler.setLevel(logging.CRITICAL)
     log.info("Ray Data's log, with the traceback of any failed task: %s", ray_data_log_directory())
-
-    spec = PreprocessSpec.for_model(
-        config.model.name,
-        config.preprocess.max_pixels,
-        config.preprocess.apply_exif_orientation,
-        config.preprocess.decode_on,
-    )
-    nodes = alive_nodes()
-    pool = model_actor_pool(config, ray.cluster_resources(), max(node.get("CPU", 0.0) for node in nodes))
-    wait_for_room(config, pool, alive_nodes)
     batch_bytes = config.compute.batch_size * spec.crop_size**2 * 3  # one model batch of uint8 crops
     # A decode task hands on each batch as soon as it is done. Left at Ray Data's 128 MiB, its yields gather into
-    # blocks of ~850 crops, and the model waited for each: decoding and the model took turns instead of
-    # overlapping (6,000 images on the README's machine: 66 -> 98 images/s steady).
+    # blocks of hundreds of crops, and the model waited for each: decoding and the model took turns instead of
+    # overlapping.
     context.target_max_block_size = batch_bytes
-    # Decoding outruns the model (~2.5x on CPU); left alone, Ray Data buffers decoded crops up to half the object
-    # store, so memory grows with the corpus (2.5 GB for 2,000 images, 3.65 GB for 20,000 on the README's
-    # machine). Enough for BUFFERED_BATCHES model batches per actor keeps every actor fed and memory flat.
+    # Decoding outruns the model on CPU; left alone, Ray Data buffers decoded crops up to half the object store,
+    # so memory grows with the corpus. Enough for BUFFERED_BATCHES model batches per actor keeps every actor fed
+    # and memory flat.
     context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
         object_store_memory=max(MIN_BUFFER_BYTES, pool.max_size * BUFFERED_BATCHES * batch_bytes)
     )
-    # CPU actors run as many torch threads as the CPUs they hold, rounded half up (1.5 CPUs -> 2 threads).
-    num_threads = 0 if "num_gpus" in pool.resources else max(1, math.floor(pool.resources["num_cpus"] + 0.5))
-    log.info(
-        "labeling %s (%s) with %s: %d-%d model actors (%d at start) with %s",
-        inputs.describe(),
-        inputs.format,
-        config.model.name,
-        pool.min_size,
-        pool.max_size,
-        pool.initial_size,
-        pool.resources,
-    )
-    # No CPU: it only adds numbers, and must not take a slot from decoding or the model.
-    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
 
-    dataset = read_images(config, inputs, spec)
-    if done is not None and len(done) and inputs.format in ("webdataset", "parquet"):
-        # Same CPUs as decoding, so Ray Data fuses the filter into the decode tasks.
-        dataset = dataset.map_batches(
-            sources.drop_done,
-            fn_kwargs={"done": done},
-            batch_size=None,
-            batch_format="numpy",
-            num_cpus=config.preprocess.num_cpus,
-        )
+
+def predict(
+    dataset: ray.data.Dataset,
+    config: JobConfig,
+    checkpoint: Checkpoint,
+    spec: PreprocessSpec,
+    pool: ActorPool,
+    counter: ray.actor.ActorHandle,
+) -> ray.data.Dataset:
+    """Output rows (``postprocess.OUTPUT_SCHEMA``) from the pool of model actors."""
     from mnasnet_batch.predictor import Predictor  # the actors import torch; nothing else in the graph does
 
-    dataset = dataset.map_batches(
+    # CPU actors run as many torch threads as the CPUs they hold, rounded half up (1.5 CPUs -> 2 threads).
+    num_threads = 0 if "num_gpus" in pool.resources else max(1, math.floor(pool.resources["num_cpus"] + 0.5))
+    return dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={
             "checkpoint": checkpoint,
@@ -393,10 +334,52 @@ def run(
         memory=config.compute.actor_memory_gb * 2**30,
         **pool.resources,
     )
-    # The number of images is known up front for listed images only; shards and Parquet report 0 as total.
-    total = len(inputs.uris) if inputs.format in ("files", "manifest") else 0
-    with reporting_progress(counter, total, config.progress.interval_s):
-        dataset.write_datasink(
-            PartSink(run_uri, config.output.rows_per_file, config.storage),
-            ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
-        )
+
+
+def write(dataset: ray.data.Dataset, config: JobConfig, run_uri: str) -> None:
+    """Runs the dataset, writing its rows as Parquet parts under ``run_uri``."""
+    dataset.write_datasink(
+        PartSink(run_uri, config.output.rows_per_file, config.storage),
+        ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
+    )
+
+
+def run(
+    config: JobConfig,
+    checkpoint: Checkpoint,
+    inputs: InputPlan,
+    run_uri: str,
+    done: pa.Array | None = None,
+) -> None:
+    """Labels the planned input and writes its rows as Parquet parts under ``run_uri``; Ray must be initialised.
+
+    Rows whose ``uri`` is in ``done`` (labeled by an earlier attempt) are not labeled again: give ``inputs`` as
+    ``InputPlan.remaining`` left it, and the layouts that cannot leave them out drop them after reading.
+    """
+    spec = PreprocessSpec.for_model(
+        config.model.name,
+        config.preprocess.max_pixels,
+        config.preprocess.apply_exif_orientation,
+        config.preprocess.decode_on,
+    )
+    nodes = alive_nodes()
+    pool = model_actor_pool(config, ray.cluster_resources(), max(node.get("CPU", 0.0) for node in nodes))
+    wait_for_room(config, pool, alive_nodes)
+    configure_context(config, spec, pool)
+    log.info(
+        "labeling %s (%s) with %s: %d-%d model actors (%d at start) with %s",
+        inputs.describe(),
+        inputs.layout.name,
+        config.model.name,
+        pool.min_size,
+        pool.max_size,
+        pool.initial_size,
+        pool.resources,
+    )
+    # No CPU: it only adds numbers, and must not take a slot from decoding or the model.
+    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    dataset = read(config, inputs, done)
+    dataset = decode(dataset, config, spec)
+    dataset = predict(dataset, config, checkpoint, spec, pool, counter)
+    with reporting_progress(counter, inputs.image_count, config.progress.interval_s):
+        write(dataset, config, run_uri)

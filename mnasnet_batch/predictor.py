@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,13 +11,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mnasnet_batch.device_preprocess import decode_crops
+from mnasnet_batch.device_preprocess import decode_batch_on_device
 from mnasnet_batch.postprocess import output_table, top_k
 from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.weights import Checkpoint, build_model, torchvision_weights
 
-# Images per forward pass on a CPU: a run of 8 keeps the activations of each layer in the core's caches. On the
-# 2-core EPYC of the README, 2 threads: mnasnet0_5 162-178 img/s at 8 vs 110-125 at 64; mnasnet1_0 88 vs 50.
+# Images per forward pass on a CPU: a run of 8 keeps the activations of each layer in the core's caches, which
+# a whole model batch overflows.
 CPU_MICRO_BATCH = 8
 
 
@@ -36,8 +37,13 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The decoder of an actor whose batches the pipeline's decode stage already decoded."""
+    return batch
+
+
 class Predictor:
-    """Holds one MnasNet; called with preprocessed batches, returns output rows.
+    """Holds one MnasNet; called with batches of images, returns output rows.
 
     Args:
         checkpoint: verified weights (the driver checked them before any image was read).
@@ -46,8 +52,9 @@ class Predictor:
         num_threads: torch CPU threads; 0 leaves torch's default. Set it to the CPUs the actor holds.
         on_batch: called with every output table, e.g. to count progress; None calls nothing.
         precision: ``fp32``, or ``fp16`` / ``bf16`` to run the model under autocast (fp16 on CUDA only).
-        spec: the preprocessing geometry, needed for batches of encoded ``data`` (``decode_on=actor``), which a
-            GPU actor decodes with ``device_preprocess`` and a CPU actor with Pillow, on as many threads as torch's.
+        spec: the preprocessing geometry; with ``spec.decode_on == "actor"`` the actor is called with read batches
+            (``uri``, ``data``, ``error``) and decodes them, on a GPU with ``device_preprocess``, on a CPU with
+            Pillow on as many threads as torch's. Otherwise (or None) it is called with decoded batches.
         micro_batch: images per forward pass; a batch is split into runs of this many. 0: the whole batch
             on a GPU, ``CPU_MICRO_BATCH`` on a CPU.
     """
@@ -67,7 +74,6 @@ class Predictor:
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("compute.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
         self.autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        self.spec = spec
         if self.device.type == "cuda":
             # fp32 means fp32: on Ampere and later cuDNN would otherwise convolve in TF32 (10-bit mantissa),
             # which moved the fixture's scores by up to 0.08 on an H200.
@@ -87,8 +93,14 @@ class Predictor:
         self.weights_id = checkpoint.weights_id
         self.on_batch = on_batch
         self.micro_batch = micro_batch or (CPU_MICRO_BATCH if self.device.type == "cpu" else 0)
-        # For batches of encoded images on a CPU (decode_on=actor): as many decoding threads as torch's.
-        self.decode_threads = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="decode")
+        self.decode = decoded
+        if spec is not None and spec.decode_on == "actor" and self.device.type == "cpu":
+            # Pillow, the reference's decoder, on the actor's threads: decoding and the model take turns on the
+            # same cores instead of contending for them.
+            threads = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="decode")
+            self.decode = functools.partial(decode_batch, spec=spec, threads=threads)
+        elif spec is not None and spec.decode_on == "actor":
+            self.decode = functools.partial(decode_batch_on_device, spec=spec, device=self.device)
 
     def predict(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Classifies (N, H, W, 3) uint8 crops, from host memory or already on the device.
@@ -121,29 +133,17 @@ class Predictor:
         return self.model(x)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        errors = np.array(batch["error"], dtype=object)  # a copy: decoding may add errors
-        ok = errors == ""
-        if "data" in batch:  # preprocess.decode_on=actor: the bytes are decoded here
-            contents = list(batch["data"][ok])
-            if self.device.type == "cpu":
-                # Pillow, the reference's decoder, on the actor's threads: decoding and the model take turns on
-                # the same cores instead of contending for them.
-                crops, decode_errors = decode_batch(contents, self.spec, self.decode_threads)
-                crops = torch.from_numpy(crops)
-            else:
-                with torch.inference_mode():
-                    crops, decode_errors = decode_crops(contents, batch["on_device"][ok], self.spec, self.device)
-            errors[ok] = decode_errors
-            images = crops[torch.from_numpy(np.asarray(decode_errors, dtype=object) == "")]
-            ok = errors == ""
-        else:
-            images = batch["image"][ok]
+        with torch.inference_mode():
+            batch = self.decode(batch)
+        ok = batch["error"] == ""
         if ok.any():
-            ids, scores = self.predict(images)
+            ids, scores = self.predict(batch["image"][ok])
         else:
             ids = np.zeros((0, self.top_k), np.int32)
             scores = np.zeros((0, self.top_k), np.float32)
-        table = output_table(batch["uri"], errors, ids, scores, self.categories, self.model_name, self.weights_id)
+        table = output_table(
+            batch["uri"], batch["error"], ids, scores, self.categories, self.model_name, self.weights_id
+        )
         if self.on_batch is not None:
             self.on_batch(table)
         return table

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnasnet_batch import storage
-from mnasnet_batch.config import StorageConfig
-
 # Decode tasks import this module, and nothing here imports torch: a worker process that loads torch spends
-# 5-8 s of CPU on it, which on a small machine is taken from the model. The driver reads the geometry from
+# seconds of CPU on it, which on a small machine are taken from the model. The driver reads the geometry from
 # torchvision (``PreprocessSpec.for_model``) and ships it as plain numbers.
 
 
@@ -28,7 +25,7 @@ class PreprocessSpec:
     resample: int  # Pillow's filter for torchvision's interpolation mode (Image.Resampling.BILINEAR for MnasNet)
     max_pixels: int
     apply_exif_orientation: bool = False
-    # "workers": decode here; "actor": hand the bytes on for the model actor to decode (device_preprocess).
+    # "workers": the pipeline's decode stage decodes; "actor": the model actor does (``Predictor``).
     decode_on: str = "workers"
 
     @classmethod
@@ -54,6 +51,8 @@ class PreprocessSpec:
 @contextlib.contextmanager
 def open_image(data: bytes, spec: PreprocessSpec) -> Iterator[Image.Image]:
     """Opens an image from its header only, refusing more than ``spec.max_pixels`` before anything is decoded."""
+    # Pillow's own bomb guard warns and raises at fixed thresholds; ours (max_pixels) replaces it.
+    Image.MAX_IMAGE_PIXELS = None
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
         if width * height > spec.max_pixels:
@@ -122,76 +121,32 @@ def decodable_on_device(data: bytes, spec: PreprocessSpec) -> bool:
         return not (spec.apply_exif_orientation and image.getexif().get(0x0112, 1) != 1)
 
 
-def preprocess_batch(
-    uris: np.ndarray, contents: list[bytes | Exception], spec: PreprocessSpec
-) -> dict[str, np.ndarray]:
-    """Preprocesses a batch, turning every unusable image into an error message instead of an exception.
-
-    Returns:
-        ``uri``; ``image`` (N, crop, crop, 3) uint8, zeros where the image failed; ``error``, "" where
-        the image is usable, else ``"<ExceptionType>: <message>"``. With ``spec.decode_on == "actor"``,
-        ``data`` (the encoded bytes, b"" on error) and ``on_device`` (``decodable_on_device``) replace
-        ``image``: only the header is read here.
-    """
-    if spec.decode_on == "actor":
-        return _check_batch(uris, contents, spec)
-    images, errors = decode_batch(contents, spec)
-    return {"uri": np.asarray(uris, dtype=object), "image": images, "error": errors}
-
-
 def decode_batch(
-    contents: list[bytes | Exception], spec: PreprocessSpec, threads: Executor | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decodes and preprocesses each image with ``preprocess_image``, on ``threads`` if given (Pillow releases
-    the GIL while it decodes and resizes), else one after the other.
+    batch: dict[str, np.ndarray], spec: PreprocessSpec, threads: Executor | None = None
+) -> dict[str, np.ndarray]:
+    """The decode stage: each image of a read batch through ``preprocess_image``, an unusable one into an error.
+
+    Runs on ``threads`` if given (Pillow releases the GIL while it decodes and resizes), else one image after the
+    other.
+
+    Args:
+        batch: as read (``sources.encoded_batch``): ``uri``, ``data`` and ``error``.
 
     Returns:
-        ``images`` (N, crop, crop, 3) uint8, zeros where the image failed, and per image "" or
-        ``"<ExceptionType>: <message>"`` (object array).
+        ``uri``; ``image`` (N, crop, crop, 3) uint8, zeros where the image failed; ``error``, "" where the image
+        is usable, else the read's error or ``"<ExceptionType>: <message>"`` of the decode.
     """
-    images = np.zeros((len(contents), spec.crop_size, spec.crop_size, 3), dtype=np.uint8)
+    images = np.zeros((len(batch["uri"]), spec.crop_size, spec.crop_size, 3), dtype=np.uint8)
 
-    def decode(i: int, content: bytes) -> None:
-        images[i] = preprocess_image(content, spec)
-
-    return images, _each_image(contents, decode, threads)
-
-
-def _check_batch(uris: np.ndarray, contents: list[bytes | Exception], spec: PreprocessSpec) -> dict[str, np.ndarray]:
-    data = np.full(len(uris), b"", dtype=object)
-    on_device = np.zeros(len(uris), dtype=bool)
-
-    def check(i: int, content: bytes) -> None:
-        on_device[i] = decodable_on_device(content, spec)
-        data[i] = content
-
-    errors = _each_image(contents, check)
-    return {"uri": np.asarray(uris, dtype=object), "data": data, "on_device": on_device, "error": errors}
-
-
-def _each_image(
-    contents: list[bytes | Exception], work: Callable[[int, bytes], None], threads: Executor | None = None
-) -> np.ndarray:
-    """Calls ``work(i, content)`` for each readable image; per image "" or the error message (object array)."""
-    # Pillow's own bomb guard warns and raises at fixed thresholds; ours (max_pixels) replaces it.
-    Image.MAX_IMAGE_PIXELS = None
-
-    def one(i: int) -> str:
+    def decode(i: int) -> str:
+        if batch["error"][i]:  # the read failed
+            return batch["error"][i]
         try:
-            if isinstance(contents[i], Exception):  # the read failed
-                raise contents[i]
-            work(i, contents[i])
+            images[i] = preprocess_image(batch["data"][i], spec)
             return ""
         except Exception as exc:
             return error_message(exc)
 
-    indices = range(len(contents))
-    return np.asarray(list(threads.map(one, indices) if threads is not None else map(one, indices)), dtype=object)
-
-
-def load_batch(
-    batch: dict[str, np.ndarray], spec: PreprocessSpec, storage_config: StorageConfig | None = None
-) -> dict[str, np.ndarray]:
-    """Reads a batch of image URIs from storage and preprocesses them (the pipeline's CPU stage)."""
-    uris = batch["uri"]
-    return preprocess_batch(uris, storage.read_many([str(u) for u in uris], storage_config), spec)
+    indices = range(len(images))
+    errors = list(threads.map(decode, indices) if threads is not None else map(decode, indices))
+    return {"uri": np.asarray(batch["uri"], dtype=object), "image": images, "error": np.asarray(errors, dtype=object)}

@@ -6,9 +6,10 @@ import logging
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +18,7 @@ from fsspec.core import split_protocol
 
 from mnasnet_batch import storage
 from mnasnet_batch.config import InputConfig, StorageConfig
-from mnasnet_batch.preprocess import PreprocessSpec, preprocess_batch
+from mnasnet_batch.preprocess import error_message
 from mnasnet_batch.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -29,50 +30,297 @@ MANIFEST_EXTENSIONS = ("txt", "csv", "tsv", "parquet")
 _SAMPLE_KEY = re.compile(r"^((?:.*/|)[^./]+)\.[^/]*$")
 # Member names a warning about dropped members shows; the count says how many there are in all.
 SHOWN_MEMBERS = 3
+# URIs per block handed from the driver to Ray: the first block holds one decode batch, each next one twice
+# as many, up to 4,096, so the first decode tasks start at once and 10^5 URIs take ~30 object puts, not 3,000.
+MAX_INPUT_BLOCK = 4_096
+
+
+def encoded_batch(uris: Sequence[str], contents: Sequence[bytes | Exception]) -> dict[str, np.ndarray]:
+    """A batch as the read stage hands it on: ``uri``; ``data``, the encoded image (b"" where reading failed);
+    ``error``, "" or ``"<ExceptionType>: <message>"`` of the failed read."""
+    data = np.full(len(contents), b"", dtype=object)
+    errors = np.full(len(contents), "", dtype=object)
+    for i, content in enumerate(contents):
+        if isinstance(content, Exception):
+            errors[i] = error_message(content)
+        else:
+            data[i] = bytes(content)
+    return {"uri": np.asarray(uris, dtype=object), "data": data, "error": errors}
+
+
+def input_block_bounds(count: int, first: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the URI blocks handed to Ray: doubling from ``first`` to MAX_INPUT_BLOCK."""
+    bounds, start, size = [], 0, first
+    while start < count:
+        bounds.append((start, min(count, start + size)))
+        start, size = start + size, max(first, min(2 * size, MAX_INPUT_BLOCK))
+    return bounds
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One input layout: which listed files are its inputs, how they become Ray blocks, how a block is read.
+
+    ``plan_input`` chooses the layout once; the pipeline and the job ask it, never which layout it is. The base
+    class reads one file per block (a tar shard, a Parquet file), streaming out batches of its images.
+    """
+
+    config: InputConfig
+    storage_config: StorageConfig
+
+    name: ClassVar[str]
+    # What its listed inputs are, for people: "12 image files".
+    noun: ClassVar[str]
+    # The other files of a listing, which it ignores, are "not <kind>".
+    kind: ClassVar[str]
+    # Each listed URI is one image: the images are counted before reading, and those an earlier attempt labeled
+    # are left out of the listing (``InputPlan.remaining``) instead of being read and dropped (``drop_done``).
+    uri_per_image: ClassVar[bool] = False
+    # The extensions of its files (not of the images in them).
+    file_extensions: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def image_extensions(self) -> tuple[str, ...]:
+        """``input.extensions`` in lower case, without dots."""
+        return tuple(e.lower().lstrip(".") for e in self.config.extensions)
+
+    def wanted(self) -> str:
+        """What a location of this layout holds, for the message saying it holds none."""
+        return f"{self.kind} (*.{', *.'.join(self.file_extensions)})"
+
+    def selects(self, uri: str) -> bool:
+        """Whether a listed file is one of this layout's inputs (by its extension)."""
+        return storage.has_extension(uri, self.file_extensions)
+
+    def detects(self, files: list[str]) -> bool:
+        """Whether a listing holds this layout's inputs (``input.format=auto`` takes the first layout that does)."""
+        return any(self.selects(f) for f in files)
+
+    def select(self, files: list[str], single: bool) -> list[str]:
+        """Its inputs among the listed files; a single file named explicitly is taken whatever its extension."""
+        return files if single else [f for f in files if self.selects(f)]
+
+    def plan(self, uris: list[str]) -> list[str]:
+        """What the job reads of the selected files (checked, or expanded); the files themselves here.
+
+        Raises:
+            StorageError: they cannot be read as this layout.
+        """
+        return uris
+
+    def blocks(self, uris: list[str], batch_size: int) -> list[pa.Table]:
+        """The blocks of ``uris`` handed to Ray's read tasks: one per file, which streams out its batches."""
+        table = pa.table({"uri": pa.array(uris, pa.string())})
+        return [table.slice(i, 1) for i in range(len(uris))]
+
+    def read(self, batch: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Reads the inputs of a block, yielding at most ``batch_size`` images at a time (``encoded_batch``)."""
+        raise NotImplementedError
+
+
+class ImageURILayout(Layout):
+    """Inputs that are image URIs, each one image, read a batch at a time by ``storage.read_many``."""
+
+    uri_per_image = True
+
+    def blocks(self, uris: list[str], batch_size: int) -> list[pa.Table]:
+        """Blocks of URIs doubling from one batch (``input_block_bounds``).
+
+        The first blocks are small so reading and decoding start on every CPU at once; later ones are large
+        because the driver puts each block into the object store one by one, and one block per batch would keep
+        it putting for a long time on millions of images. Ray Data's streaming repartition, which cuts big blocks
+        on the workers, stalled the job on 2 CPUs (model actor 1.5, decode tasks 0.5 each).
+        """
+        table = pa.table({"uri": pa.array(uris, pa.string())})
+        return [table.slice(start, stop - start) for start, stop in input_block_bounds(len(uris), batch_size)]
+
+    def read(self, batch: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        uris = [str(u) for u in batch["uri"]]
+        for start in range(0, len(uris), batch_size):
+            chunk = uris[start : start + batch_size]
+            yield encoded_batch(chunk, storage.read_many(chunk, self.storage_config))
+
+
+class FilesLayout(ImageURILayout):
+    """Loose image files."""
+
+    name = "files"
+    noun = "image files"
+    kind = "images"
+
+    def wanted(self) -> str:
+        return f"image files with extensions {', '.join(self.image_extensions)}"
+
+    def selects(self, uri: str) -> bool:
+        return storage.has_extension(uri, self.image_extensions)
+
+    def select(self, files: list[str], single: bool) -> list[str]:
+        # A single file named explicitly must be an image too.
+        return [f for f in files if self.selects(f)]
+
+
+class ManifestLayout(ImageURILayout):
+    """Manifests (text, CSV, TSV, Parquet) listing image URIs."""
+
+    name = "manifest"
+    noun = "image URIs from manifests"
+    kind = "manifests"
+    file_extensions = MANIFEST_EXTENSIONS
+
+    def plan(self, uris: list[str]) -> list[str]:
+        """The image URIs the manifests list, each once.
+
+        The driver reads manifests as it lists files: it holds only URIs, and the image reads are spread over read
+        tasks exactly as for loose files (so a resumed run skips what it already labeled).
+        """
+        listed = [u for manifest in uris for u in manifest_uris(manifest, self.config.uri_column, self.storage_config)]
+        if not listed:
+            raise StorageError(f"input {self.config.uri}: the manifests list no URIs")
+        # An image listed twice is one input: one row, not two rows (or two parts) of the same uri.
+        unique = list(dict.fromkeys(listed))
+        if len(unique) < len(listed):
+            log.warning(
+                "input %s: %d URIs are listed more than once; each image is labeled once",
+                self.config.uri,
+                len(listed) - len(unique),
+            )
+        return unique
+
+
+class WebDatasetLayout(Layout):
+    """WebDataset tar shards, each read front to back by one task."""
+
+    name = "webdataset"
+    noun = "tar shards"
+    kind = "tar shards"
+    file_extensions = SHARD_EXTENSIONS
+
+    def read(self, batch: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        for shard in batch["uri"]:
+            uris: list[str] = []
+            contents: list[bytes | Exception] = []
+            for uri, content in shard_images(str(shard), self.image_extensions, self.storage_config):
+                uris.append(uri)
+                contents.append(content)
+                if len(uris) == batch_size:
+                    yield encoded_batch(uris, contents)
+                    uris, contents = [], []
+            if uris:
+                yield encoded_batch(uris, contents)
+
+
+class ParquetLayout(Layout):
+    """Parquet files of encoded images (``input.image_column``), a row's ``uri`` being ``FILE#ID``."""
+
+    name = "parquet"
+    noun = "Parquet files"
+    kind = "Parquet files"
+    file_extensions = PARQUET_EXTENSIONS
+
+    def detects(self, files: list[str]) -> bool:
+        # Parquet files without the image column are manifests.
+        first = next((f for f in files if self.selects(f)), None)
+        return first is not None and self.config.image_column in _parquet_columns(first, self.storage_config)
+
+    def plan(self, uris: list[str]) -> list[str]:
+        columns = _parquet_columns(uris[0], self.storage_config)
+        missing = [c for c in (self.config.image_column, self.config.id_column) if c not in columns]
+        if missing:
+            raise StorageError(
+                f"input {uris[0]} has no column {', '.join(missing)}; its columns: {', '.join(columns)}; "
+                "set input.image_column and input.id_column"
+            )
+        check_parquet_ids(uris, self.config.id_column, self.storage_config)
+        return uris
+
+    def read(self, batch: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Reads the Parquet files of a block ``batch_size`` rows at a time.
+
+        Ray Data's ``read_parquet`` is not used: in Ray 2.60 it plans a ``ListFiles`` operator whose tasks
+        reserve a whole CPU and cannot be configured; beside a model actor holding 1.5 of 2 CPUs and a decode
+        task holding the rest, that task is never scheduled and the job hangs (observed on the CI machine).
+        """
+        import pyarrow.parquet as pq
+
+        id_column, image_column = self.config.id_column, self.config.image_column
+        for uri in batch["uri"]:
+            fs, path = storage.filesystem(str(uri), self.storage_config)
+            with fs.open(path, "rb") as f:
+                for record_batch in pq.ParquetFile(f).iter_batches(
+                    batch_size=batch_size, columns=[id_column, image_column]
+                ):
+                    columns = {
+                        name: record_batch.column(name).to_numpy(zero_copy_only=False)
+                        for name in (id_column, image_column)
+                    }
+                    yield parquet_batch(columns, id_column, image_column, str(uri))
+
+
+# In the order ``input.format=auto`` tries them.
+LAYOUTS = (FilesLayout, WebDatasetLayout, ParquetLayout, ManifestLayout)
+
+
+def layout_for(config: InputConfig, storage_config: StorageConfig, files: list[str]) -> Layout:
+    """The layout ``input.format`` names, or with ``auto`` the first whose inputs the listed ``files`` hold.
+
+    Detection takes image files, then tar shards, then Parquet files with ``input.image_column`` (else those
+    Parquet files are a manifest), then text or CSV manifests.
+
+    Raises:
+        StorageError: ``auto`` and the files hold no layout's inputs.
+    """
+    layouts = [layout(config, storage_config) for layout in LAYOUTS]
+    if config.format != "auto":
+        return next(layout for layout in layouts if layout.name == config.format)
+    layout = next((layout for layout in layouts if layout.detects(files)), None)
+    if layout is None:
+        extensions = layouts[0].image_extensions
+        raise StorageError(
+            f"input {config.uri} holds no image files ({', '.join(extensions)}), tar shards, Parquet files "
+            "or manifests (txt, csv, tsv)"
+        )
+    log.info("input format %s (detected from %s)", layout.name, config.uri)
+    return layout
 
 
 @dataclass(frozen=True)
 class InputPlan:
     """What the job reads: the layout and what was listed for it (image URIs, shards, or Parquet files)."""
 
-    format: str
+    layout: Layout
     uris: list[str]
 
     def describe(self) -> str:
-        noun = {"files": "image files", "webdataset": "tar shards", "parquet": "Parquet files"}
-        return f"{len(self.uris)} {noun.get(self.format, 'image URIs from manifests')}"
+        return f"{len(self.uris)} {self.layout.noun}"
+
+    @property
+    def image_count(self) -> int:
+        """How many images the input holds where that is known before reading (one URI per image), else 0."""
+        return len(self.uris) if self.layout.uri_per_image else 0
+
+    def remaining(self, done: pa.Array) -> InputPlan:
+        """What is left to read after an earlier attempt wrote the rows of ``done``.
+
+        Where each URI is one image, the URIs without a row, in their order (those labeled are not even read);
+        otherwise all of them, and the pipeline drops the rows already written after reading (``drop_done``).
+        """
+        if not self.layout.uri_per_image or len(done) == 0:
+            return self
+        candidates = pa.array(self.uris, pa.string())
+        return InputPlan(self.layout, candidates.filter(_not_done(candidates, done)).to_pylist())
 
 
 def plan_input(config: InputConfig, storage_config: StorageConfig) -> InputPlan:
-    """Lists the input once and decides its layout (``input.format``, or detected when ``auto``).
+    """Lists the input once and decides its layout (``input.format``, or detected when ``auto``: ``layout_for``).
 
-    Detection takes the first layout the listing holds: image files, then tar shards, then Parquet files
-    with ``input.image_column`` (else those Parquet files are a manifest), then text or CSV manifests.
-    A single file named explicitly is taken whatever its extension when the format is set.
+    A single file named explicitly is taken whatever its extension when the format is set (and is not ``files``).
 
     Raises:
         StorageError: the input does not exist, holds nothing of its layout, or lacks the configured columns.
     """
-    extensions = tuple(e.lower().lstrip(".") for e in config.extensions)
     files, single = storage.list_files(config.uri, storage_config)
-    selected = {
-        "files": [f for f in files if storage.has_extension(f, extensions)],
-        "webdataset": [f for f in files if storage.has_extension(f, SHARD_EXTENSIONS)],
-        "parquet": [f for f in files if storage.has_extension(f, PARQUET_EXTENSIONS)],
-        "manifest": [f for f in files if storage.has_extension(f, MANIFEST_EXTENSIONS)],
-    }
-    layout = config.format
-    if layout == "auto":
-        layout = next((name for name in ("files", "webdataset", "parquet", "manifest") if selected[name]), "")
-        if not layout:
-            raise StorageError(
-                f"input {config.uri} holds no image files ({', '.join(extensions)}), tar shards, Parquet files "
-                "or manifests (txt, csv, tsv)"
-            )
-        if layout == "parquet" and config.image_column not in _parquet_columns(selected["parquet"][0], storage_config):
-            layout = "manifest"
-        log.info("input format %s (detected from %s)", layout, config.uri)
-    uris = files if single and layout != "files" else selected[layout]
+    layout = layout_for(config, storage_config, files)
+    uris = layout.select(files, single)
     if len(uris) < len(files):
         chosen = set(uris)
         ignored = [f for f in files if f not in chosen]
@@ -80,42 +328,13 @@ def plan_input(config: InputConfig, storage_config: StorageConfig) -> InputPlan:
             "input %s: ignoring %d other files (not %s): %s%s",
             config.uri,
             len(ignored),
-            {"files": "images", "webdataset": "tar shards", "parquet": "Parquet files"}.get(layout, "manifests"),
+            layout.kind,
             ", ".join(posixpath.basename(f) for f in ignored[:SHOWN_MEMBERS]),
             ", ..." if len(ignored) > SHOWN_MEMBERS else "",
         )
     if not uris:
-        wanted = {
-            "files": f"image files with extensions {', '.join(extensions)}",
-            "webdataset": "tar shards (*.tar, *.tar.gz, *.tgz)",
-            "parquet": "Parquet files (*.parquet)",
-            "manifest": "manifests (*.txt, *.csv, *.tsv, *.parquet)",
-        }[layout]
-        raise StorageError(f"input {config.uri} holds no {wanted}")
-    if layout == "parquet":
-        columns = _parquet_columns(uris[0], storage_config)
-        missing = [c for c in (config.image_column, config.id_column) if c not in columns]
-        if missing:
-            raise StorageError(
-                f"input {uris[0]} has no column {', '.join(missing)}; its columns: {', '.join(columns)}; "
-                "set input.image_column and input.id_column"
-            )
-        check_parquet_ids(uris, config.id_column, storage_config)
-    if layout == "manifest":
-        # The driver reads manifests as it lists files: it holds only URIs, and the image reads are spread
-        # over decode tasks exactly as for loose files (so a resumed run skips what it already labeled).
-        listed = [u for manifest in uris for u in manifest_uris(manifest, config.uri_column, storage_config)]
-        if not listed:
-            raise StorageError(f"input {config.uri}: the manifests list no URIs")
-        # An image listed twice is one input: one row, not two rows (or two parts) of the same uri.
-        uris = list(dict.fromkeys(listed))
-        if len(uris) < len(listed):
-            log.warning(
-                "input %s: %d URIs are listed more than once; each image is labeled once",
-                config.uri,
-                len(listed) - len(uris),
-            )
-    return InputPlan(layout, uris)
+        raise StorageError(f"input {config.uri} holds no {layout.wanted()}")
+    return InputPlan(layout, layout.plan(uris))
 
 
 def _parquet_columns(uri: str, storage_config: StorageConfig) -> list[str]:
@@ -221,52 +440,27 @@ def resolve_relative(uri: str, manifest: str) -> str:
     return f"{protocol}://{resolved}" if protocol else resolved
 
 
-def read_parquet_images(
-    batch: dict[str, np.ndarray],
-    id_column: str,
-    image_column: str,
-    spec: PreprocessSpec,
-    batch_size: int,
-    storage_config: StorageConfig,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Reads the Parquet files of a batch ``batch_size`` rows at a time and preprocesses them (the CPU stage).
-
-    A row's ``uri`` is ``FILE#ID``: the file's URI, ``#``, the row's id (unique in a file: ``check_parquet_ids``).
-
-    Ray Data's ``read_parquet`` is not used: in Ray 2.60 it plans a ``ListFiles`` operator whose tasks
-    reserve a whole CPU and cannot be configured; beside a model actor holding 1.5 of 2 CPUs and a decode
-    task holding the rest, that task is never scheduled and the job hangs (observed on the CI machine).
-    """
-    import pyarrow.parquet as pq
-
-    for uri in batch["uri"]:
-        fs, path = storage.filesystem(str(uri), storage_config)
-        with fs.open(path, "rb") as f:
-            for record_batch in pq.ParquetFile(f).iter_batches(
-                batch_size=batch_size, columns=[id_column, image_column]
-            ):
-                columns = {
-                    name: record_batch.column(name).to_numpy(zero_copy_only=False) for name in (id_column, image_column)
-                }
-                yield parquet_batch(columns, id_column, image_column, spec, str(uri))
-
-
 def parquet_batch(
-    batch: dict[str, np.ndarray], id_column: str, image_column: str, spec: PreprocessSpec, file_uri: str
+    batch: dict[str, np.ndarray], id_column: str, image_column: str, file_uri: str
 ) -> dict[str, np.ndarray]:
-    """Preprocesses a batch of rows of the Parquet file ``file_uri`` holding encoded images.
+    """A batch of rows of the Parquet file ``file_uri`` holding encoded images, as read (``encoded_batch``).
 
     A row's ``uri`` is ``FILE#ID``, as a tar member's is ``SHARD#MEMBER``: ids need only be unique in their
-    file, and two files with the same ids are still two sets of images.
+    file (``check_parquet_ids``), and two files with the same ids are still two sets of images.
     """
-    ids = np.asarray([f"{file_uri}#{i}" for i in batch[id_column]], dtype=object)
+    ids = [f"{file_uri}#{i}" for i in batch[id_column]]
     contents = [ValueError(f"{image_column} is null") if data is None else bytes(data) for data in batch[image_column]]
-    return preprocess_batch(ids, contents, spec)
+    return encoded_batch(ids, contents)
+
+
+def _not_done(uris: pa.Array, done: pa.Array) -> pa.Array:
+    """Per URI, whether it has no row in ``done``."""
+    return pc.invert(pc.is_in(uris, value_set=done))
 
 
 def drop_done(batch: dict[str, np.ndarray], done: pa.Array) -> dict[str, np.ndarray]:
-    """Drops the rows whose ``uri`` an earlier attempt already wrote (resuming a run of shards, Parquet, manifests)."""
-    keep = pc.invert(pc.is_in(pa.array(batch["uri"].tolist(), pa.string()), value_set=done)).to_numpy(False)
+    """Drops the rows whose ``uri`` an earlier attempt already wrote (resuming a run of shards or Parquet)."""
+    keep = _not_done(pa.array(batch["uri"].tolist(), pa.string()), done).to_numpy(False)
     return {name: values[keep] for name, values in batch.items()}
 
 
@@ -371,25 +565,3 @@ def _with_context(exc: Exception, message: str) -> Exception:
         return type(exc)(message)
     except Exception:
         return exc
-
-
-def read_shards(
-    batch: dict[str, np.ndarray],
-    spec: PreprocessSpec,
-    extensions: tuple[str, ...],
-    batch_size: int,
-    storage_config: StorageConfig,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Reads and preprocesses the shards of a batch, yielding ``batch_size`` images at a time (the CPU stage)."""
-    extensions = tuple(e.lower().lstrip(".") for e in extensions)
-    for shard in batch["uri"]:
-        uris: list[str] = []
-        contents: list[bytes | Exception] = []
-        for uri, content in shard_images(str(shard), extensions, storage_config):
-            uris.append(uri)
-            contents.append(content)
-            if len(uris) == batch_size:
-                yield preprocess_batch(np.asarray(uris, dtype=object), contents, spec)
-                uris, contents = [], []
-        if uris:
-            yield preprocess_batch(np.asarray(uris, dtype=object), contents, spec)

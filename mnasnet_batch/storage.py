@@ -210,20 +210,6 @@ def _find_local(root: str) -> list[str]:
     return files
 
 
-def list_images(uri: str, extensions: tuple[str, ...], config: StorageConfig | None = None) -> list[str]:
-    """Lists the image files under a directory or prefix (recursively), a glob, or a single file.
-
-    Raises:
-        StorageError: the location does not exist, cannot be reached, or holds no images.
-    """
-    extensions = tuple(e.lower().lstrip(".") for e in extensions)
-    files, _ = list_files(uri, config or StorageConfig())
-    images = [f for f in files if has_extension(f, extensions)]
-    if not images:
-        raise StorageError(f"input {uri} holds no image files with extensions {', '.join(extensions)}")
-    return images
-
-
 def read_many(uris: list[str], config: StorageConfig | None = None) -> list[bytes | Exception]:
     """Reads whole files, concurrently where the filesystem can (s3fs, gcsfs), keeping failures per file.
 

@@ -1,7 +1,7 @@
 """Listing and planning at corpus scale: N small images on local disk and on a moto S3 server.
 
 For each backend it times the job's own steps on the driver: listing (``sources.plan_input``), planning
-(``pipeline.read_images``: the Ray Data graph up to preprocessing), and the time from there to the first
+(``pipeline.read`` + ``decode``: the Ray Data graph up to preprocessing), and the time from there to the first
 preprocessed batch leaving a decode task (labeling has started), with the decode workers already started.
 With ``--compare-ray`` it also times Ray Data's own path expansion (``read_binary_files``) to its first row
 on the same objects.
@@ -72,9 +72,10 @@ def measure(uri: str, storage: dict, compare_ray: bool) -> dict[str, float]:
     t1 = time.perf_counter()
     # Start-up of the decode workers (Python, torch, torchvision imports) is paid once per worker whatever
     # the input; a warm-up over one image, not timed, takes it out of the figures, which are about the input.
-    pipeline.read_images(config, sources.InputPlan(plan.format, plan.uris[:1]), spec).take_all()
+    first = sources.InputPlan(plan.layout, plan.uris[:1])
+    pipeline.decode(pipeline.read(config, first, None), config, spec).take_all()
     t2 = time.perf_counter()
-    dataset = pipeline.read_images(config, plan, spec)
+    dataset = pipeline.decode(pipeline.read(config, plan, None), config, spec)
     t3 = time.perf_counter()
     batch = next(iter(dataset.iter_batches(batch_size=None, batch_format="numpy")))
     t4 = time.perf_counter()

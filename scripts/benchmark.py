@@ -119,7 +119,8 @@ def run_ceiling(input_dir: Path, output: Path, model_name: str, weights: Path) -
 
     from mnasnet_batch.output import write_part
     from mnasnet_batch.predictor import Predictor
-    from mnasnet_batch.preprocess import PreprocessSpec, preprocess_batch
+    from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
+    from mnasnet_batch.sources import encoded_batch
     from mnasnet_batch.weights import resolve_checkpoint
 
     predictor = Predictor(resolve_checkpoint(model_name, str(weights)), top_k=5, num_threads=os.cpu_count())
@@ -128,7 +129,7 @@ def run_ceiling(input_dir: Path, output: Path, model_name: str, weights: Path) -
     for start in range(0, len(paths), 64):
         chunk = paths[start : start + 64]
         uris = np.asarray([str(p) for p in chunk], dtype=object)
-        write_part(predictor(preprocess_batch(uris, [p.read_bytes() for p in chunk], spec)), str(output))
+        write_part(predictor(decode_batch(encoded_batch(uris, [p.read_bytes() for p in chunk]), spec)), str(output))
     assert pq  # parts are Parquet, as the job writes them
 
 

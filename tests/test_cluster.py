@@ -118,7 +118,7 @@ def test_work_ran_on_both_nodes_gpu_actors_on_the_gpu_node(cluster, submitted):
     nodes = {n["node_id"]: n for n in cluster.state("nodes")}
     gpu_node = next(node_id for node_id, n in nodes.items() if n["resources_total"].get("GPU"))
     tasks = cluster.state("tasks", job_id=job["job_id"])
-    decode_nodes = {t["node_id"] for t in tasks if "load_batch" in t["name"] and t["state"] == "FINISHED"}
+    decode_nodes = {t["node_id"] for t in tasks if "decode_batch" in t["name"] and t["state"] == "FINISHED"}
     actors = [a for a in cluster.state("actors", job_id=job["job_id"]) if "MapBatches(Predictor)" in a["repr_name"]]
     assert actors and {a["node_id"] for a in actors} == {gpu_node}
     # Decoding ran on the CPU-only head (Ray prefers it for tasks that need no GPU), possibly also on the GPU node.

@@ -8,15 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mnasnet_batch.device_preprocess import decode_crops, resize_crops
+from mnasnet_batch.device_preprocess import decode_batch_on_device, decode_crops, resize_crops
 from mnasnet_batch.predictor import Predictor
-from mnasnet_batch.preprocess import (
-    PreprocessSpec,
-    decodable_on_device,
-    decode_batch,
-    preprocess_batch,
-    preprocess_image,
-)
+from mnasnet_batch.preprocess import PreprocessSpec, decodable_on_device, decode_batch, preprocess_image
+from mnasnet_batch.sources import encoded_batch
 from mnasnet_batch.weights import resolve_checkpoint
 from tests import support
 
@@ -100,15 +95,25 @@ def test_header_check_refuses_bombs_and_non_images(photos):
     spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=1000)
     with pytest.raises(ValueError, match="max_pixels=1000"):
         decodable_on_device(encode(photos["coffee"], "JPEG"), spec)
-    batch = preprocess_batch(
-        np.asarray(["a", "b", "c"], dtype=object),
-        [encode(photos["coffee"].resize((20, 20)), "JPEG"), b"<html>", FileNotFoundError("gone")],
-        PreprocessSpec.for_model("mnasnet0_5", max_pixels=1000, decode_on="actor"),
-    )
-    assert set(batch) == {"uri", "data", "on_device", "error"}
-    assert batch["on_device"].tolist() == [True, False, False]
+    contents = [encode(photos["coffee"].resize((20, 20)), "JPEG"), b"<html>", FileNotFoundError("gone")]
+    read = encoded_batch(["a", "b", "c"], contents)
+    assert read["data"][2] == b""
+    actor_spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=1000, decode_on="actor")
+    assert decodable_on_device(contents[0], actor_spec)
+    batch = decode_batch_on_device(read, actor_spec, CPU)
+    assert set(batch) == {"uri", "image", "error"}
     assert batch["error"][0] == "" and batch["error"][1].startswith("UnidentifiedImageError")
-    assert batch["error"][2] == "FileNotFoundError: gone" and batch["data"][2] == b""
+    assert batch["error"][2] == "FileNotFoundError: gone"
+
+
+def test_device_decode_stage_gives_the_pillow_stage_crops(corpus):
+    contents = [p.read_bytes() for p in corpus] + [b"not an image", OSError("unreadable")]
+    read = encoded_batch([str(i) for i in range(len(contents))], contents)
+    on_device = decode_batch_on_device(read, SPEC, CPU)
+    on_workers = decode_batch(read, SPEC)
+    assert on_device["error"].tolist() == on_workers["error"].tolist()
+    assert on_device["error"][-1] == "OSError: unreadable" and sum(e == "" for e in on_device["error"]) == len(corpus)
+    np.testing.assert_array_equal(on_device["image"].numpy(), on_workers["image"])
 
 
 def test_predictor_decoding_gives_the_same_rows(checkpoint_path, corpus):
@@ -116,9 +121,9 @@ def test_predictor_decoding_gives_the_same_rows(checkpoint_path, corpus):
     uris = np.asarray([str(p) for p in corpus] + ["bad"], dtype=object)
     contents = [p.read_bytes() for p in corpus] + [b"not an image"]
     actor_spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9, decode_on="actor")
-    predictor = Predictor(checkpoint, top_k=5, device="cpu", spec=actor_spec)
-    on_actor = predictor(preprocess_batch(uris, contents, actor_spec))
-    on_workers = predictor(preprocess_batch(uris, contents, SPEC))
+    read = encoded_batch(uris, contents)
+    on_actor = Predictor(checkpoint, top_k=5, device="cpu", spec=actor_spec)(read)
+    on_workers = Predictor(checkpoint, top_k=5, device="cpu", spec=SPEC)(decode_batch(read, SPEC))
     assert on_actor.to_pylist() == on_workers.to_pylist()
     assert on_actor.column("status").to_pylist() == ["ok"] * len(corpus) + ["error"]
 
@@ -127,7 +132,7 @@ def test_reduced_precision(checkpoint_path, corpus):
     checkpoint = resolve_checkpoint("mnasnet0_5", str(checkpoint_path))
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         Predictor(checkpoint, top_k=5, device="cpu", precision="fp16")
-    batch = preprocess_batch(np.asarray([str(p) for p in corpus], dtype=object), [p.read_bytes() for p in corpus], SPEC)
+    batch = decode_batch(encoded_batch([str(p) for p in corpus], [p.read_bytes() for p in corpus]), SPEC)
     _, fp32 = Predictor(checkpoint, top_k=5, device="cpu").predict(batch["image"])
     ids, bf16 = Predictor(checkpoint, top_k=5, device="cpu", precision="bf16").predict(batch["image"])
     # Autocast is in effect (bf16 keeps 8 bits of mantissa, so the scores move) and the output is still a
@@ -141,9 +146,12 @@ def test_decoding_on_threads_keeps_each_image_in_its_place(corpus):
     # CPU model actors decode their batches with Pillow on their own threads (decode_on=actor).
     contents = [p.read_bytes() for p in corpus] + [b"not an image", OSError("unreadable")]
     contents.insert(3, contents.pop(-2))
-    serial_images, serial_errors = decode_batch(contents, SPEC)
+    read = encoded_batch([str(i) for i in range(len(contents))], contents)
+    serial = decode_batch(read, SPEC)
+    serial_images, serial_errors = serial["image"], serial["error"]
     with ThreadPoolExecutor(4) as threads:
-        images, errors = decode_batch(contents, SPEC, threads)
+        decoded = decode_batch(read, SPEC, threads)
+    images, errors = decoded["image"], decoded["error"]
     assert errors.tolist() == serial_errors.tolist()
     assert errors[3].startswith("UnidentifiedImageError") and errors[-1] == "OSError: unreadable"
     assert sum(e == "" for e in errors) == len(corpus)

@@ -105,7 +105,7 @@ def test_bad_inputs_become_error_rows_and_the_job_succeeds(local_ray, photos, tm
 
 
 def test_file_deleted_between_listing_and_reading(local_ray, corpus, tmp_path, checkpoint_path):
-    from mnasnet_batch import pipeline
+    from mnasnet_batch import pipeline, sources
     from mnasnet_batch.config import load_config, parse_override
     from mnasnet_batch.weights import resolve_checkpoint
 
@@ -113,7 +113,8 @@ def test_file_deleted_between_listing_and_reading(local_ray, corpus, tmp_path, c
     config = load_config(overrides=[parse_override(f"output.uri={tmp_path / 'out'}")])
     run_uri = str(tmp_path / "out" / "run=x")
     os.makedirs(run_uri)
-    pipeline.run(config, resolve_checkpoint("mnasnet0_5", str(checkpoint_path)), [str(corpus[0]), str(gone)], run_uri)
+    inputs = sources.InputPlan(sources.FilesLayout(config.input, config.storage), [str(corpus[0]), str(gone)])
+    pipeline.run(config, resolve_checkpoint("mnasnet0_5", str(checkpoint_path)), inputs, run_uri)
     rows = rows_by_uri(Path(run_uri))
     assert rows[str(corpus[0])]["status"] == "ok"
     assert rows[str(gone)]["status"] == "error" and rows[str(gone)]["error"].startswith("FileNotFoundError")

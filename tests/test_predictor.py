@@ -7,7 +7,8 @@ from PIL import Image
 
 from mnasnet_batch.postprocess import OUTPUT_SCHEMA
 from mnasnet_batch.predictor import Predictor
-from mnasnet_batch.preprocess import PreprocessSpec, preprocess_batch
+from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
+from mnasnet_batch.sources import encoded_batch
 from mnasnet_batch.weights import resolve_checkpoint
 from tests import support
 
@@ -25,7 +26,7 @@ def test_top_k_matches_reference_forward(checkpoint_path, fixture_model, corpus,
     )
     assert 8 < len(corpus) < 1000 and len(corpus) % 5
     spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9)
-    batch = preprocess_batch(np.asarray([str(p) for p in corpus], dtype=object), [p.read_bytes() for p in corpus], spec)
+    batch = decode_batch(encoded_batch([str(p) for p in corpus], [p.read_bytes() for p in corpus]), spec)
     ids, scores = predictor.predict(batch["image"])
     ref_ids, ref_scores = support.reference_predictions(corpus, fixture_model, "mnasnet0_5", 5)
     np.testing.assert_array_equal(ids, ref_ids)
@@ -39,7 +40,7 @@ def test_error_rows_pass_through_with_null_predictions(predictor, corpus):
     spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9)
     uris = np.asarray(["good", "bad", "good2"], dtype=object)
     contents = [corpus[0].read_bytes(), b"not an image", corpus[1].read_bytes()]
-    table = predictor(preprocess_batch(uris, contents, spec))
+    table = predictor(decode_batch(encoded_batch(uris, contents), spec))
     assert isinstance(table, pa.Table) and table.schema == OUTPUT_SCHEMA
     rows = table.to_pylist()
     assert [r["status"] for r in rows] == ["ok", "error", "ok"]
@@ -52,7 +53,7 @@ def test_error_rows_pass_through_with_null_predictions(predictor, corpus):
 
 def test_all_error_batch(predictor):
     spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9)
-    table = predictor(preprocess_batch(np.asarray(["x"], dtype=object), [b""], spec))
+    table = predictor(decode_batch(encoded_batch(["x"], [b""]), spec))
     assert table.column("status").to_pylist() == ["error"]
 
 
@@ -60,6 +61,6 @@ def test_grayscale_photo_is_labeled(predictor, photos, tmp_path):
     path = tmp_path / "gray.png"
     photos["astronaut"].convert("L").save(path)
     spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9)
-    batch = preprocess_batch(np.asarray([str(path)], dtype=object), [path.read_bytes()], spec)
+    batch = decode_batch(encoded_batch([str(path)], [path.read_bytes()]), spec)
     assert batch["error"][0] == "" and Image.open(path).mode == "L"
     assert predictor(batch).column("status").to_pylist() == ["ok"]

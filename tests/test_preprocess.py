@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mnasnet_batch.preprocess import PreprocessSpec, load_batch, preprocess_batch, preprocess_image
+from mnasnet_batch.config import InputConfig, StorageConfig
+from mnasnet_batch.preprocess import PreprocessSpec, decode_batch, preprocess_image
+from mnasnet_batch.sources import FilesLayout, encoded_batch
 from tests import support
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -83,7 +85,8 @@ def test_bad_images_become_error_values(photos):
         FileNotFoundError("/gone.jpg"),
     ]
     uris = np.asarray([f"u{i}" for i in range(len(contents))], dtype=object)
-    batch = preprocess_batch(uris, contents, spec)
+    read = encoded_batch(uris, contents)
+    batch = decode_batch(read, spec)
     assert batch["image"].shape == (6, 224, 224, 3) and batch["image"].dtype == np.uint8
     errors = list(batch["error"])
     assert errors[0] == ""
@@ -91,7 +94,7 @@ def test_bad_images_become_error_values(photos):
     assert errors[2].startswith("OSError") and "truncated" in errors[2]
     assert errors[3].startswith("UnidentifiedImageError")
     # The same bytes give the same message on every run (Pillow's own names the buffer's memory address).
-    assert errors[1] == errors[3] == preprocess_batch(uris, contents, spec)["error"][3] and "0x" not in errors[3]
+    assert errors[1] == errors[3] == decode_batch(read, spec)["error"][3] and "0x" not in errors[3]
     assert errors[4] == "ValueError: image is 600x600 = 360000 pixels, over preprocess.max_pixels=250000"
     assert errors[5].startswith("FileNotFoundError")
     assert batch["image"][0].any() and not batch["image"][1:].any()
@@ -107,10 +110,11 @@ def test_decode_and_write_tasks_do_not_import_torch(tmp_path):
     from mnasnet_batch.pipeline import PartSink
 
     spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9)
+    layout = FilesLayout(InputConfig(uri=str(tmp_path)), StorageConfig())
     payload = tmp_path / "task.pickle"
-    payload.write_bytes(pickle.dumps((load_batch, spec, PartSink(str(tmp_path), 10))))
+    payload.write_bytes(pickle.dumps((layout.read, decode_batch, spec, PartSink(str(tmp_path), 10))))
     code = (
-        "import pickle, sys; fn, spec, sink = pickle.load(open(sys.argv[1], 'rb'));"
+        "import pickle, sys; read, decode, spec, sink = pickle.load(open(sys.argv[1], 'rb'));"
         "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code, str(payload)], capture_output=True, text=True, check=True)

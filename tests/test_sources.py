@@ -16,7 +16,7 @@ import yaml
 
 from mnasnet_batch import sources, storage
 from mnasnet_batch.config import REDACTED, StorageConfig, load_config, parse_override, to_dict
-from mnasnet_batch.preprocess import PreprocessSpec, load_batch
+from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.sources import plan_input, shard_images
 from mnasnet_batch.storage import StorageError
 
@@ -125,19 +125,29 @@ def config(uri, **values):
     return load_config(overrides=[{"input": {"uri": str(uri)}}, *overrides])
 
 
+def test_each_layout_makes_its_own_blocks(tmp_path):
+    uris = [f"/x/{i}.jpg" for i in range(10)]
+    # Loose files double from one batch, even of one image; shards and Parquet files are one block (task) each.
+    assert [b.num_rows for b in sources.FilesLayout(config(tmp_path).input, NO_STORAGE).blocks(uris, 1)] == [1, 2, 4, 3]
+    assert [b.num_rows for b in sources.ManifestLayout(config(tmp_path).input, NO_STORAGE).blocks(uris, 3)] == [3, 6, 1]
+    shards = sources.WebDatasetLayout(config(tmp_path).input, NO_STORAGE).blocks(["/x/a.tar", "/x/b.tar"], 64)
+    assert [b.column("uri").to_pylist() for b in shards] == [["/x/a.tar"], ["/x/b.tar"]]
+
+
 def test_layouts_are_detected(layouts):
     plan = plan_input(config(layouts / "images").input, NO_STORAGE)
-    assert plan.format == "files" and [p.rsplit("/", 1)[1] for p in plan.uris] == ["a.png", "b.JPG"]
+    assert plan.layout.name == "files" and [p.rsplit("/", 1)[1] for p in plan.uris] == ["a.png", "b.JPG"]
     plan = plan_input(config(layouts / "shards").input, NO_STORAGE)
-    assert plan.format == "webdataset" and len(plan.uris) == 2 and plan.describe() == "2 tar shards"
-    assert plan_input(config(layouts / "table").input, NO_STORAGE).format == "parquet"
-    assert plan_input(config(layouts / "list").input, NO_STORAGE).format == "manifest"
+    assert plan.layout.name == "webdataset" and len(plan.uris) == 2 and plan.describe() == "2 tar shards"
+    assert plan_input(config(layouts / "table").input, NO_STORAGE).layout.name == "parquet"
+    assert plan_input(config(layouts / "list").input, NO_STORAGE).layout.name == "manifest"
     plan = plan_input(config(layouts / "urls.txt").input, NO_STORAGE)
-    assert plan.format == "manifest" and plan.uris == ["/x/a.jpg"] and plan.describe() == "1 image URIs from manifests"
+    assert plan.layout.name == "manifest" and plan.uris == ["/x/a.jpg"]
+    assert plan.describe() == "1 image URIs from manifests"
     # Images win over other layouts in one tree; input.format picks another.
-    assert plan_input(config(layouts).input, NO_STORAGE).format == "files"
+    assert plan_input(config(layouts).input, NO_STORAGE).layout.name == "files"
     assert plan_input(config(layouts, format="webdataset").input, NO_STORAGE).uris[0].endswith("000000.tar")
-    assert plan_input(config(f"{layouts}/shards/*.tar").input, NO_STORAGE).format == "webdataset"
+    assert plan_input(config(f"{layouts}/shards/*.tar").input, NO_STORAGE).layout.name == "webdataset"
 
 
 def test_plans_that_cannot_run_are_refused_with_what_to_set(layouts, tmp_path):
@@ -168,7 +178,9 @@ def test_manifests_of_each_kind_list_their_uris(tmp_path):
 def test_image_reads_report_what_does_not_exist(corpus, tmp_path):
     spec = PreprocessSpec.for_model("mnasnet0_5", 10**8)
     uris = [str(corpus[0]), str(tmp_path / "missing.jpg"), "nope://bucket/x.jpg", f"file://{corpus[1]}"]
-    batch = load_batch({"uri": np.asarray(uris, dtype=object)}, spec, NO_STORAGE)
+    layout = sources.FilesLayout(config(tmp_path).input, NO_STORAGE)
+    [read] = layout.read({"uri": np.asarray(uris, dtype=object)}, batch_size=len(uris))
+    batch = decode_batch(read, spec)
     assert list(batch["uri"]) == uris
     assert batch["error"][0] == "" and batch["error"][3] == "" and batch["image"][0].any()
     assert batch["error"][1].startswith("FileNotFoundError")
@@ -178,7 +190,7 @@ def test_image_reads_report_what_does_not_exist(corpus, tmp_path):
 def test_parquet_rows_are_file_hash_id_and_a_null_image_is_an_error(corpus):
     spec = PreprocessSpec.for_model("mnasnet0_5", 10**8)
     batch = {"key": pa.array([7, 8]).to_numpy(), "jpg": pa.array([corpus[0].read_bytes(), None]).to_numpy(False)}
-    out = sources.parquet_batch(batch, "key", "jpg", spec, "s3://b/t/part-0.parquet")
+    out = decode_batch(sources.parquet_batch(batch, "key", "jpg", "s3://b/t/part-0.parquet"), spec)
     assert list(out["uri"]) == ["s3://b/t/part-0.parquet#7", "s3://b/t/part-0.parquet#8"]
     assert out["error"][0] == "" and out["error"][1] == "ValueError: jpg is null"
 
@@ -280,7 +292,7 @@ def test_listed_paths_with_glob_characters_are_read_as_they_are(tmp_path):
     assert storage.read_many(uris, NO_STORAGE) == [name.encode() for name in names]
     # A folder whose name looks like a glob is the folder; a glob that names nothing literally is a glob.
     plan = plan_input(config(trip).input, NO_STORAGE)
-    assert plan.format == "files" and sorted(plan.uris) == sorted([*uris, str(trip / "br1.jpg")])
+    assert plan.layout.name == "files" and sorted(plan.uris) == sorted([*uris, str(trip / "br1.jpg")])
     assert plan_input(config(f"{tmp_path}/2024 ?trip?/br*.jpg").input, NO_STORAGE).uris == [
         str(trip / "br1.jpg"),
         str(trip / "br[1].jpg"),
