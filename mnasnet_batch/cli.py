@@ -19,11 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fsspec.core import split_protocol
-
 import mnasnet_batch
 from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConfig, load_config, parse_override
-from mnasnet_batch.storage import StorageError
+from mnasnet_batch.storage import StorageError, absolute_location, scheme
 
 if TYPE_CHECKING:
     from mnasnet_batch.output import RunPlan, Summary
@@ -65,15 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def absolute_location(uri: str) -> str:
-    """A local path made absolute and normalised (``./photos``, ``photos/`` and ``/abs/photos`` are one input); a
-    URI with a scheme without trailing slashes (``s3://b/photos/`` is ``s3://b/photos``)."""
-    protocol, path = split_protocol(uri)
-    if protocol is None:
-        return os.path.abspath(os.path.expanduser(uri))
-    return f"{protocol}://{path.rstrip('/')}" if path.rstrip("/") else uri
-
-
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     """The job configuration from ``build_parser()``'s arguments: defaults, --config, flags, then --set.
 
@@ -92,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     # Relative paths are the user's, resolved against the directory the command was run from, once: the driver
     # leaves that directory before joining a cluster (see main), and runs into one output must name one input.
     weights = config.model.weights
-    if not WEIGHTS_NAME.fullmatch(weights) and (split_protocol(weights)[0] or os.path.exists(weights)):
+    if not WEIGHTS_NAME.fullmatch(weights) and (scheme(weights) != "file" or os.path.exists(weights)):
         weights = absolute_location(weights)
     return dataclasses.replace(
         config,

@@ -43,6 +43,15 @@ def scheme(uri: str) -> str:
     return split_protocol(uri)[0] or "file"
 
 
+def absolute_location(uri: str) -> str:
+    """A local path made absolute and normalised (``./photos``, ``photos/`` and ``/abs/photos`` are one input); a
+    URI with a scheme without trailing slashes (``s3://b/photos/`` is ``s3://b/photos``)."""
+    protocol, path = split_protocol(uri)
+    if protocol is None:
+        return os.path.abspath(os.path.expanduser(uri))
+    return f"{protocol}://{path.rstrip('/')}" if path.rstrip("/") else uri
+
+
 def fsspec_options(protocol: str, config: StorageConfig) -> dict[str, object]:
     """The keyword arguments of the fsspec filesystem for ``protocol`` that the storage config asks for.
 
