@@ -159,3 +159,32 @@ def job_argv(images: Path, output: Path, weights: Path, *settings: str, extra: t
     for setting in settings:
         argv += ["--set", setting]
     return argv
+
+
+def assert_reference_rows(rows: dict[str, dict], images: list[Path], model: torch.nn.Module) -> None:
+    """Every image (rows keyed by its path) is ``ok`` with the reference's top-5: ids identical, scores within 1e-4."""
+    ref_ids, ref_scores = reference_predictions(images, model, "mnasnet0_5", 5)
+    for path, ids, scores in zip(images, ref_ids, ref_scores, strict=True):
+        row = rows[str(path)]
+        assert row["status"] == "ok" and row["top_k_ids"] == ids.tolist(), path.name
+        np.testing.assert_allclose(row["top_k_scores"], scores, atol=1e-4)
+
+
+def replace_hook(folder: Path, body: str) -> Path:
+    """Test-only fault injection: a ``sitecustomize`` in ``folder`` that runs ``body`` (statements over ``src`` and
+    ``dst``, indented 4 spaces; ``errno``, ``os`` and ``time`` imported) before every ``os.replace``. Put ``folder``
+    on a job's PYTHONPATH and every Ray worker of the job inherits it.
+
+    Returns:
+        ``folder``.
+    """
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        "import errno, os, time\n"
+        "_replace = os.replace\n"
+        "def _hooked_replace(src, dst, *args, **kwargs):\n"
+        f"{body}"
+        "    return _replace(src, dst, *args, **kwargs)\n"
+        "os.replace = _hooked_replace\n"
+    )
+    return folder

@@ -8,17 +8,15 @@ on a real GPU cluster.
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import urllib.error
 import urllib.request
 
-import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
 from tests import support
-from tests.cluster import ROOT, checkout_copy, running_cluster, submit, wait_for_job
+from tests.cluster import ROOT, checkout_copy, run_job, running_cluster
 
 IMAGES = 12
 MAX_ACTORS = 2
@@ -40,11 +38,9 @@ def submitted(cluster, tmp_path_factory, checkpoint_path):
     checkout = checkout_copy(cluster)
     images = support.write_corpus(tmp_path_factory.mktemp("cluster-images"), IMAGES, seed=6)
     output = tmp_path_factory.mktemp("cluster-out") / "labels"
-    submission_id = f"mnasnet-test-{secrets.token_hex(4)}"
-    submit(
+    job, logs = run_job(
         cluster,
         checkout,
-        submission_id,
         *["--runtime-env", "conf/runtime_env.yaml", "--"],
         *["python", "jobs/label_images.py", "--config", "conf/gpu-cluster.yaml"],
         *["--input", str(images[0].parent), "--output", str(output), "--weights", str(checkpoint_path)],
@@ -52,9 +48,6 @@ def submitted(cluster, tmp_path_factory, checkpoint_path):
         *["--set", "compute.actor_cpus=1", "--set", "compute.actor_memory_gb=1"],
         *["--set", "compute.batch_size=2", "--set", "preprocess.batch_size=2", "--set", "progress.interval_s=1"],
     )
-    job, logs, seconds = wait_for_job(cluster, submission_id)
-    assert job["status"] == "SUCCEEDED", f"{job['status']}: {job.get('message')}\n{logs[-6000:]}"
-    print(f"cluster job: {IMAGES} images in {seconds:.1f} s from submission to SUCCEEDED")
     return job, logs, images, output
 
 
@@ -89,11 +82,7 @@ def test_every_image_is_labeled(submitted, fixture_model):
     _, logs, images, output = submitted
     rows = {row["uri"]: row for row in pads.dataset(output, format="parquet").to_table().to_pylist()}
     assert set(rows) == {str(p) for p in images}
-    ref_ids, ref_scores = support.reference_predictions(images, fixture_model, "mnasnet0_5", 5)
-    for path, ids, scores in zip(images, ref_ids, ref_scores, strict=True):
-        row = rows[str(path)]
-        assert row["status"] == "ok" and row["top_k_ids"] == ids.tolist()
-        np.testing.assert_allclose(row["top_k_scores"], scores, atol=1e-4)
+    support.assert_reference_rows(rows, images, fixture_model)
     assert f"labeled {IMAGES} images (0 errors)" in logs
 
 

@@ -7,14 +7,11 @@ model actor sized from the whole cluster's would ask for. Both made this submiss
 
 from __future__ import annotations
 
-import secrets
-
-import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
 from tests import support
-from tests.cluster import checkout_copy, running_cluster, submit, wait_for_job
+from tests.cluster import checkout_copy, run_job, running_cluster
 
 IMAGES = 8
 pytestmark = pytest.mark.cluster
@@ -30,24 +27,15 @@ def test_the_default_profile_labels_every_image(cluster, tmp_path_factory, check
     checkout = checkout_copy(cluster)
     images = support.write_corpus(tmp_path_factory.mktemp("cpu-cluster-images"), IMAGES, seed=7)
     output = tmp_path_factory.mktemp("cpu-cluster-out") / "labels"
-    submission_id = f"mnasnet-cpu-{secrets.token_hex(4)}"
     # The command of the issue that reported it, as a user types it: no profile, no runtime env file.
-    submit(
+    _, logs = run_job(
         cluster,
         checkout,
-        submission_id,
         *["--", "python", "jobs/label_images.py", "--input", str(images[0].parent), "--output", str(output)],
         *["--model", "mnasnet0_5", "--weights", str(checkpoint_path)],
     )
-    job, logs, seconds = wait_for_job(cluster, submission_id)
-    assert job["status"] == "SUCCEEDED", f"{job['status']}: {job.get('message')}\n{logs[-6000:]}"
-    print(f"cpu cluster job: {IMAGES} images in {seconds:.1f} s from submission to SUCCEEDED")
     rows = {row["uri"]: row for row in pads.dataset(output, format="parquet").to_table().to_pylist()}
     assert set(rows) == {str(p) for p in images}
-    ref_ids, ref_scores = support.reference_predictions(images, fixture_model, "mnasnet0_5", 5)
-    for path, ids, scores in zip(images, ref_ids, ref_scores, strict=True):
-        row = rows[str(path)]
-        assert row["status"] == "ok" and row["top_k_ids"] == ids.tolist()
-        np.testing.assert_allclose(row["top_k_scores"], scores, atol=1e-4)
+    support.assert_reference_rows(rows, images, fixture_model)
     # The model actor holds the one CPU of a node, not 3/4 of the cluster's two.
     assert "with {'num_cpus': 1.0}" in logs

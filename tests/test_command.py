@@ -144,18 +144,10 @@ def test_a_driver_whose_working_directory_is_replaced_still_labels_everything(
 
 
 def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes(local_ray, corpus, tmp_path, checkpoint_path):
-    # Test-only fault injection through sitecustomize, inherited by every Ray worker of the job: publishing a
-    # Parquet part fails as on a full disk.
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(
-        "import errno, os\n"
-        "_replace = os.replace\n"
-        "def _full_disk(src, dst, *args, **kwargs):\n"
-        "    if str(dst).endswith('.parquet'):\n"
-        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
-        "    return _replace(src, dst, *args, **kwargs)\n"
-        "os.replace = _full_disk\n"
+    # Publishing a Parquet part fails as on a full disk.
+    hooks = support.replace_hook(
+        tmp_path / "hooks",
+        "    if str(dst).endswith('.parquet'):\n        raise OSError(errno.ENOSPC, 'No space left on device')\n",
     )
     output = tmp_path / "out"
     argv = support.job_argv(corpus[0].parent, output, checkpoint_path)

@@ -246,18 +246,11 @@ def test_killed_driver_then_same_command_finishes_the_rest(local_ray, corpus, tm
 
 
 def test_driver_killed_while_a_part_is_being_written(local_ray, corpus, tmp_path, checkpoint_path):
-    # Test-only fault injection through sitecustomize, inherited by every Ray worker of the job: the first
-    # part's publishing rename stalls, so the kill lands while that Parquet file is being written.
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(
-        "import os, time\n"
-        "_replace = os.replace\n"
-        "def _stalling_replace(src, dst, *args, **kwargs):\n"
+    # The first part's publishing rename stalls, so the kill lands while that Parquet file is being written.
+    hooks = support.replace_hook(
+        tmp_path / "hooks",
         "    if os.path.basename(str(src)).startswith('_inprogress-') and str(dst).endswith('.parquet'):\n"
-        "        time.sleep(600)\n"
-        "    return _replace(src, dst, *args, **kwargs)\n"
-        "os.replace = _stalling_replace\n"
+        "        time.sleep(600)\n",
     )
     images = many_images(tmp_path, corpus, 1)
     output = tmp_path / "out"

@@ -18,17 +18,12 @@ from tests.test_storage_job import make_shard
 SMALL_BATCHES = ("output.rows_per_file=4", "compute.batch_size=4", "preprocess.batch_size=4")
 IMAGES_PER_INPUT = 4
 
-# Test-only fault injection through sitecustomize, inherited by every Ray worker of the job: once a run holds
-# two parts, publishing another stalls, so the job is killed with some of its rows written and the rest not.
+# Once a run holds two parts, publishing another stalls (support.replace_hook), so the job is killed with some of
+# its rows written and the rest not.
 STALL_AFTER_TWO_PARTS = (
-    "import os, time\n"
-    "_replace = os.replace\n"
-    "def _stalling_replace(src, dst, *args, **kwargs):\n"
     "    folder, name = os.path.split(str(dst))\n"
     "    if name.startswith('part-') and sum(n.startswith('part-') for n in os.listdir(folder)) >= 2:\n"
     "        time.sleep(600)\n"
-    "    return _replace(src, dst, *args, **kwargs)\n"
-    "os.replace = _stalling_replace\n"
 )
 
 
@@ -82,9 +77,7 @@ def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
     expected = WRITERS[layout](inputs, corpus[:16], 0)
     output = tmp_path / "out"
     argv = support.job_argv(inputs, output, checkpoint_path, *SMALL_BATCHES)
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(STALL_AFTER_TWO_PARTS)
+    hooks = support.replace_hook(tmp_path / "hooks", STALL_AFTER_TWO_PARTS)
     job = start_job(
         argv, env={"PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     )
