@@ -265,7 +265,9 @@ def prepare_input(config: JobConfig) -> tuple[Checkpoint, InputPlan]:
         WeightsError: the weights cannot be found, read, verified or fitted.
         StorageError: the input cannot be used.
     """
-    from mnasnet_batch import sources
+    # predictor is the model actors' module, which the pipeline hands to Ray: imported here (off the main thread,
+    # beside Ray's start) so that the driver imports nothing once Ray may replace its working directory (see main).
+    from mnasnet_batch import predictor, sources  # noqa: F401
     from mnasnet_batch.weights import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(

@@ -108,23 +108,23 @@ def test_a_driver_whose_working_directory_is_replaced_still_labels_everything(
 ):
     # `ray job submit` runs the driver in the unpacked working dir, then Ray unpacks it again (rmtree, extract)
     # while setting the job's runtime env up on the node. This driver joins the tests' Ray from such a directory,
-    # and a test-only hook (sitecustomize, loaded at start-up) replaces the directory right after ray.init returns.
+    # and a test-only hook (sitecustomize, loaded at start-up) deletes the directory right after ray.init returns
+    # and never puts it back: the worst case of that window, so any later use of the working directory, or any
+    # import from it, fails every time instead of by chance.
     working_dir = tmp_path / "working_dir"
     shutil.copytree(ROOT / "mnasnet_batch", working_dir / "mnasnet_batch", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "jobs", working_dir / "jobs")
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(
-        "import os, shutil, ray\n"
+        "import shutil, ray\n"
         "_init = ray.init\n"
-        "def _init_then_replace_the_working_dir(*args, **kwargs):\n"
+        "def _init_then_delete_the_working_dir(*args, **kwargs):\n"
         "    context = _init(*args, **kwargs)\n"
-        f"    shutil.copytree({str(working_dir)!r}, {str(tmp_path / 'pristine')!r})\n"
         f"    shutil.rmtree({str(working_dir)!r})\n"
-        f"    os.rename({str(tmp_path / 'pristine')!r}, {str(working_dir)!r})\n"
-        f"    open({str(tmp_path / 'replaced')!r}, 'w').close()\n"
+        f"    open({str(tmp_path / 'deleted')!r}, 'w').close()\n"
         "    return context\n"
-        "ray.init = _init_then_replace_the_working_dir\n"
+        "ray.init = _init_then_delete_the_working_dir\n"
     )
     output = tmp_path / "out"
     result = subprocess.run(
@@ -139,7 +139,7 @@ def test_a_driver_whose_working_directory_is_replaced_still_labels_everything(
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-5000:]
-    assert (tmp_path / "replaced").exists(), "the hook did not replace the working dir"
+    assert (tmp_path / "deleted").exists() and not working_dir.exists(), "the hook did not delete the working dir"
     assert set(rows_by_uri(output)) == {str(p) for p in corpus}
 
 
