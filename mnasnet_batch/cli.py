@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 # directory this process is in no longer exists, and os.getcwd() fails. Every path is absolute by
                 # now and every import done, so the driver leaves for a directory nothing replaces (``label`` joins).
                 os.chdir(tempfile.gettempdir())
-            summary = label_remaining(config, checkpoint, inputs, plan)
+            summary = label_remaining(config, checkpoint, inputs, plan, own_ray=started_ray)
     except ConfigError as exc:  # settings that do not fit the cluster, found once it is known
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -297,8 +297,12 @@ def start_ray(config: JobConfig) -> None:
         install_stop_handlers()
 
 
-def label_remaining(config: JobConfig, checkpoint: Checkpoint, inputs: InputPlan, plan: RunPlan) -> Summary:
+def label_remaining(
+    config: JobConfig, checkpoint: Checkpoint, inputs: InputPlan, plan: RunPlan, own_ray: bool = False
+) -> Summary:
     """Labels what of ``inputs`` ``plan``'s run still lacks (``InputPlan.remaining``) and closes the run's record.
+
+    ``own_ray``: this command started the local Ray (see ``label``).
 
     Returns:
         What the run holds, over all its attempts.
@@ -314,11 +318,14 @@ def label_remaining(config: JobConfig, checkpoint: Checkpoint, inputs: InputPlan
         todo.describe(),
         plan.run_id,
     )
-    return label(config, checkpoint, plan, todo)
+    return label(config, checkpoint, plan, todo, own_ray)
 
 
-def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: InputPlan) -> Summary:
+def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: InputPlan, own_ray: bool = False) -> Summary:
     """Labels ``todo`` into ``plan``'s run on Ray and closes the run's record.
+
+    When the labeling fails or is stopped and ``own_ray`` (this command started the local Ray), Ray is shut down
+    before the record counts the rows: write tasks still running would otherwise publish parts after it.
 
     Returns:
         What the run holds, over all its attempts.
@@ -333,6 +340,10 @@ def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: InputP
             start_ray(config)
             pipeline.run(config, checkpoint, todo, plan.run_uri, plan.done)
     except BaseException as exc:
+        if own_ray:
+            import ray
+
+            ray.shutdown()
         output.finish_run(
             config, plan, time.monotonic() - start, error=root_cause(exc), interrupted=isinstance(exc, Stopped)
         )
