@@ -3,6 +3,7 @@
 The table is read back with pyiceberg's own catalog and scans, not through the job's code.
 """
 
+import json
 import os
 import shutil
 import sys
@@ -10,9 +11,16 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
+from mnasnet_batch import output
 from mnasnet_batch.cli import main
+from mnasnet_batch.config import load_config
+from mnasnet_batch.postprocess import output_table
+from mnasnet_batch.sources import FilesLayout, InputPlan
+from mnasnet_batch.storage import StorageError
 from tests import support
+from tests.test_nothing_lost import SMALL_BATCHES, kill_session, many_images, poll, start_job
 
 pytest.importorskip("pyiceberg")
 
@@ -159,3 +167,157 @@ def test_which_images_each_mode_labels():
     assert sorted(to_label("changed", listed, rows, sources).to_pylist()) == ["c", "d", "e"]
     assert to_label("relabel", listed, rows, sources).to_pylist() == listed
     assert np.array_equal(to_label("overwrite", listed, rows, sources).to_pylist(), listed)
+
+
+def test_a_killed_driver_then_the_same_command_labels_each_image_once_and_nothing_committed_again(
+    local_ray, corpus, tmp_path, checkpoint_path, capsys
+):
+    images = many_images(tmp_path, corpus, 8)  # 192 images
+    output_uri = tmp_path / "labels"
+    argv = support.job_argv(
+        images, output_uri, checkpoint_path, f"output.table={TABLE}", "output.commit_interval_s=1", *SMALL_BATCHES
+    )
+    job = start_job([*argv, "--run-id", "nightly"])
+
+    def committed() -> int:
+        try:
+            table = embedded_catalog(output_uri).load_table(TABLE)
+        except Exception:  # the catalog or the table is not there yet
+            return 0
+        return len(read_rows(table)) if table.current_snapshot() else 0
+
+    try:
+        poll(committed, 300, "a first interval commit")
+        assert job.poll() is None, "the run finished before it could be killed"
+    finally:
+        kill_session(job)
+    committed_before = committed()
+    staged = output.labeled_uris(LocalFileSystem(), str(output_uri / "_staging" / "run=nightly"))
+    held = committed_before + len(
+        set(staged.to_pylist()) - set(read_rows(embedded_catalog(output_uri).load_table(TABLE)))
+    )
+    assert 0 < committed_before < 192
+
+    assert main([*argv, "--run-id", "nightly"]) == 0
+    table = embedded_catalog(output_uri).load_table(TABLE)
+    rows = read_rows(table)
+    assert set(rows) == {str(p) for p in images.iterdir()} and {r["run_id"] for r in rows.values()} == {"nightly"}
+    assert all(r["status"] == "ok" for r in rows.values())
+    # What was committed or staged before the kill was not labeled again.
+    assert f"{held} from before the resume" in capsys.readouterr().out
+    record = json.loads((output_uri / "_staging" / "run=nightly" / "_run.json").read_text())
+    assert record["status"] == "succeeded" and record["counts"]["labeled_this_attempt"] == 192 - held
+    assert not list((output_uri / "_staging").rglob("part-*.parquet")), "every staged part is committed"
+
+
+def table_job(tmp_path, name: str, uris: list[str], catalog: dict, **output_settings):
+    """A table target planned as the job plans it, for a job writing ``uris`` through its own staging output."""
+    from mnasnet_batch.table import IcebergTable
+
+    settings = {"uri": str(tmp_path / name), "table": TABLE, "catalog": catalog, "run_id": name, **output_settings}
+    config = load_config(overrides=[{"input": {"uri": "/images"}, "output": settings}])
+    target = IcebergTable.for_config(config)
+    plan = target.plan_run(config, "weights-a", InputPlan(FilesLayout(config.input, config.storage), uris))
+    return config, target, plan
+
+
+def stage(plan, uris: list[str], label_id: int) -> None:
+    """Stages rows for ``uris`` as the write tasks do, every image labeled ``label_id`` first."""
+    ids = np.tile(np.arange(label_id, label_id + 5, dtype=np.int32), (len(uris), 1))
+    scores = np.full((len(uris), 5), 0.2, np.float32)
+    table = output_table(
+        np.asarray(uris, object),
+        np.full(len(uris), ""),
+        ids,
+        scores,
+        [str(i) for i in range(1000)],
+        "mnasnet0_5",
+        "weights-a",
+    )
+    output.write_part(table, plan.run_uri)
+
+
+def shared_catalog(tmp_path) -> dict:
+    return {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": f"file://{tmp_path}/warehouse"}
+
+
+def test_a_commit_that_conflicts_is_rebuilt_on_the_refreshed_table(tmp_path, caplog):
+    from pyiceberg.catalog import load_catalog
+
+    catalog = shared_catalog(tmp_path)
+    uris_a = [f"/images/{i}.jpg" for i in range(0, 6)]
+    uris_b = [f"/images/{i}.jpg" for i in range(4, 10)]  # 4 and 5 in both
+    config_a, job_a, plan_a = table_job(tmp_path, "a", uris_a, catalog)
+    config_b, job_b, plan_b = table_job(tmp_path, "b", uris_b, catalog)
+    stage(plan_a, uris_a, 1)
+    stage(plan_b, uris_b, 100)
+    # B read the table before A committed, as a job committing at the same moment does: its first commit conflicts.
+    stale = job_b.catalog.load_table(TABLE)
+    fresh = job_b.catalog.load_table
+    calls = []
+    job_b.catalog.load_table = lambda name: calls.append(name) and None or (stale if len(calls) == 1 else fresh(name))
+    job_a.finish_run(config_a, plan_a, 1.0)
+    job_b.finish_run(config_b, plan_b, 1.0)
+    assert "conflicted with another job" in caplog.text
+    table = load_catalog("default", **catalog).load_table(TABLE)
+    rows = read_rows(table)
+    assert set(rows) == set(uris_a) | set(uris_b)
+    assert {u: r["run_id"] for u, r in rows.items()} == {u: "a" for u in uris_a} | {u: "b" for u in uris_b}
+    assert all(rows[u]["top_k_ids"][0] == 100 for u in uris_b)
+
+
+def test_a_run_whose_commits_keep_conflicting_fails_clearly_and_the_same_command_commits_it(tmp_path, monkeypatch):
+    from mnasnet_batch import table as table_module
+
+    monkeypatch.setattr(table_module, "COMMIT_BACKOFF_S", 0.0)
+    catalog = shared_catalog(tmp_path)
+    uris = [f"/images/{i}.jpg" for i in range(4)]
+    config, job, plan = table_job(tmp_path, "a", uris, catalog)
+    stage(plan, uris, 1)
+    other_config, other, other_plan = table_job(tmp_path, "other", uris[:1], catalog)
+    stage(other_plan, uris[:1], 7)
+    stale = job.catalog.load_table(TABLE)
+    other.finish_run(other_config, other_plan, 1.0)  # another job commits after this one read the table
+    job.catalog.load_table = lambda name: stale  # and again before each of this job's attempts
+    with pytest.raises(StorageError, match="commits in a row conflicted with other jobs.*run the same command again"):
+        job.finish_run(config, plan, 1.0)
+    assert list((tmp_path / "a" / "_staging" / "run=a").glob("part-*.parquet")), "the staged rows are kept"
+
+    config, job, plan = table_job(tmp_path, "a", uris, catalog)  # the same command
+    assert plan.resumed and plan.rows_before == 4 and len(plan.done) >= 4
+    job.finish_run(config, plan, 1.0)
+    rows = read_rows(job.catalog.load_table(TABLE))
+    assert {u: r["run_id"] for u, r in rows.items()} == {u: "a" for u in uris}
+
+
+def test_two_jobs_committing_into_one_table_at_once_lose_and_duplicate_nothing(tmp_path):
+    import threading
+
+    catalog = shared_catalog(tmp_path)
+    batches = 6
+    jobs = {}
+    for name, offset in (("a", 0), ("b", 30)):  # overlapping: images 30-59 are in both
+        uris = [f"/images/{i}.jpg" for i in range(offset, offset + 60)]
+        jobs[name] = (uris, *table_job(tmp_path, name, uris, catalog))
+    errors = []
+
+    def commit_in_batches(name):
+        uris, config, job, plan = jobs[name]
+        try:
+            for i in range(batches):
+                stage(plan, uris[i::batches], 1 if name == "a" else 100)
+                job.commit(final=False)
+            job.finish_run(config, plan, 1.0)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=commit_in_batches, args=(name,)) for name in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    rows = read_rows(jobs["a"][2].catalog.load_table(TABLE))
+    assert set(rows) == {f"/images/{i}.jpg" for i in range(90)}
+    assert all(r["run_id"] == "a" for u, r in rows.items() if int(u.split("/")[-1][:-4]) < 30)
+    assert all(r["run_id"] == "b" for u, r in rows.items() if int(u.split("/")[-1][:-4]) >= 60)
