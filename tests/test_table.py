@@ -321,3 +321,47 @@ def test_two_jobs_committing_into_one_table_at_once_lose_and_duplicate_nothing(t
     assert set(rows) == {f"/images/{i}.jpg" for i in range(90)}
     assert all(r["run_id"] == "a" for u, r in rows.items() if int(u.split("/")[-1][:-4]) < 30)
     assert all(r["run_id"] == "b" for u, r in rows.items() if int(u.split("/")[-1][:-4]) >= 60)
+
+
+def test_a_table_whose_warehouse_is_on_s3_through_the_storage_settings(
+    local_ray, corpus, photos, tmp_path, checkpoint_path, fixture_model, s3_server
+):
+    from pyiceberg.catalog import load_catalog
+
+    from mnasnet_batch.config import StorageConfig
+    from mnasnet_batch.storage import filesystem
+
+    fs, _ = filesystem("s3://tables", StorageConfig(**s3_server))
+    fs.mkdir("tables")
+    for path in corpus[:4]:
+        fs.pipe(f"tables/images/{path.name}", path.read_bytes())
+    # The catalog is a SQL one on local disk (a SQLite file cannot live on S3); the warehouse, the staged parts
+    # and the images are on S3, reached through storage.* alone.
+    catalog = {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": "s3://tables/warehouse"}
+    settings = [f"storage.{key}={json.dumps(value)}" for key, value in s3_server.items()]
+    settings += [f"output.table={TABLE}", f"output.catalog={json.dumps(catalog)}"]
+    argv = ["--input", "s3://tables/images", "--output", "s3://tables/staging", "--weights", str(checkpoint_path)]
+    for setting in settings:
+        argv += ["--set", setting]
+    assert main([*argv, "--run-id", "first"]) == 0
+    fs.pipe(f"tables/images/{corpus[2].name}", b"not an image any more")
+    assert main([*argv, "--run-id", "second", "--mode", "changed"]) == 0
+
+    options = s3_server["options"]
+    io = {"s3.endpoint": s3_server["endpoint_url"], "s3.access-key-id": options["key"]}
+    io["s3.secret-access-key"] = options["secret"]
+    table = load_catalog("default", **catalog, **io).load_table(TABLE)
+    assert table.metadata.location.startswith("s3://tables/warehouse/")
+    rows = read_rows(table)
+    uris = {f"s3://tables/images/{p.name}" for p in corpus[:4]}
+    assert set(rows) == uris
+    changed = f"s3://tables/images/{corpus[2].name}"
+    assert {u: r["run_id"] for u, r in rows.items()} == dict.fromkeys(uris, "first") | {changed: "second"}
+    assert rows[changed]["status"] == "error"
+    assert all(r["source_version"] for r in rows.values())  # the objects' ETags
+    support.assert_reference_rows(
+        {str(p): rows[f"s3://tables/images/{p.name}"] for p in corpus[:4] if p != corpus[2]},
+        [p for p in corpus[:4] if p != corpus[2]],
+        fixture_model,
+    )
+    assert not [p for p in fs.find("tables/staging/_staging") if "/part-" in p], "every staged part is committed"
