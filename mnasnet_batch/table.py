@@ -495,6 +495,7 @@ class IcebergTable(OutputTarget):
         from pyiceberg.exceptions import CommitFailedException, ValidationException
         from pyiceberg.expressions import AlwaysFalse, EqualTo, In, Not, Or
 
+        started = time.monotonic()
         with self.lock:
             # Other processes wrote the parts: this one's cached listings (s3fs, gcsfs) have not seen them.
             self.fs.invalidate_cache()
@@ -532,7 +533,13 @@ class IcebergTable(OutputTarget):
             self.table = table
             for part in parts:
                 output._remove_quietly(self.fs, part)
-            log.info("table %s: committed %d rows of run %s", self.identifier, rows.num_rows, self.run_id)
+            log.info(
+                "table %s: committed %d rows of run %s in %.2f s",
+                self.identifier,
+                rows.num_rows,
+                self.run_id,
+                time.monotonic() - started,
+            )
             return rows.num_rows
 
     def _rows(self, parts: list[str]) -> pa.Table:

@@ -5,7 +5,9 @@ The table is read back with pyiceberg's own catalog and scans, not through the j
 
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -22,11 +24,11 @@ from mnasnet_batch.postprocess import output_table
 from mnasnet_batch.sources import FilesLayout, InputPlan
 from mnasnet_batch.storage import StorageError
 from tests import support
-from tests.test_nothing_lost import SMALL_BATCHES, kill_session, many_images, poll, start_job
+from tests.test_nothing_lost import ROOT, SMALL_BATCHES, kill_session, many_images, poll, start_job
 
 pytest.importorskip("pyiceberg")
 
-TABLE = "labels.images"
+TABLE = "labels.photos"  # the README's
 
 
 def embedded_catalog(output):
@@ -82,6 +84,10 @@ def test_a_table_through_every_mode_keeps_one_current_row_per_image(
     assert summary["mnasnet.weights"] == first[str(images / corpus[0].name)]["weights"]
     assert (summary["mnasnet.run.images"], summary["mnasnet.run.errors"]) == ("7", "1")
     assert label(images, output, checkpoint_path, "auto", "again") == 2  # auto refuses a table that holds labels
+    # The README's line of Python reads the table back, from the directory the command ran in.
+    (line,) = re.findall(r'^python -c "(.*load_catalog.*)"$', (ROOT / "README.md").read_text(), re.MULTILINE)
+    printed = subprocess.run([sys.executable, "-c", line], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert "space shuttle" in printed.stdout and "FileNotFoundError" in printed.stdout
 
     # 2. incremental: only the new images.
     for path in corpus[6:8]:
@@ -393,3 +399,29 @@ def test_a_table_whose_warehouse_is_on_s3_through_the_storage_settings(
         fixture_model,
     )
     assert not [p for p in fs.find("tables/staging/_staging") if "/part-" in p], "every staged part is committed"
+
+
+def test_overwrite_leaves_exactly_its_rows_and_an_unfinished_run_must_be_finished_first(tmp_path):
+    catalog = shared_catalog(tmp_path)
+    first = [f"/images/{i}.jpg" for i in range(6)]
+    config, job, plan = table_job(tmp_path, "a", first, catalog)
+    stage(plan, first, 1)
+    job.finish_run(config, plan, 1.0)
+
+    kept = [f"/images/{i}.jpg" for i in range(3, 8)]
+    config, job, plan = table_job(tmp_path, "o", kept, catalog, mode="overwrite", commit_interval_s=0)
+    stage(plan, kept[:2], 5)
+    job.commit(final=False)  # as an interval commit would: the rows of other runs stay until the final commit
+    rows = read_rows(job.catalog.load_table(TABLE))
+    assert {u: r["run_id"] for u, r in rows.items()} == dict.fromkeys(first, "a") | dict.fromkeys(kept[:2], "o")
+    plan.lease.release()  # the driver is killed here
+
+    with pytest.raises(StorageError, match="holds the unfinished run o .*run its command again"):
+        table_job(tmp_path, "o", kept, catalog, mode="incremental", run_id="later")
+    config, job, plan = table_job(tmp_path, "o", kept, catalog, mode="overwrite")  # the same command
+    assert plan.resumed and plan.rows_before == 2
+    assert sorted(InputPlan(FilesLayout(config.input, config.storage), kept).remaining(plan.done).uris) == kept[2:]
+    stage(plan, kept[2:], 5)
+    job.finish_run(config, plan, 1.0)
+    rows = read_rows(job.catalog.load_table(TABLE))
+    assert {u: r["run_id"] for u, r in rows.items()} == dict.fromkeys(kept, "o")
