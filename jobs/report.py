@@ -35,14 +35,14 @@ def main(argv=None) -> int:
 
     destination = args.report or f"{args.output.rstrip('/')}/{report.REPORT_FILE}"
     try:
-        settings = settings_from_args(args)
+        settings, storage = settings_from_args(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    storage, table = settings.storage, settings.output.table
+    table = settings.table
     try:
         if table:
-            stats = report.read_table(settings.output, args.low_confidence, storage)
+            stats = report.read_table(settings, args.low_confidence, storage)
         else:
             stats = report.read_run(args.output, args.low_confidence, storage)
     except (FileNotFoundError, ValueError, StorageError) as exc:

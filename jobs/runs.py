@@ -31,18 +31,18 @@ def main(argv=None) -> int:
     from mnasnet_batch.storage import StorageError
 
     try:
-        settings = runs.settings_from_args(args)
-        if settings.output.table:
-            records = runs.list_table_runs(settings.output, settings.storage)
+        settings, storage = runs.settings_from_args(args)
+        if settings.table:
+            records = runs.list_table_runs(settings, storage)
         else:
-            records = runs.list_runs(args.output, settings.storage)
+            records = runs.list_runs(args.output, storage)
     except (ConfigError, StorageError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.format == "json":
         print(json.dumps(records, indent=2))
     else:
-        print(runs.format_table_runs(records) if settings.output.table else runs.format_table(records))
+        print(runs.format_table_runs(records) if settings.table else runs.format_table(records))
     return 0
 
 

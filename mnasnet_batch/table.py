@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import logging
 import os
 import threading
@@ -36,10 +37,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from mnasnet_batch import output, storage
+from mnasnet_batch import output
 from mnasnet_batch.config import ConfigError, JobConfig, OutputConfig, StorageConfig
 from mnasnet_batch.output import OutputTarget, RunPlan, StorageError, Summary
-from mnasnet_batch.postprocess import OUTPUT_SCHEMA
+from mnasnet_batch.storage import Storage, scheme
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,28 @@ WAREHOUSE = "warehouse"
 # The embedded catalog's name: pyiceberg's SqlCatalog keys its tables by it, and "default" is what a reader's
 # ``load_catalog("default", ...)`` names.
 EMBEDDED_CATALOG = "default"
-# Columns beyond the Parquet schema's: which run wrote the row, and the source's size and version (its ETag where
-# the store has one, else its modification time) when it was listed, which ``changed`` compares.
-TABLE_SCHEMA = pa.schema(
-    [
-        pa.field("uri", pa.string(), nullable=False),  # the table's key: required, and its identifier field
-        *list(OUTPUT_SCHEMA)[1:],
-        ("run_id", pa.string()),
-        ("source_size", pa.int64()),
-        ("source_version", pa.string()),
-    ]
-)
+
+
+@functools.cache
+def table_schema() -> pa.Schema:
+    """The table's columns: the Parquet schema's, then which run wrote the row, and the source's size and version
+    (its ETag where the store has one, else its modification time) when it was listed, which ``changed`` compares.
+
+    A function, so that choosing the output (in the command's main thread) does not import torch (``postprocess``).
+    """
+    from mnasnet_batch.postprocess import OUTPUT_SCHEMA
+
+    return pa.schema(
+        [
+            pa.field("uri", pa.string(), nullable=False),  # the table's key: required, and its identifier field
+            *list(OUTPUT_SCHEMA)[1:],
+            ("run_id", pa.string()),
+            ("source_size", pa.int64()),
+            ("source_version", pa.string()),
+        ]
+    )
+
+
 SOURCE_SCHEMA = pa.schema([("source", pa.string()), ("source_size", pa.int64()), ("source_version", pa.string())])
 # Snapshot summary properties are named with this prefix (Iceberg's own have none).
 PROPERTY = "mnasnet."
@@ -109,7 +121,7 @@ def catalog_properties(config: OutputConfig, storage_config: StorageConfig) -> t
     if config.catalog:
         properties = {k: str(v) for k, v in config.catalog.items() if k != "name"}
         return str(config.catalog.get("name", EMBEDDED_CATALOG)), {**fileio, **properties}
-    if storage.scheme(config.uri) != "file":
+    if scheme(config.uri) != "file":
         raise ConfigError(
             f"output.table on {config.uri}: the embedded SQLite catalog needs a local output; set output.catalog "
             "(a REST, Glue, Hive or SQL catalog; see docs/table.md) or use a local --output"
@@ -123,15 +135,15 @@ def catalog_properties(config: OutputConfig, storage_config: StorageConfig) -> t
     }
 
 
-def open_catalog(config: OutputConfig, storage_config: StorageConfig):
-    """The table's pyiceberg catalog (``catalog_properties``).
+def open_catalog(config: OutputConfig, storage: Storage):
+    """The table's pyiceberg catalog (``catalog_properties``), its FileIO configured from ``storage``.
 
     Raises:
         StorageError: the catalog cannot be reached.
     """
     from pyiceberg.catalog import load_catalog
 
-    name, properties = catalog_properties(config, storage_config)
+    name, properties = catalog_properties(config, storage.config)
     if properties.get("type") == "sql" and properties.get("uri", "").startswith("sqlite:///"):
         os.makedirs(os.path.dirname(properties["uri"][len("sqlite:///") :]), exist_ok=True)
     try:
@@ -140,7 +152,7 @@ def open_catalog(config: OutputConfig, storage_config: StorageConfig):
         raise StorageError(f"catalog of output.table cannot be opened: {output._one_line(exc)}") from None
 
 
-def load_table(config: OutputConfig, storage_config: StorageConfig):
+def load_table(config: OutputConfig, storage: Storage):
     """The existing table ``output.table`` (for readers: runs.py, report.py).
 
     Raises:
@@ -148,7 +160,7 @@ def load_table(config: OutputConfig, storage_config: StorageConfig):
     """
     from pyiceberg.exceptions import NoSuchTableError
 
-    catalog = open_catalog(config, storage_config)
+    catalog = open_catalog(config, storage)
     try:
         return catalog.load_table(config.table)
     except NoSuchTableError:
@@ -158,7 +170,7 @@ def load_table(config: OutputConfig, storage_config: StorageConfig):
 def current_rows(table, columns: tuple[str, ...], row_filter=None) -> pa.Table:
     """The table's current rows, only ``columns``; an empty table of them when it has no snapshot yet."""
     if table.current_snapshot() is None:
-        return pa.table({c: pa.array([], TABLE_SCHEMA.field(c).type) for c in columns})
+        return pa.table({c: pa.array([], table_schema().field(c).type) for c in columns})
     scan = (
         table.scan(selected_fields=columns) if row_filter is None else table.scan(row_filter, selected_fields=columns)
     )
@@ -193,7 +205,7 @@ def source_key(uris: pa.Array, uri_per_image: bool) -> pa.Array:
     return pa.array([u.split("#", 1)[0] for u in uris.to_pylist()], pa.string())
 
 
-def source_stats(uris: list[str], storage_config: StorageConfig) -> pa.Table:
+def source_stats(uris: list[str], storage: Storage) -> pa.Table:
     """Each listed file's size and version (``SOURCE_SCHEMA``); nulls for one that cannot be examined.
 
     The version is the ETag where the store gives one (S3, Azure; GCS's generation), else the modification time.
@@ -201,10 +213,10 @@ def source_stats(uris: list[str], storage_config: StorageConfig) -> pa.Table:
     """
     sizes: list[int | None] = []
     versions: list[str | None] = []
-    if uris and isinstance(storage.filesystem(uris[0], storage_config)[0], LocalFileSystem):
+    if uris and isinstance(storage.filesystem(uris[0])[0], LocalFileSystem):
         for uri in uris:
             try:
-                stat = os.stat(storage.filesystem(uri, storage_config)[1])
+                stat = os.stat(storage.filesystem(uri)[1])
             except OSError:
                 sizes.append(None)
                 versions.append(None)
@@ -215,7 +227,7 @@ def source_stats(uris: list[str], storage_config: StorageConfig) -> pa.Table:
 
         def info(uri: str) -> dict:
             try:
-                fs, path = storage.filesystem(uri, storage_config)
+                fs, path = storage.filesystem(uri)
                 return fs.info(path)
             except Exception:
                 return {}
@@ -326,7 +338,7 @@ class IcebergTable(OutputTarget):
 
     # -- opening a run --------------------------------------------------------------------------------------------
 
-    def plan_run(self, config: JobConfig, weights_id: str, inputs) -> RunPlan:
+    def plan_run(self, config: JobConfig, weights_id: str, inputs, storage: Storage | None = None) -> RunPlan:
         """Takes the output's lease, opens (or resumes) the run in staging, and decides what it labels.
 
         Raises:
@@ -334,13 +346,14 @@ class IcebergTable(OutputTarget):
                 catalog or the output cannot be used. The message says what to do.
         """
         uri = config.output.uri
+        storage = storage or Storage(config.storage)
         lease = None
         try:
-            self.fs, root = storage.filesystem(uri, config.storage)
+            self.fs, root = storage.filesystem(uri)
             self.staging = output._join(root, STAGING)
             self.fs.makedirs(self.staging, exist_ok=True)
             lease = output.Lease.acquire(self.fs, root, uri)
-            plan = self._open_run(config, weights_id, inputs)
+            plan = self._open_run(config, weights_id, inputs, storage)
             lease.hold(plan.run_id)
         except BaseException as exc:
             if lease is not None:
@@ -357,9 +370,9 @@ class IcebergTable(OutputTarget):
                 target=self._commit_every, args=(config.output.commit_interval_s,), name="table-commits", daemon=True
             )
             self._committer.start()
-        return dataclasses.replace(plan, lease=lease, target=self)
+        return dataclasses.replace(plan, lease=lease, storage=storage, target=self)
 
-    def _open_run(self, config: JobConfig, weights_id: str, inputs) -> RunPlan:
+    def _open_run(self, config: JobConfig, weights_id: str, inputs, storage: Storage) -> RunPlan:
         from pyiceberg.exceptions import NamespaceAlreadyExistsError
 
         fs, mode = self.fs, config.output.mode
@@ -370,7 +383,7 @@ class IcebergTable(OutputTarget):
                 f"--mode {mode} needs an input whose every URI is one image (loose files or a manifest); "
                 f"{inputs.layout.noun} are read whole: use --mode incremental or relabel"
             )
-        self.catalog = open_catalog(config.output, config.storage)
+        self.catalog = open_catalog(config.output, storage)
         namespace = self.identifier.rsplit(".", 1)[0]
         try:
             self.catalog.create_namespace_if_not_exists(namespace)
@@ -423,17 +436,17 @@ class IcebergTable(OutputTarget):
         held = pa.concat_arrays([mine, staged.filter(pc.invert(pc.is_in(staged, value_set=mine)))])
         if self.uri_per_image:
             if mode == "changed":
-                self.sources = source_stats(inputs.uris, config.storage)
+                self.sources = source_stats(inputs.uris, storage)
             wanted = to_label(mode, inputs.uris, rows, self.sources)
             wanted = wanted.filter(pc.invert(pc.is_in(wanted, value_set=held)))
             if mode != "changed":
                 # Committed rows hold their stats already; staged ones get theirs when committed, like the rest.
                 uncommitted = staged.filter(pc.invert(pc.is_in(staged, value_set=mine)))
-                self.sources = source_stats(pa.concat_arrays([wanted, uncommitted]).to_pylist(), config.storage)
+                self.sources = source_stats(pa.concat_arrays([wanted, uncommitted]).to_pylist(), storage)
             listed = pa.array(inputs.uris, pa.string())
             done = pa.concat_arrays([listed.filter(pc.invert(pc.is_in(listed, value_set=wanted))), held])
         else:
-            self.sources = source_stats(inputs.uris, config.storage)
+            self.sources = source_stats(inputs.uris, storage)
             done = pa.concat_arrays([rows["uri"].combine_chunks(), held]) if mode == "incremental" else held
         record = {
             "run_id": self.run_id,
@@ -452,7 +465,7 @@ class IcebergTable(OutputTarget):
         return RunPlan(run_id=self.run_id, run_uri=run_uri, resumed=unfinished, done=done, rows_before=len(held))
 
     def _create_or_load(self):
-        """The table, created with ``TABLE_SCHEMA`` and ``uri`` as its identifier field when it does not exist."""
+        """The table, created with ``table_schema()`` and ``uri`` as its identifier field when it does not exist."""
         from pyiceberg.exceptions import NoSuchTableError, TableAlreadyExistsError
 
         try:
@@ -460,7 +473,7 @@ class IcebergTable(OutputTarget):
         except NoSuchTableError:
             pass
         try:
-            with self.catalog.create_table_transaction(self.identifier, schema=TABLE_SCHEMA) as transaction:
+            with self.catalog.create_table_transaction(self.identifier, schema=table_schema()) as transaction:
                 with transaction.update_schema() as update:
                     update.set_identifier_fields("uri")
         except TableAlreadyExistsError:  # created by another job since the load
@@ -548,7 +561,7 @@ class IcebergTable(OutputTarget):
         for part in parts:
             with self.fs.open(part, "rb") as f:
                 tables.append(pq.read_table(f))
-        staged = pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
+        staged = pa.concat_tables(tables) if tables else table_schema().empty_table().select(table_schema().names[:8])
         # A part rewritten by a retried write task may repeat URIs of another: the last row of each is kept.
         if pc.count_distinct(staged["uri"]).as_py() < staged.num_rows:
             positions = pa.table({"uri": staged["uri"], "at": pa.array(range(staged.num_rows), pa.int64())})
@@ -565,8 +578,8 @@ class IcebergTable(OutputTarget):
                 ],
                 names=[*staged.column_names, "run_id", "source_size", "source_version"],
             )
-            .select(TABLE_SCHEMA.names)
-            .cast(TABLE_SCHEMA)
+            .select(table_schema().names)
+            .cast(table_schema())
         )
 
     def _properties(self, table, rows: pa.Table, final: bool) -> dict[str, str]:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.dataset as pads
 
-from mnasnet_batch.config import OutputConfig, StorageConfig
+from mnasnet_batch.config import OutputConfig
 from mnasnet_batch.output import RUN_RECORD, read_parts
-from mnasnet_batch.storage import filesystem
+from mnasnet_batch.storage import Storage
 
 # Underscore-prefixed like _config.yaml, so pyarrow, pandas and Spark still read the directory as one table.
 REPORT_FILE = "_report.html"
@@ -46,15 +46,15 @@ class RunStats:
         return 100.0 * self.low_confidence_count / len(self.top1_scores) if len(self.top1_scores) else 0.0
 
 
-def read_run(uri: str, low_confidence: float = 0.5, storage_config: StorageConfig | None = None) -> RunStats:
+def read_run(uri: str, low_confidence: float = 0.5, storage: Storage | None = None) -> RunStats:
     """Reads the Parquet parts under ``uri`` (a labeling job's ``--output``) and its runs' records.
 
     Args:
         uri: the run's output directory or URI prefix.
         low_confidence: top-1 scores under this count as low confidence.
-        storage_config: endpoint, credentials and options for ``uri`` (the job's ``storage`` section).
+        storage: the job's storage handle (its ``storage`` section); None: local files and anonymous URIs.
     """
-    fs, root = filesystem(uri, storage_config or StorageConfig())
+    fs, root = (storage or Storage()).filesystem(uri)
     root = root.rstrip("/")
     dataset = read_parts(fs, root)
     if dataset is None:
@@ -62,7 +62,7 @@ def read_run(uri: str, low_confidence: float = 0.5, storage_config: StorageConfi
     return stats(dataset.to_table(columns=list(COLUMNS)), low_confidence, run_records(fs, root))
 
 
-def read_table(output_config: OutputConfig, low_confidence: float = 0.5, storage_config: StorageConfig | None = None):
+def read_table(output_config: OutputConfig, low_confidence: float = 0.5, storage: Storage | None = None) -> RunStats:
     """Reads the current rows of the Iceberg table ``output_config.table``, and the records of the runs staged
     under ``output_config.uri`` (their throughput).
 
@@ -71,9 +71,9 @@ def read_table(output_config: OutputConfig, low_confidence: float = 0.5, storage
     """
     from mnasnet_batch.table import STAGING, current_rows, load_table
 
-    storage_config = storage_config or StorageConfig()
-    rows = current_rows(load_table(output_config, storage_config), COLUMNS)
-    fs, root = filesystem(output_config.uri, storage_config)
+    storage = storage or Storage()
+    rows = current_rows(load_table(output_config, storage), COLUMNS)
+    fs, root = storage.filesystem(output_config.uri)
     return stats(rows, low_confidence, run_records(fs, f"{root.rstrip('/')}/{STAGING}"))
 
 
@@ -256,8 +256,8 @@ img {{ max-width: 100%; }}
 """
 
 
-def write(uri: str, page: str, storage_config: StorageConfig | None = None) -> None:
+def write(uri: str, page: str, storage: Storage | None = None) -> None:
     """Writes the page to a local path or fsspec URI, with the job's storage settings."""
-    fs, path = filesystem(uri, storage_config or StorageConfig())
+    fs, path = (storage or Storage()).filesystem(uri)
     with fs.open(path, "w", encoding="utf-8") as f:
         f.write(page)

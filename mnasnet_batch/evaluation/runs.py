@@ -7,9 +7,9 @@ import datetime
 import json
 import posixpath
 
-from mnasnet_batch.config import ConfigError, JobConfig, OutputConfig, StorageConfig, load_config, parse_override
+from mnasnet_batch.config import ConfigError, OutputConfig, load_config, parse_override
 from mnasnet_batch.output import RUN_RECORD, SUCCESS_MARKER
-from mnasnet_batch.storage import filesystem
+from mnasnet_batch.storage import Storage
 
 COLUMNS = ("run", "status", "mode", "started (UTC)", "ended (UTC)", "images", "ok", "errors", "images/s", "seconds")
 
@@ -37,9 +37,9 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
 READING_SETTINGS = {"storage": None, "output": {"table", "catalog"}}
 
 
-def settings_from_args(args: argparse.Namespace) -> JobConfig:
-    """The settings that reach the output (``storage``, ``output.table``, ``output.catalog``) from
-    ``add_storage_arguments``' options, read by the labeling job's own config code; ``output.uri`` is ``--output``.
+def settings_from_args(args: argparse.Namespace) -> tuple[OutputConfig, Storage]:
+    """The output settings (``output.table``, ``output.catalog``; ``output.uri`` is ``--output``) and the storage
+    handle from ``add_storage_arguments``' options, read by the labeling job's own config code.
 
     Raises:
         ConfigError: a bad profile or value, or ``--set`` of another setting.
@@ -54,15 +54,16 @@ def settings_from_args(args: argparse.Namespace) -> JobConfig:
                 "reading an output"
             )
     flags = {"output": {"uri": args.output, **({"table": args.table} if args.table else {})}}
-    return load_config(args.config, [*overrides, flags])
+    config = load_config(args.config, [*overrides, flags])
+    return config.output, Storage(config.storage)
 
 
-def storage_from_args(args: argparse.Namespace) -> StorageConfig:
-    """The storage settings of ``settings_from_args``."""
-    return settings_from_args(args).storage
+def storage_from_args(args: argparse.Namespace) -> Storage:
+    """The storage handle of ``settings_from_args``."""
+    return settings_from_args(args)[1]
 
 
-def list_runs(uri: str, storage_config: StorageConfig | None = None) -> list[dict]:
+def list_runs(uri: str, storage: Storage | None = None) -> list[dict]:
     """Reads the record of every ``run=<id>/`` under ``uri``, oldest first.
 
     Only the latest run can say ``running``: the job resumes an unfinished run before starting another.
@@ -70,7 +71,7 @@ def list_runs(uri: str, storage_config: StorageConfig | None = None) -> list[dic
 
     Args:
         uri: the labeling job's ``--output``.
-        storage_config: endpoint, credentials and options for ``uri`` (the job's ``storage`` section).
+        storage: the job's storage handle (its ``storage`` section); None: local files and anonymous URIs.
 
     Returns:
         The records, each with ``latest`` and ``complete`` (the latest run, finished: ``_SUCCESS``) added.
@@ -78,7 +79,7 @@ def list_runs(uri: str, storage_config: StorageConfig | None = None) -> list[dic
     Raises:
         FileNotFoundError: ``uri`` holds no run records.
     """
-    fs, root = filesystem(uri, storage_config or StorageConfig())
+    fs, root = (storage or Storage()).filesystem(uri)
     root = root.rstrip("/")
     # A listing, not a glob: ``[`` or ``*`` in the output's own path are taken as they are.
     paths = [
@@ -151,7 +152,7 @@ TABLE_COLUMNS = (
 )
 
 
-def list_table_runs(output_config: OutputConfig, storage_config: StorageConfig) -> list[dict]:
+def list_table_runs(output_config: OutputConfig, storage: Storage) -> list[dict]:
     """The runs that committed into the Iceberg table ``output_config.table``, oldest first, from its snapshots.
 
     Each run: its id, mode, model, weights, first and last commit times, commits (append snapshots), the images and
@@ -164,7 +165,7 @@ def list_table_runs(output_config: OutputConfig, storage_config: StorageConfig) 
     """
     from mnasnet_batch.table import PROPERTY, current_rows, load_table
 
-    table = load_table(output_config, storage_config)
+    table = load_table(output_config, storage)
     runs: dict[str, dict] = {}
     for snapshot in sorted(table.snapshots(), key=lambda s: s.timestamp_ms):
         summary = snapshot.summary
