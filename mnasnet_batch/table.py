@@ -22,6 +22,7 @@ Layout under ``output.uri`` (an embedded catalog only when ``output.catalog`` is
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import functools
@@ -309,6 +310,7 @@ class IcebergTable(OutputTarget):
         self.identifier = config.output.table
         self.catalog = None
         self.table = None
+        self.snapshot_id: int | None = None
         self.run_id = ""
         self.mode = config.output.mode
         self.labels: dict[str, str] = {}
@@ -543,7 +545,7 @@ class IcebergTable(OutputTarget):
                         output._one_line(exc),
                     )
                     time.sleep(COMMIT_BACKOFF_S * attempt)
-            self.table = table
+            self.snapshot_id = table.current_snapshot().snapshot_id  # the transaction refreshed ``table``
             for part in parts:
                 output._remove_quietly(self.fs, part)
             log.info(
@@ -628,12 +630,11 @@ class IcebergTable(OutputTarget):
             counted = added if labeled_now is None else min(labeled_now, added)
             summary = dataclasses.replace(summary, labeled_now=max(0, counted))
             record = output._read_json(self.fs, output._join(self.run_root, output.RUN_RECORD)) or {}
-            snapshot = self.catalog.load_table(self.identifier).current_snapshot()
             record.update(
                 status="interrupted" if interrupted else "failed" if error else "succeeded",
                 error=error or None,
                 ended_at=output._now(),
-                snapshot_id=snapshot.snapshot_id if snapshot is not None and not error else None,
+                snapshot_id=self.snapshot_id,  # of the run's last commit (this attempt's): for time travel
                 counts={
                     "images": summary.images,
                     "ok": summary.images - summary.errors,
@@ -671,10 +672,8 @@ class IcebergTable(OutputTarget):
                 ]
             )
         errors = committed["error"].drop_null().to_pylist()
-        kinds: dict[str, int] = {}
-        for message in errors:
-            kinds[message.split(":", 1)[0]] = kinds.get(message.split(":", 1)[0], 0) + 1
-        return Summary(images=committed.num_rows, errors=len(errors), seconds=seconds, error_kinds=kinds)
+        kinds = collections.Counter(message.split(":", 1)[0] for message in errors)
+        return Summary(images=committed.num_rows, errors=len(errors), seconds=seconds, error_kinds=dict(kinds))
 
 
 def _run_filter(run_id: str):
