@@ -67,6 +67,7 @@ def test_a_table_through_every_mode_keeps_one_current_row_per_image(
         shutil.copy(path, images / path.name)
     restored = tmp_path / "restored.jpg"
     (images / "missing.jpg").symlink_to(restored)  # listed, but its file is not there yet: an error row
+    (images / "broken.jpg").symlink_to(tmp_path / "broken_target.jpg")  # missing now, not an image later
     output = tmp_path / "labels"
 
     # 1. The first run labels everything, in one commit that names the run, mode, model, weights and counts.
@@ -82,12 +83,12 @@ def test_a_table_through_every_mode_keeps_one_current_row_per_image(
     summary = run_summary(table, "r1")
     assert summary["mnasnet.mode"] == "auto" and summary["mnasnet.model"] == "mnasnet0_5"
     assert summary["mnasnet.weights"] == first[str(images / corpus[0].name)]["weights"]
-    assert (summary["mnasnet.run.images"], summary["mnasnet.run.errors"]) == ("7", "1")
+    assert (summary["mnasnet.run.images"], summary["mnasnet.run.errors"]) == ("8", "2")
     assert label(images, output, checkpoint_path, "auto", "again") == 2  # auto refuses a table that holds labels
     # The README's line of Python reads the table back, from the directory the command ran in.
     (line,) = re.findall(r'^python -c "(.*load_catalog.*)"$', (ROOT / "README.md").read_text(), re.MULTILINE)
     printed = subprocess.run([sys.executable, "-c", line], cwd=tmp_path, capture_output=True, text=True, check=True)
-    assert "[7 rows x 11 columns]" in printed.stdout
+    assert "[8 rows x 11 columns]" in printed.stdout
 
     # 2. incremental: only the new images.
     for path in corpus[6:8]:
@@ -97,15 +98,21 @@ def test_a_table_through_every_mode_keeps_one_current_row_per_image(
     assert {u for u, r in second.items() if r["run_id"] == "r2"} == {str(images / p.name) for p in corpus[6:8]}
     assert {u: second[u] for u in first} == first
 
-    # 3. retry-errors after the missing file is restored: its row turns ok, nothing else changes.
+    # 3. retry-errors after the missing file is restored: its row turns ok; one that still fails keeps one error
+    # row, with the new message; nothing else changes.
     photos["coffee"].save(restored, quality=90)
+    (tmp_path / "broken_target.jpg").write_bytes(b"<html>not an image</html>")
     assert label(images, output, checkpoint_path, "retry-errors", "r3") == 0
     third = read_rows(embedded_catalog(output).load_table(TABLE))
     fixed = third.pop(str(images / "missing.jpg"))
     assert fixed["status"] == "ok" and fixed["run_id"] == "r3" and fixed["error"] is None
     support.assert_reference_rows({str(restored): fixed}, [restored], fixture_model)
-    assert third == {u: r for u, r in second.items() if u != str(images / "missing.jpg")}
-    third[fixed["uri"]] = fixed
+    still = third.pop(str(images / "broken.jpg"))
+    assert still["status"] == "error" and still["run_id"] == "r3"
+    assert still["error"].startswith("UnidentifiedImageError"), still["error"]
+    retried = {str(images / "missing.jpg"), str(images / "broken.jpg")}
+    assert third == {u: r for u, r in second.items() if u not in retried}
+    third[fixed["uri"]], third[still["uri"]] = fixed, still
 
     # 4. changed after one image is rewritten: only it is labeled again.
     rewritten = images / corpus[1].name
@@ -141,11 +148,11 @@ def test_a_table_through_every_mode_keeps_one_current_row_per_image(
     assert list(runs) == ["r1", "r2", "r3", "r4", "r5"]
     assert [runs[r]["mode"] for r in runs] == ["auto", "incremental", "retry-errors", "changed", "relabel"]
     assert [(runs[r]["images"], runs[r]["errors"], runs[r]["current"]) for r in runs] == [
-        (7, 1, 0),
+        (8, 2, 0),
         (2, 0, 0),
+        (2, 1, 0),
         (1, 0, 0),
-        (1, 0, 0),
-        (9, 0, 9),
+        (10, 1, 10),
     ]
     assert all(run["state"] == "complete" and run["commits"] == 1 for run in runs.values())
     assert runs["r4"]["snapshot_id"] == before_relabel
@@ -153,7 +160,7 @@ def test_a_table_through_every_mode_keeps_one_current_row_per_image(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["run", "state", "mode"] and lines[-1].split()[:3] == ["r5", "complete", "relabel"]
     assert report_main(["--output", str(output), "--table", TABLE]) == 0
-    assert "9 images, 0 errors" in capsys.readouterr().out
+    assert "10 images, 1 errors" in capsys.readouterr().out
     page = (output / "_report.html").read_text()
     assert f"table {TABLE}" in page and "run r5:" in page  # the staged runs' records give the throughput
 
