@@ -270,14 +270,14 @@ def prepare_input(config: JobConfig) -> tuple[Checkpoint, InputPlan]:
     # predictor is the model actors' module, which the pipeline hands to Ray: imported here (off the main thread,
     # beside Ray's start) so that the driver imports nothing once Ray may replace its working directory (see main).
     from mnasnet_batch import predictor, sources  # noqa: F401
-    from mnasnet_batch.engine import require_installed
+    from mnasnet_batch.engine import export_ahead, require_installed
     from mnasnet_batch.weights import resolve_checkpoint
 
     require_installed(config.compute.engine)
-
     checkpoint = resolve_checkpoint(
         config.model.name, config.model.weights, config.model.sha256, config.model.download, config.storage
     )
+    export_ahead(config.compute, checkpoint)
     return checkpoint, sources.plan_input(config.input, config.storage)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import warnings
@@ -9,7 +10,7 @@ import warnings
 import numpy as np
 import torch
 
-from mnasnet_batch.config import ConfigError
+from mnasnet_batch.config import ComputeConfig, ConfigError
 from mnasnet_batch.weights import Checkpoint, build_model, torchvision_weights
 
 log = logging.getLogger(__name__)
@@ -122,11 +123,13 @@ class OnnxRuntimeModel:
         return torch.from_numpy(logits)
 
 
+@functools.lru_cache(maxsize=1)
 def export_onnx(checkpoint: Checkpoint) -> bytes:
     """The checkpoint's model behind its normalisation, as an ONNX graph with a dynamic batch dimension.
 
     The legacy (TorchScript) exporter, pinned: it writes the same bytes for the same weights every time, needs no
-    package beyond torch, and takes well under the seconds the dynamo exporter does.
+    package beyond torch, and takes well under the seconds the dynamo exporter does. The last graph is kept, so
+    the driver exports a job's model once (``export_ahead``).
     """
     model = NormalisedModel(checkpoint).eval()
     example = torch.zeros(2, 224, 224, 3, dtype=torch.uint8)
@@ -145,6 +148,16 @@ def export_onnx(checkpoint: Checkpoint) -> bytes:
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
         )
     return buffer.getvalue()
+
+
+def export_ahead(compute: ComputeConfig, checkpoint: Checkpoint) -> None:
+    """Exports the model where the actors are likely to run it on ONNX Runtime (``choose_engine`` decides once the
+    cluster is known), so that the driver does it while Ray starts, not after."""
+    cpu_actors = compute.device == "cpu" or (compute.device == "auto" and not torch.cuda.is_available())
+    if compute.engine == "onnxruntime" or (
+        compute.engine == "auto" and cpu_actors and compute.precision == "fp32" and onnxruntime_installed()
+    ):
+        export_onnx(checkpoint)
 
 
 def onnxruntime_installed() -> bool:

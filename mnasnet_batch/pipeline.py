@@ -320,11 +320,8 @@ def predict(
 
     gpu_actors = "num_gpus" in pool.resources
     engine = choose_engine(config.compute.engine, gpu_actors, config.compute.precision)
-    onnx_graph = None
-    if engine == "onnxruntime":
-        start = time.monotonic()
-        onnx_graph = export_onnx(checkpoint)
-        log.info("the model runs on ONNX Runtime: exported it in %.1f s", time.monotonic() - start)
+    onnx_graph = export_onnx(checkpoint) if engine == "onnxruntime" else None
+    log.info("the model runs on %s", {"torch": "torch", "onnxruntime": "ONNX Runtime"}[engine])
     # CPU actors run as many threads as the CPUs they hold, rounded half up (1.5 CPUs -> 2 threads).
     num_threads = 0 if gpu_actors else max(1, math.floor(pool.resources["num_cpus"] + 0.5))
     return dataset.map_batches(
