@@ -21,8 +21,8 @@ CPU_MICRO_BATCH = 8
 # Images per ONNX Runtime run: its blocked (NCHWc) convolutions use larger runs better than torch's
 # (docs/benchmarks.md, "ONNX Runtime").
 ONNXRUNTIME_MICRO_BATCH = 16
-# 17: the opset the legacy exporter writes directly (the dynamo exporter writes 18 and fails converting MnasNet
-# down), which every ONNX Runtime since 1.14 runs.
+# 17: what the TorchScript-based exporter writes for MnasNet as it is (torch 2.14's dynamo exporter writes 18 and
+# failed converting the graph down to 17), and what the ONNX Runtime releases in pyproject.toml's range run.
 ONNX_OPSET = 17
 # What `pip install` needs for compute.engine=onnxruntime (pyproject.toml's extra).
 ONNXRUNTIME_EXTRA = "mnasnet-batch[onnx]"
