@@ -54,17 +54,19 @@ def main(argv=None) -> int:
         model=dataclasses.replace(config.model, top_k=max(5, config.model.top_k)),
     )
 
-    from mnasnet_batch import output, storage
+    from mnasnet_batch import output
     from mnasnet_batch.evaluation import ground_truth, metrics
+    from mnasnet_batch.storage import Storage, StorageError
     from mnasnet_batch.weights import WeightsError, torchvision_weights
 
+    storage = Storage(config.storage)
     try:
-        checkpoint, inputs = cli.prepare_input(run_config)
-        truth = ground_truth.load_ground_truth(inputs.uris, args.labels or "", args.synsets or "", config.storage)
+        checkpoint, inputs = cli.prepare_input(run_config, storage)
+        truth = ground_truth.load_ground_truth(inputs.uris, args.labels or "", args.synsets or "", storage)
         # The labeling job's run rules apply: a finished evaluation is refused (--mode overwrite redoes it),
         # an interrupted one resumes.
-        plan = output.plan_run(run_config, checkpoint.weights_id)
-    except (ConfigError, WeightsError, storage.StorageError, ground_truth.GroundTruthError) as exc:
+        plan = output.plan_run(run_config, checkpoint.weights_id, storage)
+    except (ConfigError, WeightsError, StorageError, ground_truth.GroundTruthError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger(__name__).info("ground truth: %s", truth.layout)
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     summary = cli.label_remaining(run_config, checkpoint, inputs, plan)
     weights = torchvision_weights(config.model.name)
     scores, per_image = metrics.score(
-        metrics.read_predictions(run_config.output.uri, inputs.uris, config.storage),
+        metrics.read_predictions(run_config.output.uri, inputs.uris, storage),
         truth.labels,
         weights.meta["categories"],
     )
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
         "run_id": plan.run_id,
         "seconds": summary.seconds,
     }
-    metrics.write_results(config.output.uri, result, per_image, config.storage)
+    metrics.write_results(config.output.uri, result, per_image, storage)
     print(summary.line())
     print(
         f"{config.model.name}: top-1 {result['top1']:.3f} %, top-5 {result['top5']:.3f} % "

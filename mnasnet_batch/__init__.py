@@ -2,7 +2,7 @@
 
 The data's path, one module per stage (docs/architecture.md says more):
 
-- ``config`` (settings from a YAML profile and ``--set``), ``storage`` (one filesystem for every read and write),
+- ``config`` (settings from a YAML profile and ``--set``), ``storage`` (one handle for every read and write),
   ``sources`` (the input's layout, chosen once: files, manifest, WebDataset, Parquet; one class each says
   how its inputs become blocks and how a block is read), ``weights`` (checkpoints).
 - reading -> decoding (``preprocess``: Pillow, resize + crop to uint8; ``device_preprocess``: the same on the

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import mnasnet_batch
 from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConfig, load_config, parse_override
-from mnasnet_batch.storage import StorageError, absolute_location, scheme
+from mnasnet_batch.storage import Storage, StorageError, absolute_location, scheme
 
 if TYPE_CHECKING:
     from mnasnet_batch.output import RunPlan, Summary
@@ -255,11 +255,13 @@ def prepare(config: JobConfig) -> tuple[Checkpoint, InputPlan, RunPlan]:
     """
     from mnasnet_batch import output
 
-    checkpoint, inputs = prepare_input(config)
-    return checkpoint, inputs, output.plan_run(config, checkpoint.weights_id)
+    # The job's one storage handle: the weights, the input and the output (its parts and records) go through it.
+    storage = Storage(config.storage)
+    checkpoint, inputs = prepare_input(config, storage)
+    return checkpoint, inputs, output.plan_run(config, checkpoint.weights_id, storage)
 
 
-def prepare_input(config: JobConfig) -> tuple[Checkpoint, InputPlan]:
+def prepare_input(config: JobConfig, storage: Storage) -> tuple[Checkpoint, InputPlan]:
     """Verifies the weights and plans the input (``prepare`` without opening the run).
 
     Raises:
@@ -275,10 +277,10 @@ def prepare_input(config: JobConfig) -> tuple[Checkpoint, InputPlan]:
 
     require_installed(config.compute.engine)
     checkpoint = resolve_checkpoint(
-        config.model.name, config.model.weights, config.model.sha256, config.model.download, config.storage
+        config.model.name, config.model.weights, config.model.sha256, config.model.download, storage
     )
     export_ahead(config.compute, checkpoint)
-    return checkpoint, sources.plan_input(config.input, config.storage)
+    return checkpoint, sources.plan_input(config.input, storage)
 
 
 def ray_initialized() -> bool:
@@ -343,7 +345,7 @@ def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: InputP
             from mnasnet_batch import pipeline
 
             start_ray(config)
-            pipeline.run(config, checkpoint, todo, plan.run_uri, plan.done)
+            pipeline.run(config, plan.storage, checkpoint, todo, plan.run_uri, plan.done)
     except BaseException as exc:
         if own_ray:
             import ray

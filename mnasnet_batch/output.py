@@ -35,8 +35,8 @@ import pyarrow.parquet as pq
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 
-from mnasnet_batch.config import JobConfig, StorageConfig, to_dict
-from mnasnet_batch.storage import StorageError, filesystem
+from mnasnet_batch.config import JobConfig, to_dict
+from mnasnet_batch.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ class RunPlan:
     rows_before: int = 0
     # This job's hold on the output while the run is open; finish_run releases it.
     lease: Lease | None = field(default=None, compare=False, repr=False)
+    # The job's storage handle, for the run's parts and records.
+    storage: Storage = field(default_factory=Storage, compare=False, repr=False)
 
 
 def _now(timespec: str = "seconds") -> str:
@@ -337,19 +339,21 @@ def labeled_uris(fs, root: str) -> pa.Array:
     return parts.to_table(columns=["uri"])["uri"].combine_chunks()
 
 
-def plan_run(config: JobConfig, weights_id: str) -> RunPlan:
+def plan_run(config: JobConfig, weights_id: str, storage: Storage | None = None) -> RunPlan:
     """Takes the output's lease, decides the run from ``output.mode`` and what the output holds, and opens its record.
 
-    The lease is held (refreshed by a daemon thread) until ``finish_run``.
+    The lease is held (refreshed by a daemon thread) until ``finish_run``. ``storage``: the job's handle; None
+    builds one from ``config.storage``.
 
     Raises:
         StorageError: another job is writing the output, or the output holds a finished run (mode auto), or runs
             of another configuration, or cannot be written; the message names the flag to use.
     """
     uri = config.output.uri
+    storage = storage or Storage(config.storage)
     lease = None
     try:
-        fs, root = filesystem(uri, config.storage)
+        fs, root = storage.filesystem(uri)
         fs.makedirs(root, exist_ok=True)
         lease = Lease.acquire(fs, root, uri)
         plan = _open_run(config, weights_id, fs, root)
@@ -362,7 +366,7 @@ def plan_run(config: JobConfig, weights_id: str) -> RunPlan:
         raise StorageError(f"output {uri} cannot be written: {_one_line(exc)}") from None
     if plan.resumed:
         log.info("resuming run %s: %d images already written", plan.run_id, plan.rows_before)
-    return dataclasses.replace(plan, lease=lease)
+    return dataclasses.replace(plan, lease=lease, storage=storage)
 
 
 def _open_run(config: JobConfig, weights_id: str, fs, root: str) -> RunPlan:
@@ -477,7 +481,7 @@ def write_record(fs, root: str, run_id: str, record: dict) -> None:
     _write_bytes(fs, _join(root, RUN_RECORD), data)
 
 
-def write_part(table: pa.Table, run_uri: str, storage_config: StorageConfig | None = None) -> str:
+def write_part(table: pa.Table, run_uri: str, storage: Storage | None = None) -> str:
     """Writes one Parquet part atomically, named by the URIs it holds.
 
     The name is a hash of the sorted URIs, so a write that is retried (after a worker died) replaces its
@@ -487,7 +491,7 @@ def write_part(table: pa.Table, run_uri: str, storage_config: StorageConfig | No
         The part's path.
     """
     digest = hashlib.sha256("\n".join(sorted(table["uri"].to_pylist())).encode()).hexdigest()[:24]
-    fs, root = filesystem(run_uri, storage_config or StorageConfig())
+    fs, root = (storage or Storage()).filesystem(run_uri)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     path = _join(root, f"part-{digest}.parquet")
@@ -518,11 +522,11 @@ def finish_run(
             run stays resumable.
     """
     try:
-        fs, root = filesystem(config.output.uri, config.storage)
+        fs, root = plan.storage.filesystem(config.output.uri)
         record = _read_json(fs, _join(root, f"run={plan.run_id}", RUN_RECORD)) or {}
         # Other processes wrote the parts: this one's cached listings (s3fs, gcsfs) have not seen them.
         fs.invalidate_cache()
-        summary = summarize(plan.run_uri, seconds, 0, config.storage)
+        summary = summarize(plan.run_uri, seconds, 0, plan.storage)
         added = summary.images - plan.rows_before
         counted = added if labeled_now is None else min(labeled_now, added)
         summary = dataclasses.replace(summary, labeled_now=max(0, counted))
@@ -555,9 +559,9 @@ def finish_run(
     return summary
 
 
-def summarize(run_uri: str, seconds: float, labeled_now: int, storage_config: StorageConfig | None = None) -> Summary:
+def summarize(run_uri: str, seconds: float, labeled_now: int, storage: Storage | None = None) -> Summary:
     """Counts rows and error kinds in the Parquet parts under ``run_uri``."""
-    fs, root = filesystem(run_uri, storage_config or StorageConfig())
+    fs, root = (storage or Storage()).filesystem(run_uri)
     dataset = read_parts(fs, root)
     if dataset is None:
         return Summary(images=0, errors=0, seconds=seconds, labeled_now=labeled_now)

@@ -19,11 +19,12 @@ import ray.autoscaler.sdk
 from ray.data.block import BlockAccessor
 
 from mnasnet_batch import sources
-from mnasnet_batch.config import ConfigError, JobConfig, StorageConfig
+from mnasnet_batch.config import ConfigError, JobConfig
 from mnasnet_batch.output import write_part
 from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.progress import ProgressCounter, ProgressReporter
 from mnasnet_batch.sources import InputPlan
+from mnasnet_batch.storage import Storage
 
 if TYPE_CHECKING:  # torch stays out of this module's imports: write tasks unpickle PartSink from it
     from mnasnet_batch.weights import Checkpoint
@@ -47,10 +48,10 @@ NODE_POLL_S = 5.0
 class PartSink(ray.data.Datasink):
     """Writes each bundle of at least ``rows_per_file`` rows as one atomic Parquet part of the run."""
 
-    def __init__(self, run_uri: str, rows_per_file: int, storage_config: StorageConfig | None = None):
+    def __init__(self, run_uri: str, rows_per_file: int, storage: Storage):
         self.run_uri = run_uri
         self.rows_per_file = rows_per_file
-        self.storage_config = storage_config
+        self.storage = storage
 
     @property
     def min_rows_per_write(self) -> int:
@@ -59,7 +60,7 @@ class PartSink(ray.data.Datasink):
     def write(self, blocks, ctx) -> list[str]:
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
         tables = [t for t in tables if t.num_rows]
-        return [write_part(pa.concat_tables(tables), self.run_uri, self.storage_config)] if tables else []
+        return [write_part(pa.concat_tables(tables), self.run_uri, self.storage)] if tables else []
 
 
 def from_uri_blocks(blocks: list[pa.Table]) -> ray.data.Dataset:
@@ -204,9 +205,10 @@ def wait_for_room(config: JobConfig, pool: ActorPool, nodes: Callable[[], list[d
     demand = actor_demand(config, pool)
     deadline = time.monotonic() + config.compute.node_wait_s
     requested = False
-    while not any(fits(demand, node) for node in nodes()):
+    current = nodes()  # one cluster query per poll
+    while not any(fits(demand, node) for node in current):
         if time.monotonic() >= deadline:
-            largest = max(nodes(), key=lambda node: (node.get("GPU", 0.0), node.get("CPU", 0.0)), default={})
+            largest = max(current, key=lambda node: (node.get("GPU", 0.0), node.get("CPU", 0.0)), default={})
             raise ConfigError(
                 f"no node of the cluster can hold a model actor ({describe_resources(demand)}); the largest has "
                 f"{describe_resources(largest)}: lower compute.actor_cpus, compute.actor_gpus or "
@@ -218,9 +220,10 @@ def wait_for_room(config: JobConfig, pool: ActorPool, nodes: Callable[[], list[d
             ray.autoscaler.sdk.request_resources(bundles=[demand])
             requested = True
         time.sleep(NODE_POLL_S)
+        current = nodes()
     if requested:
         ray.autoscaler.sdk.request_resources(bundles=[])  # the pending actors now ask for what they need
-    cpus = sum(node.get("CPU", 0.0) for node in nodes())
+    cpus = sum(node.get("CPU", 0.0) for node in current)
     if cpus - pool.min_size * demand["CPU"] < config.preprocess.num_cpus:
         raise ConfigError(
             f"{pool.min_size} model actor(s) of {demand['CPU']:g} CPUs leave the cluster's {cpus:g} CPUs no room for "
@@ -347,16 +350,17 @@ def predict(
     )
 
 
-def write(dataset: ray.data.Dataset, config: JobConfig, run_uri: str) -> None:
+def write(dataset: ray.data.Dataset, config: JobConfig, run_uri: str, storage: Storage) -> None:
     """Runs the dataset, writing its rows as Parquet parts under ``run_uri``."""
     dataset.write_datasink(
-        PartSink(run_uri, config.output.rows_per_file, config.storage),
+        PartSink(run_uri, config.output.rows_per_file, storage),
         ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
     )
 
 
 def run(
     config: JobConfig,
+    storage: Storage,
     checkpoint: Checkpoint,
     inputs: InputPlan,
     run_uri: str,
@@ -393,4 +397,4 @@ def run(
     dataset = decode(dataset, config, spec)
     dataset = predict(dataset, config, checkpoint, spec, pool, counter)
     with reporting_progress(counter, inputs.image_count, config.progress.interval_s):
-        write(dataset, config, run_uri)
+        write(dataset, config, run_uri, storage)

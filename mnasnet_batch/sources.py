@@ -16,10 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.core import split_protocol
 
-from mnasnet_batch import storage
-from mnasnet_batch.config import InputConfig, StorageConfig
+from mnasnet_batch.config import InputConfig
 from mnasnet_batch.preprocess import error_message
-from mnasnet_batch.storage import StorageError
+from mnasnet_batch.storage import LISTING_THREADS, Storage, StorageError, has_extension
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ class Layout:
     """
 
     config: InputConfig
-    storage_config: StorageConfig
+    storage: Storage
 
     name: ClassVar[str]
     # What its listed inputs are, for people: "12 image files".
@@ -90,7 +89,7 @@ class Layout:
 
     def selects(self, uri: str) -> bool:
         """Whether a listed file is one of this layout's inputs (by its extension)."""
-        return storage.has_extension(uri, self.file_extensions)
+        return has_extension(uri, self.file_extensions)
 
     def detects(self, files: list[str]) -> bool:
         """Whether a listing holds this layout's inputs (``input.format=auto`` takes the first layout that does)."""
@@ -119,7 +118,7 @@ class Layout:
 
 
 class ImageURILayout(Layout):
-    """Inputs that are image URIs, each one image, read a batch at a time by ``storage.read_many``."""
+    """Inputs that are image URIs, each one image, read a batch at a time by ``Storage.read_many``."""
 
     uri_per_image = True
 
@@ -138,7 +137,7 @@ class ImageURILayout(Layout):
         uris = [str(u) for u in batch["uri"]]
         for start in range(0, len(uris), batch_size):
             chunk = uris[start : start + batch_size]
-            yield encoded_batch(chunk, storage.read_many(chunk, self.storage_config))
+            yield encoded_batch(chunk, self.storage.read_many(chunk))
 
 
 class FilesLayout(ImageURILayout):
@@ -152,7 +151,7 @@ class FilesLayout(ImageURILayout):
         return f"image files with extensions {', '.join(self.image_extensions)}"
 
     def selects(self, uri: str) -> bool:
-        return storage.has_extension(uri, self.image_extensions)
+        return has_extension(uri, self.image_extensions)
 
     def select(self, files: list[str], single: bool) -> list[str]:
         # A single file named explicitly must be an image too.
@@ -173,7 +172,7 @@ class ManifestLayout(ImageURILayout):
         The driver reads manifests as it lists files: it holds only URIs, and the image reads are spread over read
         tasks exactly as for loose files (so a resumed run skips what it already labeled).
         """
-        listed = [u for manifest in uris for u in manifest_uris(manifest, self.config.uri_column, self.storage_config)]
+        listed = [u for manifest in uris for u in manifest_uris(manifest, self.config.uri_column, self.storage)]
         if not listed:
             raise StorageError(f"input {self.config.uri}: the manifests list no URIs")
         # An image listed twice is one input: one row, not two rows (or two parts) of the same uri.
@@ -199,7 +198,7 @@ class WebDatasetLayout(Layout):
         for shard in batch["uri"]:
             uris: list[str] = []
             contents: list[bytes | Exception] = []
-            for uri, content in shard_images(str(shard), self.image_extensions, self.storage_config):
+            for uri, content in shard_images(str(shard), self.image_extensions, self.storage):
                 uris.append(uri)
                 contents.append(content)
                 if len(uris) == batch_size:
@@ -220,17 +219,17 @@ class ParquetLayout(Layout):
     def detects(self, files: list[str]) -> bool:
         # Parquet files without the image column are manifests.
         first = next((f for f in files if self.selects(f)), None)
-        return first is not None and self.config.image_column in _parquet_columns(first, self.storage_config)
+        return first is not None and self.config.image_column in _parquet_columns(first, self.storage)
 
     def plan(self, uris: list[str]) -> list[str]:
-        columns = _parquet_columns(uris[0], self.storage_config)
+        columns = _parquet_columns(uris[0], self.storage)
         missing = [c for c in (self.config.image_column, self.config.id_column) if c not in columns]
         if missing:
             raise StorageError(
                 f"input {uris[0]} has no column {', '.join(missing)}; its columns: {', '.join(columns)}; "
                 "set input.image_column and input.id_column"
             )
-        check_parquet_ids(uris, self.config.id_column, self.storage_config)
+        check_parquet_ids(uris, self.config.id_column, self.storage)
         return uris
 
     def read(self, batch: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -244,7 +243,7 @@ class ParquetLayout(Layout):
 
         id_column, image_column = self.config.id_column, self.config.image_column
         for uri in batch["uri"]:
-            fs, path = storage.filesystem(str(uri), self.storage_config)
+            fs, path = self.storage.filesystem(str(uri))
             with fs.open(path, "rb") as f:
                 for record_batch in pq.ParquetFile(f).iter_batches(
                     batch_size=batch_size, columns=[id_column, image_column]
@@ -260,7 +259,7 @@ class ParquetLayout(Layout):
 LAYOUTS = (FilesLayout, WebDatasetLayout, ParquetLayout, ManifestLayout)
 
 
-def layout_for(config: InputConfig, storage_config: StorageConfig, files: list[str]) -> Layout:
+def layout_for(config: InputConfig, storage: Storage, files: list[str]) -> Layout:
     """The layout ``input.format`` names, or with ``auto`` the first whose inputs the listed ``files`` hold.
 
     Detection takes image files, then tar shards, then Parquet files with ``input.image_column`` (else those
@@ -269,7 +268,7 @@ def layout_for(config: InputConfig, storage_config: StorageConfig, files: list[s
     Raises:
         StorageError: ``auto`` and the files hold no layout's inputs.
     """
-    layouts = [layout(config, storage_config) for layout in LAYOUTS]
+    layouts = [layout(config, storage) for layout in LAYOUTS]
     if config.format != "auto":
         return next(layout for layout in layouts if layout.name == config.format)
     layout = next((layout for layout in layouts if layout.detects(files)), None)
@@ -310,7 +309,7 @@ class InputPlan:
         return InputPlan(self.layout, candidates.filter(_not_done(candidates, done)).to_pylist())
 
 
-def plan_input(config: InputConfig, storage_config: StorageConfig) -> InputPlan:
+def plan_input(config: InputConfig, storage: Storage) -> InputPlan:
     """Lists the input once and decides its layout (``input.format``, or detected when ``auto``: ``layout_for``).
 
     A single file named explicitly is taken whatever its extension when the format is set (and is not ``files``).
@@ -318,8 +317,8 @@ def plan_input(config: InputConfig, storage_config: StorageConfig) -> InputPlan:
     Raises:
         StorageError: the input does not exist, holds nothing of its layout, or lacks the configured columns.
     """
-    files, single = storage.list_files(config.uri, storage_config)
-    layout = layout_for(config, storage_config, files)
+    files, single = storage.list_files(config.uri)
+    layout = layout_for(config, storage, files)
     uris = layout.select(files, single)
     if len(uris) < len(files):
         chosen = set(uris)
@@ -337,17 +336,17 @@ def plan_input(config: InputConfig, storage_config: StorageConfig) -> InputPlan:
     return InputPlan(layout, layout.plan(uris))
 
 
-def _parquet_columns(uri: str, storage_config: StorageConfig) -> list[str]:
+def _parquet_columns(uri: str, storage: Storage) -> list[str]:
     import pyarrow.parquet as pq
 
-    fs, path = storage.pyarrow_filesystem(uri, storage_config)
+    fs, path = storage.pyarrow_filesystem(uri)
     try:
         return pq.read_schema(path, filesystem=fs).names
     except Exception as exc:
         raise StorageError(f"input {uri} cannot be read as Parquet: {type(exc).__name__}: {exc}") from None
 
 
-def check_parquet_ids(uris: list[str], id_column: str, storage_config: StorageConfig) -> None:
+def check_parquet_ids(uris: list[str], id_column: str, storage: Storage) -> None:
     """Refuses Parquet input whose ids do not name each row of a file once (a row's ``uri`` is ``FILE#ID``).
 
     Only the id column is read, from every file at once.
@@ -358,7 +357,7 @@ def check_parquet_ids(uris: list[str], id_column: str, storage_config: StorageCo
     import pyarrow.parquet as pq
 
     def problem(uri: str) -> str:
-        fs, path = storage.pyarrow_filesystem(uri, storage_config)
+        fs, path = storage.pyarrow_filesystem(uri)
         try:
             ids = pq.read_table(path, columns=[id_column], filesystem=fs).column(id_column)
         except Exception as exc:
@@ -375,7 +374,7 @@ def check_parquet_ids(uris: list[str], id_column: str, storage_config: StorageCo
             )
         return ""
 
-    with ThreadPoolExecutor(min(storage.LISTING_THREADS, len(uris))) as pool:
+    with ThreadPoolExecutor(min(LISTING_THREADS, len(uris))) as pool:
         for uri, found in zip(uris, pool.map(problem, uris), strict=True):
             if found:
                 raise StorageError(
@@ -386,14 +385,14 @@ def check_parquet_ids(uris: list[str], id_column: str, storage_config: StorageCo
 
 def manifest_kind(uri: str) -> str:
     """``parquet``, ``csv`` (also ``tsv``) or ``text`` (one URI per line), from the manifest's extension."""
-    if storage.has_extension(uri, ("parquet",)):
+    if has_extension(uri, ("parquet",)):
         return "parquet"
-    if storage.has_extension(uri, ("csv", "tsv")):
+    if has_extension(uri, ("csv", "tsv")):
         return "csv"
     return "text"
 
 
-def manifest_uris(uri: str, column: str, storage_config: StorageConfig) -> list[str]:
+def manifest_uris(uri: str, column: str, storage: Storage) -> list[str]:
     """The image URIs a manifest lists: one per line (text), or its ``column`` (CSV, TSV, Parquet).
 
     Blanks are skipped, and in text manifests lines starting with ``#`` (comments). A relative path is
@@ -408,12 +407,12 @@ def manifest_uris(uri: str, column: str, storage_config: StorageConfig) -> list[
 
     kind = manifest_kind(uri)
     try:
-        fs, path = storage.filesystem(uri, storage_config)
+        fs, path = storage.filesystem(uri)
         with fs.open(path, "rb") as f:
             if kind == "parquet":
                 values = pq.read_table(f, columns=[column]).column(column)
             elif kind == "csv":
-                delimiter = "\t" if storage.has_extension(uri, ("tsv",)) else ","
+                delimiter = "\t" if has_extension(uri, ("tsv",)) else ","
                 values = pacsv.read_csv(
                     f,
                     parse_options=pacsv.ParseOptions(delimiter=delimiter),
@@ -471,7 +470,7 @@ def sample_key(member: str) -> str | None:
 
 
 def shard_images(
-    shard: str, extensions: tuple[str, ...], storage_config: StorageConfig
+    shard: str, extensions: tuple[str, ...], storage: Storage
 ) -> Iterator[tuple[str, bytes | Exception]]:
     """Streams a WebDataset shard, yielding each sample's image as ``(shard#member, bytes)``.
 
@@ -500,7 +499,7 @@ def shard_images(
         return f"{shard}#{image[0]}", image[1]
 
     try:
-        fs, path = storage.filesystem(shard, storage_config)
+        fs, path = storage.filesystem(shard)
         # Stream mode ("r|*") reads the shard front to back once, gzip or not, without seeking.
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for info in tar:
@@ -508,7 +507,7 @@ def shard_images(
                     continue
                 member_key = sample_key(info.name)
                 if member_key is None:
-                    if storage.has_extension(info.name, extensions):
+                    if has_extension(info.name, extensions):
                         dropped.append(info.name)
                     continue
                 if member_key != key:
@@ -520,7 +519,7 @@ def shard_images(
                 # Every member is read, not skipped: skipping a truncated member goes unnoticed in stream mode.
                 data = tar.extractfile(info).read()
                 reading = None
-                if storage.has_extension(info.name, extensions):
+                if has_extension(info.name, extensions):
                     if image is None:
                         image = (info.name, data)
                     else:

@@ -1,4 +1,4 @@
-"""Filesystems for URIs (local, s3, gs, az, memory) from the storage config, listing, and reading bytes."""
+"""The storage handle: filesystems for URIs (local, s3, gs, az, memory) from the storage config; listing; reading."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 import fsspec
@@ -90,89 +91,132 @@ def fsspec_options(protocol: str, config: StorageConfig) -> dict[str, object]:
     return options
 
 
-def filesystem(uri: str | os.PathLike, config: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``uri``, configured from ``config``, and the path inside it.
+@dataclass(frozen=True)
+class Storage:
+    """The handle every read and write of the job goes through: inputs, weights, outputs, records and reports.
 
-    A ``file://`` URI is percent-decoded (RFC 8089; what ``Path.as_uri()`` writes); plain paths are taken as
-    they are.
-
-    Raises:
-        StorageError: the scheme's package is not installed (the message names the extra to install).
+    Built once from the job's ``storage`` section; it holds only that configuration, so it pickles into Ray tasks
+    and actors, and every filesystem it opens has the same endpoint, region and credentials.
     """
-    uri = os.fspath(uri)  # a pathlib.Path from a caller is a local path
-    protocol = scheme(uri)
-    if uri.startswith("file://"):
-        uri = "file://" + unquote(uri[len("file://") :])
-    try:
-        return url_to_fs(uri, **fsspec_options(protocol, config))
-    except ImportError as exc:
-        if protocol in EXTRAS:
-            extra, package = EXTRAS[protocol]
-            raise StorageError(
-                f"{uri}: {protocol}:// needs the optional package {package}; "
-                f"install it with: pip install 'mnasnet-batch[{extra}]'"
-            ) from None
-        raise StorageError(f"{uri}: {exc}") from None
-    except ValueError as exc:
-        if "Protocol not known" in str(exc):
-            raise StorageError(f"{uri}: unknown URI scheme {protocol}://") from None
-        raise
 
+    config: StorageConfig = field(default_factory=StorageConfig)
 
-def pyarrow_filesystem(uri: str, config: StorageConfig):
-    """A pyarrow filesystem and path for ``uri`` (what Ray Data's readers and ``write_parquet`` take).
+    def filesystem(self, uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The fsspec filesystem for ``uri`` and the path inside it.
 
-    Local paths get pyarrow's own LocalFileSystem; every other scheme wraps the fsspec filesystem
-    configured from ``config``, so endpoints and credentials are the same for reading and writing.
+        A ``file://`` URI is percent-decoded (RFC 8089; what ``Path.as_uri()`` writes); plain paths are taken as
+        they are.
 
-    Returns:
-        ``(pyarrow.fs.FileSystem, path)``.
-    """
-    import pyarrow.fs as pafs
+        Raises:
+            StorageError: the scheme's package is not installed (the message names the extra to install).
+        """
+        uri = os.fspath(uri)  # a pathlib.Path from a caller is a local path
+        protocol = scheme(uri)
+        if uri.startswith("file://"):
+            uri = "file://" + unquote(uri[len("file://") :])
+        try:
+            return url_to_fs(uri, **fsspec_options(protocol, self.config))
+        except ImportError as exc:
+            if protocol in EXTRAS:
+                extra, package = EXTRAS[protocol]
+                raise StorageError(
+                    f"{uri}: {protocol}:// needs the optional package {package}; "
+                    f"install it with: pip install 'mnasnet-batch[{extra}]'"
+                ) from None
+            raise StorageError(f"{uri}: {exc}") from None
+        except ValueError as exc:
+            if "Protocol not known" in str(exc):
+                raise StorageError(f"{uri}: unknown URI scheme {protocol}://") from None
+            raise
 
-    fs, path = filesystem(uri, config)
-    if isinstance(fs, LocalFileSystem):
-        return pafs.LocalFileSystem(), path
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    def pyarrow_filesystem(self, uri: str):
+        """A pyarrow filesystem and path for ``uri`` (what Ray Data's readers and ``pyarrow.dataset`` take).
+
+        Local paths get pyarrow's own LocalFileSystem; every other scheme wraps the configured fsspec filesystem,
+        so endpoints and credentials are the same for reading and writing.
+
+        Returns:
+            ``(pyarrow.fs.FileSystem, path)``.
+        """
+        import pyarrow.fs as pafs
+
+        fs, path = self.filesystem(uri)
+        if isinstance(fs, LocalFileSystem):
+            return pafs.LocalFileSystem(), path
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+    def list_files(self, uri: str) -> tuple[list[str], bool]:
+        """Lists the files under a directory or prefix (recursively), matching a glob, or the single file named.
+
+        ``uri`` is a glob only when nothing exists under its literal name and it holds ``*``, ``?`` or ``[``:
+        ``shots [2024]/`` is a folder when it exists. One recursive listing call per location (a flat
+        ``ListObjectsV2`` walk on S3), no per-file requests; local symlinks to folders are followed.
+
+        Returns:
+            Full URIs (absolute paths for local files), sorted so runs are reproducible, and whether ``uri``
+            named a single file.
+
+        Raises:
+            StorageError: the location does not exist or cannot be reached.
+        """
+        try:
+            fs, path = self.filesystem(uri)
+            if fs.isfile(path):
+                single, paths = True, [path]
+            elif fs.isdir(path):
+                single, paths = False, _find(fs, path)
+            elif any(c in path for c in GLOB_CHARACTERS):
+                found = fs.glob(path, detail=True)
+                single, paths = False, [p for p, info in found.items() if info["type"] != "directory"]
+            else:
+                raise StorageError(f"input {uri} does not exist")
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"input {uri} cannot be listed: {type(exc).__name__}: {exc}") from None
+        # Local files keep plain absolute paths; everything else keeps its scheme, so a row's uri can be read back.
+        local = isinstance(fs, LocalFileSystem)
+        return sorted(p if local else fs.unstrip_protocol(p) for p in paths), single
+
+    def read_bytes(self, uri: str) -> bytes:
+        """One whole file's bytes; raises what resolving, opening or reading it raised."""
+        fs, path = self.filesystem(uri)
+        return fs.cat_file(path)
+
+    def read_many(self, uris: list[str]) -> list[bytes | Exception]:
+        """Reads whole files, concurrently where the filesystem can (s3fs, gcsfs), keeping failures per file.
+
+        URIs may mix schemes and buckets (a manifest's may); a URI that cannot even be resolved to a
+        filesystem gets its exception like one that does not exist. Each URI names one file literally:
+        ``br[1].jpg`` is read, not expanded as a glob (which fsspec's ``cat`` of a list does).
+
+        Returns:
+            For each URI in order, its bytes or the exception that reading it raised.
+        """
+        by_fs: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str]]]] = {}
+        results: list[bytes | Exception] = [None] * len(uris)  # type: ignore[list-item]
+        for i, uri in enumerate(uris):
+            try:
+                fs, path = self.filesystem(uri)
+            except Exception as exc:
+                results[i] = exc
+                continue
+            by_fs.setdefault(id(fs), (fs, []))[1].append((i, path))
+        for fs, items in by_fs.values():
+            # cat_ranges reads each path with cat_file, all at once on async filesystems, never expanding globs.
+            try:
+                contents = fs.cat_ranges([path for _, path in items], None, None, on_error="return")
+            except Exception as exc:
+                contents = [exc] * len(items)
+            for (i, _), content in zip(items, contents, strict=True):
+                results[i] = content
+        return results
 
 
 def has_extension(path: str, extensions: tuple[str, ...]) -> bool:
     """Whether ``path`` ends in one of ``extensions`` (lower case, no dot; ``tar.gz`` works), ignoring case."""
     name = posixpath.basename(path).lower()
     return any(name.endswith("." + e) for e in extensions)
-
-
-def list_files(uri: str, config: StorageConfig) -> tuple[list[str], bool]:
-    """Lists the files under a directory or prefix (recursively), matching a glob, or the single file named.
-
-    ``uri`` is a glob only when nothing exists under its literal name and it holds ``*``, ``?`` or ``[``:
-    ``shots [2024]/`` is a folder when it exists. One recursive listing call per location (a flat
-    ``ListObjectsV2`` walk on S3), no per-file requests; local symlinks to folders are followed.
-
-    Returns:
-        Full URIs (absolute paths for local files), sorted so runs are reproducible, and whether ``uri``
-        named a single file.
-
-    Raises:
-        StorageError: the location does not exist or cannot be reached.
-    """
-    try:
-        fs, path = filesystem(uri, config)
-        if fs.isfile(path):
-            single, paths = True, [path]
-        elif fs.isdir(path):
-            single, paths = False, _find(fs, path)
-        elif any(c in path for c in GLOB_CHARACTERS):
-            single, paths = False, [p for p, info in fs.glob(path, detail=True).items() if info["type"] != "directory"]
-        else:
-            raise StorageError(f"input {uri} does not exist")
-    except StorageError:
-        raise
-    except Exception as exc:
-        raise StorageError(f"input {uri} cannot be listed: {type(exc).__name__}: {exc}") from None
-    # Local files keep plain absolute paths; everything else keeps its scheme, so a row's uri can be read back.
-    local = isinstance(fs, LocalFileSystem)
-    return sorted(p if local else fs.unstrip_protocol(p) for p in paths), single
 
 
 def _find(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
@@ -217,34 +261,3 @@ def _find_local(root: str) -> list[str]:
             elif entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path)):
                 files.append(entry.path)
     return files
-
-
-def read_many(uris: list[str], config: StorageConfig | None = None) -> list[bytes | Exception]:
-    """Reads whole files, concurrently where the filesystem can (s3fs, gcsfs), keeping failures per file.
-
-    URIs may mix schemes and buckets (a manifest's may); a URI that cannot even be resolved to a
-    filesystem gets its exception like one that does not exist. Each URI names one file literally:
-    ``br[1].jpg`` is read, not expanded as a glob (which fsspec's ``cat`` of a list does).
-
-    Returns:
-        For each URI in order, its bytes or the exception that reading it raised.
-    """
-    config = config or StorageConfig()
-    by_fs: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str]]]] = {}
-    results: list[bytes | Exception] = [None] * len(uris)  # type: ignore[list-item]
-    for i, uri in enumerate(uris):
-        try:
-            fs, path = filesystem(uri, config)
-        except Exception as exc:
-            results[i] = exc
-            continue
-        by_fs.setdefault(id(fs), (fs, []))[1].append((i, path))
-    for fs, items in by_fs.values():
-        # cat_ranges reads each path with cat_file, all at once on async filesystems, never expanding globs.
-        try:
-            contents = fs.cat_ranges([path for _, path in items], None, None, on_error="return")
-        except Exception as exc:
-            contents = [exc] * len(items)
-        for (i, _), content in zip(items, contents, strict=True):
-            results[i] = content
-    return results

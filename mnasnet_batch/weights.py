@@ -15,8 +15,7 @@ import torch
 import torchvision
 from torchvision.models import WeightsEnum, get_model_weights
 
-from mnasnet_batch.config import StorageConfig
-from mnasnet_batch.storage import filesystem
+from mnasnet_batch.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def resolve_checkpoint(
     weights: str,
     sha256: str = "",
     download: bool = True,
-    storage_config: StorageConfig | None = None,
+    storage: Storage | None = None,
 ) -> Checkpoint:
     """Finds, reads and verifies the weights for a job, before any image is read.
 
@@ -76,7 +75,7 @@ def resolve_checkpoint(
             path or fsspec URI of a state_dict file.
         sha256: when set, the file's full sha256 must equal it.
         download: fetch torchvision's file into the torch hub cache when it is absent.
-        storage_config: endpoint, credentials and options for a ``weights`` URI (the job's ``storage`` section).
+        storage: the job's storage handle, for a ``weights`` URI; None reads local files and anonymous URIs.
 
     Returns:
         The verified checkpoint; its state_dict is known to fit the architecture.
@@ -93,7 +92,7 @@ def resolve_checkpoint(
         source, weights_id = str(path), member.name
     else:
         source, weights_id = weights, ""
-    data = _read(source, storage_config or StorageConfig())
+    data = _read(source, storage or Storage())
     if not data:
         raise WeightsError(
             f"weights file {source} is empty (0 bytes), e.g. from an interrupted copy or download; {STATE_DICT_ADVICE}"
@@ -133,10 +132,9 @@ def _download(url: str, path: Path, allowed: bool) -> None:
         socket.setdefaulttimeout(previous)
 
 
-def _read(source: str, storage_config: StorageConfig) -> bytes:
+def _read(source: str, storage: Storage) -> bytes:
     try:
-        fs, path = filesystem(source, storage_config)
-        return fs.cat_file(path)
+        return storage.read_bytes(source)
     except FileNotFoundError:
         raise WeightsError(f"weights file {source} not found; pass --weights with an existing path or URI") from None
     except Exception as exc:

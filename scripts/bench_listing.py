@@ -64,11 +64,13 @@ def measure(uri: str, storage: dict, compare_ray: bool) -> dict[str, float]:
     from mnasnet_batch import pipeline, sources
     from mnasnet_batch.config import load_config
     from mnasnet_batch.preprocess import PreprocessSpec
+    from mnasnet_batch.storage import Storage
 
     config = load_config(overrides=[{"input": {"uri": uri}, "output": {"uri": "unused"}, "storage": storage}])
     spec = PreprocessSpec.for_model(config.model.name, config.preprocess.max_pixels)
+    storage_handle = Storage(config.storage)
     t0 = time.perf_counter()
-    plan = sources.plan_input(config.input, config.storage)
+    plan = sources.plan_input(config.input, storage_handle)
     t1 = time.perf_counter()
     # Start-up of the decode workers (Python, torch, torchvision imports) is paid once per worker whatever
     # the input; a warm-up over one image, not timed, takes it out of the figures, which are about the input.
@@ -87,9 +89,7 @@ def measure(uri: str, storage: dict, compare_ray: bool) -> dict[str, float]:
         "to_first_batch_s": t4 - t3,
     }
     if compare_ray:
-        from mnasnet_batch.storage import pyarrow_filesystem
-
-        filesystem, path = pyarrow_filesystem(uri, config.storage)
+        filesystem, path = storage_handle.pyarrow_filesystem(uri)
         t5 = time.perf_counter()
         ray_dataset = ray.data.read_binary_files(path, filesystem=filesystem)
         next(iter(ray_dataset.iter_rows()))

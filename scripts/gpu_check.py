@@ -188,6 +188,16 @@ def run(directory: Path, out: Path, images: int, budget_s: float, device_name: s
     results["gpu_nvjpeg_decode_b256_img_s"] = 256 / sync_time(lambda: torchvision_decode(batch_contents, cuda), 3)
     decoded256 = torchvision_decode(batch_contents, cuda)
     results["gpu_resize_crop_img_s"] = 256 / sync_time(lambda: resize_crops(decoded256, spec), 3)
+    # torchvision's antialiased resize instead of the exact one (issues 15 and 19): its speed and its distance here.
+    from resize_parity import library_crop
+
+    def library_crops(images):
+        return torch.stack([library_crop(image, spec, as_float=False) for image in images])
+
+    results["gpu_library_resize_crop_img_s"] = 256 / sync_time(lambda: library_crops(decoded256), 3)
+    results["gpu_library_resize_vs_exact_max_levels"] = int(
+        (library_crops(decoded256).int() - resize_crops(decoded256, spec).int()).abs().max()
+    )
     flags = np.ones(256, dtype=bool)
     results["gpu_decode_crops_b256_img_s"] = 256 / sync_time(lambda: decode_crops(batch_contents, flags, spec, cuda), 3)
     # Where an actor's time goes, per batch of 256 (decode_on=actor, fp16), each stage synchronised.

@@ -12,7 +12,7 @@ from jobs.evaluate import main
 from mnasnet_batch.config import StorageConfig
 from mnasnet_batch.evaluation import ground_truth, imagenet, metrics
 from mnasnet_batch.evaluation.ground_truth import GroundTruthError, load_ground_truth
-from mnasnet_batch.storage import filesystem
+from mnasnet_batch.storage import Storage
 from tests import support
 
 CATEGORIES = torchvision.models.MNASNet0_5_Weights.IMAGENET1K_V1.meta["categories"]
@@ -235,7 +235,7 @@ def test_evaluation_on_s3_reads_and_writes_with_the_storage_settings(local_ray, 
     """Images, labels, weights and results all on S3, reachable only through the storage settings."""
     paths, ref_ids = reference
     paths, ref_ids = paths[:4], ref_ids[:4]
-    fs, _ = filesystem("s3://eval-bucket", StorageConfig(**s3_server))
+    fs, _ = Storage(StorageConfig(**s3_server)).filesystem("s3://eval-bucket")
     fs.mkdir("eval-bucket")
     for i, path in enumerate(paths, start=1):
         fs.pipe(f"eval-bucket/val/ILSVRC2012_val_{i:08d}.JPEG", path.read_bytes())

@@ -19,6 +19,7 @@ import pyarrow.dataset as pads
 from PIL import Image
 
 from mnasnet_batch.cli import main
+from mnasnet_batch.storage import Storage
 from tests import support
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +114,9 @@ def test_file_deleted_between_listing_and_reading(local_ray, corpus, tmp_path, c
     config = load_config(overrides=[parse_override(f"output.uri={tmp_path / 'out'}")])
     run_uri = str(tmp_path / "out" / "run=x")
     os.makedirs(run_uri)
-    inputs = sources.InputPlan(sources.FilesLayout(config.input, config.storage), [str(corpus[0]), str(gone)])
-    pipeline.run(config, resolve_checkpoint("mnasnet0_5", str(checkpoint_path)), inputs, run_uri)
+    storage = Storage(config.storage)
+    inputs = sources.InputPlan(sources.FilesLayout(config.input, storage), [str(corpus[0]), str(gone)])
+    pipeline.run(config, storage, resolve_checkpoint("mnasnet0_5", str(checkpoint_path)), inputs, run_uri)
     rows = rows_by_uri(Path(run_uri))
     assert rows[str(corpus[0])]["status"] == "ok"
     assert rows[str(gone)]["status"] == "error" and rows[str(gone)]["error"].startswith("FileNotFoundError")

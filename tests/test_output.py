@@ -16,7 +16,7 @@ from fsspec.implementations.local import LocalFileSystem
 from mnasnet_batch import config as config_module
 from mnasnet_batch import output
 from mnasnet_batch.config import StorageConfig, load_config
-from mnasnet_batch.storage import StorageError, filesystem
+from mnasnet_batch.storage import Storage, StorageError
 
 
 def job_config(out, run_id="", mode="auto", storage=None, **sections):
@@ -273,7 +273,7 @@ def test_two_racing_jobs_on_local_disk_one_wins(tmp_path, monkeypatch, exclusive
 
 @pytest.fixture
 def s3_output(s3_server):
-    fs, _ = filesystem("s3://lease-bucket", StorageConfig(**s3_server))
+    fs, _ = Storage(StorageConfig(**s3_server)).filesystem("s3://lease-bucket")
     if not fs.exists("lease-bucket"):
         fs.mkdir("lease-bucket")
     return fs

@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mnasnet_batch.config import InputConfig, StorageConfig
+from mnasnet_batch.config import InputConfig
 from mnasnet_batch.preprocess import PreprocessSpec, decode_batch, preprocess_image
 from mnasnet_batch.sources import FilesLayout, encoded_batch
+from mnasnet_batch.storage import Storage
 from tests import support
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -110,9 +111,9 @@ def test_decode_and_write_tasks_do_not_import_torch(tmp_path):
     from mnasnet_batch.pipeline import PartSink
 
     spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9)
-    layout = FilesLayout(InputConfig(uri=str(tmp_path)), StorageConfig())
+    layout = FilesLayout(InputConfig(uri=str(tmp_path)), Storage())
     payload = tmp_path / "task.pickle"
-    payload.write_bytes(pickle.dumps((layout.read, decode_batch, spec, PartSink(str(tmp_path), 10))))
+    payload.write_bytes(pickle.dumps((layout.read, decode_batch, spec, PartSink(str(tmp_path), 10, Storage()))))
     code = (
         "import pickle, sys; read, decode, spec, sink = pickle.load(open(sys.argv[1], 'rb'));"
         "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"

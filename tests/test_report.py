@@ -14,7 +14,7 @@ from PIL import Image
 from jobs.report import main as report_main
 from mnasnet_batch.cli import main as label_main
 from mnasnet_batch.config import StorageConfig
-from mnasnet_batch.storage import filesystem
+from mnasnet_batch.storage import Storage
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_report_on_a_location_without_a_run(tmp_path, capsys):
 
 
 def test_report_on_s3_uses_the_storage_settings(run_output, s3_server, capsys):
-    fs, _ = filesystem("s3://report-bucket", StorageConfig(**s3_server))
+    fs, _ = Storage(StorageConfig(**s3_server)).filesystem("s3://report-bucket")
     fs.mkdir("report-bucket")
     fs.put(str(run_output), "report-bucket/labels", recursive=True)
     flags = []

@@ -9,7 +9,7 @@ import yaml
 from jobs.runs import main as runs_main
 from mnasnet_batch import output
 from mnasnet_batch.config import StorageConfig, load_config
-from mnasnet_batch.storage import filesystem
+from mnasnet_batch.storage import Storage
 
 
 def rows(uris, errors=()):
@@ -92,14 +92,14 @@ def storage_flags(s3_server) -> list[str]:
 
 
 def test_runs_on_s3_are_read_with_the_storage_settings(s3_server, tmp_path, capsys):
-    fs, _ = filesystem("s3://runs-bucket", StorageConfig(**s3_server))
+    fs, _ = Storage(StorageConfig(**s3_server)).filesystem("s3://runs-bucket")
     fs.mkdir("runs-bucket")
     out = "s3://runs-bucket/labels"
     config = load_config(
         overrides=[{"input": {"uri": "/images"}, "output": {"uri": out, "run_id": "night-1"}, "storage": s3_server}]
     )
     plan = output.plan_run(config, "IMAGENET1K_V1")
-    output.write_part(rows(["/images/a.jpg", "/images/b.jpg"]), plan.run_uri, config.storage)
+    output.write_part(rows(["/images/a.jpg", "/images/b.jpg"]), plan.run_uri, plan.storage)
     output.finish_run(config, plan, seconds=1.0, labeled_now=2)
 
     assert runs_main(["--output", out, *storage_flags(s3_server), "--format", "json"]) == 0

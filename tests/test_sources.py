@@ -18,12 +18,12 @@ from mnasnet_batch import sources, storage
 from mnasnet_batch.config import REDACTED, StorageConfig, load_config, parse_override, to_dict
 from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.sources import plan_input, shard_images
-from mnasnet_batch.storage import StorageError
+from mnasnet_batch.storage import Storage, StorageError
 
 EXTENSIONS = ("jpg", "png")
 # fsspec's loaded implementations (the fsspec.registry attribute is a read-only view of it).
 REGISTRY = importlib.import_module("fsspec.registry")._registry
-NO_STORAGE = StorageConfig()
+NO_STORAGE = Storage()
 
 
 def make_tar(members: list[tuple[str, bytes]]) -> bytes:
@@ -251,9 +251,9 @@ class RecordingFileSystem(fsspec.AbstractFileSystem):
 def test_gcs_and_azure_get_the_storage_section_mocked(monkeypatch):
     for protocol in ("gs", "az"):
         monkeypatch.setitem(REGISTRY, protocol, RecordingFileSystem)
-    fs, path = storage.filesystem("gs://bucket/a.jpg", StorageConfig(anonymous=True, endpoint_url="http://gcs:4443"))
+    fs, path = Storage(StorageConfig(anonymous=True, endpoint_url="http://gcs:4443")).filesystem("gs://bucket/a.jpg")
     assert fs.kwargs == {"token": "anon", "endpoint_url": "http://gcs:4443"} and path == "bucket/a.jpg"
-    fs, _ = storage.filesystem("az://container/a.jpg", StorageConfig(anonymous=True, options={"account_name": "acct"}))
+    fs, _ = Storage(StorageConfig(anonymous=True, options={"account_name": "acct"})).filesystem("az://container/a.jpg")
     assert fs.kwargs == {"anon": True, "account_name": "acct"}
 
 
@@ -263,7 +263,7 @@ def test_a_missing_filesystem_package_names_the_extra(monkeypatch, uri, extra):
     monkeypatch.delitem(REGISTRY, "s3", raising=False)
     monkeypatch.setitem(sys.modules, "s3fs", None)
     with pytest.raises(StorageError, match=rf"pip install 'mnasnet-batch\[{extra}\]'"):
-        storage.filesystem(uri, NO_STORAGE)
+        NO_STORAGE.filesystem(uri)
 
 
 def test_credentials_are_redacted_from_the_written_config():
@@ -289,7 +289,7 @@ def test_listed_paths_with_glob_characters_are_read_as_they_are(tmp_path):
         (trip / name).write_bytes(name.encode())
     (trip / "br1.jpg").write_bytes(b"what br[1].jpg would match as a glob")
     uris = [str(trip / name) for name in names]
-    assert storage.read_many(uris, NO_STORAGE) == [name.encode() for name in names]
+    assert NO_STORAGE.read_many(uris) == [name.encode() for name in names]
     # A folder whose name looks like a glob is the folder; a glob that names nothing literally is a glob.
     plan = plan_input(config(trip).input, NO_STORAGE)
     assert plan.layout.name == "files" and sorted(plan.uris) == sorted([*uris, str(trip / "br1.jpg")])
@@ -301,16 +301,16 @@ def test_listed_paths_with_glob_characters_are_read_as_they_are(tmp_path):
 
 def test_reads_on_s3_are_literal_too(s3_server):
     config = StorageConfig(**s3_server)
-    fs, _ = storage.filesystem("s3://globs", config)
+    fs, _ = Storage(config).filesystem("s3://globs")
     fs.mkdir("globs")
     names = ["br[1].jpg", "a?.jpg", "star*.jpg"]
     for name in names:
         fs.pipe(f"globs/shots [2024]/{name}", name.encode())
     fs.pipe("globs/shots [2024]/br1.jpg", b"a decoy")
     uris = [f"s3://globs/shots [2024]/{name}" for name in names]
-    assert storage.read_many([*uris, "s3://globs/missing[1].jpg"], config)[:3] == [n.encode() for n in names]
-    assert isinstance(storage.read_many(["s3://globs/missing[1].jpg"], config)[0], FileNotFoundError)
-    listed, single = storage.list_files("s3://globs/shots [2024]", config)
+    assert Storage(config).read_many([*uris, "s3://globs/missing[1].jpg"])[:3] == [n.encode() for n in names]
+    assert isinstance(Storage(config).read_many(["s3://globs/missing[1].jpg"])[0], FileNotFoundError)
+    listed, single = Storage(config).list_files("s3://globs/shots [2024]")
     assert not single and sorted(listed) == sorted([*uris, "s3://globs/shots [2024]/br1.jpg"])
 
 
@@ -327,7 +327,7 @@ def test_symlinked_folders_are_followed_once_and_loops_are_skipped(tmp_path, cap
     (images / "file_link.jpg").symlink_to(elsewhere / "c.jpg")
     (images / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
     with caplog.at_level("WARNING", logger="mnasnet_batch.storage"):
-        listed, _ = storage.list_files(str(images), NO_STORAGE)
+        listed, _ = NO_STORAGE.list_files(str(images))
     expected = ("a.jpg", "broken.jpg", "file_link.jpg", "linked/c.jpg", "sub/b.jpg")
     assert listed == [str(images / name) for name in expected]
     assert f"not following {images}/sub/back_up: a symlink loop back to {os.path.realpath(images)}" in caplog.text
@@ -374,7 +374,7 @@ def test_manifests_skip_comments_resolve_relative_paths_and_decode_file_uris(tmp
     assert sources.resolve_relative("img/1.jpg", "s3://b/lists/m.txt") == "s3://b/lists/img/1.jpg"
     assert sources.resolve_relative("../1.jpg", "gs://b/lists/m.txt") == "gs://b/1.jpg"
     # A percent-encoded file:// URI (Path.as_uri()) reads the file it names.
-    assert storage.read_many([spaced.as_uri()], NO_STORAGE) == [spaced.read_bytes()]
+    assert NO_STORAGE.read_many([spaced.as_uri()]) == [spaced.read_bytes()]
     # The same image listed twice is one input.
     with caplog.at_level("WARNING", logger="mnasnet_batch.sources"):
         plan = plan_input(config(lists / "m.txt").input, NO_STORAGE)

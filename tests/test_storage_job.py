@@ -20,7 +20,7 @@ import yaml
 from mnasnet_batch.cli import main
 from mnasnet_batch.config import StorageConfig
 from mnasnet_batch.postprocess import OUTPUT_SCHEMA
-from mnasnet_batch.storage import filesystem
+from mnasnet_batch.storage import Storage
 from tests import support
 
 SHARDS = [[0, 1, 2], [3, 4, 5], [6, 7]]  # images per shard; the last shard is cut inside image 7
@@ -59,7 +59,7 @@ def images(corpus):
 def buckets(s3_server, images):
     """Buckets `corpus` and `other` holding every layout of the same eight images, and an empty `labels`."""
     storage = StorageConfig(**s3_server)
-    fs, _ = filesystem("s3://corpus", storage)
+    fs, _ = Storage(storage).filesystem("s3://corpus")
     for bucket in ("corpus", "other", "labels"):
         fs.mkdir(bucket)
     for path in images:

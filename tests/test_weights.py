@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from mnasnet_batch.config import StorageConfig
-from mnasnet_batch.storage import filesystem
+from mnasnet_batch.storage import Storage
 from mnasnet_batch.weights import WeightsError, build_model, hub_path, resolve_checkpoint, torchvision_weights
 
 
@@ -79,10 +79,10 @@ def test_unloadable_file_is_one_line_naming_what_the_file_must_be(tmp_path, cont
 
 def test_weights_uri_is_read_with_the_storage_settings(s3_server, checkpoint_path):
     storage = StorageConfig(**s3_server)
-    fs, _ = filesystem("s3://weights-bucket", storage)
+    fs, _ = Storage(storage).filesystem("s3://weights-bucket")
     fs.mkdir("weights-bucket")
     fs.pipe("weights-bucket/fixture.pth", checkpoint_path.read_bytes())
-    checkpoint = resolve_checkpoint("mnasnet0_5", "s3://weights-bucket/fixture.pth", storage_config=storage)
+    checkpoint = resolve_checkpoint("mnasnet0_5", "s3://weights-bucket/fixture.pth", storage=Storage(storage))
     assert checkpoint.data == checkpoint_path.read_bytes() and checkpoint.source == "s3://weights-bucket/fixture.pth"
 
 

@@ -7,9 +7,8 @@ import io
 import posixpath
 from dataclasses import dataclass
 
-from mnasnet_batch.config import StorageConfig
 from mnasnet_batch.evaluation.imagenet import is_wnid, wnid_to_index
-from mnasnet_batch.storage import filesystem
+from mnasnet_batch.storage import Storage
 
 # File names of the ImageNet validation images that the devkit's ground truth lists, line i being image i.
 DEVKIT_IMAGE_NAME = "ILSVRC2012_val_{:08d}"
@@ -35,7 +34,7 @@ def image_key(uri: str) -> str:
 
 
 def load_ground_truth(
-    uris: list[str], labels_uri: str = "", synsets_uri: str = "", storage_config: StorageConfig | None = None
+    uris: list[str], labels_uri: str = "", synsets_uri: str = "", storage: Storage | None = None
 ) -> GroundTruth:
     """Finds the label of every image.
 
@@ -51,7 +50,7 @@ def load_ground_truth(
         uris: the images to evaluate.
         labels_uri: a label file's path or URI; empty for class folders.
         synsets_uri: the devkit class table, only for the devkit form.
-        storage_config: endpoint, credentials and options for the label files' URIs (the ``storage`` section).
+        storage: the job's storage handle, for the label files' URIs; None: local files and anonymous URIs.
 
     Returns:
         A label for every URI.
@@ -63,14 +62,14 @@ def load_ground_truth(
         labels = _from_class_folders(uris)
         layout = "class folders"
     else:
-        storage_config = storage_config or StorageConfig()
-        text = _read_text(labels_uri, "--labels", storage_config)
+        storage = storage or Storage()
+        text = _read_text(labels_uri, "--labels", storage)
         first_line = text.lstrip().split("\n", 1)[0]
         if first_line.startswith("ImageId"):
             by_name, layout = _from_solution_csv(text, labels_uri), "LOC_val_solution.csv"
         else:
             synsets_uri = synsets_uri or posixpath.join(posixpath.dirname(labels_uri), DEVKIT_META_FILE)
-            by_name, layout = _from_devkit(text, labels_uri, synsets_uri, storage_config), "devkit ground truth"
+            by_name, layout = _from_devkit(text, labels_uri, synsets_uri, storage), "devkit ground truth"
         labels = _match_by_name(uris, by_name, labels_uri)
     return GroundTruth(labels=labels, layout=layout)
 
@@ -113,8 +112,8 @@ def _from_solution_csv(text: str, source: str) -> dict[str, int]:
     return by_name
 
 
-def _from_devkit(text: str, source: str, synsets_uri: str, storage_config: StorageConfig) -> dict[str, int]:
-    id_to_wnid = load_devkit_synsets(synsets_uri, storage_config)
+def _from_devkit(text: str, source: str, synsets_uri: str, storage: Storage) -> dict[str, int]:
+    id_to_wnid = load_devkit_synsets(synsets_uri, storage)
     by_name = {}
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -132,13 +131,13 @@ def _from_devkit(text: str, source: str, synsets_uri: str, storage_config: Stora
     return by_name
 
 
-def load_devkit_synsets(uri: str, storage_config: StorageConfig | None = None) -> dict[int, str]:
+def load_devkit_synsets(uri: str, storage: Storage | None = None) -> dict[int, str]:
     """The devkit's ILSVRC2012_ID -> wnid table for the 1000 leaf classes.
 
     Reads the devkit's ``meta.mat`` (with scipy, as torchvision's ImageNet dataset does), or a text file
     with one wnid per line, line i holding the wnid of ILSVRC2012_ID i.
     """
-    storage_config = storage_config or StorageConfig()
+    storage = storage or Storage()
     if uri.endswith(".mat"):
         try:
             import scipy.io
@@ -148,7 +147,7 @@ def load_devkit_synsets(uri: str, storage_config: StorageConfig | None = None) -
                 f"one wnid per line in ILSVRC2012_ID order"
             ) from None
         data = _read_bytes(
-            uri, "--synsets (the devkit's class table, by default meta.mat beside --labels)", storage_config
+            uri, "--synsets (the devkit's class table, by default meta.mat beside --labels)", storage
         )
         try:
             synsets = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
@@ -164,7 +163,7 @@ def load_devkit_synsets(uri: str, storage_config: StorageConfig | None = None) -
             raise GroundTruthError(f"{uri} is not the devkit's meta.mat: {type(exc).__name__}: {exc}") from None
     lines = [
         line.strip()
-        for line in _read_text(uri, "--synsets (the devkit's class table)", storage_config).splitlines()
+        for line in _read_text(uri, "--synsets (the devkit's class table)", storage).splitlines()
         if line.strip()
     ]
     bad = [line for line in lines if not is_wnid(line)]
@@ -192,15 +191,14 @@ def _match_by_name(uris: list[str], by_name: dict[str, int], source: str) -> dic
     return labels
 
 
-def _read_bytes(uri: str, option: str, storage_config: StorageConfig) -> bytes:
+def _read_bytes(uri: str, option: str, storage: Storage) -> bytes:
     try:
-        fs, path = filesystem(uri, storage_config)
-        return fs.cat_file(path)
+        return storage.read_bytes(uri)
     except FileNotFoundError:
         raise GroundTruthError(f"{option} {uri} not found") from None
     except Exception as exc:
         raise GroundTruthError(f"{option} {uri} cannot be read: {type(exc).__name__}: {exc}") from None
 
 
-def _read_text(uri: str, option: str, storage_config: StorageConfig) -> str:
-    return _read_bytes(uri, option, storage_config).decode("utf-8-sig")
+def _read_text(uri: str, option: str, storage: Storage) -> str:
+    return _read_bytes(uri, option, storage).decode("utf-8-sig")

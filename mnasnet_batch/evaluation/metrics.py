@@ -9,24 +9,23 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from mnasnet_batch.config import StorageConfig
 from mnasnet_batch.evaluation.imagenet import wnids
 from mnasnet_batch.output import read_parts
-from mnasnet_batch.storage import filesystem
+from mnasnet_batch.storage import Storage
 
 METRICS_FILE = "metrics.json"
 PER_IMAGE_FILE = "per_image.parquet"
 
 
-def read_predictions(uri: str, uris: list[str] | None = None, storage_config: StorageConfig | None = None) -> pa.Table:
+def read_predictions(uri: str, uris: list[str] | None = None, storage: Storage | None = None) -> pa.Table:
     """The ``uri``, ``status`` and ``top_k_ids`` columns of the Parquet parts under ``uri``, all runs included.
 
     Args:
         uri: the labeling job's output (or one run's folder).
         uris: when given, only the rows of these images (an incremental output may hold others).
-        storage_config: endpoint, credentials and options for ``uri`` (the job's ``storage`` section).
+        storage: the job's storage handle (its ``storage`` section); None: local files and anonymous URIs.
     """
-    dataset = read_parts(*filesystem(uri, storage_config or StorageConfig()))
+    dataset = read_parts(*(storage or Storage()).filesystem(uri))
     if dataset is None:
         raise FileNotFoundError(f"no Parquet parts under {uri}")
     wanted = None if uris is None else pads.field("uri").isin(pa.array(uris, pa.string()))
@@ -103,9 +102,9 @@ def score(predictions: pa.Table, labels: dict[str, int], categories: list[str]) 
     return metrics, per_image
 
 
-def write_results(uri: str, metrics: dict, per_image: pa.Table, storage_config: StorageConfig | None = None) -> None:
+def write_results(uri: str, metrics: dict, per_image: pa.Table, storage: Storage | None = None) -> None:
     """Writes ``metrics.json`` and ``per_image.parquet`` under ``uri``, with the job's storage settings."""
-    fs, root = filesystem(uri, storage_config or StorageConfig())
+    fs, root = (storage or Storage()).filesystem(uri)
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/{METRICS_FILE}", "w") as f:

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.dataset as pads
 
-from mnasnet_batch.config import StorageConfig
 from mnasnet_batch.output import RUN_RECORD, read_parts
-from mnasnet_batch.storage import filesystem
+from mnasnet_batch.storage import Storage
 
 # Underscore-prefixed like _config.yaml, so pyarrow, pandas and Spark still read the directory as one table.
 REPORT_FILE = "_report.html"
@@ -46,15 +45,15 @@ class RunStats:
         return 100.0 * self.low_confidence_count / len(self.top1_scores) if len(self.top1_scores) else 0.0
 
 
-def read_run(uri: str, low_confidence: float = 0.5, storage_config: StorageConfig | None = None) -> RunStats:
+def read_run(uri: str, low_confidence: float = 0.5, storage: Storage | None = None) -> RunStats:
     """Reads the Parquet parts under ``uri`` (a labeling job's ``--output``) and its runs' records.
 
     Args:
         uri: the run's output directory or URI prefix.
         low_confidence: top-1 scores under this count as low confidence.
-        storage_config: endpoint, credentials and options for ``uri`` (the job's ``storage`` section).
+        storage: the job's storage handle (its ``storage`` section); None: local files and anonymous URIs.
     """
-    fs, root = filesystem(uri, storage_config or StorageConfig())
+    fs, root = (storage or Storage()).filesystem(uri)
     root = root.rstrip("/")
     dataset = read_parts(fs, root)
     if dataset is None:
@@ -230,8 +229,8 @@ img {{ max-width: 100%; }}
 """
 
 
-def write(uri: str, page: str, storage_config: StorageConfig | None = None) -> None:
+def write(uri: str, page: str, storage: Storage | None = None) -> None:
     """Writes the page to a local path or fsspec URI, with the job's storage settings."""
-    fs, path = filesystem(uri, storage_config or StorageConfig())
+    fs, path = (storage or Storage()).filesystem(uri)
     with fs.open(path, "w", encoding="utf-8") as f:
         f.write(page)

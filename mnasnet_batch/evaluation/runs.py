@@ -6,9 +6,9 @@ import argparse
 import json
 import posixpath
 
-from mnasnet_batch.config import ConfigError, StorageConfig, load_config, parse_override
+from mnasnet_batch.config import ConfigError, load_config, parse_override
 from mnasnet_batch.output import RUN_RECORD, SUCCESS_MARKER
-from mnasnet_batch.storage import filesystem
+from mnasnet_batch.storage import Storage
 
 COLUMNS = ("run", "status", "mode", "started (UTC)", "ended (UTC)", "images", "ok", "errors", "images/s", "seconds")
 
@@ -27,8 +27,8 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def storage_from_args(args: argparse.Namespace) -> StorageConfig:
-    """The storage settings from ``add_storage_arguments``' options, read by the labeling job's own config code.
+def storage_from_args(args: argparse.Namespace) -> Storage:
+    """The storage handle from ``add_storage_arguments``' options, read by the labeling job's own config code.
 
     Raises:
         ConfigError: a bad profile or value, or ``--set`` of a setting other than ``storage.*``.
@@ -37,10 +37,10 @@ def storage_from_args(args: argparse.Namespace) -> StorageConfig:
     for assignment, override in zip(args.set, overrides, strict=True):
         if set(override) != {"storage"}:
             raise ConfigError(f"--set {assignment!r}: only storage.* settings apply to reading an output")
-    return load_config(args.config, overrides).storage
+    return Storage(load_config(args.config, overrides).storage)
 
 
-def list_runs(uri: str, storage_config: StorageConfig | None = None) -> list[dict]:
+def list_runs(uri: str, storage: Storage | None = None) -> list[dict]:
     """Reads the record of every ``run=<id>/`` under ``uri``, oldest first.
 
     Only the latest run can say ``running``: the job resumes an unfinished run before starting another.
@@ -48,7 +48,7 @@ def list_runs(uri: str, storage_config: StorageConfig | None = None) -> list[dic
 
     Args:
         uri: the labeling job's ``--output``.
-        storage_config: endpoint, credentials and options for ``uri`` (the job's ``storage`` section).
+        storage: the job's storage handle (its ``storage`` section); None: local files and anonymous URIs.
 
     Returns:
         The records, each with ``latest`` and ``complete`` (the latest run, finished: ``_SUCCESS``) added.
@@ -56,7 +56,7 @@ def list_runs(uri: str, storage_config: StorageConfig | None = None) -> list[dic
     Raises:
         FileNotFoundError: ``uri`` holds no run records.
     """
-    fs, root = filesystem(uri, storage_config or StorageConfig())
+    fs, root = (storage or Storage()).filesystem(uri)
     root = root.rstrip("/")
     # A listing, not a glob: ``[`` or ``*`` in the output's own path are taken as they are.
     paths = [
