@@ -9,7 +9,9 @@ from pathlib import Path
 
 import yaml
 
-OUTPUT_MODES = ("auto", "incremental", "overwrite")
+OUTPUT_MODES = ("auto", "incremental", "overwrite", "retry-errors", "changed", "relabel")
+# The modes that replace an image's row: only a table (output.table) holds one current row per image.
+TABLE_ONLY_MODES = ("retry-errors", "changed", "relabel")
 MODEL_NAMES = ("mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3")
 DEVICES = ("auto", "cpu", "gpu")
 DECODE_PLACES = ("workers", "actor")
@@ -69,6 +71,16 @@ class OutputConfig:
     mode: str = "auto"
     # Empty: the Ray job submission id when there is one, else a UTC timestamp.
     run_id: str = ""
+    # Empty: the Parquet folder. "namespace.name": an Apache Iceberg table with one current row per image; the
+    # runs stage their parts under output.uri and commit them to it (mnasnet_batch/table.py).
+    table: str = ""
+    # Empty: an embedded SQLite catalog under output.uri, which runs anywhere without a service. Otherwise passed
+    # to pyiceberg's load_catalog (type: rest, glue, hive, sql; uri; warehouse; ...), "name" as its name.
+    catalog: dict[str, object] = field(default_factory=dict)
+    # 0: one commit when the run ends, so readers see a run whole or not at all. Seconds between commits on a
+    # large corpus, so that readers see labels as they come (a killed run loses nothing either way: its parts stay
+    # staged and the same command commits them).
+    commit_interval_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -292,6 +304,13 @@ def validate(config: JobConfig) -> None:
             f"output.run_id: {config.output.run_id!r} may hold only letters, digits, '-', '_' and '.'",
         ),
         (config.output.rows_per_file >= 1, "output.rows_per_file: must be at least 1"),
+        (
+            not config.output.table
+            or all(part for part in config.output.table.split("."))
+            and "." in config.output.table,
+            f"output.table: {config.output.table!r} is not namespace.name (e.g. labels.images)",
+        ),
+        (config.output.commit_interval_s >= 0, "output.commit_interval_s: must be 0 (commit at the end) or more"),
         (config.compute.batch_size >= 1, "compute.batch_size: must be at least 1"),
         (config.compute.micro_batch >= 0, "compute.micro_batch: must be 0 (derived) or at least 1"),
         (config.compute.min_actors >= 1, "compute.min_actors: must be at least 1"),

@@ -469,9 +469,7 @@ def sample_key(member: str) -> str | None:
     return match.group(1) if match else None
 
 
-def shard_images(
-    shard: str, extensions: tuple[str, ...], storage: Storage
-) -> Iterator[tuple[str, bytes | Exception]]:
+def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> Iterator[tuple[str, bytes | Exception]]:
     """Streams a WebDataset shard, yielding each sample's image as ``(shard#member, bytes)``.
 
     A sample (consecutive members sharing a key) yields its first member with an image extension; a sample
