@@ -84,7 +84,10 @@ def test_auto_is_onnxruntime_on_cpu_actors_in_fp32_and_torch_elsewhere():
 
 def test_without_onnxruntime_auto_says_it_runs_torch(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import onnxruntime` finds where it is absent
-    with caplog.at_level(logging.INFO, logger="mnasnet_batch"):
+    # The handler on the module's own logger: Ray Data, once imported, reconfigures how records reach the root.
+    logger = logging.getLogger("mnasnet_batch.engine")
+    monkeypatch.setattr(logger, "handlers", [caplog.handler])
+    with caplog.at_level(logging.INFO, logger="mnasnet_batch.engine"):
         assert choose_engine("auto", gpu_actors=False) == "torch"
     assert "ONNX Runtime is not installed, so the model runs on torch" in caplog.text
     with pytest.raises(ConfigError, match=r"pip install 'mnasnet-batch\[onnx\]'"):
