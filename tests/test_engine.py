@@ -18,6 +18,7 @@ from tests import support
 from tests.test_nothing_lost import rows_by_uri
 
 pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
 
 
 # The first seed whose fixture model separates every corpus image's top-1 from its second class by over 1e-3.
@@ -104,7 +105,8 @@ def test_asking_for_onnxruntime_without_it_stops_before_reading(
     err = capsys.readouterr().err
     # One line for people; the rest are the job's INFO lines.
     assert [line for line in err.splitlines() if " INFO " not in line] == [
-        "error: compute.engine=onnxruntime: ONNX Runtime is not installed; pip install 'mnasnet-batch[onnx]'"
+        "error: compute.engine=onnxruntime: ONNX Runtime is not installed (or onnx, which exports the model); "
+        "pip install 'mnasnet-batch[onnx]'"
     ]
     assert not output.exists()
 
