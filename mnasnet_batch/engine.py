@@ -127,9 +127,9 @@ class OnnxRuntimeModel:
 def export_onnx(checkpoint: Checkpoint) -> bytes:
     """The checkpoint's model behind its normalisation, as an ONNX graph with a dynamic batch dimension.
 
-    The legacy (TorchScript) exporter, pinned: it writes the same bytes for the same weights every time, needs no
-    package beyond torch, and takes well under the seconds the dynamo exporter does. The last graph is kept, so
-    the driver exports a job's model once (``export_ahead``).
+    The legacy (TorchScript) exporter, pinned: it writes the same bytes for the same weights every time, at the
+    opset asked for, in less time than the dynamo exporter (docs/benchmarks.md). The last graph is kept, so the
+    driver exports a job's model once (``export_ahead``).
     """
     model = NormalisedModel(checkpoint).eval()
     example = torch.zeros(2, 224, 224, 3, dtype=torch.uint8)
@@ -161,7 +161,9 @@ def export_ahead(compute: ComputeConfig, checkpoint: Checkpoint) -> None:
 
 
 def onnxruntime_installed() -> bool:
+    """Whether the ``onnx`` extra is installed: ONNX Runtime, and onnx, which torch's exporter writes the graph with."""
     try:
+        import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
         return False
@@ -176,7 +178,8 @@ def require_installed(engine: str) -> None:
     """
     if engine == "onnxruntime" and not onnxruntime_installed():
         raise ConfigError(
-            f"compute.engine=onnxruntime: ONNX Runtime is not installed; pip install '{ONNXRUNTIME_EXTRA}'"
+            f"compute.engine=onnxruntime: ONNX Runtime is not installed (or onnx, which exports the model); "
+            f"pip install '{ONNXRUNTIME_EXTRA}'"
         )
 
 
