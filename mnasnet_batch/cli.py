@@ -257,6 +257,7 @@ def prepare(config: JobConfig, target: OutputTarget | None = None) -> tuple[Chec
     Raises:
         WeightsError: the weights cannot be found, read, verified or fitted.
         StorageError: the input or the output cannot be used.
+        ConfigError: the configured engine is not installed.
     """
     from mnasnet_batch import output
 
@@ -273,15 +274,19 @@ def prepare_input(config: JobConfig, storage: Storage) -> tuple[Checkpoint, Inpu
     Raises:
         WeightsError: the weights cannot be found, read, verified or fitted.
         StorageError: the input cannot be used.
+        ConfigError: the configured engine is not installed.
     """
     # predictor is the model actors' module, which the pipeline hands to Ray: imported here (off the main thread,
     # beside Ray's start) so that the driver imports nothing once Ray may replace its working directory (see main).
     from mnasnet_batch import predictor, sources  # noqa: F401
+    from mnasnet_batch.engine import export_ahead, require_installed
     from mnasnet_batch.weights import resolve_checkpoint
 
+    require_installed(config.compute.engine)
     checkpoint = resolve_checkpoint(
         config.model.name, config.model.weights, config.model.sha256, config.model.download, storage
     )
+    export_ahead(config.compute, checkpoint)
     return checkpoint, sources.plan_input(config.input, storage)
 
 

@@ -16,6 +16,7 @@ MODEL_NAMES = ("mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3")
 DEVICES = ("auto", "cpu", "gpu")
 DECODE_PLACES = ("workers", "actor")
 PRECISIONS = ("fp32", "fp16", "bf16")
+ENGINES = ("auto", "torch", "onnxruntime")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 INPUT_FORMATS = ("auto", "files", "webdataset", "parquet", "manifest")
 # Option names whose values are credentials: never logged or written (matched as substrings, lower case).
@@ -119,7 +120,8 @@ class ComputeConfig:
     # 64: fills a CPU core's vector units and a GPU's launch queue; 224x224x3 uint8 is 9.6 MB per batch.
     batch_size: int = 64
     # 0: the whole batch per forward pass on a GPU, runs of 8 on a CPU, which keep each layer's activations in the
-    # core's caches (see predictor.CPU_MICRO_BATCH; measured in docs/benchmarks.md).
+    # core's caches, runs of 16 on ONNX Runtime (engine.CPU_MICRO_BATCH, engine.ONNXRUNTIME_MICRO_BATCH; measured
+    # in docs/benchmarks.md).
     micro_batch: int = 0
     # auto: one GPU per model actor when the cluster has GPUs when the job starts, else CPU actors. Set gpu on
     # clusters whose GPU nodes autoscale from zero: at start they show no GPU, yet the actors must ask for one.
@@ -145,6 +147,10 @@ class ComputeConfig:
     # fp32: the reference's arithmetic. fp16/bf16 run the model under autocast, faster on a GPU, but scores move
     # (by how much on published weights is not measured yet; docs/gpu.md); fp16 needs a GPU.
     precision: str = "fp32"
+    # What runs the model. auto: ONNX Runtime on CPU actors in fp32 where it is installed (the `onnx` extra), whose
+    # CPU kernels label faster than torch's with the same top-k (docs/benchmarks.md), else torch; torch on GPUs.
+    # torch, or onnxruntime (CPU actors, fp32 only), to insist on one.
+    engine: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -326,6 +332,15 @@ def validate(config: JobConfig) -> None:
         (
             not (config.compute.precision == "fp16" and config.compute.device == "cpu"),
             "compute.precision: fp16 needs GPU actors (compute.device=cpu); use bf16 or fp32 on CPU",
+        ),
+        _one_of("compute.engine", config.compute.engine, ENGINES),
+        (
+            not (config.compute.engine == "onnxruntime" and config.compute.device == "gpu"),
+            "compute.engine: onnxruntime runs the model on CPU actors (compute.device=gpu); use auto or torch on GPUs",
+        ),
+        (
+            not (config.compute.engine == "onnxruntime" and config.compute.precision != "fp32"),
+            f"compute.engine: onnxruntime runs fp32 only (compute.precision={config.compute.precision}); use torch",
         ),
         (config.progress.interval_s > 0, "progress.interval_s: must be more than 0"),
         (config.compute.actor_memory_gb > 0, "compute.actor_memory_gb: must be more than 0"),
