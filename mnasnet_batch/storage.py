@@ -252,12 +252,23 @@ def _find_local(root: str) -> list[str]:
             log.warning("folder %s cannot be listed: %s: %s", folder, type(exc).__name__, exc)
             continue
         for entry in entries:
-            if entry.is_dir():
+            try:
+                is_dir = entry.is_dir()
+            except OSError:  # a symlink through a file (x.jpg -> file.jpg/gone): broken, listed below
+                is_dir = False
+            if is_dir:
                 real = os.path.realpath(entry.path)
                 if real in ancestors:
                     log.warning("not following %s: a symlink loop back to %s", entry.path, real)
                     continue
                 pending.append((entry.path, ancestors | {real}))
-            elif entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path)):
+            elif _is_file(entry) or (entry.is_symlink() and not os.path.exists(entry.path)):
                 files.append(entry.path)
     return files
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False

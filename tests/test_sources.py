@@ -326,9 +326,10 @@ def test_symlinked_folders_are_followed_once_and_loops_are_skipped(tmp_path, cap
     (images / "sub" / "back_up").symlink_to(images, target_is_directory=True)  # a loop
     (images / "file_link.jpg").symlink_to(elsewhere / "c.jpg")
     (images / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    (images / "through_a_file.jpg").symlink_to(images / "a.jpg" / "gone")  # stat fails with ENOTDIR
     with caplog.at_level("WARNING", logger="mnasnet_batch.storage"):
         listed, _ = NO_STORAGE.list_files(str(images))
-    expected = ("a.jpg", "broken.jpg", "file_link.jpg", "linked/c.jpg", "sub/b.jpg")
+    expected = ("a.jpg", "broken.jpg", "file_link.jpg", "linked/c.jpg", "sub/b.jpg", "through_a_file.jpg")
     assert listed == [str(images / name) for name in expected]
     assert f"not following {images}/sub/back_up: a symlink loop back to {os.path.realpath(images)}" in caplog.text
 
