@@ -309,7 +309,7 @@ def label_remaining(
     Returns:
         What the run holds, over all its attempts.
     """
-    todo = inputs.remaining(plan.done)
+    todo = inputs.remaining(plan.done, plan.done_uri)
     log.info(
         "weights %s verified (%s); %s (%s) under %s, %s to label in run %s",
         checkpoint.source,
@@ -336,11 +336,11 @@ def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: InputP
 
     start = time.monotonic()
     try:
-        if todo.uris:
+        if len(todo.uris):
             from mnasnet_batch import pipeline
 
             start_ray(config)
-            pipeline.run(config, plan.storage, checkpoint, todo, plan.run_uri, plan.done)
+            pipeline.run(config, plan.storage, checkpoint, todo, plan.run_uri)
     except BaseException as exc:
         if own_ray:
             import ray

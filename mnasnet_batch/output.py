@@ -84,6 +84,8 @@ class RunPlan:
     resumed: bool
     # Input URIs that already have a row under the output (this run's, or every run's when incremental).
     done: pa.Array
+    # Where those rows are: the run's folder, or the output's when incremental (layouts' records are there too).
+    done_uri: str = ""
     # Rows the run held before this attempt: what this attempt labeled is at most the rest.
     rows_before: int = 0
     # This job's hold on the output while the run is open; finish_run releases it.
@@ -433,7 +435,14 @@ def _open_run(config: JobConfig, weights_id: str, fs, root: str) -> RunPlan:
     }
     write_record(fs, root, run_id, record)
     _write_bytes(fs, _join(run_root, CONFIG_FILE), yaml.safe_dump(public_config(config), sort_keys=False).encode())
-    return RunPlan(run_id=run_id, run_uri=run_uri, resumed=resumed, done=done, rows_before=rows_before)
+    return RunPlan(
+        run_id=run_id,
+        run_uri=run_uri,
+        resumed=resumed,
+        done=done,
+        done_uri=uri if incremental else run_uri,
+        rows_before=rows_before,
+    )
 
 
 def submission_id() -> str:
