@@ -309,7 +309,7 @@ def label_remaining(
     Returns:
         What the run holds, over all its attempts.
     """
-    todo = inputs.remaining(plan.done, plan.done_uri)
+    todo = inputs.remaining(plan.done)
     log.info(
         "weights %s verified (%s); %s (%s) under %s, %s to label in run %s",
         checkpoint.source,

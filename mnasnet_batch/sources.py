@@ -11,7 +11,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +21,9 @@ from fsspec.core import split_protocol
 from mnasnet_batch.config import InputConfig
 from mnasnet_batch.preprocess import error_message
 from mnasnet_batch.storage import LISTING_THREADS, Storage, StorageError, has_extension
+
+if TYPE_CHECKING:
+    from mnasnet_batch.output import Labeled
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,10 @@ FINISHED_INPUTS = "_inputs"
 # URIs per block handed from the driver to Ray: the first block holds one decode batch, each next one twice
 # as many, up to 4,096, so the first decode tasks start at once and 10^5 URIs take ~30 object puts, not 3,000.
 MAX_INPUT_BLOCK = 4_096
+# Blocks of files (shards, Parquet files) handed to Ray: one file each up to this many files, else as many files
+# each as spread them over this many blocks. The driver puts each block into the object store one by one, and a
+# put per file of 10^5 shards kept it putting for minutes before the first task ran.
+MAX_FILE_BLOCKS = 1_024
 
 
 def encoded_batch(uris: Sequence[str], contents: Sequence[bytes | Exception]) -> dict[str, np.ndarray]:
@@ -115,9 +122,11 @@ class Layout:
         return InputPlan(self, uris)
 
     def blocks(self, uris: pa.Array, batch_size: int) -> list[pa.Table]:
-        """The blocks of ``uris`` handed to Ray's read tasks: one per file, which streams out its batches."""
+        """The blocks of ``uris`` handed to Ray's read tasks, each read file after file, streaming out batches:
+        one file each, or as many as make ``MAX_FILE_BLOCKS`` blocks."""
         table = pa.table({"uri": uris})
-        return [table.slice(i, 1) for i in range(len(uris))]
+        size = -(-len(uris) // MAX_FILE_BLOCKS)
+        return [table.slice(i, size) for i in range(0, len(uris), size)]
 
     def read(
         self, batch: dict[str, np.ndarray], batch_size: int, run_uri: str | None = None
@@ -195,12 +204,13 @@ class ManifestLayout(ImageURILayout):
         already labeled).
         """
         listed = pa.chunked_array(
-            [manifest_uris(m, self.config.uri_column, self.storage) for m in uris.to_pylist()], pa.large_string()
+            [c for m in uris.to_pylist() for c in manifest_uris(m, self.config.uri_column, self.storage).chunks],
+            pa.large_string(),
         )
         if not len(listed):
             raise StorageError(f"input {self.config.uri}: the manifests list no URIs")
         # An image listed twice is one input: one row, not two rows (or two parts) of the same uri.
-        unique = pc.unique(listed)
+        unique = first_occurrences(listed)
         if len(unique) < len(listed):
             log.warning(
                 "input %s: %d URIs are listed more than once; each image is labeled once",
@@ -326,12 +336,12 @@ def layout_for(config: InputConfig, storage: Storage, files: list[str]) -> Layou
 class InputPlan:
     """What the job reads: the layout and what was listed for it (image URIs, shards, or Parquet files).
 
-    ``uris`` are an Arrow array (a list of str is taken and converted): the driver never holds the corpus as
+    ``uris`` are Arrow strings (a list of str is taken and converted): the driver never holds the corpus as
     Python strings.
     """
 
     layout: Layout
-    uris: pa.Array
+    uris: pa.ChunkedArray
     # Images in each input, where known before reading (Parquet files' rows); each URI of an image layout is one.
     images: pa.Array | None = None
     # Rows an earlier attempt wrote of the inputs still to read, which the pipeline drops after reading
@@ -340,10 +350,10 @@ class InputPlan:
 
     def __post_init__(self) -> None:
         uris = self.uris
-        if isinstance(uris, pa.ChunkedArray):
-            uris = uris.combine_chunks()
-        elif not isinstance(uris, pa.Array):
-            uris = pa.array(list(uris), pa.large_string())
+        if isinstance(uris, pa.Array):
+            uris = pa.chunked_array([uris])
+        elif not isinstance(uris, pa.ChunkedArray):
+            uris = pa.chunked_array([pa.array(list(uris), pa.large_string())])
         object.__setattr__(self, "uris", uris.cast(pa.large_string()))
 
     def describe(self) -> str:
@@ -356,33 +366,38 @@ class InputPlan:
             return len(self.uris)
         return pc.sum(self.images).as_py() or 0 if self.images is not None else 0
 
-    def remaining(self, done: pa.Array, done_uri: str = "") -> InputPlan:
-        """What is left to read after earlier attempts wrote the rows of ``done`` (the parts under ``done_uri``).
+    def remaining(self, done: Labeled) -> InputPlan:
+        """What is left to read after earlier attempts wrote the rows of ``done`` (``output.Labeled``).
 
         Where each URI is one image, the URIs without a row, in their order (those labeled are not even read).
         Otherwise (shards, Parquet files) an input is skipped without reading it when all its images have a row:
         its image count is known (``images``, or recorded by the run that read it to its end, the layout's
         ``recorded_images``) and that many rows start with ``INPUT#``. The others are read, and the rows already
-        written of them, ``skip``, are dropped after reading.
+        written of them, ``skip``, are dropped after reading. The written rows are read a batch at a time for
+        this: the driver holds counts per input, and the rows of unfinished inputs, not every labeled row.
         """
         if len(done) == 0:
             return self
-        done = done.cast(pa.large_string())
         if self.layout.uri_per_image:
-            return InputPlan(self.layout, self.uris.filter(_not_done(self.uris, done)))
+            return InputPlan(self.layout, self.uris.filter(_not_done(self.uris, done.uris())))
         if pc.any(pc.match_substring(self.uris, "#")).as_py():
             # A row's input is its uri up to the first '#': with a '#' in an input's own URI rows cannot be told
             # apart by input, so every input is read and every written row dropped after reading.
-            return dataclasses.replace(self, skip=done)
-        inputs = pc.replace_substring_regex(done, pattern="#.*", replacement="", max_replacements=1)
-        counts = pc.value_counts(inputs)
-        written = pc.take(counts.field("counts"), pc.index_in(self.uris, value_set=counts.field("values")))
-        known = self.images if self.images is not None else self.layout.recorded_images(self.uris, done_uri)
-        finished = pc.fill_null(pc.equal(pc.fill_null(written, 0), known), False)
-        unfinished = pc.invert(finished)
+            return dataclasses.replace(self, skip=done.uris())
+        counts = [pc.value_counts(_input_of(batch)) for batch in done.batches()]
+        per_input = pa.Table.from_struct_array(pa.chunked_array(counts)) if counts else None
+        if per_input is None or not per_input.num_rows:
+            return self
+        per_input = per_input.group_by("values").aggregate([("counts", "sum")])
+        index = pc.index_in(self.uris, value_set=per_input["values"].cast(pa.large_string()))
+        written = pc.fill_null(pc.take(per_input["counts_sum"], index), 0).combine_chunks()
+        known = self.images if self.images is not None else self.layout.recorded_images(self.uris, done.uri)
+        unfinished = pc.invert(pc.fill_null(pc.equal(written, known), False))
         uris = self.uris.filter(unfinished)
         images = None if self.images is None else self.images.filter(unfinished)
-        return InputPlan(self.layout, uris, images, skip=done.filter(pc.is_in(inputs, value_set=uris)))
+        value_set = uris.cast(pa.string()).combine_chunks()
+        skip = [batch.filter(pc.is_in(_input_of(batch), value_set=value_set)) for batch in done.batches()]
+        return InputPlan(self.layout, uris, images, skip=pa.chunked_array(skip, pa.string()).combine_chunks())
 
 
 def plan_input(config: InputConfig, storage: Storage) -> InputPlan:
@@ -474,7 +489,7 @@ def manifest_kind(uri: str) -> str:
     return "text"
 
 
-def manifest_uris(uri: str, column: str, storage: Storage) -> pa.Array:
+def manifest_uris(uri: str, column: str, storage: Storage) -> pa.ChunkedArray:
     """The image URIs a manifest lists: one per line (text), or its ``column`` (CSV, TSV, Parquet), in Arrow.
 
     Leading and trailing whitespace is stripped and blanks are skipped, and in text manifests lines starting with
@@ -501,14 +516,19 @@ def manifest_uris(uri: str, column: str, storage: Storage) -> pa.Array:
                     convert_options=pacsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()}),
                 ).column(column)
             else:
-                values = pa.chunked_array(list(_text_lines(f)), pa.large_string())
+                return pa.chunked_array([_cleaned(chunk, uri, True) for chunk in _text_lines(f)], pa.large_string())
     except Exception as exc:
         raise StorageError(f"manifest {uri} cannot be read: {type(exc).__name__}: {exc}") from None
-    values = pc.utf8_trim_whitespace(values.cast(pa.large_string()).drop_null())
+    return pa.chunked_array([_cleaned(chunk, uri, False) for chunk in values.chunks], pa.large_string())
+
+
+def _cleaned(values: pa.Array, manifest: str, text: bool) -> pa.Array:
+    """A chunk of a manifest's values as URIs: stripped, without blanks (and comments in text), resolved."""
+    values = pc.utf8_trim_whitespace(values.cast(pa.large_string()).drop_null())  # also a CRLF's CR
     keep = pc.not_equal(values, "")
-    if kind == "text":
+    if text:
         keep = pc.and_(keep, pc.invert(pc.starts_with(values, "#")))
-    values = values.filter(keep).combine_chunks()
+    values = values.filter(keep)
     # Relative: no scheme (fsspec's: text before the first "://", of two characters or more), not absolute.
     relative = pc.invert(
         pc.or_(
@@ -517,17 +537,60 @@ def manifest_uris(uri: str, column: str, storage: Storage) -> pa.Array:
         )
     )
     if pc.any(relative).as_py():
-        resolved = [resolve_relative(v, uri) for v in values.filter(relative).to_pylist()]
+        resolved = [resolve_relative(v, manifest) for v in values.filter(relative).to_pylist()]
         values = pc.replace_with_mask(values, relative, pa.array(resolved, pa.large_string()))
     return values
+
+
+def first_occurrences(uris: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``uris`` without repeats, each at its first place.
+
+    Exact, in 8 bytes per URI beside them rather than a hash table of the strings (``pc.unique``'s, ~2x their
+    size): a 64-bit hash of each finds the URIs that may be repeats, and only those are compared as strings.
+    """
+    hashes = np.concatenate([_hashes(chunk) for chunk in uris.chunks]) if uris.num_chunks else np.empty(0, np.uint64)
+    ordered = np.sort(hashes)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    del ordered
+    if not len(repeated):
+        return uris
+    suspects = np.flatnonzero(np.isin(hashes, repeated))
+    table = pa.table({"uri": uris.take(pa.array(suspects)), "row": suspects})
+    first = table.group_by("uri", use_threads=False).aggregate([("row", "min")])["row_min"].to_numpy()
+    keep = np.ones(len(uris), dtype=bool)
+    keep[np.setdiff1d(suspects, first)] = False
+    return uris.filter(pa.array(keep))
+
+
+# Random odd 64-bit multipliers, one per byte position (mod their count) of a string, for ``_hashes``.
+_HASH_WEIGHTS = np.random.default_rng(20261201).integers(1, 2**63, 4096, dtype=np.uint64) * 2 + 1
+# Strings hashed per numpy step: bounds the temporaries to a few MB.
+_HASH_ROWS = 65_536
+
+
+def _hashes(strings: pa.Array) -> np.ndarray:
+    """A 64-bit hash of each non-empty string of a large_string array without nulls (equal strings, equal hashes)."""
+    offsets = np.frombuffer(strings.buffers()[1], np.int64)[strings.offset : strings.offset + len(strings) + 1]
+    data = np.frombuffer(strings.buffers()[2], np.uint8) if strings.buffers()[2] is not None else np.empty(0, np.uint8)
+    result = np.empty(len(strings), np.uint64)
+    for first in range(0, len(strings), _HASH_ROWS):
+        ends = offsets[first : first + _HASH_ROWS + 1]
+        starts, lengths = ends[:-1] - ends[0], np.diff(ends)
+        chunk = data[ends[0] : ends[-1]].astype(np.uint64)
+        position = np.arange(len(chunk)) - np.repeat(starts, lengths)
+        weighted = chunk * _HASH_WEIGHTS[position % len(_HASH_WEIGHTS)]
+        sums = np.add.reduceat(weighted, starts) if len(chunk) else np.zeros(len(starts), np.uint64)
+        result[first : first + len(starts)] = sums ^ (lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    return result
 
 
 def _text_lines(f) -> Iterator[pa.Array]:
     """The lines of a UTF-8 text file, ``TEXT_CHUNK_BYTES`` at a time, as Arrow strings."""
 
     def lines(data: bytes) -> pa.Array:
-        text = pa.array([data], pa.large_binary()).cast(pa.large_string())  # checks the UTF-8
-        return pc.list_flatten(pc.split_pattern_regex(text, r"\r\n|\n|\r"))
+        offsets = pa.py_buffer(np.array([0, len(data)], np.int64))
+        text = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)])
+        return pc.list_flatten(pc.split_pattern(text.cast(pa.large_string()), "\n"))  # the cast checks the UTF-8
 
     rest = b""
     while chunk := f.read(TEXT_CHUNK_BYTES):
@@ -567,7 +630,13 @@ def parquet_batch(
 
 def _not_done(uris: pa.Array, done: pa.Array) -> pa.Array:
     """Per URI, whether it has no row in ``done``."""
-    return pc.invert(pc.is_in(uris, value_set=done.cast(uris.type)))
+    done = done.cast(uris.type)
+    return pc.invert(pc.is_in(uris, value_set=done.combine_chunks() if isinstance(done, pa.ChunkedArray) else done))
+
+
+def _input_of(uris: pa.Array) -> pa.Array:
+    """The input (shard, Parquet file) of each row's ``uri``: up to its first '#'."""
+    return pc.replace_substring_regex(uris, pattern="#.*", replacement="", max_replacements=1)
 
 
 def drop_done(batch: dict[str, np.ndarray], done: pa.Array) -> dict[str, np.ndarray]:

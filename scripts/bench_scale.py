@@ -144,18 +144,19 @@ def shard_names(count: int) -> list[str]:
 
 
 def shard_input(work: Path, count: int, samples: int) -> Path:
-    """``count`` shards of ``samples`` one-byte members each: hard links to one tar file."""
+    """``count`` shards of ``samples`` one-byte members each: hard links to one tar file per 1,000 (a file may
+    have at most 65,000 links on ext4)."""
     folder = work / "inputs" / f"shards-{count}x{samples}"
     done = folder.with_suffix(".complete")
     if not done.exists():
         shutil.rmtree(folder, ignore_errors=True)
-        original = work / "inputs" / f"shard-{samples}.tar"
-        original.parent.mkdir(parents=True, exist_ok=True)
-        original.write_bytes(shard_bytes(samples))
+        data = shard_bytes(samples)
         for name in shard_names(count):
             path = folder / name
             if name.endswith("000.tar"):
                 path.parent.mkdir(parents=True, exist_ok=True)
+                original = path.parent / "_original"
+                original.write_bytes(data)
             os.link(original, path)
         done.touch()
     return folder

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from mnasnet_batch import sources, storage
+from mnasnet_batch import output, sources, storage
 from mnasnet_batch.config import REDACTED, StorageConfig, load_config, parse_override, to_dict
 from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.sources import plan_input, shard_images
@@ -139,6 +139,10 @@ def test_each_layout_makes_its_own_blocks(tmp_path):
     ] == [3, 6, 1]
     shards = sources.WebDatasetLayout(config(tmp_path).input, NO_STORAGE).blocks(pa.array(["/x/a.tar", "/x/b.tar"]), 64)
     assert [b.column("uri").to_pylist() for b in shards] == [["/x/a.tar"], ["/x/b.tar"]]
+    many = sources.ParquetLayout(config(tmp_path).input, NO_STORAGE).blocks(
+        pa.array([f"/p/{i}" for i in range(2050)]), 64
+    )
+    assert [b.num_rows for b in many] == [3] * 683 + [1]
 
 
 def test_layouts_are_detected(layouts):
@@ -397,10 +401,20 @@ def test_text_manifests_in_arrow_keep_order_and_line_ends_across_chunks(tmp_path
     lines = [f"/data/d{i % 3}/ïmg_{i:04d}.jpg" for i in range(50)]
     (tmp_path / "m.txt").write_bytes(("\r\n".join(lines[:25]) + "\n# a comment\n\n" + "\n".join(lines[25:])).encode())
     uris = sources.manifest_uris(str(tmp_path / "m.txt"), "uri", NO_STORAGE)
-    assert isinstance(uris, pa.Array) and uris.to_pylist() == lines
+    assert isinstance(uris, pa.ChunkedArray) and uris.to_pylist() == lines
     (tmp_path / "bad.txt").write_bytes(b"/ok.jpg\n/\xff.jpg\n")
     with pytest.raises(StorageError, match="manifest .*bad.txt cannot be read"):
         sources.manifest_uris(str(tmp_path / "bad.txt"), "uri", NO_STORAGE)
+
+
+def test_repeated_uris_are_dropped_exactly_at_their_first_place(monkeypatch):
+    uris = pa.chunked_array([["/a", "/b", "/a"], ["/c", "/b", "/d", "/a"]], pa.large_string())
+    expected = ["/a", "/b", "/c", "/d"]
+    assert sources.first_occurrences(uris).to_pylist() == expected
+    assert sources.first_occurrences(pa.chunked_array([["/x", "/y"]], pa.large_string())).to_pylist() == ["/x", "/y"]
+    # Equal hashes are only suspects: the strings decide (every URI hashing alike, as if all collided).
+    monkeypatch.setattr(sources, "_hashes", lambda chunk: np.zeros(len(chunk), np.uint64))
+    assert sources.first_occurrences(uris).to_pylist() == expected
 
 
 def test_a_shard_read_to_its_end_is_recorded_with_its_sample_count(tmp_path):
@@ -420,32 +434,41 @@ def test_a_shard_read_to_its_end_is_recorded_with_its_sample_count(tmp_path):
     assert layout.recorded_images(uris, str(tmp_path / "nothing")).to_pylist() == [None, None]
 
 
+def written(folder: str, uris: list[str]) -> output.Labeled:
+    """``uris`` as the rows of a run's folder, in two parts (so they are read in more than one batch)."""
+    os.makedirs(folder, exist_ok=True)
+    half = len(uris) // 2
+    for i, chunk in enumerate((uris[:half], uris[half:])):
+        pq.write_table(pa.table({"uri": pa.array(chunk, pa.string())}), f"{folder}/part-{i}.parquet")
+    return output.Labeled(fsspec.filesystem("file"), folder, folder)
+
+
 def test_remaining_skips_the_inputs_whose_rows_are_all_written_and_filters_only_the_others(tmp_path):
-    run = str(tmp_path / "run=r")
+    run = str(tmp_path / "out" / "run=r")
     layout = sources.WebDatasetLayout(config(tmp_path).input, NO_STORAGE)
     plan = sources.InputPlan(layout, ["/s/a.tar", "/s/b.tar", "/s/c.tar", "/s/d.tar"])
     # a: 2 of 2 written; b: 1 of 2; c: read to its end (recorded) but none written; d: never read to its end.
     for shard in ("/s/a.tar", "/s/b.tar", "/s/c.tar"):
         sources.record_finished(run, shard, 2, NO_STORAGE)
-    done = pa.array(["/s/a.tar#1.jpg", "/s/b.tar#1.jpg", "/s/a.tar#2.jpg", "/s/d.tar#1.jpg", "/other.tar#1.jpg"])
-    todo = plan.remaining(done, run)
+    done = written(run, ["/s/a.tar#1.jpg", "/s/b.tar#1.jpg", "/s/a.tar#2.jpg", "/s/d.tar#1.jpg", "/other.tar#1.jpg"])
+    todo = plan.remaining(done)
     assert todo.uris.to_pylist() == ["/s/b.tar", "/s/c.tar", "/s/d.tar"]
     assert sorted(todo.skip.to_pylist()) == ["/s/b.tar#1.jpg", "/s/d.tar#1.jpg"]
     # Without records (another run's folder) no shard is known to be complete: all are read, all rows dropped.
-    unknown = plan.remaining(done, str(tmp_path / "run=other"))
+    unknown = plan.remaining(written(str(tmp_path / "out" / "run=other"), done.uris().to_pylist()))
     assert len(unknown.uris) == 4 and len(unknown.skip) == 4
     # Parquet files know their rows before reading: no record needed.
     parquet = sources.InputPlan(
         sources.ParquetLayout(config(tmp_path).input, NO_STORAGE), ["/p/x", "/p/y"], pa.array([2, 2])
     )
-    todo = parquet.remaining(pa.array(["/p/x#0", "/p/x#1", "/p/y#1"]), run)
+    todo = parquet.remaining(written(str(tmp_path / "p"), ["/p/x#0", "/p/x#1", "/p/y#1"]))
     assert todo.uris.to_pylist() == ["/p/y"] and todo.skip.to_pylist() == ["/p/y#1"] and todo.image_count == 2
     # A '#' in an input's own URI: rows cannot be told apart by input, so nothing is skipped before reading.
-    hashed = sources.InputPlan(layout, ["/s/#a.tar"]).remaining(pa.array(["/s/#a.tar#1.jpg"]), run)
+    hashed = sources.InputPlan(layout, ["/s/#a.tar"]).remaining(written(str(tmp_path / "h"), ["/s/#a.tar#1.jpg"]))
     assert hashed.uris.to_pylist() == ["/s/#a.tar"] and hashed.skip.to_pylist() == ["/s/#a.tar#1.jpg"]
     # One URI per image: those written are left out, the order kept, nothing dropped after reading.
     files = sources.InputPlan(
         sources.FilesLayout(config(tmp_path).input, NO_STORAGE), ["/i/3.jpg", "/i/1.jpg", "/i/2.jpg"]
     )
-    todo = files.remaining(pa.array(["/i/1.jpg"]), run)
+    todo = files.remaining(written(str(tmp_path / "i"), ["/i/1.jpg"]))
     assert todo.uris.to_pylist() == ["/i/3.jpg", "/i/2.jpg"] and todo.skip is None
