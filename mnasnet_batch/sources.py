@@ -43,8 +43,8 @@ FINISHED_INPUTS = "_inputs"
 # as many, up to 4,096, so the first decode tasks start at once and 10^5 URIs take ~30 object puts, not 3,000.
 MAX_INPUT_BLOCK = 4_096
 # Blocks of files (shards, Parquet files) handed to Ray: one file each up to this many files, else as many files
-# each as spread them over this many blocks. The driver puts each block into the object store one by one, and a
-# put per file of 10^5 shards kept it putting for minutes before the first task ran.
+# each as spread them over this many blocks. The driver puts each block into the object store one by one: a put
+# per file of 10^5 shards delayed the first task the longest of anything (docs/benchmarks.md, corpus scale).
 MAX_FILE_BLOCKS = 1_024
 
 
