@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         # The labeling job's run rules apply: a finished evaluation is refused (--mode overwrite redoes it),
         # an interrupted one resumes.
         plan = output.plan_run(run_config, checkpoint.weights_id, storage)
-    except (WeightsError, StorageError, ground_truth.GroundTruthError) as exc:
+    except (ConfigError, WeightsError, StorageError, ground_truth.GroundTruthError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger(__name__).info("ground truth: %s", truth.layout)

@@ -1,4 +1,4 @@
-"""Writes an HTML report with PNG charts for a labeling run's Parquet output."""
+"""Writes an HTML report with PNG charts for a labeling run's Parquet output, or an Iceberg table's current state."""
 
 import argparse
 import sys
@@ -30,21 +30,28 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from mnasnet_batch.config import ConfigError
     from mnasnet_batch.evaluation import report
-    from mnasnet_batch.evaluation.runs import storage_from_args
+    from mnasnet_batch.evaluation.runs import settings_from_args
     from mnasnet_batch.storage import StorageError
 
     destination = args.report or f"{args.output.rstrip('/')}/{report.REPORT_FILE}"
     try:
-        storage = storage_from_args(args)
+        settings, storage = settings_from_args(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    table = settings.table
     try:
-        stats = report.read_run(args.output, args.low_confidence, storage)
+        if table:
+            stats = report.read_table(settings, args.low_confidence, storage)
+        else:
+            stats = report.read_run(args.output, args.low_confidence, storage)
     except (FileNotFoundError, ValueError, StorageError) as exc:
-        print(f"error: cannot read the run's Parquet files under {args.output}: {exc}", file=sys.stderr)
+        what = f"table {table}" if table else f"the run's Parquet files under {args.output}"
+        print(f"error: cannot read {what}: {exc}", file=sys.stderr)
         return 2
-    report.write(destination, report.render(stats, args.output, args.top_labels), storage)
+    report.write(
+        destination, report.render(stats, f"table {table}" if table else args.output, args.top_labels), storage
+    )
     print(
         f"report {destination}: {stats.images} images, {stats.errors} errors, "
         f"{stats.low_confidence_share:.1f} % low confidence"

@@ -1,4 +1,4 @@
-"""Lists the labeling runs under an output root: status, counts and throughput from each run's record."""
+"""Lists the labeling runs under an output root (each run's record), or of an Iceberg table (its snapshots)."""
 
 import argparse
 import json
@@ -12,7 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runs.py",
-        description="List the runs under a labeling job's --output: status, mode, times, images, errors, images/s.",
+        description="List the runs under a labeling job's --output: status, mode, times, images, errors, images/s; "
+        "with --table (or output.table in --config), the runs that committed into that Iceberg table, from its "
+        "snapshots.",
     )
     parser.add_argument("--output", required=True, help="the labeling job's --output (directory or URI prefix)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="table (default) or json")
@@ -29,14 +31,18 @@ def main(argv=None) -> int:
     from mnasnet_batch.storage import StorageError
 
     try:
-        records = runs.list_runs(args.output, runs.storage_from_args(args))
+        settings, storage = runs.settings_from_args(args)
+        if settings.table:
+            records = runs.list_table_runs(settings, storage)
+        else:
+            records = runs.list_runs(args.output, storage)
     except (ConfigError, StorageError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.format == "json":
         print(json.dumps(records, indent=2))
     else:
-        print(runs.format_table(records))
+        print(runs.format_table_runs(records) if settings.table else runs.format_table(records))
     return 0
 
 

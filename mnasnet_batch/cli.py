@@ -24,7 +24,7 @@ from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConf
 from mnasnet_batch.storage import Storage, StorageError, absolute_location, scheme
 
 if TYPE_CHECKING:
-    from mnasnet_batch.output import RunPlan, Summary
+    from mnasnet_batch.output import OutputTarget, RunPlan, Summary
     from mnasnet_batch.sources import InputPlan
     from mnasnet_batch.weights import Checkpoint
 
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mode",
         choices=OUTPUT_MODES,
-        help="output.mode: auto (default: new run, or resume an unfinished one), incremental, overwrite",
+        help="output.mode: auto (default: new run, or resume an unfinished one), incremental, overwrite; with a "
+        "table (output.table) also retry-errors, changed, relabel",
     )
     parser.add_argument("--run-id", help="output.run_id (default: the job submission id, else a UTC timestamp)")
     parser.add_argument(
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     # Importing torch and Ray costs seconds; the configuration is checked before either is needed.
     try:
         config = config_from_args(args)
+        from mnasnet_batch import output
+
+        target = output.target_for(config)  # the Parquet folder or a table, decided once
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
             joining = bool(config.ray.address or os.environ.get("RAY_ADDRESS")) and not ray_initialized()
             with ThreadPoolExecutor(max_workers=1) as pool:
-                prepared = pool.submit(prepare, config)
+                prepared = pool.submit(prepare, config, target)
                 if not joining:
                     # A local Ray starts in seconds of mostly waiting; importing torch, verifying weights and
                     # listing inputs overlap it. It starts in this (the main) thread: its processes are tied to
@@ -245,19 +249,23 @@ def entrypoint() -> None:
     sys.exit(status)
 
 
-def prepare(config: JobConfig) -> tuple[Checkpoint, InputPlan, RunPlan]:
+def prepare(config: JobConfig, target: OutputTarget | None = None) -> tuple[Checkpoint, InputPlan, RunPlan]:
     """Verifies the weights, plans the input and opens the run: everything that can fail before any image is read.
+
+    ``target``: the output target (``output.target_for``), chosen from ``config`` when None.
 
     Raises:
         WeightsError: the weights cannot be found, read, verified or fitted.
         StorageError: the input or the output cannot be used.
+        ConfigError: the configured engine is not installed.
     """
     from mnasnet_batch import output
 
+    target = target or output.target_for(config)
     # The job's one storage handle: the weights, the input and the output (its parts and records) go through it.
     storage = Storage(config.storage)
     checkpoint, inputs = prepare_input(config, storage)
-    return checkpoint, inputs, output.plan_run(config, checkpoint.weights_id, storage)
+    return checkpoint, inputs, target.plan_run(config, checkpoint.weights_id, inputs, storage)
 
 
 def prepare_input(config: JobConfig, storage: Storage) -> tuple[Checkpoint, InputPlan]:
@@ -266,15 +274,19 @@ def prepare_input(config: JobConfig, storage: Storage) -> tuple[Checkpoint, Inpu
     Raises:
         WeightsError: the weights cannot be found, read, verified or fitted.
         StorageError: the input cannot be used.
+        ConfigError: the configured engine is not installed.
     """
     # predictor is the model actors' module, which the pipeline hands to Ray: imported here (off the main thread,
     # beside Ray's start) so that the driver imports nothing once Ray may replace its working directory (see main).
     from mnasnet_batch import predictor, sources  # noqa: F401
+    from mnasnet_batch.engine import export_ahead, require_installed
     from mnasnet_batch.weights import resolve_checkpoint
 
+    require_installed(config.compute.engine)
     checkpoint = resolve_checkpoint(
         config.model.name, config.model.weights, config.model.sha256, config.model.download, storage
     )
+    export_ahead(config.compute, checkpoint)
     return checkpoint, sources.plan_input(config.input, storage)
 
 
@@ -334,6 +346,7 @@ def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: InputP
     """
     from mnasnet_batch import output
 
+    target = plan.target or output.ParquetFolder()
     start = time.monotonic()
     try:
         if len(todo.uris):
@@ -346,8 +359,8 @@ def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: InputP
             import ray
 
             ray.shutdown()
-        output.finish_run(
+        target.finish_run(
             config, plan, time.monotonic() - start, error=root_cause(exc), interrupted=isinstance(exc, Stopped)
         )
         raise
-    return output.finish_run(config, plan, time.monotonic() - start)
+    return target.finish_run(config, plan, time.monotonic() - start)

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import yaml
 
-OUTPUT_MODES = ("auto", "incremental", "overwrite")
+OUTPUT_MODES = ("auto", "incremental", "overwrite", "retry-errors", "changed", "relabel")
+# The modes that replace an image's row: only a table (output.table) holds one current row per image.
+TABLE_ONLY_MODES = ("retry-errors", "changed", "relabel")
 MODEL_NAMES = ("mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3")
 DEVICES = ("auto", "cpu", "gpu")
 DECODE_PLACES = ("workers", "actor")
 PRECISIONS = ("fp32", "fp16", "bf16")
+ENGINES = ("auto", "torch", "onnxruntime")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 INPUT_FORMATS = ("auto", "files", "webdataset", "parquet", "manifest")
 # Option names whose values are credentials: never logged or written (matched as substrings, lower case).
@@ -68,6 +71,16 @@ class OutputConfig:
     mode: str = "auto"
     # Empty: the Ray job submission id when there is one, else a UTC timestamp.
     run_id: str = ""
+    # Empty: the Parquet folder. "namespace.name": an Apache Iceberg table with one current row per image; the
+    # runs stage their parts under output.uri and commit them to it (mnasnet_batch/table.py).
+    table: str = ""
+    # Empty: an embedded SQLite catalog under output.uri, which runs anywhere without a service. Otherwise passed
+    # to pyiceberg's load_catalog (type: rest, glue, hive, sql; uri; warehouse; ...), "name" as its name.
+    catalog: dict[str, object] = field(default_factory=dict)
+    # 0: one commit when the run ends, so readers see a run whole or not at all. Seconds between commits on a
+    # large corpus, so that readers see labels as they come (a killed run loses nothing either way: its parts stay
+    # staged and the same command commits them).
+    commit_interval_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -107,7 +120,8 @@ class ComputeConfig:
     # 64: fills a CPU core's vector units and a GPU's launch queue; 224x224x3 uint8 is 9.6 MB per batch.
     batch_size: int = 64
     # 0: the whole batch per forward pass on a GPU, runs of 8 on a CPU, which keep each layer's activations in the
-    # core's caches (see predictor.CPU_MICRO_BATCH; measured in docs/benchmarks.md).
+    # core's caches, runs of 16 on ONNX Runtime (engine.CPU_MICRO_BATCH, engine.ONNXRUNTIME_MICRO_BATCH; measured
+    # in docs/benchmarks.md).
     micro_batch: int = 0
     # auto: one GPU per model actor when the cluster has GPUs when the job starts, else CPU actors. Set gpu on
     # clusters whose GPU nodes autoscale from zero: at start they show no GPU, yet the actors must ask for one.
@@ -133,6 +147,10 @@ class ComputeConfig:
     # fp32: the reference's arithmetic. fp16/bf16 run the model under autocast, faster on a GPU, but scores move
     # (by how much on published weights is not measured yet; docs/gpu.md); fp16 needs a GPU.
     precision: str = "fp32"
+    # What runs the model. auto: ONNX Runtime on CPU actors in fp32 where it is installed (the `onnx` extra), whose
+    # CPU kernels label faster than torch's with the same top-k (docs/benchmarks.md), else torch; torch on GPUs.
+    # torch, or onnxruntime (CPU actors, fp32 only), to insist on one.
+    engine: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -286,6 +304,13 @@ def validate(config: JobConfig) -> None:
             f"output.run_id: {config.output.run_id!r} may hold only letters, digits, '-', '_' and '.'",
         ),
         (config.output.rows_per_file >= 1, "output.rows_per_file: must be at least 1"),
+        (
+            not config.output.table
+            or all(part for part in config.output.table.split("."))
+            and "." in config.output.table,
+            f"output.table: {config.output.table!r} is not namespace.name (e.g. labels.images)",
+        ),
+        (config.output.commit_interval_s >= 0, "output.commit_interval_s: must be 0 (commit at the end) or more"),
         (config.compute.batch_size >= 1, "compute.batch_size: must be at least 1"),
         (config.compute.micro_batch >= 0, "compute.micro_batch: must be 0 (derived) or at least 1"),
         (config.compute.min_actors >= 1, "compute.min_actors: must be at least 1"),
@@ -307,6 +332,15 @@ def validate(config: JobConfig) -> None:
         (
             not (config.compute.precision == "fp16" and config.compute.device == "cpu"),
             "compute.precision: fp16 needs GPU actors (compute.device=cpu); use bf16 or fp32 on CPU",
+        ),
+        _one_of("compute.engine", config.compute.engine, ENGINES),
+        (
+            not (config.compute.engine == "onnxruntime" and config.compute.device == "gpu"),
+            "compute.engine: onnxruntime runs the model on CPU actors (compute.device=gpu); use auto or torch on GPUs",
+        ),
+        (
+            not (config.compute.engine == "onnxruntime" and config.compute.precision != "fp32"),
+            f"compute.engine: onnxruntime runs fp32 only (compute.precision={config.compute.precision}); use torch",
         ),
         (config.progress.interval_s > 0, "progress.interval_s: must be more than 0"),
         (config.compute.actor_memory_gb > 0, "compute.actor_memory_gb: must be more than 0"),

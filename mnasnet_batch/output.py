@@ -1,5 +1,8 @@
 """The output location: runs, their records, atomic Parquet parts, and what is already labeled.
 
+The output target is decided once (``target_for``): this module's Parquet folder (``ParquetFolder``), or an
+Apache Iceberg table (``mnasnet_batch.table.IcebergTable``) whose runs stage their parts here before committing.
+
 Layout under the output root (readers such as ``pyarrow.dataset``, pandas and DuckDB skip names
 starting with ``_``)::
 
@@ -37,7 +40,7 @@ import pyarrow.parquet as pq
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 
-from mnasnet_batch.config import JobConfig, to_dict
+from mnasnet_batch.config import TABLE_ONLY_MODES, ConfigError, JobConfig, to_dict
 from mnasnet_batch.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,58 @@ class RunPlan:
     lease: Lease | None = field(default=None, compare=False, repr=False)
     # The job's storage handle, for the run's parts and records.
     storage: Storage = field(default_factory=Storage, compare=False, repr=False)
+    # The output target that opened the run, and closes it (``target.finish_run``).
+    target: OutputTarget | None = field(default=None, compare=False, repr=False)
+
+
+class OutputTarget:
+    """Where a job's rows end up: ``plan_run`` opens a run before any image is read, ``finish_run`` closes it."""
+
+    def plan_run(self, config: JobConfig, weights_id: str, inputs, storage: Storage) -> RunPlan:
+        """Opens the run for ``inputs`` (a ``sources.InputPlan``) through the job's ``storage`` handle:
+        ``RunPlan.done`` are the URIs not to label."""
+        raise NotImplementedError
+
+    def finish_run(
+        self,
+        config: JobConfig,
+        plan: RunPlan,
+        seconds: float,
+        labeled_now: int | None = None,
+        error: str = "",
+        interrupted: bool = False,
+    ) -> Summary:
+        """Closes the run (see ``finish_run``) and returns what it holds."""
+        raise NotImplementedError
+
+
+class ParquetFolder(OutputTarget):
+    """The output as a folder of runs of Parquet parts (this module's layout); readers take every run's rows."""
+
+    def plan_run(self, config: JobConfig, weights_id: str, inputs=None, storage: Storage | None = None) -> RunPlan:
+        return dataclasses.replace(plan_run(config, weights_id, storage), target=self)
+
+    def finish_run(self, config, plan, seconds, labeled_now=None, error="", interrupted=False) -> Summary:
+        return finish_run(config, plan, seconds, labeled_now, error, interrupted)
+
+
+def target_for(config: JobConfig) -> OutputTarget:
+    """The output target ``output.table`` chooses, checked before anything is read.
+
+    Raises:
+        ConfigError: a mode the Parquet folder cannot do, or a table output that cannot be used (pyiceberg
+            missing, an object-store output without ``output.catalog``).
+    """
+    if config.output.table:
+        from mnasnet_batch.table import IcebergTable
+
+        return IcebergTable.for_config(config)
+    if config.output.mode in TABLE_ONLY_MODES:
+        raise ConfigError(
+            f"--mode {config.output.mode} needs the table output: in a Parquet folder it would leave two rows for "
+            f"one image; set output.table (e.g. --set output.table=labels.images)"
+        )
+    return ParquetFolder()
 
 
 def _now(timespec: str = "seconds") -> str:
@@ -331,6 +386,14 @@ def read_parts(fs, root: str) -> pads.Dataset | None:
     found = fs.find(root) if fs.exists(root) else []
     files = sorted(p for p in found if os.path.basename(p).startswith("part-") and p.endswith(".parquet"))
     return pads.dataset(files, filesystem=fs, format="parquet") if files else None
+
+
+def labeled_uris(fs, root: str) -> pa.Array:
+    """The ``uri`` of every row in the Parquet parts under ``root``."""
+    parts = read_parts(fs, root)
+    if parts is None:
+        return pa.array([], pa.string())
+    return parts.to_table(columns=["uri"])["uri"].combine_chunks()
 
 
 class Labeled:

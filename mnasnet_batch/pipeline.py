@@ -313,11 +313,21 @@ def predict(
     pool: ActorPool,
     counter: ray.actor.ActorHandle,
 ) -> ray.data.Dataset:
-    """Output rows (``postprocess.OUTPUT_SCHEMA``) from the pool of model actors."""
-    from mnasnet_batch.predictor import Predictor  # the actors import torch; nothing else in the graph does
+    """Output rows (``postprocess.OUTPUT_SCHEMA``) from the pool of model actors.
 
-    # CPU actors run as many torch threads as the CPUs they hold, rounded half up (1.5 CPUs -> 2 threads).
-    num_threads = 0 if "num_gpus" in pool.resources else max(1, math.floor(pool.resources["num_cpus"] + 0.5))
+    With ONNX Runtime (``compute.engine``), the driver exports the model once and ships the graph to every actor,
+    as it ships the checkpoint.
+    """
+    # The actors import torch; nothing else in the graph does.
+    from mnasnet_batch.engine import choose_engine, export_onnx
+    from mnasnet_batch.predictor import Predictor
+
+    gpu_actors = "num_gpus" in pool.resources
+    engine = choose_engine(config.compute.engine, gpu_actors, config.compute.precision)
+    onnx_graph = export_onnx(checkpoint) if engine == "onnxruntime" else None
+    log.info("the model runs on %s", {"torch": "torch", "onnxruntime": "ONNX Runtime"}[engine])
+    # CPU actors run as many threads as the CPUs they hold, rounded half up (1.5 CPUs -> 2 threads).
+    num_threads = 0 if gpu_actors else max(1, math.floor(pool.resources["num_cpus"] + 0.5))
     return dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={
@@ -328,6 +338,7 @@ def predict(
             "precision": config.compute.precision,
             "spec": spec,
             "micro_batch": config.compute.micro_batch,
+            "onnx_graph": onnx_graph,
         },
         compute=pool.strategy(),
         batch_size=config.compute.batch_size,

@@ -366,7 +366,7 @@ class InputPlan:
             return len(self.uris)
         return pc.sum(self.images).as_py() or 0 if self.images is not None else 0
 
-    def remaining(self, done: Labeled) -> InputPlan:
+    def remaining(self, done: Labeled | pa.Array) -> InputPlan:
         """What is left to read after earlier attempts wrote the rows of ``done`` (``output.Labeled``).
 
         Where each URI is one image, the URIs without a row, in their order (those labeled are not even read).
@@ -378,6 +378,8 @@ class InputPlan:
         """
         if len(done) == 0:
             return self
+        if isinstance(done, pa.Array):  # an Iceberg table's: URIs, without the records of finished shards
+            done = _Written(done)
         if self.layout.uri_per_image:
             return InputPlan(self.layout, self.uris.filter(_not_done(self.uris, done.uris())))
         if pc.any(pc.match_substring(self.uris, "#")).as_py():
@@ -632,6 +634,23 @@ def _not_done(uris: pa.Array, done: pa.Array) -> pa.Array:
     """Per URI, whether it has no row in ``done``."""
     done = done.cast(uris.type)
     return pc.invert(pc.is_in(uris, value_set=done.combine_chunks() if isinstance(done, pa.ChunkedArray) else done))
+
+
+@dataclass(frozen=True)
+class _Written:
+    """Written URIs given as an array, asked like ``output.Labeled`` (no shard records: ``uri`` is empty)."""
+
+    written: pa.Array
+    uri: str = ""
+
+    def __len__(self) -> int:
+        return len(self.written)
+
+    def batches(self) -> Iterator[pa.Array]:
+        yield self.written.cast(pa.string())
+
+    def uris(self) -> pa.Array:
+        return self.written
 
 
 def _input_of(uris: pa.Array) -> pa.Array:

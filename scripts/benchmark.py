@@ -2,15 +2,18 @@
 
 Contenders, each timed as a whole command (start-up included) on the first 500 and the first 2,000 images:
 
-- ``job``: this job, ``python jobs/label_images.py`` (local Ray started by the command);
+- ``job``: this job, ``python jobs/label_images.py`` (local Ray started by the command), the model on torch
+  (``compute.engine=torch``);
+- ``job-onnxruntime``: the same command with the model on ONNX Runtime (``compute.engine=onnxruntime``);
 - ``torch``: a plain PyTorch script: Dataset + DataLoader + ``weights.transforms()`` on PIL images + eager model;
 - ``raydoc``: the Ray Data documentation pattern: ``read_images`` -> per-image torchvision transforms in
   ``map_batches`` -> callable-class actor, float32 NCHW, eager -> ``write_parquet``;
 - ``ceiling``: this job's own decode, preprocessing and model code in one plain Python loop, without Ray.
 
-Steady state is ``1500 / (T(2000) - T(500))``. Also measured: the model alone on decoded uint8 crops, the time
-from command start to the first written row, and, in one more run of the large set, the peak memory of all of a
-command's processes.
+Steady state is ``1500 / (T(2000) - T(500))``. Also measured: the model alone on decoded uint8 crops (each
+engine), the CPU time per image of each stage (decoding, the model on each engine, writing), the time from command
+start to the first written row, and, in one more run of the large set, the peak memory of all of a command's
+processes.
 
     .venv/bin/python scripts/benchmark.py --workdir /tmp/bench --models mnasnet0_5 mnasnet1_0
 """
@@ -31,7 +34,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONTENDERS = ("job", "torch", "raydoc", "ceiling")
+CONTENDERS = ("job", "job-onnxruntime", "torch", "raydoc", "ceiling")
+# The job contenders: the engine each runs the model on.
+JOB_ENGINES = {"job": "torch", "job-onnxruntime": "onnxruntime"}
+ENGINES = tuple(JOB_ENGINES.values())
+# The stages whose CPU time per image stage_cpu_ms measures.
+STAGES = ("decode", *(f"model ({engine})" for engine in ENGINES), "write")
 
 
 # ---------------------------------------------------------------- contenders (each runs in its own process)
@@ -133,20 +141,61 @@ def run_ceiling(input_dir: Path, output: Path, model_name: str, weights: Path) -
     assert pq  # parts are Parquet, as the job writes them
 
 
-def model_alone(model_name: str, weights: Path, images: int = 256) -> float:
-    """Images/s of the job's predictor on already-decoded uint8 crops, after one warm-up batch."""
-    import numpy as np
-
+def job_predictor(model_name: str, weights: Path, engine: str):
+    """The job's predictor on ``engine``, with as many threads as the machine has cores."""
+    from mnasnet_batch.engine import export_onnx
     from mnasnet_batch.predictor import Predictor
     from mnasnet_batch.weights import resolve_checkpoint
 
-    predictor = Predictor(resolve_checkpoint(model_name, str(weights)), top_k=5, num_threads=os.cpu_count())
+    checkpoint = resolve_checkpoint(model_name, str(weights))
+    graph = export_onnx(checkpoint) if engine == "onnxruntime" else None
+    return Predictor(checkpoint, top_k=5, device="cpu", num_threads=os.cpu_count(), onnx_graph=graph)
+
+
+def model_alone(model_name: str, weights: Path, engine: str, images: int = 256) -> float:
+    """Images/s of the job's predictor on ``engine`` on already-decoded uint8 crops, after one warm-up batch."""
+    import numpy as np
+
+    predictor = job_predictor(model_name, weights, engine)
     crops = np.random.default_rng(0).integers(0, 256, (64, 224, 224, 3), dtype=np.uint8)
     predictor.predict(crops)
     start = time.perf_counter()
     for _ in range(images // 64):
         predictor.predict(crops)
     return images // 64 * 64 / (time.perf_counter() - start)
+
+
+def stage_cpu_ms(model_name: str, weights: Path, paths: list[Path], workdir: Path) -> dict[str, float]:
+    """CPU time per image of each of the job's stages, in this process, outside Ray: where an image's time goes.
+
+    Decoding (Pillow, one thread, as a decode task runs it), the model on each engine (all its threads' time),
+    and writing the rows as a Parquet part. Reading the files is left out: the page cache holds them.
+    """
+    import numpy as np
+
+    from mnasnet_batch.output import write_part
+    from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
+    from mnasnet_batch.sources import encoded_batch
+
+    spec = PreprocessSpec.for_model(model_name, max_pixels=89_478_485)
+    uris = np.asarray([str(p) for p in paths], dtype=object)
+    read = encoded_batch(uris, [p.read_bytes() for p in paths])
+    start = time.process_time()
+    decoded = decode_batch(read, spec)
+    costs = {"decode": time.process_time() - start}
+    for engine in ENGINES:
+        predictor = job_predictor(model_name, weights, engine)
+        predictor(decoded)  # warm-up
+        start = time.process_time()
+        table = predictor(decoded)
+        costs[f"model ({engine})"] = time.process_time() - start
+    output = workdir / "stage-out"
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
+    start = time.process_time()
+    write_part(table, str(output))
+    costs["write"] = time.process_time() - start
+    return {stage: round(seconds * 1000 / len(paths), 2) for stage, seconds in costs.items()}
 
 
 # ---------------------------------------------------------------- harness
@@ -188,7 +237,7 @@ def time_command(
     """
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir(parents=True)
-    if contender == "job":
+    if contender in JOB_ENGINES:
         command = [
             sys.executable,
             str(ROOT / "jobs" / "label_images.py"),
@@ -200,6 +249,8 @@ def time_command(
             model,
             "--weights",
             str(weights),
+            "--set",
+            f"compute.engine={JOB_ENGINES[contender]}",
         ]
     else:
         command = [
@@ -311,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run the job on these corpus sizes for peak memory, e.g. 2000 20000",
     )
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "benchmark.json")
-    parser.add_argument("--run-one", choices=CONTENDERS[1:], help=argparse.SUPPRESS)
+    parser.add_argument("--run-one", choices=("torch", "raydoc", "ceiling"), help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
@@ -364,7 +415,9 @@ def main(argv=None) -> int:
             )
             rows[contender]["peak_pss_gb"] = sampled["peak_pss_gb"]
             print(f"{model} {contender} {large} images, memory sampled: {sampled}", flush=True)
-        rows["model_alone_images_per_s"] = round(model_alone(model, weights), 1)
+        rows["model_alone_images_per_s"] = {engine: round(model_alone(model, weights, engine), 1) for engine in ENGINES}
+        rows["cpu_ms_per_image"] = stage_cpu_ms(model, weights, corpus[:256], args.workdir)
+        print(f"{model} model alone: {rows['model_alone_images_per_s']}; CPU ms per image: {rows['cpu_ms_per_image']}")
         for count in args.memory_sizes:
             folder = subset(corpus, count)
             rows.setdefault("job_memory", {})[count] = time_command(
@@ -396,10 +449,17 @@ def table(results: dict) -> str:
                     f"| {model} | {contender} | {row['steady_images_per_s']} | {row['whole_s']} | "
                     f"{row['first_row_s']} | {row['peak_pss_gb']} | {ratio} |"
                 )
-        if rows.get("model_alone_images_per_s"):
-            lines.append(
-                f"| {model} | model alone (uint8 crops in memory) | {rows['model_alone_images_per_s']} | | | | |"
-            )
+        for engine, speed in rows.get("model_alone_images_per_s", {}).items():
+            lines.append(f"| {model} | model alone on {engine} (uint8 crops in memory) | {speed} | | | | |")
+    lines += [
+        "",
+        "| model | CPU ms per image: " + " | ".join(STAGES) + " |",
+        "|---" * (len(STAGES) + 1) + "|",
+    ]
+    for model, rows in results["models"].items():
+        if "cpu_ms_per_image" in rows:
+            costs = rows["cpu_ms_per_image"]
+            lines.append(f"| {model} | " + " | ".join(str(costs.get(stage, "")) for stage in STAGES) + " |")
     return "\n".join(lines)
 
 

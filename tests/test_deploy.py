@@ -110,8 +110,9 @@ def test_image_installs_the_tested_torch_pair_and_the_package_with_its_extras():
         assert f'"{package}=={version}"' in run or f"{package}=={version} " in run, package
     extras = re.search(r'pip install [^"]*"\.\[([\w,]+)\]"', run)
     assert extras, 'the package is installed from the build context with extras: pip install ".[...]"'
-    cloud = {"s3", "gcs", "azure"}
-    assert cloud <= set(extras.group(1).split(",")) <= set(PYPROJECT["project"]["optional-dependencies"])
+    # The cloud filesystems, and ONNX Runtime for CPU model actors (compute.engine=auto).
+    wanted = {"s3", "gcs", "azure", "onnx"}
+    assert wanted <= set(extras.group(1).split(",")) <= set(PYPROJECT["project"]["optional-dependencies"])
 
 
 def test_image_runs_as_the_non_root_ray_user_with_the_job_entrypoint():

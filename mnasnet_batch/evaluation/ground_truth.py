@@ -146,9 +146,7 @@ def load_devkit_synsets(uri: str, storage: Storage | None = None) -> dict[int, s
                 f"reading {uri} needs scipy (pip install scipy), or pass --synsets with a text file listing "
                 f"one wnid per line in ILSVRC2012_ID order"
             ) from None
-        data = _read_bytes(
-            uri, "--synsets (the devkit's class table, by default meta.mat beside --labels)", storage
-        )
+        data = _read_bytes(uri, "--synsets (the devkit's class table, by default meta.mat beside --labels)", storage)
         try:
             synsets = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
             # Entries with children are WordNet ancestors, not classes; the 1000 leaves are the classes.

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.dataset as pads
 
+from mnasnet_batch.config import OutputConfig
 from mnasnet_batch.output import RUN_RECORD, read_parts
 from mnasnet_batch.storage import Storage
 
@@ -58,16 +59,42 @@ def read_run(uri: str, low_confidence: float = 0.5, storage: Storage | None = No
     dataset = read_parts(fs, root)
     if dataset is None:
         raise FileNotFoundError(f"no Parquet parts under {uri}")
-    table = dataset.to_table(columns=["status", "error", "top_k_scores", "top_k_labels", "model", "weights"])
+    return stats(dataset.to_table(columns=list(COLUMNS)), low_confidence, run_records(fs, root))
+
+
+def read_table(output_config: OutputConfig, low_confidence: float = 0.5, storage: Storage | None = None) -> RunStats:
+    """Reads the current rows of the Iceberg table ``output_config.table``, and the records of the runs staged
+    under ``output_config.uri`` (their throughput).
+
+    Raises:
+        StorageError: the catalog cannot be reached, or holds no such table.
+    """
+    from mnasnet_batch.table import STAGING, current_rows, load_table
+
+    storage = storage or Storage()
+    rows = current_rows(load_table(output_config, storage), COLUMNS)
+    fs, root = storage.filesystem(output_config.uri)
+    return stats(rows, low_confidence, run_records(fs, f"{root.rstrip('/')}/{STAGING}"))
+
+
+# The columns the report reads.
+COLUMNS = ("status", "error", "top_k_scores", "top_k_labels", "model", "weights")
+
+
+def run_records(fs, root: str) -> list[dict]:
+    """The records (``run=<id>/_run.json``) of the runs under ``root``, oldest first; ``root`` may be one run's."""
+    found = fs.find(root, maxdepth=2) if fs.exists(root) else []
+    record_paths = [p for p in found if p.endswith(f"/{RUN_RECORD}") and p.rsplit("/", 2)[-2].startswith("run=")]
+    return sorted((json.loads(fs.cat_file(p)) for p in record_paths), key=lambda r: r.get("started_at") or "")
+
+
+def stats(table, low_confidence: float, runs: list[dict]) -> RunStats:
+    """What the report shows of output rows (``COLUMNS``) and the records of the runs that wrote them."""
     ok = table.filter(pads.field("status") == "ok")
     scores = np.array([s[0] for s in ok.column("top_k_scores").to_pylist()], dtype=np.float32)
     labels = collections.Counter(names[0] for names in ok.column("top_k_labels").to_pylist())
     errors = table.column("error").drop_null().to_pylist()
     kinds = collections.Counter(message.split(":", 1)[0] for message in errors)
-    # The output's runs each keep a record in run=<id>/; ``uri`` may also be one run's folder.
-    found = fs.find(root, maxdepth=2)
-    record_paths = [p for p in found if p.endswith(f"/{RUN_RECORD}") and p.rsplit("/", 2)[-2].startswith("run=")]
-    runs = sorted((json.loads(fs.cat_file(p)) for p in record_paths), key=lambda r: r.get("started_at") or "")
     return RunStats(
         images=table.num_rows,
         errors=len(errors),
