@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     storage = Storage(config.storage)
     try:
         checkpoint, inputs = cli.prepare_input(run_config, storage)
-        truth = ground_truth.load_ground_truth(inputs.uris, args.labels or "", args.synsets or "", storage)
+        images = inputs.uris.to_pylist()  # an evaluation set: tens of thousands of images at most
+        truth = ground_truth.load_ground_truth(images, args.labels or "", args.synsets or "", storage)
         # The labeling job's run rules apply: a finished evaluation is refused (--mode overwrite redoes it),
         # an interrupted one resumes.
         plan = output.plan_run(run_config, checkpoint.weights_id, storage)
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     summary = cli.label_remaining(run_config, checkpoint, inputs, plan)
     weights = torchvision_weights(config.model.name)
     scores, per_image = metrics.score(
-        metrics.read_predictions(run_config.output.uri, inputs.uris, storage),
+        metrics.read_predictions(run_config.output.uri, images, storage),
         truth.labels,
         weights.meta["categories"],
     )

@@ -349,11 +349,11 @@ def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: InputP
     target = plan.target or output.ParquetFolder()
     start = time.monotonic()
     try:
-        if todo.uris:
+        if len(todo.uris):
             from mnasnet_batch import pipeline
 
             start_ray(config)
-            pipeline.run(config, plan.storage, checkpoint, todo, plan.run_uri, plan.done)
+            pipeline.run(config, plan.storage, checkpoint, todo, plan.run_uri)
     except BaseException as exc:
         if own_ray:
             import ray

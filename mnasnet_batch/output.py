@@ -9,6 +9,7 @@ starting with ``_``)::
     run=<run_id>/part-<hash>.parquet   rows of one run; a part appears whole or not at all
     run=<run_id>/_run.json             that run's record: status, counts, config, versions
     run=<run_id>/_config.yaml          its resolved configuration, secrets removed
+    run=<run_id>/_inputs/<hash>.<n>    a WebDataset shard this run read to its end, holding n samples (sources)
     _run.json                          the record of the latest run
     _SUCCESS                           present only while the latest run is complete
     _lease.json                        present while a job writes here: its run, host, pid and last heartbeat
@@ -30,6 +31,7 @@ import platform
 import socket
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -86,7 +88,7 @@ class RunPlan:
     run_uri: str
     resumed: bool
     # Input URIs that already have a row under the output (this run's, or every run's when incremental).
-    done: pa.Array
+    done: Labeled
     # Rows the run held before this attempt: what this attempt labeled is at most the rest.
     rows_before: int = 0
     # This job's hold on the output while the run is open; finish_run releases it.
@@ -394,6 +396,29 @@ def labeled_uris(fs, root: str) -> pa.Array:
     return parts.to_table(columns=["uri"])["uri"].combine_chunks()
 
 
+class Labeled:
+    """The rows a run skips, being written already: the ``uri`` column of the Parquet parts under ``uri`` (the run's
+    folder, or the output's when incremental), read only when asked, and a batch at a time where that will do."""
+
+    def __init__(self, fs, root: str, uri: str):
+        self.uri = uri
+        self.parts = read_parts(fs, root)
+        self.rows = 0 if self.parts is None else self.parts.count_rows()
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def batches(self) -> Iterator[pa.Array]:
+        """The ``uri`` column, a record batch at a time."""
+        if self.parts is not None:
+            for batch in self.parts.to_batches(columns=["uri"]):
+                yield batch.column(0)
+
+    def uris(self) -> pa.ChunkedArray:
+        """The ``uri`` column, whole."""
+        return pa.chunked_array(list(self.batches()), pa.string())
+
+
 def plan_run(config: JobConfig, weights_id: str, storage: Storage | None = None) -> RunPlan:
     """Takes the output's lease, decides the run from ``output.mode`` and what the output holds, and opens its record.
 
@@ -467,12 +492,12 @@ def _open_run(config: JobConfig, weights_id: str, fs, root: str) -> RunPlan:
         fs.rm(stale)  # left by a writer that was killed; its rows were never visible
     # Incremental runs skip what any run labeled; others only what this run wrote before it was stopped.
     incremental = mode == "incremental" or (resumed and latest.get("mode") == "incremental")
-    done = labeled_uris(fs, root if incremental else run_root)
+    done = Labeled(fs, root, uri) if incremental else Labeled(fs, run_root, run_uri)
     # Rows this run holds already; what this attempt labels is counted against the rest.
     if not incremental:
         rows_before = len(done)
     else:
-        rows_before = len(labeled_uris(fs, run_root)) if resumed else 0
+        rows_before = len(Labeled(fs, run_root, run_uri)) if resumed else 0
     if finished:
         fs.rm(_join(root, SUCCESS_MARKER))
     record = {
@@ -488,7 +513,13 @@ def _open_run(config: JobConfig, weights_id: str, fs, root: str) -> RunPlan:
     }
     write_record(fs, root, run_id, record)
     _write_bytes(fs, _join(run_root, CONFIG_FILE), yaml.safe_dump(public_config(config), sort_keys=False).encode())
-    return RunPlan(run_id=run_id, run_uri=run_uri, resumed=resumed, done=done, rows_before=rows_before)
+    return RunPlan(
+        run_id=run_id,
+        run_uri=run_uri,
+        resumed=resumed,
+        done=done,
+        rows_before=rows_before,
+    )
 
 
 def submission_id() -> str:

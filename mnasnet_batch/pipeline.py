@@ -72,26 +72,27 @@ def from_uri_blocks(blocks: list[pa.Table]) -> ray.data.Dataset:
     return ray.data.from_blocks(blocks)
 
 
-def read(config: JobConfig, inputs: InputPlan, done: pa.Array | None) -> ray.data.Dataset:
+def read(config: JobConfig, inputs: InputPlan, run_uri: str | None = None) -> ray.data.Dataset:
     """The input's images as read, not decoded (``uri``, ``data``, ``error``), on CPU tasks.
 
     The driver listed the input (one recursive listing, not Ray's per-path expansion, which takes minutes on
     millions of paths) and hands it to the read tasks as blocks of URIs that its layout chose, so nothing but URIs
-    is held by the driver and reading starts as soon as the dataset executes. Rows whose ``uri`` is in ``done``
-    are dropped after reading where the layout cannot leave them out before (``InputPlan.remaining``).
+    is held by the driver and reading starts as soon as the dataset executes. The rows of ``inputs.skip``, written
+    by an earlier attempt, are dropped after reading (``InputPlan.remaining`` left out what it could before).
+    ``run_uri``: the run being written, where layouts record the inputs they read to their end.
     """
     layout = inputs.layout
     dataset = from_uri_blocks(layout.blocks(inputs.uris, config.preprocess.batch_size)).map_batches(
         layout.read,
-        fn_kwargs={"batch_size": config.preprocess.batch_size},
+        fn_kwargs={"batch_size": config.preprocess.batch_size, "run_uri": run_uri},
         batch_size=None,
         batch_format="numpy",
         num_cpus=config.preprocess.num_cpus,
     )
-    if done is not None and len(done) and not layout.uri_per_image:
+    if inputs.skip is not None and len(inputs.skip):
         dataset = dataset.map_batches(
             sources.drop_done,
-            fn_kwargs={"done": done},
+            fn_kwargs={"done": inputs.skip},
             batch_size=None,
             batch_format="numpy",
             num_cpus=config.preprocess.num_cpus,
@@ -364,12 +365,10 @@ def run(
     checkpoint: Checkpoint,
     inputs: InputPlan,
     run_uri: str,
-    done: pa.Array | None = None,
 ) -> None:
     """Labels the planned input and writes its rows as Parquet parts under ``run_uri``; Ray must be initialised.
 
-    Rows whose ``uri`` is in ``done`` (labeled by an earlier attempt) are not labeled again: give ``inputs`` as
-    ``InputPlan.remaining`` left it, and the layouts that cannot leave them out drop them after reading.
+    Rows an earlier attempt labeled are not labeled again when ``inputs`` is what ``InputPlan.remaining`` left.
     """
     spec = PreprocessSpec.for_model(
         config.model.name,
@@ -393,7 +392,7 @@ def run(
     )
     # No CPU: it only adds numbers, and must not take a slot from decoding or the model.
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
-    dataset = read(config, inputs, done)
+    dataset = read(config, inputs, run_uri)
     dataset = decode(dataset, config, spec)
     dataset = predict(dataset, config, checkpoint, spec, pool, counter)
     with reporting_progress(counter, inputs.image_count, config.progress.interval_s):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import posixpath
 import re
@@ -9,7 +11,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +22,9 @@ from mnasnet_batch.config import InputConfig
 from mnasnet_batch.preprocess import error_message
 from mnasnet_batch.storage import LISTING_THREADS, Storage, StorageError, has_extension
 
+if TYPE_CHECKING:
+    from mnasnet_batch.output import Labeled
+
 log = logging.getLogger(__name__)
 
 SHARD_EXTENSIONS = ("tar", "tar.gz", "tgz")
@@ -29,9 +34,18 @@ MANIFEST_EXTENSIONS = ("txt", "csv", "tsv", "parquet")
 _SAMPLE_KEY = re.compile(r"^((?:.*/|)[^./]+)\.[^/]*$")
 # Member names a warning about dropped members shows; the count says how many there are in all.
 SHOWN_MEMBERS = 3
+# Bytes of a text manifest turned into URIs at a time: its lines never exist as Python strings all at once.
+TEXT_CHUNK_BYTES = 16 * 2**20
+# Where a run records the inputs (WebDataset shards) it read to their end, in its folder: one empty file each,
+# named ``<sha256 of the input's URI, 32 hex digits>.<images it holds>``, so planning lists them and reads none.
+FINISHED_INPUTS = "_inputs"
 # URIs per block handed from the driver to Ray: the first block holds one decode batch, each next one twice
 # as many, up to 4,096, so the first decode tasks start at once and 10^5 URIs take ~30 object puts, not 3,000.
 MAX_INPUT_BLOCK = 4_096
+# Blocks of files (shards, Parquet files) handed to Ray: one file each up to this many files, else as many files
+# each as spread them over this many blocks. The driver puts each block into the object store one by one: a put
+# per file of 10^5 shards delayed the first task the longest of anything (docs/benchmarks.md, corpus scale).
+MAX_FILE_BLOCKS = 1_024
 
 
 def encoded_batch(uris: Sequence[str], contents: Sequence[bytes | Exception]) -> dict[str, np.ndarray]:
@@ -99,22 +113,36 @@ class Layout:
         """Its inputs among the listed files; a single file named explicitly is taken whatever its extension."""
         return files if single else [f for f in files if self.selects(f)]
 
-    def plan(self, uris: list[str]) -> list[str]:
+    def plan(self, uris: pa.Array) -> InputPlan:
         """What the job reads of the selected files (checked, or expanded); the files themselves here.
 
         Raises:
             StorageError: they cannot be read as this layout.
         """
-        return uris
+        return InputPlan(self, uris)
 
-    def blocks(self, uris: list[str], batch_size: int) -> list[pa.Table]:
-        """The blocks of ``uris`` handed to Ray's read tasks: one per file, which streams out its batches."""
-        table = pa.table({"uri": pa.array(uris, pa.string())})
-        return [table.slice(i, 1) for i in range(len(uris))]
+    def blocks(self, uris: pa.Array, batch_size: int) -> list[pa.Table]:
+        """The blocks of ``uris`` handed to Ray's read tasks, each read file after file, streaming out batches:
+        one file each, or as many as make ``MAX_FILE_BLOCKS`` blocks."""
+        table = pa.table({"uri": uris})
+        size = -(-len(uris) // MAX_FILE_BLOCKS)
+        return [table.slice(i, size) for i in range(0, len(uris), size)]
 
-    def read(self, batch: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Reads the inputs of a block, yielding at most ``batch_size`` images at a time (``encoded_batch``)."""
+    def read(
+        self, batch: dict[str, np.ndarray], batch_size: int, run_uri: str | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Reads the inputs of a block, yielding at most ``batch_size`` images at a time (``encoded_batch``).
+
+        ``run_uri``: the run being written, where a layout records the inputs it read to their end.
+        """
         raise NotImplementedError
+
+    def recorded_images(self, uris: pa.Array, done_uri: str) -> pa.Array:
+        """The images in each of ``uris`` as far as the runs under ``done_uri`` know (null: not known).
+
+        Where a layout knows its inputs' images before reading (``InputPlan.images``), this is not asked.
+        """
+        return pa.nulls(len(uris), pa.int64())
 
 
 class ImageURILayout(Layout):
@@ -122,7 +150,7 @@ class ImageURILayout(Layout):
 
     uri_per_image = True
 
-    def blocks(self, uris: list[str], batch_size: int) -> list[pa.Table]:
+    def blocks(self, uris: pa.Array, batch_size: int) -> list[pa.Table]:
         """Blocks of URIs doubling from one batch (``input_block_bounds``).
 
         The first blocks are small so reading and decoding start on every CPU at once; later ones are large
@@ -130,10 +158,12 @@ class ImageURILayout(Layout):
         it putting for a long time on millions of images. Ray Data's streaming repartition, which cuts big blocks
         on the workers, stalled the job on 2 CPUs (model actor 1.5, decode tasks 0.5 each).
         """
-        table = pa.table({"uri": pa.array(uris, pa.string())})
+        table = pa.table({"uri": uris})
         return [table.slice(start, stop - start) for start, stop in input_block_bounds(len(uris), batch_size)]
 
-    def read(self, batch: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    def read(
+        self, batch: dict[str, np.ndarray], batch_size: int, run_uri: str | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
         uris = [str(u) for u in batch["uri"]]
         for start in range(0, len(uris), batch_size):
             chunk = uris[start : start + batch_size]
@@ -166,24 +196,28 @@ class ManifestLayout(ImageURILayout):
     kind = "manifests"
     file_extensions = MANIFEST_EXTENSIONS
 
-    def plan(self, uris: list[str]) -> list[str]:
-        """The image URIs the manifests list, each once.
+    def plan(self, uris: pa.Array) -> InputPlan:
+        """The image URIs the manifests list, each once, in the order first listed.
 
-        The driver reads manifests as it lists files: it holds only URIs, and the image reads are spread over read
-        tasks exactly as for loose files (so a resumed run skips what it already labeled).
+        The driver reads manifests as it lists files: it holds only URIs, in Arrow (never as Python strings), and
+        the image reads are spread over read tasks exactly as for loose files (so a resumed run skips what it
+        already labeled).
         """
-        listed = [u for manifest in uris for u in manifest_uris(manifest, self.config.uri_column, self.storage)]
-        if not listed:
+        listed = pa.chunked_array(
+            [c for m in uris.to_pylist() for c in manifest_uris(m, self.config.uri_column, self.storage).chunks],
+            pa.large_string(),
+        )
+        if not len(listed):
             raise StorageError(f"input {self.config.uri}: the manifests list no URIs")
         # An image listed twice is one input: one row, not two rows (or two parts) of the same uri.
-        unique = list(dict.fromkeys(listed))
+        unique = first_occurrences(listed)
         if len(unique) < len(listed):
             log.warning(
                 "input %s: %d URIs are listed more than once; each image is labeled once",
                 self.config.uri,
                 len(listed) - len(unique),
             )
-        return unique
+        return InputPlan(self, unique)
 
 
 class WebDatasetLayout(Layout):
@@ -194,18 +228,30 @@ class WebDatasetLayout(Layout):
     kind = "tar shards"
     file_extensions = SHARD_EXTENSIONS
 
-    def read(self, batch: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    def read(
+        self, batch: dict[str, np.ndarray], batch_size: int, run_uri: str | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Reads each shard of the block front to back; once all its samples are handed on, records the shard as
+        read to its end in ``run_uri``, with its sample count (``record_finished``)."""
         for shard in batch["uri"]:
             uris: list[str] = []
             contents: list[bytes | Exception] = []
+            images = 0
             for uri, content in shard_images(str(shard), self.image_extensions, self.storage):
                 uris.append(uri)
                 contents.append(content)
+                images += 1
                 if len(uris) == batch_size:
                     yield encoded_batch(uris, contents)
                     uris, contents = [], []
             if uris:
                 yield encoded_batch(uris, contents)
+            if run_uri is not None:
+                record_finished(run_uri, str(shard), images, self.storage)
+
+    def recorded_images(self, uris: pa.Array, done_uri: str) -> pa.Array:
+        """The sample counts the runs under ``done_uri`` recorded for the shards they read to their end."""
+        return recorded_images(uris, done_uri, self.storage)
 
 
 class ParquetLayout(Layout):
@@ -221,18 +267,22 @@ class ParquetLayout(Layout):
         first = next((f for f in files if self.selects(f)), None)
         return first is not None and self.config.image_column in _parquet_columns(first, self.storage)
 
-    def plan(self, uris: list[str]) -> list[str]:
-        columns = _parquet_columns(uris[0], self.storage)
+    def plan(self, uris: pa.Array) -> InputPlan:
+        """The Parquet files, checked, with each one's row count (so a file whose rows are all written is skipped)."""
+        files = uris.to_pylist()
+        columns = _parquet_columns(files[0], self.storage)
         missing = [c for c in (self.config.image_column, self.config.id_column) if c not in columns]
         if missing:
             raise StorageError(
-                f"input {uris[0]} has no column {', '.join(missing)}; its columns: {', '.join(columns)}; "
+                f"input {files[0]} has no column {', '.join(missing)}; its columns: {', '.join(columns)}; "
                 "set input.image_column and input.id_column"
             )
-        check_parquet_ids(uris, self.config.id_column, self.storage)
-        return uris
+        rows = check_parquet_ids(files, self.config.id_column, self.storage)
+        return InputPlan(self, uris, images=pa.array(rows, pa.int64()))
 
-    def read(self, batch: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    def read(
+        self, batch: dict[str, np.ndarray], batch_size: int, run_uri: str | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
         """Reads the Parquet files of a block ``batch_size`` rows at a time.
 
         Ray Data's ``read_parquet`` is not used: in Ray 2.60 it plans a ``ListFiles`` operator whose tasks
@@ -284,29 +334,72 @@ def layout_for(config: InputConfig, storage: Storage, files: list[str]) -> Layou
 
 @dataclass(frozen=True)
 class InputPlan:
-    """What the job reads: the layout and what was listed for it (image URIs, shards, or Parquet files)."""
+    """What the job reads: the layout and what was listed for it (image URIs, shards, or Parquet files).
+
+    ``uris`` are Arrow strings (a list of str is taken and converted): the driver never holds the corpus as
+    Python strings.
+    """
 
     layout: Layout
-    uris: list[str]
+    uris: pa.ChunkedArray
+    # Images in each input, where known before reading (Parquet files' rows); each URI of an image layout is one.
+    images: pa.Array | None = None
+    # Rows an earlier attempt wrote of the inputs still to read, which the pipeline drops after reading
+    # (``drop_done``): only those of unfinished shards or files, not every labeled row.
+    skip: pa.Array | None = None
+
+    def __post_init__(self) -> None:
+        uris = self.uris
+        if isinstance(uris, pa.Array):
+            uris = pa.chunked_array([uris])
+        elif not isinstance(uris, pa.ChunkedArray):
+            uris = pa.chunked_array([pa.array(list(uris), pa.large_string())])
+        object.__setattr__(self, "uris", uris.cast(pa.large_string()))
 
     def describe(self) -> str:
         return f"{len(self.uris)} {self.layout.noun}"
 
     @property
     def image_count(self) -> int:
-        """How many images the input holds where that is known before reading (one URI per image), else 0."""
-        return len(self.uris) if self.layout.uri_per_image else 0
+        """How many images the input holds where that is known before reading, else 0."""
+        if self.layout.uri_per_image:
+            return len(self.uris)
+        return pc.sum(self.images).as_py() or 0 if self.images is not None else 0
 
-    def remaining(self, done: pa.Array) -> InputPlan:
-        """What is left to read after an earlier attempt wrote the rows of ``done``.
+    def remaining(self, done: Labeled | pa.Array) -> InputPlan:
+        """What is left to read after earlier attempts wrote the rows of ``done`` (``output.Labeled``).
 
-        Where each URI is one image, the URIs without a row, in their order (those labeled are not even read);
-        otherwise all of them, and the pipeline drops the rows already written after reading (``drop_done``).
+        Where each URI is one image, the URIs without a row, in their order (those labeled are not even read).
+        Otherwise (shards, Parquet files) an input is skipped without reading it when all its images have a row:
+        its image count is known (``images``, or recorded by the run that read it to its end, the layout's
+        ``recorded_images``) and that many rows start with ``INPUT#``. The others are read, and the rows already
+        written of them, ``skip``, are dropped after reading. The written rows are read a batch at a time for
+        this: the driver holds counts per input, and the rows of unfinished inputs, not every labeled row.
         """
-        if not self.layout.uri_per_image or len(done) == 0:
+        if len(done) == 0:
             return self
-        candidates = pa.array(self.uris, pa.string())
-        return InputPlan(self.layout, candidates.filter(_not_done(candidates, done)).to_pylist())
+        if isinstance(done, pa.Array):  # an Iceberg table's: URIs, without the records of finished shards
+            done = _Written(done)
+        if self.layout.uri_per_image:
+            return InputPlan(self.layout, self.uris.filter(_not_done(self.uris, done.uris())))
+        if pc.any(pc.match_substring(self.uris, "#")).as_py():
+            # A row's input is its uri up to the first '#': with a '#' in an input's own URI rows cannot be told
+            # apart by input, so every input is read and every written row dropped after reading.
+            return dataclasses.replace(self, skip=done.uris())
+        counts = [pc.value_counts(_input_of(batch)) for batch in done.batches()]
+        per_input = pa.Table.from_struct_array(pa.chunked_array(counts)) if counts else None
+        if per_input is None or not per_input.num_rows:
+            return self
+        per_input = per_input.group_by("values").aggregate([("counts", "sum")])
+        index = pc.index_in(self.uris, value_set=per_input["values"].cast(pa.large_string()))
+        written = pc.fill_null(pc.take(per_input["counts_sum"], index), 0).combine_chunks()
+        known = self.images if self.images is not None else self.layout.recorded_images(self.uris, done.uri)
+        unfinished = pc.invert(pc.fill_null(pc.equal(written, known), False))
+        uris = self.uris.filter(unfinished)
+        images = None if self.images is None else self.images.filter(unfinished)
+        value_set = uris.cast(pa.string()).combine_chunks()
+        skip = [batch.filter(pc.is_in(_input_of(batch), value_set=value_set)) for batch in done.batches()]
+        return InputPlan(self.layout, uris, images, skip=pa.chunked_array(skip, pa.string()).combine_chunks())
 
 
 def plan_input(config: InputConfig, storage: Storage) -> InputPlan:
@@ -333,7 +426,7 @@ def plan_input(config: InputConfig, storage: Storage) -> InputPlan:
         )
     if not uris:
         raise StorageError(f"input {config.uri} holds no {layout.wanted()}")
-    return InputPlan(layout, layout.plan(uris))
+    return layout.plan(pa.array(uris, pa.large_string()))
 
 
 def _parquet_columns(uri: str, storage: Storage) -> list[str]:
@@ -346,24 +439,27 @@ def _parquet_columns(uri: str, storage: Storage) -> list[str]:
         raise StorageError(f"input {uri} cannot be read as Parquet: {type(exc).__name__}: {exc}") from None
 
 
-def check_parquet_ids(uris: list[str], id_column: str, storage: Storage) -> None:
+def check_parquet_ids(uris: list[str], id_column: str, storage: Storage) -> list[int]:
     """Refuses Parquet input whose ids do not name each row of a file once (a row's ``uri`` is ``FILE#ID``).
 
     Only the id column is read, from every file at once.
+
+    Returns:
+        Each file's row count.
 
     Raises:
         StorageError: a file lacks the id column, has a null id, or repeats an id; the message names one.
     """
     import pyarrow.parquet as pq
 
-    def problem(uri: str) -> str:
+    def problem(uri: str) -> tuple[str, int]:
         fs, path = storage.pyarrow_filesystem(uri)
         try:
             ids = pq.read_table(path, columns=[id_column], filesystem=fs).column(id_column)
         except Exception as exc:
-            return f"its column {id_column} cannot be read: {type(exc).__name__}: {exc}"
+            return f"its column {id_column} cannot be read: {type(exc).__name__}: {exc}", 0
         if ids.null_count:
-            return f"{ids.null_count} rows have a null {id_column}"
+            return f"{ids.null_count} rows have a null {id_column}", 0
         if pc.count_distinct(ids).as_py() < len(ids):
             counts = pc.value_counts(ids)
             repeated = counts.filter(pc.greater(counts.field("counts"), 1))
@@ -371,16 +467,19 @@ def check_parquet_ids(uris: list[str], id_column: str, storage: Storage) -> None
             return (
                 f"{len(repeated)} values of {id_column} are on more than one row "
                 f"(e.g. {first['values']!r} on {first['counts']} rows)"
-            )
-        return ""
+            ), 0
+        return "", len(ids)
 
+    rows = []
     with ThreadPoolExecutor(min(LISTING_THREADS, len(uris))) as pool:
-        for uri, found in zip(uris, pool.map(problem, uris), strict=True):
+        for uri, (found, count) in zip(uris, pool.map(problem, uris), strict=True):
             if found:
                 raise StorageError(
                     f"input {uri}: {found}; a row's uri is FILE#ID, so input.id_column must name each row of a "
                     "file once"
                 )
+            rows.append(count)
+    return rows
 
 
 def manifest_kind(uri: str) -> str:
@@ -392,12 +491,12 @@ def manifest_kind(uri: str) -> str:
     return "text"
 
 
-def manifest_uris(uri: str, column: str, storage: Storage) -> list[str]:
-    """The image URIs a manifest lists: one per line (text), or its ``column`` (CSV, TSV, Parquet).
+def manifest_uris(uri: str, column: str, storage: Storage) -> pa.ChunkedArray:
+    """The image URIs a manifest lists: one per line (text), or its ``column`` (CSV, TSV, Parquet), in Arrow.
 
-    Blanks are skipped, and in text manifests lines starting with ``#`` (comments). A relative path is
-    resolved against the manifest's folder (``resolve_relative``); URIs with a scheme and absolute paths stay
-    as they are.
+    Leading and trailing whitespace is stripped and blanks are skipped, and in text manifests lines starting with
+    ``#`` (comments). A relative path is resolved against the manifest's folder (``resolve_relative``); URIs with
+    a scheme and absolute paths stay as they are.
 
     Raises:
         StorageError: the manifest cannot be read, or has no such column.
@@ -419,12 +518,91 @@ def manifest_uris(uri: str, column: str, storage: Storage) -> list[str]:
                     convert_options=pacsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()}),
                 ).column(column)
             else:
-                lines = f.read().decode("utf-8").splitlines()
-                values = pa.array([line for line in lines if not line.lstrip().startswith("#")], pa.string())
+                return pa.chunked_array([_cleaned(chunk, uri, True) for chunk in _text_lines(f)], pa.large_string())
     except Exception as exc:
         raise StorageError(f"manifest {uri} cannot be read: {type(exc).__name__}: {exc}") from None
-    stripped = (str(v).strip() for v in values.to_pylist() if v is not None)
-    return [resolve_relative(v, uri) for v in stripped if v]
+    return pa.chunked_array([_cleaned(chunk, uri, False) for chunk in values.chunks], pa.large_string())
+
+
+def _cleaned(values: pa.Array, manifest: str, text: bool) -> pa.Array:
+    """A chunk of a manifest's values as URIs: stripped, without blanks (and comments in text), resolved."""
+    values = pc.utf8_trim_whitespace(values.cast(pa.large_string()).drop_null())  # also a CRLF's CR
+    keep = pc.not_equal(values, "")
+    if text:
+        keep = pc.and_(keep, pc.invert(pc.starts_with(values, "#")))
+    values = values.filter(keep)
+    # Relative: no scheme (fsspec's: text before the first "://", of two characters or more), not absolute.
+    relative = pc.invert(
+        pc.or_(
+            pc.greater_equal(pc.find_substring(values, "://"), 2),
+            pc.or_(pc.starts_with(values, "/"), pc.starts_with(values, "data:")),
+        )
+    )
+    if pc.any(relative).as_py():
+        resolved = [resolve_relative(v, manifest) for v in values.filter(relative).to_pylist()]
+        values = pc.replace_with_mask(values, relative, pa.array(resolved, pa.large_string()))
+    return values
+
+
+def first_occurrences(uris: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``uris`` without repeats, each at its first place.
+
+    Exact, in 8 bytes per URI beside them rather than a hash table of the strings (``pc.unique``'s, ~2x their
+    size): a 64-bit hash of each finds the URIs that may be repeats, and only those are compared as strings.
+    """
+    hashes = np.concatenate([_hashes(chunk) for chunk in uris.chunks]) if uris.num_chunks else np.empty(0, np.uint64)
+    ordered = np.sort(hashes)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    del ordered
+    if not len(repeated):
+        return uris
+    suspects = np.flatnonzero(np.isin(hashes, repeated))
+    table = pa.table({"uri": uris.take(pa.array(suspects)), "row": suspects})
+    first = table.group_by("uri", use_threads=False).aggregate([("row", "min")])["row_min"].to_numpy()
+    keep = np.ones(len(uris), dtype=bool)
+    keep[np.setdiff1d(suspects, first)] = False
+    return uris.filter(pa.array(keep))
+
+
+# Random odd 64-bit multipliers, one per byte position (mod their count) of a string, for ``_hashes``.
+_HASH_WEIGHTS = np.random.default_rng(20261201).integers(1, 2**63, 4096, dtype=np.uint64) * 2 + 1
+# Strings hashed per numpy step: bounds the temporaries to a few MB.
+_HASH_ROWS = 65_536
+
+
+def _hashes(strings: pa.Array) -> np.ndarray:
+    """A 64-bit hash of each non-empty string of a large_string array without nulls (equal strings, equal hashes)."""
+    offsets = np.frombuffer(strings.buffers()[1], np.int64)[strings.offset : strings.offset + len(strings) + 1]
+    data = np.frombuffer(strings.buffers()[2], np.uint8) if strings.buffers()[2] is not None else np.empty(0, np.uint8)
+    result = np.empty(len(strings), np.uint64)
+    for first in range(0, len(strings), _HASH_ROWS):
+        ends = offsets[first : first + _HASH_ROWS + 1]
+        starts, lengths = ends[:-1] - ends[0], np.diff(ends)
+        chunk = data[ends[0] : ends[-1]].astype(np.uint64)
+        position = np.arange(len(chunk)) - np.repeat(starts, lengths)
+        weighted = chunk * _HASH_WEIGHTS[position % len(_HASH_WEIGHTS)]
+        sums = np.add.reduceat(weighted, starts) if len(chunk) else np.zeros(len(starts), np.uint64)
+        result[first : first + len(starts)] = sums ^ (lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    return result
+
+
+def _text_lines(f) -> Iterator[pa.Array]:
+    """The lines of a UTF-8 text file, ``TEXT_CHUNK_BYTES`` at a time, as Arrow strings."""
+
+    def lines(data: bytes) -> pa.Array:
+        offsets = pa.py_buffer(np.array([0, len(data)], np.int64))
+        text = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)])
+        return pc.list_flatten(pc.split_pattern(text.cast(pa.large_string()), "\n"))  # the cast checks the UTF-8
+
+    rest = b""
+    while chunk := f.read(TEXT_CHUNK_BYTES):
+        data = rest + chunk
+        end = data.rfind(b"\n") + 1  # a chunk is cut after a line's end, never inside a character
+        rest = data[end:]
+        if end:
+            yield lines(data[:end])
+    if rest:
+        yield lines(rest)
 
 
 def resolve_relative(uri: str, manifest: str) -> str:
@@ -454,12 +632,35 @@ def parquet_batch(
 
 def _not_done(uris: pa.Array, done: pa.Array) -> pa.Array:
     """Per URI, whether it has no row in ``done``."""
-    return pc.invert(pc.is_in(uris, value_set=done))
+    done = done.cast(uris.type)
+    return pc.invert(pc.is_in(uris, value_set=done.combine_chunks() if isinstance(done, pa.ChunkedArray) else done))
+
+
+@dataclass(frozen=True)
+class _Written:
+    """Written URIs given as an array, asked like ``output.Labeled`` (no shard records: ``uri`` is empty)."""
+
+    written: pa.Array
+    uri: str = ""
+
+    def __len__(self) -> int:
+        return len(self.written)
+
+    def batches(self) -> Iterator[pa.Array]:
+        yield self.written.cast(pa.string())
+
+    def uris(self) -> pa.Array:
+        return self.written
+
+
+def _input_of(uris: pa.Array) -> pa.Array:
+    """The input (shard, Parquet file) of each row's ``uri``: up to its first '#'."""
+    return pc.replace_substring_regex(uris, pattern="#.*", replacement="", max_replacements=1)
 
 
 def drop_done(batch: dict[str, np.ndarray], done: pa.Array) -> dict[str, np.ndarray]:
     """Drops the rows whose ``uri`` an earlier attempt already wrote (resuming a run of shards or Parquet)."""
-    keep = _not_done(pa.array(batch["uri"].tolist(), pa.string()), done).to_numpy(False)
+    keep = _not_done(pa.array(batch["uri"].tolist(), pa.large_string()), done).to_numpy(False)
     return {name: values[keep] for name, values in batch.items()}
 
 
@@ -562,3 +763,33 @@ def _with_context(exc: Exception, message: str) -> Exception:
         return type(exc)(message)
     except Exception:
         return exc
+
+
+def _finished_name(input_uri: str) -> str:
+    return hashlib.sha256(input_uri.encode()).hexdigest()[:32]
+
+
+def record_finished(run_uri: str, input_uri: str, images: int, storage: Storage) -> None:
+    """Records in the run's folder that ``input_uri`` was read to its end and holds ``images`` images."""
+    fs, root = storage.filesystem(run_uri)
+    folder = f"{root.rstrip('/')}/{FINISHED_INPUTS}"
+    fs.makedirs(folder, exist_ok=True)
+    fs.pipe_file(f"{folder}/{_finished_name(input_uri)}.{images}", b"")
+
+
+def recorded_images(uris: pa.Array, done_uri: str, storage: Storage) -> pa.Array:
+    """For each of ``uris``, the image count a run under ``done_uri`` recorded (``record_finished``), else null.
+
+    One recursive listing of ``done_uri`` (a run's folder, or the output's for every run), no reads.
+    """
+    if not done_uri:
+        return pa.nulls(len(uris), pa.int64())
+    fs, root = storage.filesystem(done_uri)
+    found = fs.find(root) if fs.exists(root) else []
+    counts: dict[str, int] = {}
+    for path in found:
+        folder, name = posixpath.split(path)
+        digest, _, images = name.partition(".")
+        if posixpath.basename(folder) == FINISHED_INPUTS and images.isdigit():
+            counts[digest] = int(images)
+    return pa.array([counts.get(_finished_name(u)) for u in uris.to_pylist()], pa.int64())

@@ -436,19 +436,21 @@ class IcebergTable(OutputTarget):
         mine = rows.filter(pc.equal(rows["run_id"], self.run_id))["uri"].combine_chunks()
         staged = output.labeled_uris(fs, self.run_root)
         held = pa.concat_arrays([mine, staged.filter(pc.invert(pc.is_in(staged, value_set=mine)))])
+        # The table's modes need every listed URI as Python strings (stats per file): a table run holds them.
+        uris = inputs.uris.to_pylist()
         if self.uri_per_image:
             if mode == "changed":
-                self.sources = source_stats(inputs.uris, storage)
-            wanted = to_label(mode, inputs.uris, rows, self.sources)
+                self.sources = source_stats(uris, storage)
+            wanted = to_label(mode, uris, rows, self.sources)
             wanted = wanted.filter(pc.invert(pc.is_in(wanted, value_set=held)))
             if mode != "changed":
                 # Committed rows hold their stats already; staged ones get theirs when committed, like the rest.
                 uncommitted = staged.filter(pc.invert(pc.is_in(staged, value_set=mine)))
                 self.sources = source_stats(pa.concat_arrays([wanted, uncommitted]).to_pylist(), storage)
-            listed = pa.array(inputs.uris, pa.string())
+            listed = pa.array(uris, pa.string())
             done = pa.concat_arrays([listed.filter(pc.invert(pc.is_in(listed, value_set=wanted))), held])
         else:
-            self.sources = source_stats(inputs.uris, storage)
+            self.sources = source_stats(uris, storage)
             done = pa.concat_arrays([rows["uri"].combine_chunks(), held]) if mode == "incremental" else held
         record = {
             "run_id": self.run_id,

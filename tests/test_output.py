@@ -89,7 +89,7 @@ def test_a_record_that_cannot_be_written_keeps_the_error_and_the_run_resumable(t
     assert json.loads((out / "_run.json").read_text())["status"] == "running"
     # Space freed: the same command resumes the run and keeps what it wrote.
     again = output.plan_run(config, "IMAGENET1K_V1")
-    assert again.resumed and again.run_id == "night" and again.done.to_pylist() == ["/images/a.jpg"]
+    assert again.resumed and again.run_id == "night" and again.done.uris().to_pylist() == ["/images/a.jpg"]
     output.finish_run(config, again, 1.0, 0)
 
 
@@ -306,6 +306,6 @@ def test_an_output_path_with_glob_characters_is_taken_as_it_is(tmp_path):
     (out / f"{output.TEMP_PREFIX}left-by-a-killed-writer").write_bytes(b"")
     plan = output.plan_run(job_config(out, mode="incremental", run_id="second"), "w")
     assert not list(out.glob(f"{output.TEMP_PREFIX}*")), "a killed writer's temporary stays"
-    assert plan.done.to_pylist() == ["/images/a.jpg"]
+    assert plan.done.uris().to_pylist() == ["/images/a.jpg"]
     output.finish_run(job_config(out, mode="incremental", run_id="second"), plan, seconds=1.0)
     assert [r["run_id"] for r in list_runs(str(out))] == ["first", "second"]

@@ -1,5 +1,6 @@
 """Shards and Parquet input, every input exactly once: a killed run resumed by the same command, then incremental."""
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -9,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mnasnet_batch import sources
 from mnasnet_batch.cli import main
 from tests import support
 from tests.test_nothing_lost import ROOT, kill_session, poll, rows_by_uri, start_job
@@ -61,6 +63,16 @@ def write_parquet(folder: Path, images: list[Path], first: int) -> dict[str, Pat
 WRITERS = {"webdataset": write_shards, "parquet": write_parquet}
 
 
+def finished_inputs(layout: str, inputs: Path, output: Path, written: set[str]) -> list[str]:
+    """The inputs a resumed run need not read: all their rows are written and, for shards, the run recorded the
+    shard as read to its end (``sources.record_finished``; a Parquet file's rows are known before reading)."""
+    files = sorted(str(p) for p in inputs.iterdir())
+    if layout == "webdataset":
+        recorded = {p.name.split(".")[0] for p in output.glob(f"run=*/{sources.FINISHED_INPUTS}/*")}
+        files = [f for f in files if hashlib.sha256(f.encode()).hexdigest()[:32] in recorded]
+    return [f for f in files if sum(uri.startswith(f"{f}#") for uri in written) == IMAGES_PER_INPUT]
+
+
 def assert_predictions_match_the_reference(rows: dict[str, dict], expected: dict[str, Path], model) -> None:
     uris = sorted(expected)
     ids, scores = support.reference_predictions([expected[u] for u in uris], model, "mnasnet0_5", 5)
@@ -90,21 +102,32 @@ def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
     rows_before = len(rows_by_uri(output))
     assert 0 < rows_before < len(expected)
     assert json.loads((output / "_run.json").read_text())["status"] == "running"
+    finished = finished_inputs(layout, inputs, output, set(rows_by_uri(output)))
+    if layout == "webdataset":
+        # A finished shard is not read again: one that could no longer be read would make error rows.
+        for shard in finished:
+            Path(shard).write_bytes(b"not a tar file")
     capsys.readouterr()
 
     # The same command resumes the run: what is missing is labeled, what was written is kept, nothing twice.
+    # Inputs whose rows are all written are skipped without reading them.
     assert main(argv) == 0
+    noun = {"webdataset": "tar shards", "parquet": "Parquet files"}[layout]
+    captured = capsys.readouterr()
+    assert f"{len(expected) // IMAGES_PER_INPUT - len(finished)} {noun} to label" in captured.err
     rows = rows_by_uri(output)
     assert set(rows) == set(expected)
     assert_predictions_match_the_reference(rows, expected, fixture_model)
     assert {p.name: p.stat().st_mtime_ns for p in output.glob("run=*/part-*.parquet") if p.name in before} == before
-    assert f"labeled {len(expected)} images (0 errors, {rows_before} from before the resume)" in capsys.readouterr().out
+    assert f"labeled {len(expected)} images (0 errors, {rows_before} from before the resume)" in captured.out
     assert len(list(output.glob("run=*"))) == 1 and (output / "_SUCCESS").exists()
 
-    # One more shard or Parquet file (Parquet: with the same ids as every other file); only it is labeled.
+    # One more shard or Parquet file (Parquet: with the same ids as every other file); only it is labeled, and
+    # only it is read.
     added = WRITERS[layout](inputs, corpus[16:20], 4)
     assert main([*argv, "--mode", "incremental", "--run-id", "more"]) == 0
-    assert "labeled 4 images (0 errors)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "labeled 4 images (0 errors)" in captured.out and f"1 {noun} to label" in captured.err
     everything = rows_by_uri(output)
     assert set(everything) == set(expected) | set(added)
     assert {uri: everything[uri] for uri in rows} == rows

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from mnasnet_batch import sources, storage
+from mnasnet_batch import output, sources, storage
 from mnasnet_batch.config import REDACTED, StorageConfig, load_config, parse_override, to_dict
 from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.sources import plan_input, shard_images
@@ -128,25 +128,36 @@ def config(uri, **values):
 def test_each_layout_makes_its_own_blocks(tmp_path):
     uris = [f"/x/{i}.jpg" for i in range(10)]
     # Loose files double from one batch, even of one image; shards and Parquet files are one block (task) each.
-    assert [b.num_rows for b in sources.FilesLayout(config(tmp_path).input, NO_STORAGE).blocks(uris, 1)] == [1, 2, 4, 3]
-    assert [b.num_rows for b in sources.ManifestLayout(config(tmp_path).input, NO_STORAGE).blocks(uris, 3)] == [3, 6, 1]
-    shards = sources.WebDatasetLayout(config(tmp_path).input, NO_STORAGE).blocks(["/x/a.tar", "/x/b.tar"], 64)
+    assert [b.num_rows for b in sources.FilesLayout(config(tmp_path).input, NO_STORAGE).blocks(pa.array(uris), 1)] == [
+        1,
+        2,
+        4,
+        3,
+    ]
+    assert [
+        b.num_rows for b in sources.ManifestLayout(config(tmp_path).input, NO_STORAGE).blocks(pa.array(uris), 3)
+    ] == [3, 6, 1]
+    shards = sources.WebDatasetLayout(config(tmp_path).input, NO_STORAGE).blocks(pa.array(["/x/a.tar", "/x/b.tar"]), 64)
     assert [b.column("uri").to_pylist() for b in shards] == [["/x/a.tar"], ["/x/b.tar"]]
+    many = sources.ParquetLayout(config(tmp_path).input, NO_STORAGE).blocks(
+        pa.array([f"/p/{i}" for i in range(2050)]), 64
+    )
+    assert [b.num_rows for b in many] == [3] * 683 + [1]
 
 
 def test_layouts_are_detected(layouts):
     plan = plan_input(config(layouts / "images").input, NO_STORAGE)
-    assert plan.layout.name == "files" and [p.rsplit("/", 1)[1] for p in plan.uris] == ["a.png", "b.JPG"]
+    assert plan.layout.name == "files" and [p.rsplit("/", 1)[1] for p in plan.uris.to_pylist()] == ["a.png", "b.JPG"]
     plan = plan_input(config(layouts / "shards").input, NO_STORAGE)
     assert plan.layout.name == "webdataset" and len(plan.uris) == 2 and plan.describe() == "2 tar shards"
     assert plan_input(config(layouts / "table").input, NO_STORAGE).layout.name == "parquet"
     assert plan_input(config(layouts / "list").input, NO_STORAGE).layout.name == "manifest"
     plan = plan_input(config(layouts / "urls.txt").input, NO_STORAGE)
-    assert plan.layout.name == "manifest" and plan.uris == ["/x/a.jpg"]
+    assert plan.layout.name == "manifest" and plan.uris.to_pylist() == ["/x/a.jpg"]
     assert plan.describe() == "1 image URIs from manifests"
     # Images win over other layouts in one tree; input.format picks another.
     assert plan_input(config(layouts).input, NO_STORAGE).layout.name == "files"
-    assert plan_input(config(layouts, format="webdataset").input, NO_STORAGE).uris[0].endswith("000000.tar")
+    assert plan_input(config(layouts, format="webdataset").input, NO_STORAGE).uris[0].as_py().endswith("000000.tar")
     assert plan_input(config(f"{layouts}/shards/*.tar").input, NO_STORAGE).layout.name == "webdataset"
 
 
@@ -167,10 +178,13 @@ def test_manifests_of_each_kind_list_their_uris(tmp_path):
     (tmp_path / "m.csv").write_text("id,uri\n1,s3://a/1.jpg\n2,\n3,/x/3.jpg\n")
     (tmp_path / "m.tsv").write_text("uri\tid\ns3://a/1.jpg\t1\n")
     pq.write_table(pa.table({"link": ["s3://a/1.jpg", None]}), tmp_path / "m.parquet")
-    assert sources.manifest_uris(str(tmp_path / "m.txt"), "uri", NO_STORAGE) == ["s3://a/1.jpg", "gs://b/2.png"]
-    assert sources.manifest_uris(str(tmp_path / "m.csv"), "uri", NO_STORAGE) == ["s3://a/1.jpg", "/x/3.jpg"]
-    assert sources.manifest_uris(str(tmp_path / "m.tsv"), "uri", NO_STORAGE) == ["s3://a/1.jpg"]
-    assert sources.manifest_uris(str(tmp_path / "m.parquet"), "link", NO_STORAGE) == ["s3://a/1.jpg"]
+    assert sources.manifest_uris(str(tmp_path / "m.txt"), "uri", NO_STORAGE).to_pylist() == [
+        "s3://a/1.jpg",
+        "gs://b/2.png",
+    ]
+    assert sources.manifest_uris(str(tmp_path / "m.csv"), "uri", NO_STORAGE).to_pylist() == ["s3://a/1.jpg", "/x/3.jpg"]
+    assert sources.manifest_uris(str(tmp_path / "m.tsv"), "uri", NO_STORAGE).to_pylist() == ["s3://a/1.jpg"]
+    assert sources.manifest_uris(str(tmp_path / "m.parquet"), "link", NO_STORAGE).to_pylist() == ["s3://a/1.jpg"]
     with pytest.raises(StorageError, match="manifest .*m.csv cannot be read"):
         sources.manifest_uris(str(tmp_path / "m.csv"), "url", NO_STORAGE)
 
@@ -292,8 +306,8 @@ def test_listed_paths_with_glob_characters_are_read_as_they_are(tmp_path):
     assert NO_STORAGE.read_many(uris) == [name.encode() for name in names]
     # A folder whose name looks like a glob is the folder; a glob that names nothing literally is a glob.
     plan = plan_input(config(trip).input, NO_STORAGE)
-    assert plan.layout.name == "files" and sorted(plan.uris) == sorted([*uris, str(trip / "br1.jpg")])
-    assert plan_input(config(f"{tmp_path}/2024 ?trip?/br*.jpg").input, NO_STORAGE).uris == [
+    assert plan.layout.name == "files" and sorted(plan.uris.to_pylist()) == sorted([*uris, str(trip / "br1.jpg")])
+    assert plan_input(config(f"{tmp_path}/2024 ?trip?/br*.jpg").input, NO_STORAGE).uris.to_pylist() == [
         str(trip / "br1.jpg"),
         str(trip / "br[1].jpg"),
     ]
@@ -367,11 +381,11 @@ def test_manifests_skip_comments_resolve_relative_paths_and_decode_file_uris(tmp
         "s3://b/x.jpg\n/abs/2.jpg\nimg/1.jpg\n"
     )
     resolved = [str(lists / "img" / "1.jpg"), str(spaced), spaced.as_uri(), "s3://b/x.jpg", "/abs/2.jpg"]
-    assert sources.manifest_uris(str(lists / "m.txt"), "uri", NO_STORAGE) == [*resolved, resolved[0]]
+    assert sources.manifest_uris(str(lists / "m.txt"), "uri", NO_STORAGE).to_pylist() == [*resolved, resolved[0]]
     (lists / "m.csv").write_text("uri\nimg/1.jpg\ns3://b/x.jpg\n")
-    assert sources.manifest_uris(str(lists / "m.csv"), "uri", NO_STORAGE) == [resolved[0], "s3://b/x.jpg"]
+    assert sources.manifest_uris(str(lists / "m.csv"), "uri", NO_STORAGE).to_pylist() == [resolved[0], "s3://b/x.jpg"]
     pq.write_table(pa.table({"uri": ["img/1.jpg"]}), lists / "m.parquet")
-    assert sources.manifest_uris(str(lists / "m.parquet"), "uri", NO_STORAGE) == [resolved[0]]
+    assert sources.manifest_uris(str(lists / "m.parquet"), "uri", NO_STORAGE).to_pylist() == [resolved[0]]
     assert sources.resolve_relative("img/1.jpg", "s3://b/lists/m.txt") == "s3://b/lists/img/1.jpg"
     assert sources.resolve_relative("../1.jpg", "gs://b/lists/m.txt") == "gs://b/1.jpg"
     # A percent-encoded file:// URI (Path.as_uri()) reads the file it names.
@@ -379,4 +393,83 @@ def test_manifests_skip_comments_resolve_relative_paths_and_decode_file_uris(tmp
     # The same image listed twice is one input.
     with caplog.at_level("WARNING", logger="mnasnet_batch.sources"):
         plan = plan_input(config(lists / "m.txt").input, NO_STORAGE)
-    assert plan.uris == resolved and "1 URIs are listed more than once" in caplog.text
+    assert plan.uris.to_pylist() == resolved and "1 URIs are listed more than once" in caplog.text
+
+
+def test_text_manifests_in_arrow_keep_order_and_line_ends_across_chunks(tmp_path, monkeypatch):
+    # Chunks of 16 bytes: lines, a CRLF and a multi-byte character are cut across chunk boundaries.
+    monkeypatch.setattr(sources, "TEXT_CHUNK_BYTES", 16)
+    lines = [f"/data/d{i % 3}/ïmg_{i:04d}.jpg" for i in range(50)]
+    (tmp_path / "m.txt").write_bytes(("\r\n".join(lines[:25]) + "\n# a comment\n\n" + "\n".join(lines[25:])).encode())
+    uris = sources.manifest_uris(str(tmp_path / "m.txt"), "uri", NO_STORAGE)
+    assert isinstance(uris, pa.ChunkedArray) and uris.to_pylist() == lines
+    (tmp_path / "bad.txt").write_bytes(b"/ok.jpg\n/\xff.jpg\n")
+    with pytest.raises(StorageError, match="manifest .*bad.txt cannot be read"):
+        sources.manifest_uris(str(tmp_path / "bad.txt"), "uri", NO_STORAGE)
+
+
+def test_repeated_uris_are_dropped_exactly_at_their_first_place(monkeypatch):
+    uris = pa.chunked_array([["/a", "/b", "/a"], ["/c", "/b", "/d", "/a"]], pa.large_string())
+    expected = ["/a", "/b", "/c", "/d"]
+    assert sources.first_occurrences(uris).to_pylist() == expected
+    assert sources.first_occurrences(pa.chunked_array([["/x", "/y"]], pa.large_string())).to_pylist() == ["/x", "/y"]
+    # Equal hashes are only suspects: the strings decide (every URI hashing alike, as if all collided).
+    monkeypatch.setattr(sources, "_hashes", lambda chunk: np.zeros(len(chunk), np.uint64))
+    assert sources.first_occurrences(uris).to_pylist() == expected
+
+
+def test_a_shard_read_to_its_end_is_recorded_with_its_sample_count(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    members = [(f"s{i}.jpg", b"x") for i in range(3)]
+    for name in ("a.tar", "b.tar"):
+        (shards / name).write_bytes(make_tar(members))
+    layout = sources.WebDatasetLayout(config(shards).input, NO_STORAGE)
+    run = tmp_path / "out" / "run=r"
+    batches = list(layout.read({"uri": np.array([str(shards / "a.tar")], dtype=object)}, 2, str(run)))
+    assert [len(b["uri"]) for b in batches] == [2, 1]
+    uris = pa.array([str(shards / "a.tar"), str(shards / "b.tar")])
+    # The run's folder, and the output's (every run's, for incremental runs): a.tar holds 3 samples, b.tar unknown.
+    assert sources.recorded_images(uris, str(run), NO_STORAGE).to_pylist() == [3, None]
+    assert layout.recorded_images(uris, str(tmp_path / "out")).to_pylist() == [3, None]
+    assert layout.recorded_images(uris, str(tmp_path / "nothing")).to_pylist() == [None, None]
+
+
+def written(folder: str, uris: list[str]) -> output.Labeled:
+    """``uris`` as the rows of a run's folder, in two parts (so they are read in more than one batch)."""
+    os.makedirs(folder, exist_ok=True)
+    half = len(uris) // 2
+    for i, chunk in enumerate((uris[:half], uris[half:])):
+        pq.write_table(pa.table({"uri": pa.array(chunk, pa.string())}), f"{folder}/part-{i}.parquet")
+    return output.Labeled(fsspec.filesystem("file"), folder, folder)
+
+
+def test_remaining_skips_the_inputs_whose_rows_are_all_written_and_filters_only_the_others(tmp_path):
+    run = str(tmp_path / "out" / "run=r")
+    layout = sources.WebDatasetLayout(config(tmp_path).input, NO_STORAGE)
+    plan = sources.InputPlan(layout, ["/s/a.tar", "/s/b.tar", "/s/c.tar", "/s/d.tar"])
+    # a: 2 of 2 written; b: 1 of 2; c: read to its end (recorded) but none written; d: never read to its end.
+    for shard in ("/s/a.tar", "/s/b.tar", "/s/c.tar"):
+        sources.record_finished(run, shard, 2, NO_STORAGE)
+    done = written(run, ["/s/a.tar#1.jpg", "/s/b.tar#1.jpg", "/s/a.tar#2.jpg", "/s/d.tar#1.jpg", "/other.tar#1.jpg"])
+    todo = plan.remaining(done)
+    assert todo.uris.to_pylist() == ["/s/b.tar", "/s/c.tar", "/s/d.tar"]
+    assert sorted(todo.skip.to_pylist()) == ["/s/b.tar#1.jpg", "/s/d.tar#1.jpg"]
+    # Without records (another run's folder) no shard is known to be complete: all are read, all rows dropped.
+    unknown = plan.remaining(written(str(tmp_path / "out" / "run=other"), done.uris().to_pylist()))
+    assert len(unknown.uris) == 4 and len(unknown.skip) == 4
+    # Parquet files know their rows before reading: no record needed.
+    parquet = sources.InputPlan(
+        sources.ParquetLayout(config(tmp_path).input, NO_STORAGE), ["/p/x", "/p/y"], pa.array([2, 2])
+    )
+    todo = parquet.remaining(written(str(tmp_path / "p"), ["/p/x#0", "/p/x#1", "/p/y#1"]))
+    assert todo.uris.to_pylist() == ["/p/y"] and todo.skip.to_pylist() == ["/p/y#1"] and todo.image_count == 2
+    # A '#' in an input's own URI: rows cannot be told apart by input, so nothing is skipped before reading.
+    hashed = sources.InputPlan(layout, ["/s/#a.tar"]).remaining(written(str(tmp_path / "h"), ["/s/#a.tar#1.jpg"]))
+    assert hashed.uris.to_pylist() == ["/s/#a.tar"] and hashed.skip.to_pylist() == ["/s/#a.tar#1.jpg"]
+    # One URI per image: those written are left out, the order kept, nothing dropped after reading.
+    files = sources.InputPlan(
+        sources.FilesLayout(config(tmp_path).input, NO_STORAGE), ["/i/3.jpg", "/i/1.jpg", "/i/2.jpg"]
+    )
+    todo = files.remaining(written(str(tmp_path / "i"), ["/i/1.jpg"]))
+    assert todo.uris.to_pylist() == ["/i/3.jpg", "/i/2.jpg"] and todo.skip is None
