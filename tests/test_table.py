@@ -22,7 +22,7 @@ from mnasnet_batch.cli import main
 from mnasnet_batch.config import load_config
 from mnasnet_batch.postprocess import output_table
 from mnasnet_batch.sources import FilesLayout, InputPlan
-from mnasnet_batch.storage import StorageError
+from mnasnet_batch.storage import Storage, StorageError
 from tests import support
 from tests.test_nothing_lost import ROOT, SMALL_BATCHES, kill_session, many_images, poll, start_job
 
@@ -255,7 +255,7 @@ def table_job(tmp_path, name: str, uris: list[str], catalog: dict, **output_sett
     settings = {"uri": str(tmp_path / name), "table": TABLE, "catalog": catalog, "run_id": name, **output_settings}
     config = load_config(overrides=[{"input": {"uri": "/images"}, "output": settings}])
     target = IcebergTable.for_config(config)
-    plan = target.plan_run(config, "weights-a", InputPlan(FilesLayout(config.input, config.storage), uris))
+    plan = target.plan_run(config, "weights-a", InputPlan(FilesLayout(config.input, Storage(config.storage)), uris))
     return config, target, plan
 
 
@@ -427,7 +427,8 @@ def test_overwrite_leaves_exactly_its_rows_and_an_unfinished_run_must_be_finishe
         table_job(tmp_path, "o", kept, catalog, mode="incremental", run_id="later")
     config, job, plan = table_job(tmp_path, "o", kept, catalog, mode="overwrite")  # the same command
     assert plan.resumed and plan.rows_before == 2
-    assert sorted(InputPlan(FilesLayout(config.input, config.storage), kept).remaining(plan.done).uris.to_pylist()) == kept[2:]
+    remaining = InputPlan(FilesLayout(config.input, Storage(config.storage)), kept).remaining(plan.done)
+    assert sorted(remaining.uris.to_pylist()) == kept[2:]
     stage(plan, kept[2:], 5)
     job.finish_run(config, plan, 1.0)
     rows = read_rows(job.catalog.load_table(TABLE))
