@@ -612,23 +612,8 @@ def finish_run(
         record = _read_json(fs, _join(root, f"run={plan.run_id}", RUN_RECORD)) or {}
         # Other processes wrote the parts: this one's cached listings (s3fs, gcsfs) have not seen them.
         fs.invalidate_cache()
-        summary = summarize(plan.run_uri, seconds, 0, plan.storage)
-        added = summary.images - plan.rows_before
-        counted = added if labeled_now is None else min(labeled_now, added)
-        summary = dataclasses.replace(summary, labeled_now=max(0, counted))
-        record.update(
-            status="interrupted" if interrupted else "failed" if error else "succeeded",
-            error=error or None,
-            ended_at=_now(),
-            counts={
-                "images": summary.images,
-                "ok": summary.images - summary.errors,
-                "error": summary.errors,
-                "error_kinds": summary.error_kinds,
-                "labeled_this_attempt": summary.labeled_now,
-            },
-            seconds=round(seconds, 3),
-            images_per_s=round(summary.labeled_now / seconds, 2) if seconds > 0 else None,
+        summary = close_record(
+            record, summarize(plan.run_uri, seconds, 0, plan.storage), plan, labeled_now, error, interrupted
         )
         write_record(fs, root, plan.run_id, record)
         if not error:
@@ -642,6 +627,36 @@ def finish_run(
     finally:
         if plan.lease is not None:
             plan.lease.release()
+    return summary
+
+
+def close_record(
+    record: dict, summary: Summary, plan: RunPlan, labeled_now: int | None, error: str, interrupted: bool
+) -> Summary:
+    """Writes into a run's ``record`` how this attempt ended and what the run holds (``summary``).
+
+    Returns:
+        ``summary`` with ``labeled_now``: what the caller counted (``labeled_now``), at most the rows this attempt
+        added, never below 0; None counts the rows added.
+    """
+    added = summary.images - plan.rows_before
+    counted = added if labeled_now is None else min(labeled_now, added)
+    summary = dataclasses.replace(summary, labeled_now=max(0, counted))
+    seconds = summary.seconds
+    record.update(
+        status="interrupted" if interrupted else "failed" if error else "succeeded",
+        error=error or None,
+        ended_at=_now(),
+        counts={
+            "images": summary.images,
+            "ok": summary.images - summary.errors,
+            "error": summary.errors,
+            "error_kinds": summary.error_kinds,
+            "labeled_this_attempt": summary.labeled_now,
+        },
+        seconds=round(seconds, 3),
+        images_per_s=round(summary.labeled_now / seconds, 2) if seconds > 0 else None,
+    )
     return summary
 
 

@@ -627,26 +627,9 @@ class IcebergTable(OutputTarget):
         try:
             if not error:
                 self.commit(final=True)
-            summary = self._summary(seconds)
-            added = summary.images - plan.rows_before
-            counted = added if labeled_now is None else min(labeled_now, added)
-            summary = dataclasses.replace(summary, labeled_now=max(0, counted))
             record = output._read_json(self.fs, output._join(self.run_root, output.RUN_RECORD)) or {}
-            record.update(
-                status="interrupted" if interrupted else "failed" if error else "succeeded",
-                error=error or None,
-                ended_at=output._now(),
-                snapshot_id=self.snapshot_id,  # of the run's last commit (this attempt's): for time travel
-                counts={
-                    "images": summary.images,
-                    "ok": summary.images - summary.errors,
-                    "error": summary.errors,
-                    "error_kinds": summary.error_kinds,
-                    "labeled_this_attempt": summary.labeled_now,
-                },
-                seconds=round(seconds, 3),
-                images_per_s=round(summary.labeled_now / seconds, 2) if seconds > 0 else None,
-            )
+            summary = output.close_record(record, self._summary(seconds), plan, labeled_now, error, interrupted)
+            record["snapshot_id"] = self.snapshot_id  # of the run's last commit (this attempt's): for time travel
             output.write_record(self.fs, self.staging, self.run_id, record)
         except Exception as exc:
             failed = f"run {self.run_id} failed ({output._first_line(error)}) and " if error else ""
