@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import yaml
@@ -661,17 +662,30 @@ def close_record(
 
 
 def summarize(run_uri: str, seconds: float, labeled_now: int, storage: Storage | None = None) -> Summary:
-    """Counts rows and error kinds in the Parquet parts under ``run_uri``."""
+    """Counts rows and error kinds in the Parquet parts under ``run_uri``, a record batch at a time."""
     fs, root = (storage or Storage()).filesystem(run_uri)
     dataset = read_parts(fs, root)
     if dataset is None:
         return Summary(images=0, errors=0, seconds=seconds, labeled_now=labeled_now)
-    errors = dataset.to_table(columns=["error"])["error"].drop_null().to_pylist()
-    kinds = collections.Counter(message.split(":", 1)[0] for message in errors)
+    kinds: collections.Counter[str] = collections.Counter()
+    for batch in dataset.to_batches(columns=["error"]):
+        kinds.update(error_kinds(batch.column(0)))
     return Summary(
         images=dataset.count_rows(),
-        errors=len(errors),
+        errors=sum(kinds.values()),
         seconds=seconds,
         error_kinds=dict(kinds),
         labeled_now=labeled_now,
     )
+
+
+def error_kinds(errors: pa.Array | pa.ChunkedArray) -> dict[str, int]:
+    """How many of the (non-null) ``error`` messages are of each kind, the text before the first ':'.
+
+    Counted in Arrow: a million error rows never become a million Python strings.
+    """
+    messages = errors.drop_null()
+    if not len(messages):
+        return {}
+    kinds = pc.list_element(pc.split_pattern(messages, ":", max_splits=1), 0)
+    return {row["values"]: row["counts"] for row in pc.value_counts(kinds).to_pylist()}

@@ -22,7 +22,6 @@ Layout under ``output.uri`` (an embedded catalog only when ``output.catalog`` is
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import datetime
 import functools
@@ -656,9 +655,8 @@ class IcebergTable(OutputTarget):
                     staged.filter(pc.invert(pc.is_in(staged["uri"], value_set=committed["uri"]))),
                 ]
             )
-        errors = committed["error"].drop_null().to_pylist()
-        kinds = collections.Counter(message.split(":", 1)[0] for message in errors)
-        return Summary(images=committed.num_rows, errors=len(errors), seconds=seconds, error_kinds=dict(kinds))
+        kinds = output.error_kinds(committed["error"])
+        return Summary(images=committed.num_rows, errors=sum(kinds.values()), seconds=seconds, error_kinds=kinds)
 
 
 def _run_filter(run_id: str):

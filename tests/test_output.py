@@ -309,3 +309,18 @@ def test_an_output_path_with_glob_characters_is_taken_as_it_is(tmp_path):
     assert plan.done.uris().to_pylist() == ["/images/a.jpg"]
     output.finish_run(job_config(out, mode="incremental", run_id="second"), plan, seconds=1.0)
     assert [r["run_id"] for r in list_runs(str(out))] == ["first", "second"]
+
+
+def test_the_summary_counts_error_kinds_over_every_part_of_the_run(tmp_path):
+    run = tmp_path / "run=r"
+    run.mkdir()
+    storage = Storage()
+    output.write_part(
+        pa.table({"uri": ["a", "b", "c"], "error": ["UnidentifiedImageError: cannot identify", None, "OSError"]}),
+        str(run),
+        storage,
+    )
+    output.write_part(pa.table({"uri": ["d"], "error": ["OSError: [Errno 2] No such file: 'd:e'"]}), str(run), storage)
+    summary = output.summarize(str(run), 1.0, 4, storage)
+    assert (summary.images, summary.errors) == (4, 3)
+    assert summary.error_kinds == {"UnidentifiedImageError": 1, "OSError": 2}

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from mnasnet_batch.config import OutputConfig
-from mnasnet_batch.output import RUN_RECORD, read_parts
+from mnasnet_batch.output import RUN_RECORD, error_kinds, read_parts
 from mnasnet_batch.storage import Storage
 
 # Underscore-prefixed like _config.yaml, so pyarrow, pandas and Spark still read the directory as one table.
@@ -93,11 +93,10 @@ def stats(table, low_confidence: float, runs: list[dict]) -> RunStats:
     ok = table.filter(pads.field("status") == "ok")
     scores = np.array([s[0] for s in ok.column("top_k_scores").to_pylist()], dtype=np.float32)
     labels = collections.Counter(names[0] for names in ok.column("top_k_labels").to_pylist())
-    errors = table.column("error").drop_null().to_pylist()
-    kinds = collections.Counter(message.split(":", 1)[0] for message in errors)
+    kinds = collections.Counter(error_kinds(table.column("error")))
     return RunStats(
         images=table.num_rows,
-        errors=len(errors),
+        errors=kinds.total(),
         top1_scores=scores,
         label_counts=labels.most_common(),
         error_kinds=kinds.most_common(),
