@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     storage = Storage(config.storage)
     try:
         checkpoint, inputs = cli.prepare_input(run_config, storage)
-        images = inputs.uris.to_pylist()  # an evaluation set: tens of thousands of images at most
+        images = inputs.listed().to_pylist()  # an evaluation set: tens of thousands of images at most
         truth = ground_truth.load_ground_truth(images, args.labels or "", args.synsets or "", storage)
         # The labeling job's run rules apply: a finished evaluation is refused (--mode overwrite redoes it),
         # an interrupted one resumes.

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    plan = None
+    plan = inputs = None
     started_ray = False
     try:
         with stop_on_signals():
@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}{root_cause(exc)}", file=sys.stderr)
         log.debug("the job failed", exc_info=True)
         return 1
+    finally:
+        if inputs is not None:
+            inputs.release()
     if started_ray:
         import ray
 
@@ -264,12 +267,19 @@ def prepare(config: JobConfig, target: OutputTarget | None = None) -> tuple[Chec
     target = target or output.target_for(config)
     # The job's one storage handle: the weights, the input and the output (its parts and records) go through it.
     storage = Storage(config.storage)
-    checkpoint, inputs = prepare_input(config, storage)
-    return checkpoint, inputs, target.plan_run(config, checkpoint.weights_id, inputs, storage)
+    checkpoint, inputs = prepare_input(config, storage, spool=True)
+    try:
+        return checkpoint, inputs, target.plan_run(config, checkpoint.weights_id, inputs, storage)
+    except BaseException:
+        inputs.release()
+        raise
 
 
-def prepare_input(config: JobConfig, storage: Storage) -> tuple[Checkpoint, InputPlan]:
+def prepare_input(config: JobConfig, storage: Storage, spool: bool = False) -> tuple[Checkpoint, InputPlan]:
     """Verifies the weights and plans the input (``prepare`` without opening the run).
+
+    ``spool``: a list of image URIs too long for the driver's memory is written under the output (removed by
+    ``InputPlan.release``); otherwise every list is held.
 
     Raises:
         WeightsError: the weights cannot be found, read, verified or fitted.
@@ -280,6 +290,7 @@ def prepare_input(config: JobConfig, storage: Storage) -> tuple[Checkpoint, Inpu
     # beside Ray's start) so that the driver imports nothing once Ray may replace its working directory (see main).
     from mnasnet_batch import predictor, sources  # noqa: F401
     from mnasnet_batch.engine import export_ahead, require_installed
+    from mnasnet_batch.spool import spool_folder
     from mnasnet_batch.weights import resolve_checkpoint
 
     require_installed(config.compute.engine)
@@ -287,7 +298,7 @@ def prepare_input(config: JobConfig, storage: Storage) -> tuple[Checkpoint, Inpu
         config.model.name, config.model.weights, config.model.sha256, config.model.download, storage
     )
     export_ahead(config.compute, checkpoint)
-    return checkpoint, sources.plan_input(config.input, storage)
+    return checkpoint, sources.plan_input(config.input, storage, spool_folder(config.output.uri) if spool else "")
 
 
 def ray_initialized() -> bool:

@@ -7,8 +7,9 @@ import hashlib
 import logging
 import posixpath
 import re
+import sys
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -20,6 +21,7 @@ from fsspec.core import split_protocol
 
 from mnasnet_batch.config import InputConfig
 from mnasnet_batch.preprocess import error_message
+from mnasnet_batch.spool import SPOOL_URIS, Spool, SpooledURIs, first_occurrences, read_spooled
 from mnasnet_batch.storage import LISTING_THREADS, Storage, StorageError, has_extension
 
 if TYPE_CHECKING:
@@ -80,6 +82,9 @@ class Layout:
 
     config: InputConfig
     storage: Storage
+    # The folder (``spool.spool_folder``) where a list of image URIs longer than ``spool.SPOOL_URIS`` is written
+    # instead of being held by the driver; "" holds every list in memory.
+    spool: str = ""
 
     name: ClassVar[str]
     # What its listed inputs are, for people: "12 image files".
@@ -150,24 +155,46 @@ class ImageURILayout(Layout):
 
     uri_per_image = True
 
-    def blocks(self, uris: pa.Array, batch_size: int) -> list[pa.Table]:
-        """Blocks of URIs doubling from one batch (``input_block_bounds``).
+    def plan(self, uris: pa.Array) -> InputPlan:
+        return InputPlan(self, self.collect([uris]))
+
+    def collect(self, chunks: Iterable[pa.Array]) -> pa.ChunkedArray | SpooledURIs:
+        """Image URIs, a chunk at a time: held in Arrow, or written to the spool folder past ``SPOOL_URIS``."""
+        spool = Spool(self.storage, self.spool, "listed", limit=SPOOL_URIS if self.spool else sys.maxsize)
+        for chunk in chunks:
+            spool.add(chunk)
+        return spool.finish()
+
+    def blocks(self, uris: pa.Array | SpooledURIs, batch_size: int) -> list[pa.Table]:
+        """Blocks of URIs doubling from one batch (``input_block_bounds``); of a written list, blocks of its row
+        groups (``SpooledURIs.units``), at most ``MAX_FILE_BLOCKS``.
 
         The first blocks are small so reading and decoding start on every CPU at once; later ones are large
         because the driver puts each block into the object store one by one, and one block per batch would keep
         it putting for a long time on millions of images. Ray Data's streaming repartition, which cuts big blocks
         on the workers, stalled the job on 2 CPUs (model actor 1.5, decode tasks 0.5 each).
         """
+        if isinstance(uris, SpooledURIs):
+            units = uris.units()
+            size = max(1, -(-len(units) // MAX_FILE_BLOCKS))
+            return [units.slice(i, size) for i in range(0, len(units), size)]
         table = pa.table({"uri": uris})
         return [table.slice(start, stop - start) for start, stop in input_block_bounds(len(uris), batch_size)]
 
     def read(
         self, batch: dict[str, np.ndarray], batch_size: int, run_uri: str | None = None
     ) -> Iterator[dict[str, np.ndarray]]:
-        uris = [str(u) for u in batch["uri"]]
-        for start in range(0, len(uris), batch_size):
-            chunk = uris[start : start + batch_size]
-            yield encoded_batch(chunk, self.storage.read_many(chunk))
+        if "plan" in batch:  # row groups of a written list
+            lists = (
+                read_spooled(self.storage, str(plan), ["uri"], int(group))["uri"].to_pylist()
+                for plan, group in zip(batch["plan"], batch["row_group"], strict=True)
+            )
+        else:
+            lists = iter([[str(u) for u in batch["uri"]]])
+        for uris in lists:
+            for start in range(0, len(uris), batch_size):
+                chunk = uris[start : start + batch_size]
+                yield encoded_batch(chunk, self.storage.read_many(chunk))
 
 
 class FilesLayout(ImageURILayout):
@@ -203,19 +230,19 @@ class ManifestLayout(ImageURILayout):
         the image reads are spread over read tasks exactly as for loose files (so a resumed run skips what it
         already labeled).
         """
-        listed = pa.chunked_array(
-            [c for m in uris.to_pylist() for c in manifest_uris(m, self.config.uri_column, self.storage).chunks],
-            pa.large_string(),
-        )
+        column = self.config.uri_column
+        listed = self.collect(c for m in uris.to_pylist() for c in manifest_chunks(m, column, self.storage))
         if not len(listed):
             raise StorageError(f"input {self.config.uri}: the manifests list no URIs")
         # An image listed twice is one input: one row, not two rows (or two parts) of the same uri.
-        unique = first_occurrences(listed)
-        if len(unique) < len(listed):
+        if isinstance(listed, SpooledURIs):
+            unique, repeats = listed.unique()
+        else:
+            unique = first_occurrences(listed)
+            repeats = len(listed) - len(unique)
+        if repeats:
             log.warning(
-                "input %s: %d URIs are listed more than once; each image is labeled once",
-                self.config.uri,
-                len(listed) - len(unique),
+                "input %s: %d URIs are listed more than once; each image is labeled once", self.config.uri, repeats
             )
         return InputPlan(self, unique)
 
@@ -309,16 +336,18 @@ class ParquetLayout(Layout):
 LAYOUTS = (FilesLayout, WebDatasetLayout, ParquetLayout, ManifestLayout)
 
 
-def layout_for(config: InputConfig, storage: Storage, files: list[str]) -> Layout:
+def layout_for(config: InputConfig, storage: Storage, files: list[str], spool: str = "") -> Layout:
     """The layout ``input.format`` names, or with ``auto`` the first whose inputs the listed ``files`` hold.
 
     Detection takes image files, then tar shards, then Parquet files with ``input.image_column`` (else those
     Parquet files are a manifest), then text or CSV manifests.
 
+    ``spool``: where long lists of image URIs are written (``Layout.spool``).
+
     Raises:
         StorageError: ``auto`` and the files hold no layout's inputs.
     """
-    layouts = [layout(config, storage) for layout in LAYOUTS]
+    layouts = [layout(config, storage, spool) for layout in LAYOUTS]
     if config.format != "auto":
         return next(layout for layout in layouts if layout.name == config.format)
     layout = next((layout for layout in layouts if layout.detects(files)), None)
@@ -337,11 +366,12 @@ class InputPlan:
     """What the job reads: the layout and what was listed for it (image URIs, shards, or Parquet files).
 
     ``uris`` are Arrow strings (a list of str is taken and converted): the driver never holds the corpus as
-    Python strings.
+    Python strings. A list of image URIs longer than ``spool.SPOOL_URIS`` is not held at all but written under
+    the output (``SpooledURIs``), which ``release`` removes.
     """
 
     layout: Layout
-    uris: pa.ChunkedArray
+    uris: pa.ChunkedArray | SpooledURIs
     # Images in each input, where known before reading (Parquet files' rows); each URI of an image layout is one.
     images: pa.Array | None = None
     # Rows an earlier attempt wrote of the inputs still to read, which the pipeline drops after reading
@@ -350,6 +380,8 @@ class InputPlan:
 
     def __post_init__(self) -> None:
         uris = self.uris
+        if isinstance(uris, SpooledURIs):
+            return
         if isinstance(uris, pa.Array):
             uris = pa.chunked_array([uris])
         elif not isinstance(uris, pa.ChunkedArray):
@@ -358,6 +390,15 @@ class InputPlan:
 
     def describe(self) -> str:
         return f"{len(self.uris)} {self.layout.noun}"
+
+    def listed(self) -> pa.ChunkedArray:
+        """Every input in the driver's memory, written or not (for the few who need them whole)."""
+        return self.uris.to_arrow() if isinstance(self.uris, SpooledURIs) else self.uris
+
+    def release(self) -> None:
+        """Removes the list of inputs this plan (or one it was derived from) wrote under the output, if any."""
+        if isinstance(self.uris, SpooledURIs):
+            self.uris.remove()
 
     @property
     def image_count(self) -> int:
@@ -380,6 +421,8 @@ class InputPlan:
             return self
         if isinstance(done, pa.Array):  # an Iceberg table's: URIs, without the records of finished shards
             done = _Written(done)
+        if isinstance(self.uris, SpooledURIs):  # compared a partition at a time, both lists written
+            return InputPlan(self.layout, self.uris.without(done.batches()))
         if self.layout.uri_per_image:
             return InputPlan(self.layout, self.uris.filter(_not_done(self.uris, done.uris())))
         if pc.any(pc.match_substring(self.uris, "#")).as_py():
@@ -402,16 +445,17 @@ class InputPlan:
         return InputPlan(self.layout, uris, images, skip=pa.chunked_array(skip, pa.string()).combine_chunks())
 
 
-def plan_input(config: InputConfig, storage: Storage) -> InputPlan:
+def plan_input(config: InputConfig, storage: Storage, spool: str = "") -> InputPlan:
     """Lists the input once and decides its layout (``input.format``, or detected when ``auto``: ``layout_for``).
 
     A single file named explicitly is taken whatever its extension when the format is set (and is not ``files``).
+    ``spool``: the folder where a list of image URIs longer than ``spool.SPOOL_URIS`` is written (``Layout.spool``).
 
     Raises:
         StorageError: the input does not exist, holds nothing of its layout, or lacks the configured columns.
     """
     files, single = storage.list_files(config.uri)
-    layout = layout_for(config, storage, files)
+    layout = layout_for(config, storage, files, spool)
     uris = layout.select(files, single)
     if len(uris) < len(files):
         chosen = set(uris)
@@ -492,7 +536,13 @@ def manifest_kind(uri: str) -> str:
 
 
 def manifest_uris(uri: str, column: str, storage: Storage) -> pa.ChunkedArray:
-    """The image URIs a manifest lists: one per line (text), or its ``column`` (CSV, TSV, Parquet), in Arrow.
+    """The image URIs a manifest lists, whole (``manifest_chunks``)."""
+    return pa.chunked_array(list(manifest_chunks(uri, column, storage)), pa.large_string())
+
+
+def manifest_chunks(uri: str, column: str, storage: Storage) -> Iterator[pa.Array]:
+    """The image URIs a manifest lists, one per line (text), or its ``column`` (CSV, TSV, Parquet), in Arrow,
+    about ``TEXT_CHUNK_BYTES`` of the manifest at a time.
 
     Leading and trailing whitespace is stripped and blanks are skipped, and in text manifests lines starting with
     ``#`` (comments). A relative path is resolved against the manifest's folder (``resolve_relative``); URIs with
@@ -509,19 +559,28 @@ def manifest_uris(uri: str, column: str, storage: Storage) -> pa.ChunkedArray:
         fs, path = storage.filesystem(uri)
         with fs.open(path, "rb") as f:
             if kind == "parquet":
-                values = pq.read_table(f, columns=[column]).column(column)
+                batches = (
+                    b.column(0) for b in pq.ParquetFile(f).iter_batches(batch_size=2**18, columns=[column])
+                )
             elif kind == "csv":
                 delimiter = "\t" if has_extension(uri, ("tsv",)) else ","
-                values = pacsv.read_csv(
-                    f,
-                    parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                    convert_options=pacsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()}),
-                ).column(column)
+                batches = (
+                    b.column(0)
+                    for b in pacsv.open_csv(
+                        f,
+                        read_options=pacsv.ReadOptions(block_size=TEXT_CHUNK_BYTES),
+                        parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                        convert_options=pacsv.ConvertOptions(
+                            include_columns=[column], column_types={column: pa.string()}
+                        ),
+                    )
+                )
             else:
-                return pa.chunked_array([_cleaned(chunk, uri, True) for chunk in _text_lines(f)], pa.large_string())
+                batches = _text_lines(f)
+            for values in batches:
+                yield _cleaned(values, uri, kind == "text")
     except Exception as exc:
         raise StorageError(f"manifest {uri} cannot be read: {type(exc).__name__}: {exc}") from None
-    return pa.chunked_array([_cleaned(chunk, uri, False) for chunk in values.chunks], pa.large_string())
 
 
 def _cleaned(values: pa.Array, manifest: str, text: bool) -> pa.Array:
@@ -542,48 +601,6 @@ def _cleaned(values: pa.Array, manifest: str, text: bool) -> pa.Array:
         resolved = [resolve_relative(v, manifest) for v in values.filter(relative).to_pylist()]
         values = pc.replace_with_mask(values, relative, pa.array(resolved, pa.large_string()))
     return values
-
-
-def first_occurrences(uris: pa.ChunkedArray) -> pa.ChunkedArray:
-    """``uris`` without repeats, each at its first place.
-
-    Exact, in 8 bytes per URI beside them rather than a hash table of the strings (``pc.unique``'s, ~2x their
-    size): a 64-bit hash of each finds the URIs that may be repeats, and only those are compared as strings.
-    """
-    hashes = np.concatenate([_hashes(chunk) for chunk in uris.chunks]) if uris.num_chunks else np.empty(0, np.uint64)
-    ordered = np.sort(hashes)
-    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-    del ordered
-    if not len(repeated):
-        return uris
-    suspects = np.flatnonzero(np.isin(hashes, repeated))
-    table = pa.table({"uri": uris.take(pa.array(suspects)), "row": suspects})
-    first = table.group_by("uri", use_threads=False).aggregate([("row", "min")])["row_min"].to_numpy()
-    keep = np.ones(len(uris), dtype=bool)
-    keep[np.setdiff1d(suspects, first)] = False
-    return uris.filter(pa.array(keep))
-
-
-# Random odd 64-bit multipliers, one per byte position (mod their count) of a string, for ``_hashes``.
-_HASH_WEIGHTS = np.random.default_rng(20261201).integers(1, 2**63, 4096, dtype=np.uint64) * 2 + 1
-# Strings hashed per numpy step: bounds the temporaries to a few MB.
-_HASH_ROWS = 65_536
-
-
-def _hashes(strings: pa.Array) -> np.ndarray:
-    """A 64-bit hash of each non-empty string of a large_string array without nulls (equal strings, equal hashes)."""
-    offsets = np.frombuffer(strings.buffers()[1], np.int64)[strings.offset : strings.offset + len(strings) + 1]
-    data = np.frombuffer(strings.buffers()[2], np.uint8) if strings.buffers()[2] is not None else np.empty(0, np.uint8)
-    result = np.empty(len(strings), np.uint64)
-    for first in range(0, len(strings), _HASH_ROWS):
-        ends = offsets[first : first + _HASH_ROWS + 1]
-        starts, lengths = ends[:-1] - ends[0], np.diff(ends)
-        chunk = data[ends[0] : ends[-1]].astype(np.uint64)
-        position = np.arange(len(chunk)) - np.repeat(starts, lengths)
-        weighted = chunk * _HASH_WEIGHTS[position % len(_HASH_WEIGHTS)]
-        sums = np.add.reduceat(weighted, starts) if len(chunk) else np.zeros(len(starts), np.uint64)
-        result[first : first + len(starts)] = sums ^ (lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-    return result
 
 
 def _text_lines(f) -> Iterator[pa.Array]:

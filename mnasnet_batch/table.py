@@ -436,7 +436,7 @@ class IcebergTable(OutputTarget):
         staged = output.labeled_uris(fs, self.run_root)
         held = pa.concat_arrays([mine, staged.filter(pc.invert(pc.is_in(staged, value_set=mine)))])
         # The table's modes need every listed URI as Python strings (stats per file): a table run holds them.
-        uris = inputs.uris.to_pylist()
+        uris = inputs.listed().to_pylist()
         if self.uri_per_image:
             if mode == "changed":
                 self.sources = source_stats(uris, storage)

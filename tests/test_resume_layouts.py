@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mnasnet_batch import sources
+from mnasnet_batch import sources, spool
 from mnasnet_batch.cli import main
 from tests import support
 from tests.test_nothing_lost import ROOT, kill_session, poll, rows_by_uri, start_job
@@ -60,13 +60,28 @@ def write_parquet(folder: Path, images: list[Path], first: int) -> dict[str, Pat
     return expected
 
 
-WRITERS = {"webdataset": write_shards, "parquet": write_parquet}
+def write_manifest(folder: Path, images: list[Path], first: int) -> dict[str, Path]:
+    """A text manifest listing the images, the first one twice.
+
+    Returns:
+        Each image's expected ``uri`` (its path) and its file.
+    """
+    folder.mkdir(exist_ok=True)
+    lines = [str(path) for path in images]
+    (folder / f"list-{first}.txt").write_text("\n".join([*lines, lines[0]]) + "\n")
+    return {line: path for line, path in zip(lines, images, strict=True)}
+
+
+WRITERS = {"webdataset": write_shards, "parquet": write_parquet, "manifest": write_manifest}
+NOUNS = {"webdataset": "tar shards", "parquet": "Parquet files", "manifest": "image URIs from manifests"}
 
 
 def finished_inputs(layout: str, inputs: Path, output: Path, written: set[str]) -> list[str]:
     """The inputs a resumed run need not read: all their rows are written and, for shards, the run recorded the
     shard as read to its end (``sources.record_finished``; a Parquet file's rows are known before reading)."""
     files = sorted(str(p) for p in inputs.iterdir())
+    if layout == "manifest":
+        return sorted(written)
     if layout == "webdataset":
         recorded = {p.name.split(".")[0] for p in output.glob(f"run=*/{sources.FINISHED_INPUTS}/*")}
         files = [f for f in files if hashlib.sha256(f.encode()).hexdigest()[:32] in recorded]
@@ -81,9 +96,9 @@ def assert_predictions_match_the_reference(rows: dict[str, dict], expected: dict
         np.testing.assert_allclose(rows[uri]["top_k_scores"], ref_scores, atol=1e-4)
 
 
-@pytest.mark.parametrize("layout", ["webdataset", "parquet"])
+@pytest.mark.parametrize("layout", ["webdataset", "parquet", "manifest"])
 def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
-    layout, local_ray, corpus, tmp_path, checkpoint_path, fixture_model, capsys
+    layout, local_ray, corpus, tmp_path, checkpoint_path, fixture_model, capsys, caplog, monkeypatch
 ):
     inputs = tmp_path / "inputs"
     expected = WRITERS[layout](inputs, corpus[:16], 0)
@@ -108,13 +123,19 @@ def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
         for shard in finished:
             Path(shard).write_bytes(b"not a tar file")
     capsys.readouterr()
+    if layout == "manifest":
+        # The resumed run holds at most 3 URIs in memory: the listed and the written ones are written under the
+        # output by hash partition, and compared a partition at a time (sources.SPOOL_URIS).
+        monkeypatch.setattr(sources, "SPOOL_URIS", 3)
 
     # The same command resumes the run: what is missing is labeled, what was written is kept, nothing twice.
     # Inputs whose rows are all written are skipped without reading them.
     assert main(argv) == 0
-    noun = {"webdataset": "tar shards", "parquet": "Parquet files"}[layout]
+    noun = NOUNS[layout]
     captured = capsys.readouterr()
-    assert f"{len(expected) // IMAGES_PER_INPUT - len(finished)} {noun} to label" in captured.err
+    per_input = 1 if layout == "manifest" else IMAGES_PER_INPUT
+    inputs_left = len(expected) // per_input - len(finished)
+    assert f"{inputs_left} {noun} to label" in captured.err
     rows = rows_by_uri(output)
     assert set(rows) == set(expected)
     assert_predictions_match_the_reference(rows, expected, fixture_model)
@@ -127,9 +148,13 @@ def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
     added = WRITERS[layout](inputs, corpus[16:20], 4)
     assert main([*argv, "--mode", "incremental", "--run-id", "more"]) == 0
     captured = capsys.readouterr()
-    assert "labeled 4 images (0 errors)" in captured.out and f"1 {noun} to label" in captured.err
+    new_inputs = 4 if layout == "manifest" else 1
+    assert "labeled 4 images (0 errors)" in captured.out and f"{new_inputs} {noun} to label" in captured.err
     everything = rows_by_uri(output)
     assert set(everything) == set(expected) | set(added)
     assert {uri: everything[uri] for uri in rows} == rows
     assert_predictions_match_the_reference(everything, added, fixture_model)
     assert json.loads((output / "_run.json").read_text())["status"] == "succeeded"
+    if layout == "manifest":
+        assert "more than 3 listed URIs: writing them under" in caplog.text
+        assert not list(output.glob(f"{spool.SPOOL_FOLDER}/*")), "the job leaves no list behind"

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from mnasnet_batch import output, sources, storage
+from mnasnet_batch import output, sources, spool, storage
 from mnasnet_batch.config import REDACTED, StorageConfig, load_config, parse_override, to_dict
 from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.sources import plan_input, shard_images
@@ -411,11 +411,11 @@ def test_text_manifests_in_arrow_keep_order_and_line_ends_across_chunks(tmp_path
 def test_repeated_uris_are_dropped_exactly_at_their_first_place(monkeypatch):
     uris = pa.chunked_array([["/a", "/b", "/a"], ["/c", "/b", "/d", "/a"]], pa.large_string())
     expected = ["/a", "/b", "/c", "/d"]
-    assert sources.first_occurrences(uris).to_pylist() == expected
-    assert sources.first_occurrences(pa.chunked_array([["/x", "/y"]], pa.large_string())).to_pylist() == ["/x", "/y"]
+    assert spool.first_occurrences(uris).to_pylist() == expected
+    assert spool.first_occurrences(pa.chunked_array([["/x", "/y"]], pa.large_string())).to_pylist() == ["/x", "/y"]
     # Equal hashes are only suspects: the strings decide (every URI hashing alike, as if all collided).
-    monkeypatch.setattr(sources, "_hashes", lambda chunk: np.zeros(len(chunk), np.uint64))
-    assert sources.first_occurrences(uris).to_pylist() == expected
+    monkeypatch.setattr(spool, "uri_hashes", lambda chunk: np.zeros(len(chunk), np.uint64))
+    assert spool.first_occurrences(uris).to_pylist() == expected
 
 
 def test_a_shard_read_to_its_end_is_recorded_with_its_sample_count(tmp_path):
@@ -473,3 +473,40 @@ def test_remaining_skips_the_inputs_whose_rows_are_all_written_and_filters_only_
     )
     todo = files.remaining(written(str(tmp_path / "i"), ["/i/1.jpg"]))
     assert todo.uris.to_pylist() == ["/i/3.jpg", "/i/2.jpg"] and todo.skip is None
+
+
+def test_a_list_longer_than_the_driver_holds_is_written_and_read_back_exactly_once(tmp_path, monkeypatch, caplog):
+    # 300 listed URIs of 200 images (100 repeats) over two manifests, past a limit of 16 held URIs.
+    monkeypatch.setattr(sources, "SPOOL_URIS", 16)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    listed = [f"/x/d{i % 200 % 7}/img_{i % 200:03d}.jpg" for i in range(300)]
+    (lists / "a.txt").write_text("\n".join(listed[:150]) + "\n")
+    pq.write_table(pa.table({"uri": listed[150:]}), lists / "b.parquet")
+    folder = spool.spool_folder(str(tmp_path / "out"))
+    plan = plan_input(config(lists).input, NO_STORAGE, folder)
+    assert isinstance(plan.uris, spool.SpooledURIs) and len(plan.uris) == 200 and plan.image_count == 200
+    assert sorted(plan.listed().to_pylist()) == sorted(set(listed))
+    assert "100 URIs are listed more than once" in caplog.text
+    # The same plan held in memory, as a shorter list is.
+    assert sorted(plan_input(config(lists).input, NO_STORAGE).uris.to_pylist()) == sorted(set(listed))
+
+    # Written rows (some of them listed, one not) are left out, partition by partition.
+    done = written(str(tmp_path / "done"), [*listed[:120:2], "/elsewhere.jpg"])
+    todo = plan.remaining(done)
+    left = sorted(set(listed) - set(listed[:120:2]))
+    assert len(todo.uris) == len(left) == 140
+
+    # Read tasks get row groups of the written list: every URI left is read once, a batch at a time.
+    blocks = todo.layout.blocks(todo.uris, 8)
+    batches = [
+        batch
+        for block in blocks
+        for batch in todo.layout.read({k: block[k].to_numpy(zero_copy_only=False) for k in block.column_names}, 8)
+    ]
+    assert max(len(b["uri"]) for b in batches) <= 8
+    assert sorted(u for b in batches for u in b["uri"]) == left
+    assert all(e.startswith("FileNotFoundError") for b in batches for e in b["error"])
+
+    todo.release()
+    assert not os.path.exists(folder)
