@@ -4,7 +4,8 @@ The data's path, one module per stage (docs/architecture.md says more):
 
 - ``config`` (settings from a YAML profile and ``--set``), ``storage`` (one handle for every read and write),
   ``sources`` (the input's layout, chosen once: files, manifest, WebDataset, Parquet; one class each says
-  how its inputs become blocks and how a block is read), ``weights`` (checkpoints).
+  how its inputs become blocks and how a block is read; ``spool`` writes a list of URIs too long to hold
+  under the output, by hash partition), ``weights`` (checkpoints).
 - reading -> decoding (``preprocess``: Pillow, resize + crop to uint8; ``device_preprocess``: the same on the
   model's device) -> model actors (``predictor``; ``engine``: torch, or ONNX Runtime on CPU; ``postprocess`` makes
   the top-k rows) -> Parquet parts and run records (``output``; ``progress`` counts). The output target is chosen
