@@ -42,6 +42,7 @@ import yaml
 from fsspec.implementations.local import LocalFileSystem
 
 from mnasnet_batch.config import TABLE_ONLY_MODES, ConfigError, JobConfig, to_dict
+from mnasnet_batch.spool import SPOOL_FOLDER
 from mnasnet_batch.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -389,14 +390,6 @@ def read_parts(fs, root: str) -> pads.Dataset | None:
     return pads.dataset(files, filesystem=fs, format="parquet") if files else None
 
 
-def labeled_uris(fs, root: str) -> pa.Array:
-    """The ``uri`` of every row in the Parquet parts under ``root``."""
-    parts = read_parts(fs, root)
-    if parts is None:
-        return pa.array([], pa.string())
-    return parts.to_table(columns=["uri"])["uri"].combine_chunks()
-
-
 class Labeled:
     """The rows a run skips, being written already: the ``uri`` column of the Parquet parts under ``uri`` (the run's
     folder, or the output's when incremental), read only when asked, and a batch at a time where that will do."""
@@ -461,7 +454,9 @@ def _open_run(config: JobConfig, weights_id: str, fs, root: str) -> RunPlan:
                 fs.rm(name, recursive=True)
     latest = _read_json(fs, _join(root, RUN_RECORD))
     finished = fs.exists(_join(root, SUCCESS_MARKER))
-    if latest is None and any(p.endswith(".parquet") for p in fs.find(root)):
+    # The job's own lists of URIs (``spool``), written before the run is opened, are not another's Parquet files.
+    foreign = (p for p in fs.find(root) if p.endswith(".parquet") and f"/{SPOOL_FOLDER}/" not in p)
+    if latest is None and any(foreign):
         raise StorageError(f"output {uri} holds Parquet files that no run of this job wrote; choose a new --output")
     if latest is not None and latest.get("fingerprint") != current:
         before = latest.get("fingerprint") or {}

@@ -433,7 +433,7 @@ class IcebergTable(OutputTarget):
             fs.rm(stale)  # left by a writer that was killed; its rows were never visible
         # What this run holds already (committed, or staged by an attempt that was stopped): never labeled again.
         mine = rows.filter(pc.equal(rows["run_id"], self.run_id))["uri"].combine_chunks()
-        staged = output.labeled_uris(fs, self.run_root)
+        staged = output.Labeled(fs, self.run_root, self.run_root).uris().combine_chunks()
         held = pa.concat_arrays([mine, staged.filter(pc.invert(pc.is_in(staged, value_set=mine)))])
         # The table's modes need every listed URI as Python strings (stats per file): a table run holds them.
         uris = inputs.listed().to_pylist()

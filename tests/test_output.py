@@ -9,6 +9,7 @@ import threading
 import time
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from fsspec.implementations.local import LocalFileSystem
@@ -324,3 +325,17 @@ def test_the_summary_counts_error_kinds_over_every_part_of_the_run(tmp_path):
     summary = output.summarize(str(run), 1.0, 4, storage)
     assert (summary.images, summary.errors) == (4, 3)
     assert summary.error_kinds == {"UnidentifiedImageError": 1, "OSError": 2}
+
+
+def test_a_new_output_holding_other_parquet_files_is_refused_but_not_for_the_jobs_own_lists(tmp_path):
+    out = tmp_path / "out"
+    listed = out / output.SPOOL_FOLDER / "job" / "listed"
+    listed.mkdir(parents=True)
+    pq.write_table(pa.table({"uri": ["/images/a.jpg"]}), listed / "000-000000.parquet")
+    plan = output.plan_run(job_config(out, run_id="first"), "w")
+    plan.lease.release()
+    (out / "run=first").rename(tmp_path / "gone")
+    pq.write_table(pa.table({"uri": ["/images/a.jpg"]}), out / "labels.parquet")
+    (out / output.RUN_RECORD).unlink()
+    with pytest.raises(StorageError, match="holds Parquet files that no run of this job wrote"):
+        output.plan_run(job_config(out, run_id="second"), "w")

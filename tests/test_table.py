@@ -230,7 +230,8 @@ def test_a_killed_driver_then_the_same_command_labels_each_image_once_and_nothin
     finally:
         kill_session(job)
     committed_before = committed()
-    staged = output.labeled_uris(LocalFileSystem(), str(output_uri / "_staging" / "run=nightly"))
+    staged_run = str(output_uri / "_staging" / "run=nightly")
+    staged = output.Labeled(LocalFileSystem(), staged_run, staged_run).uris()
     held = committed_before + len(
         set(staged.to_pylist()) - set(read_rows(embedded_catalog(output_uri).load_table(TABLE)))
     )
