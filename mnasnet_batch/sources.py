@@ -36,8 +36,9 @@ MANIFEST_EXTENSIONS = ("txt", "csv", "tsv", "parquet")
 _SAMPLE_KEY = re.compile(r"^((?:.*/|)[^./]+)\.[^/]*$")
 # Member names a warning about dropped members shows; the count says how many there are in all.
 SHOWN_MEMBERS = 3
-# Bytes of a text manifest turned into URIs at a time: its lines never exist as Python strings all at once.
-TEXT_CHUNK_BYTES = 16 * 2**20
+# Bytes of a manifest turned into URIs at a time: its lines never exist as Python strings all at once, and each
+# step's Arrow temporaries (a dozen copies of the chunk) stay small.
+TEXT_CHUNK_BYTES = 4 * 2**20
 # Where a run records the inputs (WebDataset shards) it read to their end, in its folder: one empty file each,
 # named ``<sha256 of the input's URI, 32 hex digits>.<images it holds>``, so planning lists them and reads none.
 FINISHED_INPUTS = "_inputs"
@@ -559,9 +560,7 @@ def manifest_chunks(uri: str, column: str, storage: Storage) -> Iterator[pa.Arra
         fs, path = storage.filesystem(uri)
         with fs.open(path, "rb") as f:
             if kind == "parquet":
-                batches = (
-                    b.column(0) for b in pq.ParquetFile(f).iter_batches(batch_size=2**18, columns=[column])
-                )
+                batches = (b.column(0) for b in pq.ParquetFile(f).iter_batches(batch_size=2**16, columns=[column]))
             elif kind == "csv":
                 delimiter = "\t" if has_extension(uri, ("tsv",)) else ","
                 batches = (

@@ -13,13 +13,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mnasnet_batch.storage import LISTING_THREADS, Storage
+from mnasnet_batch.storage import Storage
 
 log = logging.getLogger(__name__)
 
-# URIs a list keeps in the driver's memory (~60 MB of Arrow at ~60 bytes a URI). Shorter lists, nearly every job's,
-# are never written; a longer one is written out this many at a time, so the driver holds this many at most.
-SPOOL_URIS = 2**20
+# URIs a list keeps in the driver's memory (~30 MB of Arrow at ~60 bytes a URI). Shorter lists, nearly every job's,
+# are never written; a longer one is written out this many at a time, so the driver holds this many at most (and
+# twice that while it sorts them into partitions).
+SPOOL_URIS = 2**19
 # Hash partitions of a written list. A URI repeated, or written by an earlier attempt, is always in the same
 # partition, so repeats and written rows are found one partition at a time: at 10^8 URIs ~1.6 * 10^6 of them.
 PARTITIONS = 64
@@ -36,8 +37,10 @@ def spool_folder(output_uri: str) -> str:
 
 # Random odd 64-bit multipliers, one per byte position (mod their count) of a string, for ``uri_hashes``.
 _HASH_WEIGHTS = np.random.default_rng(20261201).integers(1, 2**63, 4096, dtype=np.uint64) * 2 + 1
-# Strings hashed per numpy step: bounds the temporaries to a few MB.
-_HASH_ROWS = 65_536
+# Strings hashed per numpy step: its temporaries are ~50 bytes per byte of the strings, ~20 MB for 8,192 URIs.
+_HASH_ROWS = 8_192
+# Files written at once: enough to hide an object store's latency; each holds its file's encoding buffers.
+WRITE_THREADS = 8
 
 
 def uri_hashes(strings: pa.Array) -> np.ndarray:
@@ -209,7 +212,7 @@ def write_spooled(storage: Storage, uri: str, table: pa.Table) -> None:
     fs, path = storage.filesystem(uri)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "wb") as f:
-        pq.write_table(table, f, row_group_size=ROW_GROUP_URIS, compression="zstd")
+        pq.write_table(table, f, row_group_size=ROW_GROUP_URIS, compression="zstd", use_dictionary=False)
 
 
 class Spool:
@@ -259,7 +262,7 @@ class Spool:
             if stop > start:
                 uri = f"{self.folder}/{self.name}/{number:03d}-{self.flushes:06d}.parquet"
                 writes.append((number, uri, table.slice(start, stop - start)))
-        with ThreadPoolExecutor(LISTING_THREADS) as pool:
+        with ThreadPoolExecutor(WRITE_THREADS) as pool:
             list(pool.map(lambda w: write_spooled(self.storage, w[1], w[2]), writes))
         self.files += [(number, uri, len(part)) for number, uri, part in writes]
         self.flushes += 1
