@@ -51,10 +51,13 @@ def uri_hashes(strings: pa.Array) -> np.ndarray:
     for first in range(0, len(strings), _HASH_ROWS):
         ends = offsets[first : first + _HASH_ROWS + 1]
         starts, lengths = ends[:-1] - ends[0], np.diff(ends)
-        chunk = data[ends[0] : ends[-1]].astype(np.uint64)
-        position = np.arange(len(chunk)) - np.repeat(starts, lengths)
-        weighted = chunk * _HASH_WEIGHTS[position % len(_HASH_WEIGHTS)]
-        sums = np.add.reduceat(weighted, starts) if len(chunk) else np.zeros(len(starts), np.uint64)
+        # Each byte's position in its string picks its weight; the products are summed per string.
+        position = np.arange(ends[-1] - ends[0], dtype=np.int64)
+        position -= np.repeat(starts, lengths)
+        np.remainder(position, len(_HASH_WEIGHTS), out=position)
+        weighted = _HASH_WEIGHTS[position]
+        weighted *= data[ends[0] : ends[-1]]
+        sums = np.add.reduceat(weighted, starts) if len(weighted) else np.zeros(len(starts), np.uint64)
         result[first : first + len(starts)] = sums ^ (lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
     return result
 

@@ -26,6 +26,7 @@ import argparse
 import datetime
 import io
 import json
+import logging
 import os
 import platform
 import shutil
@@ -69,6 +70,15 @@ def driver(report: Path, stop_at_execution: bool, argv: list[str]) -> int:
             os.kill(os.getpid(), signal.SIGTERM)  # the job's own stop: the run is recorded as interrupted
         return write(*args, **kwargs)
 
+    class Phases(logging.Handler):
+        """The driver's peak RSS so far at each of the job's log lines: where planning's memory goes."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            figures.setdefault("peak_rss_mb_by_log_line", []).append(
+                [round(time.time() - started, 2), round(peak_rss_mb()), record.getMessage()[:80]]
+            )
+
+    logging.getLogger("mnasnet_batch").addHandler(Phases())
     pipeline.run, pipeline.write = measured_run, measured_write
     status = cli.main(argv)
     figures.update(
