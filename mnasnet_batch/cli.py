@@ -294,11 +294,21 @@ def prepare_input(config: JobConfig, storage: Storage, spool: bool = False) -> t
     from mnasnet_batch.weights import resolve_checkpoint
 
     require_installed(config.compute.engine)
-    checkpoint = resolve_checkpoint(
-        config.model.name, config.model.weights, config.model.sha256, config.model.download, storage
-    )
-    export_ahead(config.compute, checkpoint)
-    return checkpoint, sources.plan_input(config.input, storage, spool_folder(config.output.uri) if spool else "")
+    folder = spool_folder(config.output.uri) if spool else ""
+    # The input is listed while torch loads the weights: a listing of millions of objects is mostly waiting. A
+    # weights error still comes first, once the listing ended (its written lists removed).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        planned = pool.submit(sources.plan_input, config.input, storage, folder)
+        try:
+            checkpoint = resolve_checkpoint(
+                config.model.name, config.model.weights, config.model.sha256, config.model.download, storage
+            )
+            export_ahead(config.compute, checkpoint)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                planned.result().release()
+            raise
+        return checkpoint, planned.result()
 
 
 def ray_initialized() -> bool:

@@ -157,7 +157,7 @@ class ImageURILayout(Layout):
     uri_per_image = True
 
     def plan(self, uris: pa.Array) -> InputPlan:
-        return InputPlan(self, self.collect([uris]))
+        return InputPlan(self, self.collect(uris.slice(i, SPOOL_URIS) for i in range(0, len(uris), SPOOL_URIS)))
 
     def collect(self, chunks: Iterable[pa.Array]) -> pa.ChunkedArray | SpooledURIs:
         """Image URIs, a chunk at a time: held in Arrow, or written to the spool folder past ``SPOOL_URIS``."""
