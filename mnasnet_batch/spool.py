@@ -39,7 +39,7 @@ def spool_folder(output_uri: str) -> str:
 _HASH_WEIGHTS = np.random.default_rng(20261201).integers(1, 2**63, 4096, dtype=np.uint64) * 2 + 1
 # Strings hashed per numpy step: its temporaries are ~50 bytes per byte of the strings, ~20 MB for 8,192 URIs.
 _HASH_ROWS = 8_192
-# Files written at once: enough to hide an object store's latency; each holds its file's encoding buffers.
+# Files written (or read) at once: enough to hide an object store's latency; each holds its file's buffers.
 WRITE_THREADS = 8
 
 
@@ -110,9 +110,11 @@ class SpooledURIs:
     def __len__(self) -> int:
         return sum(rows for _, _, rows in self.files)
 
-    def partition(self, number: int) -> pa.Table:
-        """The ``uri`` and ``hash`` of one partition, in order."""
-        tables = [self._read(uri) for p, uri, _ in self.files if p == number]
+    def partition(self, number: int, columns: list[str] | None = None) -> pa.Table:
+        """The ``uri`` and ``hash`` (or ``columns``) of one partition, in order; its files are read concurrently."""
+        uris = [uri for p, uri, _ in self.files if p == number]
+        with ThreadPoolExecutor(WRITE_THREADS) as pool:
+            tables = list(pool.map(lambda uri: self._read(uri, columns), uris))
         if not tables:
             return pa.table({"uri": pa.array([], pa.large_string()), "hash": pa.array([], pa.uint64())})
         return pa.concat_tables(tables)
@@ -145,7 +147,7 @@ class SpooledURIs:
             mine = [f for f in self.files if f[0] == number]
             if not mine:
                 continue
-            hashes = np.concatenate([self._read(uri, ["hash"])["hash"].to_numpy() for _, uri, _ in mine])
+            hashes = self.partition(number, ["hash"])["hash"].to_numpy()
             if not len(_repeated(hashes)):
                 kept += mine
                 continue
@@ -174,9 +176,11 @@ class SpooledURIs:
                 left += mine
                 continue
             table = self.partition(number)
-            table = table.filter(pc.invert(pc.is_in(table["uri"], value_set=written_here.combine_chunks())))
-            if len(table):
-                left.append(self._write(number, "left", table))
+            remaining = table.filter(pc.invert(pc.is_in(table["uri"], value_set=written_here.combine_chunks())))
+            if len(remaining) == len(table):
+                left += mine
+            elif len(remaining):
+                left.append(self._write(number, "left", remaining))
         done.remove_files()
         return SpooledURIs(self.storage, self.folder, tuple(left))
 
