@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.core import split_protocol
 
+from mnasnet_batch import spool
 from mnasnet_batch.config import InputConfig
 from mnasnet_batch.preprocess import error_message
-from mnasnet_batch.spool import SPOOL_URIS, Spool, SpooledURIs, first_occurrences, read_spooled
+from mnasnet_batch.spool import Spool, SpooledURIs, first_occurrences, read_spooled
 from mnasnet_batch.storage import LISTING_THREADS, Storage, StorageError, has_extension
 
 if TYPE_CHECKING:
@@ -157,14 +158,15 @@ class ImageURILayout(Layout):
     uri_per_image = True
 
     def plan(self, uris: pa.Array) -> InputPlan:
-        return InputPlan(self, self.collect(uris.slice(i, SPOOL_URIS) for i in range(0, len(uris), SPOOL_URIS)))
+        step = spool.SPOOL_URIS
+        return InputPlan(self, self.collect(uris.slice(i, step) for i in range(0, len(uris), step)))
 
     def collect(self, chunks: Iterable[pa.Array]) -> pa.ChunkedArray | SpooledURIs:
-        """Image URIs, a chunk at a time: held in Arrow, or written to the spool folder past ``SPOOL_URIS``."""
-        spool = Spool(self.storage, self.spool, "listed", limit=SPOOL_URIS if self.spool else sys.maxsize)
+        """Image URIs, a chunk at a time: held in Arrow, or written to the spool folder past ``spool.SPOOL_URIS``."""
+        listing = Spool(self.storage, self.spool, "listed", limit=None if self.spool else sys.maxsize)
         for chunk in chunks:
-            spool.add(chunk)
-        return spool.finish()
+            listing.add(chunk)
+        return listing.finish()
 
     def blocks(self, uris: pa.Array | SpooledURIs, batch_size: int) -> list[pa.Table]:
         """Blocks of URIs doubling from one batch (``input_block_bounds``); of a written list, blocks of its row

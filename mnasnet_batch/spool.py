@@ -229,8 +229,9 @@ class Spool:
     further ``limit`` URIs: the driver never holds more than ``limit`` (plus a chunk) of them.
     """
 
-    def __init__(self, storage: Storage, folder: str, name: str, limit: int = SPOOL_URIS):
-        self.storage, self.folder, self.name, self.limit = storage, folder, name, limit
+    def __init__(self, storage: Storage, folder: str, name: str, limit: int | None = None):
+        self.storage, self.folder, self.name = storage, folder, name
+        self.limit = SPOOL_URIS if limit is None else limit
         self.held: list[pa.Array] = []
         self.count = 0
         self.files: list[tuple[int, str, int]] = []

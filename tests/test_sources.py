@@ -477,14 +477,15 @@ def test_remaining_skips_the_inputs_whose_rows_are_all_written_and_filters_only_
 
 def test_a_list_longer_than_the_driver_holds_is_written_and_read_back_exactly_once(tmp_path, monkeypatch, caplog):
     # 300 listed URIs of 200 images (100 repeats) over two manifests, past a limit of 16 held URIs.
-    monkeypatch.setattr(sources, "SPOOL_URIS", 16)
+    monkeypatch.setattr(spool, "SPOOL_URIS", 16)
     lists = tmp_path / "lists"
     lists.mkdir()
     listed = [f"/x/d{i % 200 % 7}/img_{i % 200:03d}.jpg" for i in range(300)]
     (lists / "a.txt").write_text("\n".join(listed[:150]) + "\n")
     pq.write_table(pa.table({"uri": listed[150:]}), lists / "b.parquet")
     folder = spool.spool_folder(str(tmp_path / "out"))
-    plan = plan_input(config(lists).input, NO_STORAGE, folder)
+    with caplog.at_level("WARNING", logger="mnasnet_batch.sources"):
+        plan = plan_input(config(lists).input, NO_STORAGE, folder)
     assert isinstance(plan.uris, spool.SpooledURIs) and len(plan.uris) == 200 and plan.image_count == 200
     assert sorted(plan.listed().to_pylist()) == sorted(set(listed))
     assert "100 URIs are listed more than once" in caplog.text
