@@ -286,20 +286,24 @@ def prepare_input(config: JobConfig, storage: Storage, spool: bool = False) -> t
         StorageError: the input cannot be used.
         ConfigError: the configured engine is not installed.
     """
-    # predictor is the model actors' module, which the pipeline hands to Ray: imported here (off the main thread,
-    # beside Ray's start) so that the driver imports nothing once Ray may replace its working directory (see main).
-    from mnasnet_batch import predictor, sources  # noqa: F401
-    from mnasnet_batch.engine import export_ahead, require_installed
+    from mnasnet_batch import sources
+    from mnasnet_batch.config import require_installed
     from mnasnet_batch.spool import spool_folder
-    from mnasnet_batch.weights import resolve_checkpoint
 
     require_installed(config.compute.engine)
     folder = spool_folder(config.output.uri) if spool else ""
-    # The input is listed while torch loads the weights: a listing of millions of objects is mostly waiting. A
-    # weights error still comes first, once the listing ended (its written lists removed).
+    # The input is listed while torch loads and the weights are verified: a listing of millions of objects is mostly
+    # waiting. A weights error still comes first, once the listing ended (its written lists removed).
     with ThreadPoolExecutor(max_workers=1) as pool:
         planned = pool.submit(sources.plan_input, config.input, storage, folder)
         try:
+            # predictor is the model actors' module, which the pipeline hands to Ray: imported here (off the main
+            # thread, beside Ray's start) so that the driver imports nothing once Ray may replace its working
+            # directory (see main).
+            from mnasnet_batch import predictor  # noqa: F401
+            from mnasnet_batch.engine import export_ahead
+            from mnasnet_batch.weights import resolve_checkpoint
+
             checkpoint = resolve_checkpoint(
                 config.model.name, config.model.weights, config.model.sha256, config.model.download, storage
             )

@@ -395,3 +395,31 @@ def to_dict(config: JobConfig) -> dict[str, dict[str, object]]:
         name: {k: list(v) if isinstance(v, tuple) else redact(v) for k, v in values.items()}
         for name, values in dataclasses.asdict(config).items()
     }
+
+
+# What `pip install` needs for compute.engine=onnxruntime (pyproject.toml's extra). The check lives here, not with
+# the engines, so that it needs no torch and comes before the input is listed.
+ONNXRUNTIME_EXTRA = "mnasnet-batch[onnx]"
+
+
+def onnxruntime_installed() -> bool:
+    """Whether the ``onnx`` extra is installed: ONNX Runtime, and onnx, which torch's exporter writes the graph with."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_installed(engine: str) -> None:
+    """Stops a job that asks for ONNX Runtime where it is not installed, before anything is read.
+
+    Raises:
+        ConfigError: ``engine`` is ``onnxruntime`` and the package is missing.
+    """
+    if engine == "onnxruntime" and not onnxruntime_installed():
+        raise ConfigError(
+            f"compute.engine=onnxruntime: ONNX Runtime is not installed (or onnx, which exports the model); "
+            f"pip install '{ONNXRUNTIME_EXTRA}'"
+        )

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import torch
 
-from mnasnet_batch.config import ComputeConfig, ConfigError
+from mnasnet_batch.config import ONNXRUNTIME_EXTRA, ComputeConfig, ConfigError, onnxruntime_installed, require_installed
 from mnasnet_batch.weights import Checkpoint, build_model, torchvision_weights
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,6 @@ ONNXRUNTIME_MICRO_BATCH = 16
 # 17: what the TorchScript-based exporter writes for MnasNet as it is (torch 2.14's dynamo exporter writes 18 and
 # failed converting the graph down to 17), and what the ONNX Runtime releases in pyproject.toml's range run.
 ONNX_OPSET = 17
-# What `pip install` needs for compute.engine=onnxruntime (pyproject.toml's extra).
-ONNXRUNTIME_EXTRA = "mnasnet-batch[onnx]"
 
 
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
@@ -158,29 +156,6 @@ def export_ahead(compute: ComputeConfig, checkpoint: Checkpoint) -> None:
         compute.engine == "auto" and cpu_actors and compute.precision == "fp32" and onnxruntime_installed()
     ):
         export_onnx(checkpoint)
-
-
-def onnxruntime_installed() -> bool:
-    """Whether the ``onnx`` extra is installed: ONNX Runtime, and onnx, which torch's exporter writes the graph with."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def require_installed(engine: str) -> None:
-    """Stops a job that asks for ONNX Runtime where it is not installed, before anything is read.
-
-    Raises:
-        ConfigError: ``engine`` is ``onnxruntime`` and the package is missing.
-    """
-    if engine == "onnxruntime" and not onnxruntime_installed():
-        raise ConfigError(
-            f"compute.engine=onnxruntime: ONNX Runtime is not installed (or onnx, which exports the model); "
-            f"pip install '{ONNXRUNTIME_EXTRA}'"
-        )
 
 
 def choose_engine(engine: str, gpu_actors: bool, precision: str = "fp32") -> str:
