@@ -538,11 +538,6 @@ def manifest_kind(uri: str) -> str:
     return "text"
 
 
-def manifest_uris(uri: str, column: str, storage: Storage) -> pa.ChunkedArray:
-    """The image URIs a manifest lists, whole (``manifest_chunks``)."""
-    return pa.chunked_array(list(manifest_chunks(uri, column, storage)), pa.large_string())
-
-
 def manifest_chunks(uri: str, column: str, storage: Storage) -> Iterator[pa.Array]:
     """The image URIs a manifest lists, one per line (text), or its ``column`` (CSV, TSV, Parquet), in Arrow,
     about ``TEXT_CHUNK_BYTES`` of the manifest at a time.

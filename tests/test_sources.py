@@ -173,20 +173,26 @@ def test_plans_that_cannot_run_are_refused_with_what_to_set(layouts, tmp_path):
         plan_input(config(tmp_path / "nowhere").input, NO_STORAGE)
 
 
+
+def manifest_uris(uri: str, column: str, storage: Storage) -> pa.ChunkedArray:
+    """Every URI a manifest lists, in the chunks the job reads it in."""
+    return pa.chunked_array(list(sources.manifest_chunks(uri, column, storage)), pa.large_string())
+
+
 def test_manifests_of_each_kind_list_their_uris(tmp_path):
     (tmp_path / "m.txt").write_text("s3://a/1.jpg\n\n  gs://b/2.png  \n")
     (tmp_path / "m.csv").write_text("id,uri\n1,s3://a/1.jpg\n2,\n3,/x/3.jpg\n")
     (tmp_path / "m.tsv").write_text("uri\tid\ns3://a/1.jpg\t1\n")
     pq.write_table(pa.table({"link": ["s3://a/1.jpg", None]}), tmp_path / "m.parquet")
-    assert sources.manifest_uris(str(tmp_path / "m.txt"), "uri", NO_STORAGE).to_pylist() == [
+    assert manifest_uris(str(tmp_path / "m.txt"), "uri", NO_STORAGE).to_pylist() == [
         "s3://a/1.jpg",
         "gs://b/2.png",
     ]
-    assert sources.manifest_uris(str(tmp_path / "m.csv"), "uri", NO_STORAGE).to_pylist() == ["s3://a/1.jpg", "/x/3.jpg"]
-    assert sources.manifest_uris(str(tmp_path / "m.tsv"), "uri", NO_STORAGE).to_pylist() == ["s3://a/1.jpg"]
-    assert sources.manifest_uris(str(tmp_path / "m.parquet"), "link", NO_STORAGE).to_pylist() == ["s3://a/1.jpg"]
+    assert manifest_uris(str(tmp_path / "m.csv"), "uri", NO_STORAGE).to_pylist() == ["s3://a/1.jpg", "/x/3.jpg"]
+    assert manifest_uris(str(tmp_path / "m.tsv"), "uri", NO_STORAGE).to_pylist() == ["s3://a/1.jpg"]
+    assert manifest_uris(str(tmp_path / "m.parquet"), "link", NO_STORAGE).to_pylist() == ["s3://a/1.jpg"]
     with pytest.raises(StorageError, match="manifest .*m.csv cannot be read"):
-        sources.manifest_uris(str(tmp_path / "m.csv"), "url", NO_STORAGE)
+        manifest_uris(str(tmp_path / "m.csv"), "url", NO_STORAGE)
 
 
 def test_image_reads_report_what_does_not_exist(corpus, tmp_path):
@@ -381,11 +387,11 @@ def test_manifests_skip_comments_resolve_relative_paths_and_decode_file_uris(tmp
         "s3://b/x.jpg\n/abs/2.jpg\nimg/1.jpg\n"
     )
     resolved = [str(lists / "img" / "1.jpg"), str(spaced), spaced.as_uri(), "s3://b/x.jpg", "/abs/2.jpg"]
-    assert sources.manifest_uris(str(lists / "m.txt"), "uri", NO_STORAGE).to_pylist() == [*resolved, resolved[0]]
+    assert manifest_uris(str(lists / "m.txt"), "uri", NO_STORAGE).to_pylist() == [*resolved, resolved[0]]
     (lists / "m.csv").write_text("uri\nimg/1.jpg\ns3://b/x.jpg\n")
-    assert sources.manifest_uris(str(lists / "m.csv"), "uri", NO_STORAGE).to_pylist() == [resolved[0], "s3://b/x.jpg"]
+    assert manifest_uris(str(lists / "m.csv"), "uri", NO_STORAGE).to_pylist() == [resolved[0], "s3://b/x.jpg"]
     pq.write_table(pa.table({"uri": ["img/1.jpg"]}), lists / "m.parquet")
-    assert sources.manifest_uris(str(lists / "m.parquet"), "uri", NO_STORAGE).to_pylist() == [resolved[0]]
+    assert manifest_uris(str(lists / "m.parquet"), "uri", NO_STORAGE).to_pylist() == [resolved[0]]
     assert sources.resolve_relative("img/1.jpg", "s3://b/lists/m.txt") == "s3://b/lists/img/1.jpg"
     assert sources.resolve_relative("../1.jpg", "gs://b/lists/m.txt") == "gs://b/1.jpg"
     # A percent-encoded file:// URI (Path.as_uri()) reads the file it names.
@@ -401,11 +407,11 @@ def test_text_manifests_in_arrow_keep_order_and_line_ends_across_chunks(tmp_path
     monkeypatch.setattr(sources, "TEXT_CHUNK_BYTES", 16)
     lines = [f"/data/d{i % 3}/ïmg_{i:04d}.jpg" for i in range(50)]
     (tmp_path / "m.txt").write_bytes(("\r\n".join(lines[:25]) + "\n# a comment\n\n" + "\n".join(lines[25:])).encode())
-    uris = sources.manifest_uris(str(tmp_path / "m.txt"), "uri", NO_STORAGE)
+    uris = manifest_uris(str(tmp_path / "m.txt"), "uri", NO_STORAGE)
     assert isinstance(uris, pa.ChunkedArray) and uris.to_pylist() == lines
     (tmp_path / "bad.txt").write_bytes(b"/ok.jpg\n/\xff.jpg\n")
     with pytest.raises(StorageError, match="manifest .*bad.txt cannot be read"):
-        sources.manifest_uris(str(tmp_path / "bad.txt"), "uri", NO_STORAGE)
+        manifest_uris(str(tmp_path / "bad.txt"), "uri", NO_STORAGE)
 
 
 def test_repeated_uris_are_dropped_exactly_at_their_first_place(monkeypatch):
