@@ -52,6 +52,28 @@ def poll(condition, timeout_s: float, what: str, interval_s: float = 0.5):
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def end_session(session_id: int, timeout_s: float = 30) -> None:
+    """SIGKILLs every process of a session until none is left: Ray's workers and job drivers run in process groups
+    of their own, so killing a node's process group leaves them running."""
+
+    def none_left() -> bool:
+        members = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    if int(fields[3]) == session_id and fields[0] != "Z":  # fields[3]: session id
+                        members.append(int(entry.name))
+                except (OSError, IndexError, ValueError):
+                    pass
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return not members
+
+    poll(none_left, timeout_s, f"the processes of session {session_id} to exit", interval_s=0.1)
+
+
 def isolated_environment(root: Path) -> Path:
     """A venv whose site-packages links every entry of this interpreter's, except this package's install."""
     subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(root)], check=True)
@@ -174,6 +196,7 @@ class Cluster:
             with _ignoring(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+            end_session(process.pid)  # each node started its own session
 
 
 class _ignoring:

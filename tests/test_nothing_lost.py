@@ -21,6 +21,7 @@ from PIL import Image
 from mnasnet_batch.cli import main
 from mnasnet_batch.storage import Storage
 from tests import support
+from tests.cluster import end_session
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small parts and batches, so a run of a few hundred images writes as it goes and can be interrupted.
@@ -204,22 +205,7 @@ def kill_session(process: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):  # the group is gone when every member already exited
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
-
-    def session_members():
-        members = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                    if int(fields[3]) == process.pid and fields[0] != "Z":  # fields[3]: session id
-                        members.append(int(entry.name))
-                except (OSError, IndexError, ValueError):
-                    pass
-        for pid in members:
-            os.kill(pid, signal.SIGKILL)
-        return not members
-
-    poll(session_members, 30, "the killed job's processes to exit")
+    end_session(process.pid)
 
 
 def test_killed_driver_then_same_command_finishes_the_rest(local_ray, corpus, tmp_path, checkpoint_path, capsys):
