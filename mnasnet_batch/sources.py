@@ -86,7 +86,7 @@ class Layout:
     storage: Storage
     # The folder (``spool.spool_folder``) where a list of image URIs longer than ``spool.SPOOL_URIS`` is written
     # instead of being held by the driver; "" holds every list in memory.
-    spool: str = ""
+    spool_folder: str = ""
 
     name: ClassVar[str]
     # What its listed inputs are, for people: "12 image files".
@@ -163,7 +163,7 @@ class ImageURILayout(Layout):
 
     def collect(self, chunks: Iterable[pa.Array]) -> pa.ChunkedArray | SpooledURIs:
         """Image URIs, a chunk at a time: held in Arrow, or written to the spool folder past ``spool.SPOOL_URIS``."""
-        listing = Spool(self.storage, self.spool, "listed", limit=None if self.spool else sys.maxsize)
+        listing = Spool(self.storage, self.spool_folder, "listed", limit=None if self.spool_folder else sys.maxsize)
         for chunk in chunks:
             listing.add(chunk)
         return listing.finish()
@@ -339,18 +339,18 @@ class ParquetLayout(Layout):
 LAYOUTS = (FilesLayout, WebDatasetLayout, ParquetLayout, ManifestLayout)
 
 
-def layout_for(config: InputConfig, storage: Storage, files: list[str], spool: str = "") -> Layout:
+def layout_for(config: InputConfig, storage: Storage, files: list[str], spool_folder: str = "") -> Layout:
     """The layout ``input.format`` names, or with ``auto`` the first whose inputs the listed ``files`` hold.
 
     Detection takes image files, then tar shards, then Parquet files with ``input.image_column`` (else those
     Parquet files are a manifest), then text or CSV manifests.
 
-    ``spool``: where long lists of image URIs are written (``Layout.spool``).
+    ``spool_folder``: where long lists of image URIs are written (``Layout.spool_folder``).
 
     Raises:
         StorageError: ``auto`` and the files hold no layout's inputs.
     """
-    layouts = [layout(config, storage, spool) for layout in LAYOUTS]
+    layouts = [layout(config, storage, spool_folder) for layout in LAYOUTS]
     if config.format != "auto":
         return next(layout for layout in layouts if layout.name == config.format)
     layout = next((layout for layout in layouts if layout.detects(files)), None)
@@ -448,17 +448,17 @@ class InputPlan:
         return InputPlan(self.layout, uris, images, skip=pa.chunked_array(skip, pa.string()).combine_chunks())
 
 
-def plan_input(config: InputConfig, storage: Storage, spool: str = "") -> InputPlan:
+def plan_input(config: InputConfig, storage: Storage, spool_folder: str = "") -> InputPlan:
     """Lists the input once and decides its layout (``input.format``, or detected when ``auto``: ``layout_for``).
 
     A single file named explicitly is taken whatever its extension when the format is set (and is not ``files``).
-    ``spool``: the folder where a list of image URIs longer than ``spool.SPOOL_URIS`` is written (``Layout.spool``).
+    ``spool_folder``: where a list of image URIs longer than ``spool.SPOOL_URIS`` is written (``Layout.spool_folder``).
 
     Raises:
         StorageError: the input does not exist, holds nothing of its layout, or lacks the configured columns.
     """
     files, single = storage.list_files(config.uri)
-    layout = layout_for(config, storage, files, spool)
+    layout = layout_for(config, storage, files, spool_folder)
     uris = layout.select(files, single)
     if len(uris) < len(files):
         chosen = set(uris)

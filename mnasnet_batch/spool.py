@@ -110,6 +110,13 @@ class SpooledURIs:
     def __len__(self) -> int:
         return sum(rows for _, _, rows in self.files)
 
+    def partitions(self) -> Iterator[tuple[int, list[tuple[int, str, int]]]]:
+        """Each partition's number and files, for the partitions that have any."""
+        for number in range(PARTITIONS):
+            mine = [f for f in self.files if f[0] == number]
+            if mine:
+                yield number, mine
+
     def partition(self, number: int, columns: list[str] | None = None) -> pa.Table:
         """The ``uri`` and ``hash`` (or ``columns``) of one partition, in order; its files are read concurrently."""
         uris = [uri for p, uri, _ in self.files if p == number]
@@ -143,10 +150,7 @@ class SpooledURIs:
         Only the hashes are read for a partition without repeated hashes; the others are read and rewritten.
         """
         kept, dropped = [], 0
-        for number in range(PARTITIONS):
-            mine = [f for f in self.files if f[0] == number]
-            if not mine:
-                continue
+        for number, mine in self.partitions():
             hashes = self.partition(number, ["hash"])["hash"].to_numpy()
             if not len(_repeated(hashes)):
                 kept += mine
@@ -167,10 +171,7 @@ class SpooledURIs:
             spool.add(batch)
         done = spool.finish(write=True)
         left = []
-        for number in range(PARTITIONS):
-            mine = [f for f in self.files if f[0] == number]
-            if not mine:
-                continue
+        for number, mine in self.partitions():
             written_here = done.partition(number)["uri"]
             if not len(written_here):
                 left += mine
