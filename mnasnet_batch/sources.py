@@ -164,8 +164,7 @@ class ImageURILayout(Layout):
     def collect(self, chunks: Iterable[pa.Array]) -> pa.ChunkedArray | SpooledURIs:
         """Image URIs, a chunk at a time: held in Arrow, or written to the spool folder past ``spool.SPOOL_URIS``."""
         listing = Spool(self.storage, self.spool_folder, "listed", limit=None if self.spool_folder else sys.maxsize)
-        for chunk in chunks:
-            listing.add(chunk)
+        listing.extend(chunks)
         return listing.finish()
 
     def blocks(self, uris: pa.Array | SpooledURIs, batch_size: int) -> list[pa.Table]:
@@ -189,7 +188,7 @@ class ImageURILayout(Layout):
     ) -> Iterator[dict[str, np.ndarray]]:
         if "plan" in batch:  # row groups of a written list
             lists = (
-                read_spooled(self.storage, str(plan), ["uri"], int(group))["uri"].to_pylist()
+                read_spooled(self.storage, str(plan), ["uri"], [int(group)])["uri"].to_pylist()
                 for plan, group in zip(batch["plan"], batch["row_group"], strict=True)
             )
         else:
@@ -473,7 +472,12 @@ def plan_input(config: InputConfig, storage: Storage, spool_folder: str = "") ->
         )
     if not uris:
         raise StorageError(f"input {config.uri} holds no {layout.wanted()}")
-    return layout.plan(pa.array(uris, pa.large_string()))
+    try:
+        return layout.plan(pa.array(uris, pa.large_string()))
+    except BaseException:
+        if spool_folder:  # what was written of a list before its manifest failed, say
+            spool.remove_folder(storage, spool_folder)
+        raise
 
 
 def _parquet_columns(uri: str, storage: Storage) -> list[str]:
@@ -586,13 +590,11 @@ def _cleaned(values: pa.Array, manifest: str, text: bool) -> pa.Array:
     if text:
         keep = pc.and_(keep, pc.invert(pc.starts_with(values, "#")))
     values = values.filter(keep)
-    # Relative: no scheme (fsspec's: text before the first "://", of two characters or more), not absolute.
-    relative = pc.invert(
-        pc.or_(
-            pc.greater_equal(pc.find_substring(values, "://"), 2),
-            pc.or_(pc.starts_with(values, "/"), pc.starts_with(values, "data:")),
-        )
-    )
+    # Relative: not absolute, and no scheme (fsspec's: text before the first "://", of two characters or more).
+    # The search for "://" runs only where some path is not absolute: it reads every byte of every URI.
+    relative = pc.invert(pc.or_(pc.starts_with(values, "/"), pc.starts_with(values, "data:")))
+    if pc.any(relative).as_py():
+        relative = pc.and_(relative, pc.less(pc.find_substring(values, "://"), 2))
     if pc.any(relative).as_py():
         resolved = [resolve_relative(v, manifest) for v in values.filter(relative).to_pylist()]
         values = pc.replace_with_mask(values, relative, pa.array(resolved, pa.large_string()))

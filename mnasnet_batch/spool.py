@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 SPOOL_URIS = 2**19
 # Hash partitions of a written list. A URI repeated, or written by an earlier attempt, is always in the same
 # partition, so repeats and written rows are found one partition at a time: at 10^8 URIs ~1.6 * 10^6 of them.
+# At most 256: a partition's number is a byte.
 PARTITIONS = 64
 # URIs per Parquet row group of a written list: the unit a read task reads (``SpooledURIs.units``).
 ROW_GROUP_URIS = 4_096
@@ -35,31 +38,62 @@ def spool_folder(output_uri: str) -> str:
     return f"{output_uri.rstrip('/')}/{SPOOL_FOLDER}/{uuid.uuid4().hex}"
 
 
-# Random odd 64-bit multipliers, one per byte position (mod their count) of a string, for ``uri_hashes``.
-_HASH_WEIGHTS = np.random.default_rng(20261201).integers(1, 2**63, 4096, dtype=np.uint64) * 2 + 1
-# Strings hashed per numpy step: its temporaries are ~50 bytes per byte of the strings, ~20 MB for 8,192 URIs.
-_HASH_ROWS = 8_192
+# The base of ``uri_hashes``'s polynomial: odd, so invertible modulo 2^64.
+_HASH_BASE = 0x100000001B3 * 2 + 1
+# Bytes of strings hashed per numpy step: its temporaries (~16 bytes per byte, 2 MB) stay in a core's cache.
+_HASH_BYTES = 2**17
 # Files written (or read) at once: enough to hide an object store's latency; each holds its file's buffers.
 WRITE_THREADS = 8
 
 
 def uri_hashes(strings: pa.Array) -> np.ndarray:
-    """A 64-bit hash of each string of a large_string array of non-empty strings (equal strings, equal hashes)."""
+    """A 64-bit hash of each string of a large_string array (equal strings, equal hashes).
+
+    A polynomial in the base ``_HASH_BASE`` modulo 2^64 of each string's bytes, so that a whole step of strings
+    costs two numpy passes over their bytes: each byte times the base's power of its place in the step, summed per
+    string, then divided by the power of the string's own start (times the inverse's). splitmix64's finalizer then
+    mixes every bit into the low ones that pick a partition. Such a polynomial has known colliding strings; a
+    collision costs time, never exactness (``first_occurrence_mask`` compares the strings).
+    """
     offsets = np.frombuffer(strings.buffers()[1], np.int64)[strings.offset : strings.offset + len(strings) + 1]
     data = np.frombuffer(strings.buffers()[2], np.uint8) if strings.buffers()[2] is not None else np.empty(0, np.uint8)
     result = np.empty(len(strings), np.uint64)
-    for first in range(0, len(strings), _HASH_ROWS):
-        ends = offsets[first : first + _HASH_ROWS + 1]
-        starts, lengths = ends[:-1] - ends[0], np.diff(ends)
-        # Each byte's position in its string picks its weight; the products are summed per string.
-        position = np.arange(ends[-1] - ends[0], dtype=np.int64)
-        position -= np.repeat(starts, lengths)
-        np.remainder(position, len(_HASH_WEIGHTS), out=position)
-        weighted = _HASH_WEIGHTS[position]
-        weighted *= data[ends[0] : ends[-1]]
-        sums = np.add.reduceat(weighted, starts) if len(weighted) else np.zeros(len(starts), np.uint64)
-        result[first : first + len(starts)] = sums ^ (lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    first = 0
+    while first < len(strings):
+        # At least one string per step, however long, else as many as fit in _HASH_BYTES.
+        last = max(first + 1, int(np.searchsorted(offsets, offsets[first] + _HASH_BYTES, "right")) - 1)
+        ends = offsets[first : last + 1]
+        starts = ends[:-1] - ends[0]
+        size = int(ends[-1] - ends[0])
+        powers, inverses = _hash_powers(size + 1)
+        # One zero past the bytes: every start, an empty string's at the end too, is a valid index for reduceat.
+        weighted = np.zeros(size + 1, np.uint64)
+        np.multiply(powers[:size], data[ends[0] : ends[-1]], out=weighted[:size])
+        sums = np.add.reduceat(weighted, starts)
+        sums[ends[1:] == ends[:-1]] = 0  # reduceat gives an empty string the next byte
+        result[first:last] = sums * inverses[starts]
+        first = last
+    result ^= np.diff(offsets).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        result ^= result >> np.uint64(shift)
+        result *= np.uint64(factor)
+    result ^= result >> np.uint64(31)
     return result
+
+
+@functools.cache
+def _hash_power_table(size: int) -> tuple[np.ndarray, np.ndarray]:
+    powers = np.full(size, _HASH_BASE, np.uint64)
+    powers[0] = 1
+    inverses = np.full(size, pow(_HASH_BASE, -1, 2**64), np.uint64)
+    inverses[0] = 1
+    return np.cumprod(powers, dtype=np.uint64), np.cumprod(inverses, dtype=np.uint64)
+
+
+def _hash_powers(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The base's first ``count`` powers and its inverse's, from a table of a power of two (kept)."""
+    powers, inverses = _hash_power_table(max(_HASH_BYTES + 1, 1 << (count - 1).bit_length()))
+    return powers[:count], inverses[:count]
 
 
 def _chunk_hashes(uris: pa.ChunkedArray) -> np.ndarray:
@@ -98,38 +132,54 @@ def _repeated(hashes: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """The URIs of one hash partition in one written file: ``rows`` of them, in row groups from ``first_group``."""
+
+    partition: int
+    file: str
+    first_group: int
+    rows: int
+
+    @property
+    def groups(self) -> list[int]:
+        return list(range(self.first_group, self.first_group + -(-self.rows // ROW_GROUP_URIS)))
+
+
+@dataclass(frozen=True)
 class SpooledURIs:
-    """A list of URIs written under ``folder``: Parquet files of ``uri`` and ``hash`` columns, each file holding
-    URIs of one hash partition, in the order they were listed."""
+    """A list of URIs written under ``folder``: Parquet files of ``uri`` and ``hash`` columns, in pieces of one hash
+    partition each (``Piece``), each piece in the order its URIs were listed."""
 
     storage: Storage
     folder: str
-    # (partition, file URI, rows) of every file.
-    files: tuple[tuple[int, str, int], ...]
+    pieces: tuple[Piece, ...]
+    # The footer of each file read so far: a partition is a few row groups of each file, read one partition at a
+    # time, so each file is opened ``PARTITIONS`` times and parsing its footer each time would cost more than that.
+    footers: dict[str, pq.FileMetaData] = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
-        return sum(rows for _, _, rows in self.files)
+        return sum(piece.rows for piece in self.pieces)
 
-    def partitions(self) -> Iterator[tuple[int, list[tuple[int, str, int]]]]:
-        """Each partition's number and files, for the partitions that have any."""
+    def partitions(self) -> Iterator[tuple[int, list[Piece]]]:
+        """Each partition's number and pieces, for the partitions that have any."""
         for number in range(PARTITIONS):
-            mine = [f for f in self.files if f[0] == number]
+            mine = [piece for piece in self.pieces if piece.partition == number]
             if mine:
                 yield number, mine
 
     def partition(self, number: int, columns: list[str] | None = None) -> pa.Table:
-        """The ``uri`` and ``hash`` (or ``columns``) of one partition, in order; its files are read concurrently."""
-        uris = [uri for p, uri, _ in self.files if p == number]
+        """The ``uri`` and ``hash`` (or ``columns``) of one partition, in order; its pieces are read concurrently."""
+        mine = [piece for piece in self.pieces if piece.partition == number]
         with ThreadPoolExecutor(WRITE_THREADS) as pool:
-            tables = list(pool.map(lambda uri: self._read(uri, columns), uris))
+            tables = list(pool.map(lambda piece: self._read(piece, columns), mine))
         if not tables:
             return pa.table({"uri": pa.array([], pa.large_string()), "hash": pa.array([], pa.uint64())})
         return pa.concat_tables(tables)
 
     def chunks(self) -> Iterator[pa.Array]:
-        """Every URI, a file at a time (partition by partition, not in the listed order)."""
-        for _, uri, _ in self.files:
-            yield from self._read(uri)["uri"].chunks
+        """Every URI, a piece at a time (partition by partition, not in the listed order)."""
+        for piece in self.pieces:
+            yield from self._read(piece, ["uri"])["uri"].chunks
 
     def to_arrow(self) -> pa.ChunkedArray:
         """Every URI, in the driver's memory (for the few who need them whole)."""
@@ -138,10 +188,9 @@ class SpooledURIs:
     def units(self) -> pa.Table:
         """What read tasks read, a row group each: ``plan`` (a file) and ``row_group``."""
         files, groups = [], []
-        for _, uri, rows in self.files:
-            count = -(-rows // ROW_GROUP_URIS)
-            files += [uri] * count
-            groups += range(count)
+        for piece in self.pieces:
+            files += [piece.file] * len(piece.groups)
+            groups += piece.groups
         return pa.table({"plan": pa.array(files, pa.string()), "row_group": pa.array(groups, pa.int32())})
 
     def unique(self) -> tuple[SpooledURIs, int]:
@@ -159,7 +208,7 @@ class SpooledURIs:
             firsts = first_occurrence_mask(table["uri"], hashes)
             dropped += len(table) - int(firsts.sum())
             kept.append(self._write(number, "unique", table.filter(pa.array(firsts))))
-        return SpooledURIs(self.storage, self.folder, tuple(kept)), dropped
+        return SpooledURIs(self.storage, self.folder, tuple(kept), self.footers), dropped
 
     def without(self, written: Iterable[pa.Array]) -> SpooledURIs:
         """The list without the URIs in ``written`` (batches of URIs), compared one partition at a time.
@@ -167,8 +216,7 @@ class SpooledURIs:
         ``written`` is itself written under this list's folder, partitioned the same way, batch by batch.
         """
         spool = Spool(self.storage, self.folder, "written")
-        for batch in written:
-            spool.add(batch)
+        spool.extend(written)
         done = spool.finish(write=True)
         left = []
         for number, mine in self.partitions():
@@ -183,51 +231,71 @@ class SpooledURIs:
             elif len(remaining):
                 left.append(self._write(number, "left", remaining))
         done.remove_files()
-        return SpooledURIs(self.storage, self.folder, tuple(left))
+        return SpooledURIs(self.storage, self.folder, tuple(left), self.footers)
 
     def remove(self) -> None:
         """Removes the folder of this list (and of every list written beside it)."""
-        fs, path = self.storage.filesystem(self.folder)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        remove_folder(self.storage, self.folder)
 
     def remove_files(self) -> None:
         """Removes this list's own files."""
-        for _, uri, _ in self.files:
+        for uri in dict.fromkeys(piece.file for piece in self.pieces):
             fs, path = self.storage.filesystem(uri)
             fs.rm(path)
 
-    def _read(self, uri: str, columns: list[str] | None = None) -> pa.Table:
-        return read_spooled(self.storage, uri, columns=columns)
+    def _read(self, piece: Piece, columns: list[str] | None = None) -> pa.Table:
+        return read_spooled(self.storage, piece.file, columns, piece.groups, self.footers)
 
-    def _write(self, number: int, name: str, table: pa.Table) -> tuple[int, str, int]:
+    def _write(self, number: int, name: str, table: pa.Table) -> Piece:
         uri = f"{self.folder}/{name}/{number:03d}.parquet"
-        write_spooled(self.storage, uri, table)
-        return number, uri, len(table)
+        write_spooled(self.storage, uri, [table])
+        return Piece(number, uri, 0, len(table))
+
+
+def remove_folder(storage: Storage, folder: str) -> None:
+    """Removes a job's folder of written lists (``spool_folder``), if there is one."""
+    fs, path = storage.filesystem(folder)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def read_spooled(
-    storage: Storage, uri: str, columns: list[str] | None = None, row_group: int | None = None
+    storage: Storage,
+    uri: str,
+    columns: list[str] | None = None,
+    row_groups: list[int] | None = None,
+    footers: dict[str, pq.FileMetaData] | None = None,
 ) -> pa.Table:
-    """A written list's file, or one of its row groups."""
+    """A written list's file, or some of its row groups; ``footers``: the files' footers already read, by URI
+    (this file's is added)."""
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        return parquet.read_row_group(row_group, columns=columns) if row_group is not None else parquet.read(columns)
+        parquet = pq.ParquetFile(f, metadata=footers.get(uri) if footers is not None else None)
+        if footers is not None:
+            footers[uri] = parquet.metadata
+        return parquet.read(columns) if row_groups is None else parquet.read_row_groups(row_groups, columns)
 
 
-def write_spooled(storage: Storage, uri: str, table: pa.Table) -> None:
+def write_spooled(storage: Storage, uri: str, tables: list[pa.Table]) -> None:
+    """Writes ``tables`` (of one schema) to one file, each in row groups of its own of ``ROW_GROUP_URIS``."""
     fs, path = storage.filesystem(uri)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f, row_group_size=ROW_GROUP_URIS, compression="zstd", use_dictionary=False)
+    # URIs compress ~5x; random hashes not at all, so compressing them only costs time (both ways).
+    compression = {name: "none" if name == "hash" else "zstd" for name in tables[0].column_names}
+    with (
+        fs.open(path, "wb") as f,
+        pq.ParquetWriter(f, tables[0].schema, compression=compression, use_dictionary=False) as writer,
+    ):
+        for table in tables:
+            writer.write_table(table, row_group_size=ROW_GROUP_URIS)  # never shares a row group with the one before
 
 
 class Spool:
     """Collects a list of URIs chunk by chunk: in memory up to ``limit`` URIs, then in files under ``folder``.
 
-    Past the limit, what is held is written out partitioned by hash (``PARTITIONS`` files), and so is every
-    further ``limit`` URIs: the driver never holds more than ``limit`` (plus a chunk) of them.
+    Past the limit, what is held is written out, sorted into hash partitions, to one file (one ``Piece`` per
+    partition), and so is every further ``limit`` URIs: the driver never holds more than ``limit`` of them (plus
+    a chunk, and the one file still being written while the next ``limit`` are listed).
     """
 
     def __init__(self, storage: Storage, folder: str, name: str, limit: int | None = None):
@@ -235,8 +303,9 @@ class Spool:
         self.limit = SPOOL_URIS if limit is None else limit
         self.held: list[pa.Array] = []
         self.count = 0
-        self.files: list[tuple[int, str, int]] = []
+        self.pieces: list[Piece] = []
         self.flushes = 0
+        self.writing: Future | None = None
 
     def add(self, uris: pa.Array) -> None:
         if len(uris):
@@ -245,12 +314,23 @@ class Spool:
         if self.count > self.limit:
             self._flush()
 
+    def extend(self, chunks: Iterable[pa.Array]) -> None:
+        """Adds every chunk; if one cannot be had, waits for the file being written (nothing writes on) and raises."""
+        try:
+            for chunk in chunks:
+                self.add(chunk)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._written()
+            raise
+
     def finish(self, write: bool = False) -> pa.ChunkedArray | SpooledURIs:
         """The list: in memory if it never passed the limit (and not ``write``), else written (``SpooledURIs``)."""
-        if not self.files and self.count <= self.limit and not write:
+        if not self.pieces and self.count <= self.limit and not write:
             return pa.chunked_array(self.held, pa.large_string())
         self._flush()
-        return SpooledURIs(self.storage, self.folder, tuple(self.files))
+        self._written()
+        return SpooledURIs(self.storage, self.folder, tuple(self.pieces))
 
     def _flush(self) -> None:
         if not self.count:
@@ -260,18 +340,29 @@ class Spool:
         uris = pa.chunked_array(self.held, pa.large_string()).combine_chunks()
         self.held, self.count = [], 0
         hashes = uri_hashes(uris)
-        partition = (hashes % np.uint64(PARTITIONS)).astype(np.int64)
-        order = np.argsort(partition, kind="stable")  # listed order within each partition
+        partition = (hashes % np.uint64(PARTITIONS)).astype(np.uint8)
+        order = np.argsort(partition, kind="stable")  # listed order within each partition (a radix sort of bytes)
         bounds = np.searchsorted(partition[order], np.arange(PARTITIONS + 1))
         table = pa.table({"uri": uris.take(pa.array(order)), "hash": hashes[order]})
         del uris, hashes
-        writes = []
+        uri = f"{self.folder}/{self.name}/{self.flushes:06d}.parquet"
+        parts = []
         for number in range(PARTITIONS):
             start, stop = int(bounds[number]), int(bounds[number + 1])
             if stop > start:
-                uri = f"{self.folder}/{self.name}/{number:03d}-{self.flushes:06d}.parquet"
-                writes.append((number, uri, table.slice(start, stop - start)))
-        with ThreadPoolExecutor(WRITE_THREADS) as pool:
-            list(pool.map(lambda w: write_spooled(self.storage, w[1], w[2]), writes))
-        self.files += [(number, uri, len(part)) for number, uri, part in writes]
+                part = table.slice(start, stop - start)
+                first = self.pieces[-1].first_group + len(self.pieces[-1].groups) if parts else 0
+                self.pieces.append(Piece(number, uri, first, len(part)))
+                parts.append(part)
+        # Written while the next URIs are listed; one file at a time, so at most one is held for it.
+        self._written()
+        pool = ThreadPoolExecutor(1)
+        self.writing = pool.submit(write_spooled, self.storage, uri, parts)
+        pool.shutdown(wait=False)
         self.flushes += 1
+
+    def _written(self) -> None:
+        """Waits for the file being written, if any (raising its error)."""
+        if self.writing is not None:
+            writing, self.writing = self.writing, None
+            writing.result()

@@ -173,7 +173,6 @@ def test_plans_that_cannot_run_are_refused_with_what_to_set(layouts, tmp_path):
         plan_input(config(tmp_path / "nowhere").input, NO_STORAGE)
 
 
-
 def manifest_uris(uri: str, column: str, storage: Storage) -> pa.ChunkedArray:
     """Every URI a manifest lists, in the chunks the job reads it in."""
     return pa.chunked_array(list(sources.manifest_chunks(uri, column, storage)), pa.large_string())
@@ -482,8 +481,10 @@ def test_remaining_skips_the_inputs_whose_rows_are_all_written_and_filters_only_
 
 
 def test_a_list_longer_than_the_driver_holds_is_written_and_read_back_exactly_once(tmp_path, monkeypatch, caplog):
-    # 300 listed URIs of 200 images (100 repeats) over two manifests, past a limit of 16 held URIs.
+    # 300 listed URIs of 200 images (100 repeats) over two manifests, past a limit of 16 held URIs, in row groups
+    # of 2 (so a partition's piece of a file spans row groups, and files hold many partitions).
     monkeypatch.setattr(spool, "SPOOL_URIS", 16)
+    monkeypatch.setattr(spool, "ROW_GROUP_URIS", 2)
     lists = tmp_path / "lists"
     lists.mkdir()
     listed = [f"/x/d{i % 200 % 7}/img_{i % 200:03d}.jpg" for i in range(300)]
@@ -516,4 +517,16 @@ def test_a_list_longer_than_the_driver_holds_is_written_and_read_back_exactly_on
     assert all(e.startswith("FileNotFoundError") for b in batches for e in b["error"])
 
     todo.release()
+    assert not os.path.exists(folder)
+
+
+def test_a_list_whose_manifest_fails_midway_leaves_nothing_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool, "SPOOL_URIS", 16)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "a.txt").write_text("".join(f"/x/img_{i:03d}.jpg\n" for i in range(100)))
+    (lists / "b.txt").write_bytes(b"/ok.jpg\n/\xff.jpg\n")
+    folder = spool.spool_folder(str(tmp_path / "out"))
+    with pytest.raises(StorageError, match="manifest .*b.txt cannot be read"):
+        plan_input(config(lists).input, NO_STORAGE, folder)
     assert not os.path.exists(folder)
