@@ -65,6 +65,15 @@ def encoded_batch(uris: Sequence[str], contents: Sequence[bytes | Exception]) ->
     return {"uri": np.asarray(uris, dtype=object), "data": data, "error": errors}
 
 
+def has_extensions(files: pa.Array, extensions: tuple[str, ...]) -> pa.BooleanArray:
+    """Which of ``files`` (URIs) end in one of ``extensions``, ignoring case: ``storage.has_extension`` in Arrow."""
+    lower = pc.utf8_lower(files)
+    matched = pa.array(np.zeros(len(files), bool))
+    for extension in extensions:
+        matched = pc.or_(matched, pc.ends_with(lower, f".{extension}"))
+    return matched
+
+
 def input_block_bounds(count: int, first: int) -> list[tuple[int, int]]:
     """``(start, stop)`` of the URI blocks handed to Ray: doubling from ``first`` to MAX_INPUT_BLOCK."""
     bounds, start, size = [], 0, first
@@ -108,17 +117,22 @@ class Layout:
         """What a location of this layout holds, for the message saying it holds none."""
         return f"{self.kind} (*.{', *.'.join(self.file_extensions)})"
 
-    def selects(self, uri: str) -> bool:
-        """Whether a listed file is one of this layout's inputs (by its extension)."""
-        return has_extension(uri, self.file_extensions)
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        """The extensions of the listed files that are its inputs."""
+        return self.file_extensions
 
-    def detects(self, files: list[str]) -> bool:
-        """Whether a listing holds this layout's inputs (``input.format=auto`` takes the first layout that does)."""
-        return any(self.selects(f) for f in files)
+    def selects(self, files: pa.Array, single: bool) -> pa.BooleanArray:
+        """Which listed files are its inputs (by their extension); a single file named explicitly with
+        ``input.format`` set is taken whatever its extension."""
+        if single and self.config.format == self.name:
+            return pa.array(np.ones(len(files), bool))
+        return has_extensions(files, self.extensions)
 
-    def select(self, files: list[str], single: bool) -> list[str]:
-        """Its inputs among the listed files; a single file named explicitly is taken whatever its extension."""
-        return files if single else [f for f in files if self.selects(f)]
+    def detects(self, selected: pa.ChunkedArray) -> bool:
+        """Whether a listing whose files it selects are ``selected`` (not empty) holds its inputs
+        (``input.format=auto`` takes the first layout that does)."""
+        return True
 
     def plan(self, uris: pa.Array) -> InputPlan:
         """What the job reads of the selected files (checked, or expanded); the files themselves here.
@@ -156,10 +170,6 @@ class ImageURILayout(Layout):
     """Inputs that are image URIs, each one image, read a batch at a time by ``Storage.read_many``."""
 
     uri_per_image = True
-
-    def plan(self, uris: pa.Array) -> InputPlan:
-        step = spool.SPOOL_URIS
-        return InputPlan(self, self.collect(uris.slice(i, step) for i in range(0, len(uris), step)))
 
     def collect(self, chunks: Iterable[pa.Array]) -> pa.ChunkedArray | SpooledURIs:
         """Image URIs, a chunk at a time: held in Arrow, or written to the spool folder past ``spool.SPOOL_URIS``."""
@@ -209,12 +219,12 @@ class FilesLayout(ImageURILayout):
     def wanted(self) -> str:
         return f"image files with extensions {', '.join(self.image_extensions)}"
 
-    def selects(self, uri: str) -> bool:
-        return has_extension(uri, self.image_extensions)
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        return self.image_extensions
 
-    def select(self, files: list[str], single: bool) -> list[str]:
-        # A single file named explicitly must be an image too.
-        return [f for f in files if self.selects(f)]
+    def selects(self, files: pa.Array, single: bool) -> pa.BooleanArray:
+        return has_extensions(files, self.extensions)  # a single file named explicitly must be an image too
 
 
 class ManifestLayout(ImageURILayout):
@@ -291,10 +301,9 @@ class ParquetLayout(Layout):
     kind = "Parquet files"
     file_extensions = PARQUET_EXTENSIONS
 
-    def detects(self, files: list[str]) -> bool:
+    def detects(self, selected: pa.ChunkedArray) -> bool:
         # Parquet files without the image column are manifests.
-        first = next((f for f in files if self.selects(f)), None)
-        return first is not None and self.config.image_column in _parquet_columns(first, self.storage)
+        return self.config.image_column in _parquet_columns(selected[0].as_py(), self.storage)
 
     def plan(self, uris: pa.Array) -> InputPlan:
         """The Parquet files, checked, with each one's row count (so a file whose rows are all written is skipped)."""
@@ -338,29 +347,92 @@ class ParquetLayout(Layout):
 LAYOUTS = (FilesLayout, WebDatasetLayout, ParquetLayout, ManifestLayout)
 
 
-def layout_for(config: InputConfig, storage: Storage, files: list[str], spool_folder: str = "") -> Layout:
-    """The layout ``input.format`` names, or with ``auto`` the first whose inputs the listed ``files`` hold.
+class _Selection:
+    """What one layout selects of a listing, taken a chunk at a time: its inputs (image files past
+    ``spool.SPOOL_URIS`` written to the spool folder, as a manifest's URIs are), and how many files it ignores."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        limit = None if layout.spool_folder and layout.uri_per_image else sys.maxsize
+        self.inputs = Spool(layout.storage, layout.spool_folder, "listed", limit)
+        self.ignored = 0
+        self.shown: list[str] = []  # the first few ignored, for the log
+
+    def add(self, files: pa.Array, single: bool) -> None:
+        selected = self.layout.selects(files, single)
+        self.inputs.add(files.filter(selected))
+        others = len(files) - pc.sum(selected).as_py() if len(files) else 0
+        if others:
+            self.ignored += others
+            if len(self.shown) < SHOWN_MEMBERS:
+                self.shown += files.filter(pc.invert(selected))[: SHOWN_MEMBERS - len(self.shown)].to_pylist()
+
+    def finish(self) -> pa.ChunkedArray | SpooledURIs:
+        """The inputs: sorted when held (so runs are reproducible); a written list is in hash partitions anyway."""
+        inputs = self.inputs.finish()
+        if isinstance(inputs, SpooledURIs):
+            return inputs
+        return inputs.take(pc.sort_indices(inputs)) if len(inputs) else inputs
+
+
+def select_inputs(
+    config: InputConfig, storage: Storage, spool_folder: str = ""
+) -> tuple[Layout, pa.ChunkedArray | SpooledURIs]:
+    """Lists the input once (``Storage.list_files``), chunk by chunk, and decides its layout: the one
+    ``input.format`` names, or with ``auto`` the first whose inputs the listing holds; and selects its inputs.
 
     Detection takes image files, then tar shards, then Parquet files with ``input.image_column`` (else those
-    Parquet files are a manifest), then text or CSV manifests.
+    Parquet files are a manifest), then text or CSV manifests. A single file named explicitly is taken whatever
+    its extension when the format is set (and is not ``files``).
 
-    ``spool_folder``: where long lists of image URIs are written (``Layout.spool_folder``).
+    ``spool_folder``: where a long list of image files is written (``Layout.spool_folder``).
 
     Raises:
-        StorageError: ``auto`` and the files hold no layout's inputs.
+        StorageError: the input does not exist, or holds nothing of its layout (of any layout, with ``auto``).
     """
+    chunks, single = storage.list_files(config.uri)
     layouts = [layout(config, storage, spool_folder) for layout in LAYOUTS]
     if config.format != "auto":
-        return next(layout for layout in layouts if layout.name == config.format)
-    layout = next((layout for layout in layouts if layout.detects(files)), None)
-    if layout is None:
+        layouts = [layout for layout in layouts if layout.name == config.format]
+    selections = [_Selection(layout) for layout in layouts]
+    for chunk in chunks:
+        files = pa.array(chunk, pa.large_string())
+        for selection in selections:
+            selection.add(files, single)
+        if selections[0].inputs.count or selections[0].inputs.pieces:
+            # Image files come first: once one is listed, the other layouts need not collect their inputs.
+            selections = selections[:1]
+    found = {id(selection.layout): selection for selection in selections}
+    for layout in layouts:
+        selection = found.get(id(layout))
+        if selection is None:
+            continue
+        inputs = selection.finish()
+        if config.format != "auto":
+            break
+        if len(inputs) and layout.detects(inputs):
+            log.info("input format %s (detected from %s)", layout.name, config.uri)
+            break
+        if isinstance(inputs, SpooledURIs):
+            inputs.remove_files()
+    else:
         extensions = layouts[0].image_extensions
         raise StorageError(
             f"input {config.uri} holds no image files ({', '.join(extensions)}), tar shards, Parquet files "
             "or manifests (txt, csv, tsv)"
         )
-    log.info("input format %s (detected from %s)", layout.name, config.uri)
-    return layout
+    if selection.ignored:
+        log.info(
+            "input %s: ignoring %d other files (not %s): %s%s",
+            config.uri,
+            selection.ignored,
+            layout.kind,
+            ", ".join(posixpath.basename(f) for f in selection.shown),
+            ", ..." if selection.ignored > SHOWN_MEMBERS else "",
+        )
+    if not len(inputs):
+        raise StorageError(f"input {config.uri} holds no {layout.wanted()}")
+    return layout, inputs
 
 
 @dataclass(frozen=True)
@@ -448,32 +520,16 @@ class InputPlan:
 
 
 def plan_input(config: InputConfig, storage: Storage, spool_folder: str = "") -> InputPlan:
-    """Lists the input once and decides its layout (``input.format``, or detected when ``auto``: ``layout_for``).
+    """Lists the input once, decides its layout and selects its inputs (``select_inputs``), and plans them.
 
-    A single file named explicitly is taken whatever its extension when the format is set (and is not ``files``).
     ``spool_folder``: where a list of image URIs longer than ``spool.SPOOL_URIS`` is written (``Layout.spool_folder``).
 
     Raises:
         StorageError: the input does not exist, holds nothing of its layout, or lacks the configured columns.
     """
-    files, single = storage.list_files(config.uri)
-    layout = layout_for(config, storage, files, spool_folder)
-    uris = layout.select(files, single)
-    if len(uris) < len(files):
-        chosen = set(uris)
-        ignored = [f for f in files if f not in chosen]
-        log.info(
-            "input %s: ignoring %d other files (not %s): %s%s",
-            config.uri,
-            len(ignored),
-            layout.kind,
-            ", ".join(posixpath.basename(f) for f in ignored[:SHOWN_MEMBERS]),
-            ", ..." if len(ignored) > SHOWN_MEMBERS else "",
-        )
-    if not uris:
-        raise StorageError(f"input {config.uri} holds no {layout.wanted()}")
     try:
-        return layout.plan(pa.array(uris, pa.large_string()))
+        layout, inputs = select_inputs(config, storage, spool_folder)
+        return layout.plan(inputs)
     except BaseException:
         if spool_folder:  # what was written of a list before its manifest failed, say
             spool.remove_folder(storage, spool_folder)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import unquote
@@ -32,6 +33,8 @@ LOCAL_SCHEMES = ("file", "local", "memory")
 # Sub-directories (prefixes) listed at once: an object store returns 1,000 keys per request, one request
 # after another within a prefix, so millions of keys take many minutes unless prefixes are listed together.
 LISTING_THREADS = 16
+# Local paths handed on at a time while a folder is listed: what the driver holds of a listing as Python strings.
+LISTING_CHUNK = 2**16
 GLOB_CHARACTERS = "*?["
 
 
@@ -145,7 +148,7 @@ class Storage:
             return pafs.LocalFileSystem(), path
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
-    def list_files(self, uri: str) -> tuple[list[str], bool]:
+    def list_files(self, uri: str) -> tuple[Iterator[list[str]], bool]:
         """Lists the files under a directory or prefix (recursively), matching a glob, or the single file named.
 
         ``uri`` is a glob only when nothing exists under its literal name and it holds ``*``, ``?`` or ``[``:
@@ -153,30 +156,29 @@ class Storage:
         ``ListObjectsV2`` walk on S3), no per-file requests; local symlinks to folders are followed.
 
         Returns:
-            Full URIs (absolute paths for local files), sorted so runs are reproducible, and whether ``uri``
-            named a single file.
+            Full URIs (absolute paths for local files) in chunks as they are found, in no particular order (the
+            driver need not hold a listing of millions of files as Python strings), and whether ``uri`` named a
+            single file.
 
         Raises:
-            StorageError: the location does not exist or cannot be reached.
+            StorageError: the location does not exist or cannot be reached (also while the chunks are taken).
         """
         try:
             fs, path = self.filesystem(uri)
             if fs.isfile(path):
-                single, paths = True, [path]
+                single, found = True, iter([[path]])
             elif fs.isdir(path):
-                single, paths = False, _find(fs, path)
+                single, found = False, _find(fs, path)
             elif any(c in path for c in GLOB_CHARACTERS):
-                found = fs.glob(path, detail=True)
-                single, paths = False, [p for p, info in found.items() if info["type"] != "directory"]
+                matched = fs.glob(path, detail=True)
+                single, found = False, iter([[p for p, info in matched.items() if info["type"] != "directory"]])
             else:
                 raise StorageError(f"input {uri} does not exist")
         except StorageError:
             raise
         except Exception as exc:
             raise StorageError(f"input {uri} cannot be listed: {type(exc).__name__}: {exc}") from None
-        # Local files keep plain absolute paths; everything else keeps its scheme, so a row's uri can be read back.
-        local = isinstance(fs, LocalFileSystem)
-        return sorted(p if local else fs.unstrip_protocol(p) for p in paths), single
+        return _full_uris(uri, fs, found), single
 
     def read_bytes(self, uri: str) -> bytes:
         """One whole file's bytes; raises what resolving, opening or reading it raised."""
@@ -219,23 +221,35 @@ def has_extension(path: str, extensions: tuple[str, ...]) -> bool:
     return any(name.endswith("." + e) for e in extensions)
 
 
-def _find(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    """Every file under ``path``, listing its top-level sub-directories (prefixes) concurrently."""
+def _full_uris(uri: str, fs: fsspec.AbstractFileSystem, found: Iterator[list[str]]) -> Iterator[list[str]]:
+    """The chunks of paths ``found`` under ``uri``, as URIs that can be read back: local files keep plain absolute
+    paths, everything else its scheme."""
+    local = isinstance(fs, LocalFileSystem)
+    try:
+        for paths in found:
+            yield paths if local else [fs.unstrip_protocol(p) for p in paths]
+    except Exception as exc:
+        raise StorageError(f"input {uri} cannot be listed: {type(exc).__name__}: {exc}") from None
+
+
+def _find(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[list[str]]:
+    """Every file under ``path`` in chunks, listing its top-level sub-directories (prefixes) concurrently."""
     if isinstance(fs, LocalFileSystem):
-        return _find_local(path)
+        yield from _find_local(path)
+        return
     entries = fs.ls(path, detail=True)
     directories = [e["name"] for e in entries if e["type"] == "directory"]
     if len(directories) < 2:
-        return fs.find(path)
-    files = [e["name"] for e in entries if e["type"] != "directory"]
+        yield fs.find(path)
+        return
+    yield [e["name"] for e in entries if e["type"] != "directory"]
     with ThreadPoolExecutor(min(LISTING_THREADS, len(directories))) as pool:
-        for found in pool.map(fs.find, directories):
-            files.extend(found)
-    return files
+        yield from pool.map(fs.find, directories)
 
 
-def _find_local(root: str) -> list[str]:
-    """Every file under a local folder, following symlinks to files and folders (fsspec's ``find`` does not).
+def _find_local(root: str) -> Iterator[list[str]]:
+    """Every file under a local folder in chunks of up to ``LISTING_CHUNK``, following symlinks to files and
+    folders (fsspec's ``find`` does not).
 
     A symlinked folder is listed under the link's path. One that leads back to a folder it is inside (a loop)
     is skipped with a warning; a broken symlink is listed, so that it becomes an error row like a missing file.
@@ -247,24 +261,29 @@ def _find_local(root: str) -> list[str]:
     while pending:
         folder, ancestors = pending.pop()
         try:
-            entries = list(os.scandir(folder))
+            entries = os.scandir(folder)
         except OSError as exc:
             log.warning("folder %s cannot be listed: %s: %s", folder, type(exc).__name__, exc)
             continue
-        for entry in entries:
-            try:
-                is_dir = entry.is_dir()
-            except OSError:  # a symlink through a file (x.jpg -> file.jpg/gone): broken, listed below
-                is_dir = False
-            if is_dir:
-                real = os.path.realpath(entry.path)
-                if real in ancestors:
-                    log.warning("not following %s: a symlink loop back to %s", entry.path, real)
-                    continue
-                pending.append((entry.path, ancestors | {real}))
-            elif _is_file(entry) or (entry.is_symlink() and not os.path.exists(entry.path)):
-                files.append(entry.path)
-    return files
+        with entries:  # one folder may hold millions of files: its entries are taken as they come
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:  # a symlink through a file (x.jpg -> file.jpg/gone): broken, listed below
+                    is_dir = False
+                if is_dir:
+                    real = os.path.realpath(entry.path)
+                    if real in ancestors:
+                        log.warning("not following %s: a symlink loop back to %s", entry.path, real)
+                        continue
+                    pending.append((entry.path, ancestors | {real}))
+                elif _is_file(entry) or (entry.is_symlink() and not os.path.exists(entry.path)):
+                    files.append(entry.path)
+                    if len(files) == LISTING_CHUNK:
+                        yield files
+                        files = []
+    if files:
+        yield files
 
 
 def _is_file(entry: os.DirEntry) -> bool:

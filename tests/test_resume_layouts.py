@@ -1,4 +1,4 @@
-"""Shards and Parquet input, every input exactly once: a killed run resumed by the same command, then incremental."""
+"""Every input layout, every image exactly once: a killed run resumed by the same command, then incremental."""
 
 import hashlib
 import json
@@ -72,15 +72,37 @@ def write_manifest(folder: Path, images: list[Path], first: int) -> dict[str, Pa
     return {line: path for line, path in zip(lines, images, strict=True)}
 
 
-WRITERS = {"webdataset": write_shards, "parquet": write_parquet, "manifest": write_manifest}
-NOUNS = {"webdataset": "tar shards", "parquet": "Parquet files", "manifest": "image URIs from manifests"}
+def write_files(folder: Path, images: list[Path], first: int) -> dict[str, Path]:
+    """The images as loose files, numbered from ``first``.
+
+    Returns:
+        Each image's expected ``uri`` (its copy's path) and its file.
+    """
+    folder.mkdir(exist_ok=True)
+    expected = {}
+    for i, image in enumerate(images):
+        copy = folder / f"{first + i:04d}-{image.name}"
+        copy.write_bytes(image.read_bytes())
+        expected[str(copy)] = image
+    return expected
+
+
+WRITERS = {"webdataset": write_shards, "parquet": write_parquet, "manifest": write_manifest, "files": write_files}
+NOUNS = {
+    "webdataset": "tar shards",
+    "parquet": "Parquet files",
+    "manifest": "image URIs from manifests",
+    "files": "image files",
+}
+# Layouts whose every listed URI is one image: their lists are written under the output past spool.SPOOL_URIS.
+ONE_URI_PER_IMAGE = ("manifest", "files")
 
 
 def finished_inputs(layout: str, inputs: Path, output: Path, written: set[str]) -> list[str]:
     """The inputs a resumed run need not read: all their rows are written and, for shards, the run recorded the
     shard as read to its end (``sources.record_finished``; a Parquet file's rows are known before reading)."""
     files = sorted(str(p) for p in inputs.iterdir())
-    if layout == "manifest":
+    if layout in ONE_URI_PER_IMAGE:
         return sorted(written)
     if layout == "webdataset":
         recorded = {p.name.split(".")[0] for p in output.glob(f"run=*/{sources.FINISHED_INPUTS}/*")}
@@ -96,7 +118,7 @@ def assert_predictions_match_the_reference(rows: dict[str, dict], expected: dict
         np.testing.assert_allclose(rows[uri]["top_k_scores"], ref_scores, atol=1e-4)
 
 
-@pytest.mark.parametrize("layout", ["webdataset", "parquet", "manifest"])
+@pytest.mark.parametrize("layout", ["webdataset", "parquet", "manifest", "files"])
 def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
     layout, local_ray, corpus, tmp_path, checkpoint_path, fixture_model, capsys, monkeypatch
 ):
@@ -123,7 +145,7 @@ def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
         for shard in finished:
             Path(shard).write_bytes(b"not a tar file")
     capsys.readouterr()
-    if layout == "manifest":
+    if layout in ONE_URI_PER_IMAGE:
         # The resumed run holds at most 3 URIs in memory: the listed and the written ones are written under the
         # output by hash partition, and compared a partition at a time (spool.SPOOL_URIS).
         monkeypatch.setattr(spool, "SPOOL_URIS", 3)
@@ -133,10 +155,10 @@ def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
     assert main(argv) == 0
     noun = NOUNS[layout]
     captured = capsys.readouterr()
-    per_input = 1 if layout == "manifest" else IMAGES_PER_INPUT
+    per_input = 1 if layout in ONE_URI_PER_IMAGE else IMAGES_PER_INPUT
     inputs_left = len(expected) // per_input - len(finished)
     assert f"{inputs_left} {noun} to label" in captured.err
-    if layout == "manifest":
+    if layout in ONE_URI_PER_IMAGE:
         assert "more than 3 listed URIs: writing them under" in captured.err
         assert "more than 3 written URIs: writing them under" in captured.err
     rows = rows_by_uri(output)
@@ -151,12 +173,12 @@ def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
     added = WRITERS[layout](inputs, corpus[16:20], 4)
     assert main([*argv, "--mode", "incremental", "--run-id", "more"]) == 0
     captured = capsys.readouterr()
-    new_inputs = 4 if layout == "manifest" else 1
+    new_inputs = 4 if layout in ONE_URI_PER_IMAGE else 1
     assert "labeled 4 images (0 errors)" in captured.out and f"{new_inputs} {noun} to label" in captured.err
     everything = rows_by_uri(output)
     assert set(everything) == set(expected) | set(added)
     assert {uri: everything[uri] for uri in rows} == rows
     assert_predictions_match_the_reference(everything, added, fixture_model)
     assert json.loads((output / "_run.json").read_text())["status"] == "succeeded"
-    if layout == "manifest":
+    if layout in ONE_URI_PER_IMAGE:
         assert not list(output.glob(f"{spool.SPOOL_FOLDER}/*")), "the job leaves no list behind"

@@ -329,8 +329,8 @@ def test_reads_on_s3_are_literal_too(s3_server):
     uris = [f"s3://globs/shots [2024]/{name}" for name in names]
     assert Storage(config).read_many([*uris, "s3://globs/missing[1].jpg"])[:3] == [n.encode() for n in names]
     assert isinstance(Storage(config).read_many(["s3://globs/missing[1].jpg"])[0], FileNotFoundError)
-    listed, single = Storage(config).list_files("s3://globs/shots [2024]")
-    assert not single and sorted(listed) == sorted([*uris, "s3://globs/shots [2024]/br1.jpg"])
+    chunks, single = Storage(config).list_files("s3://globs/shots [2024]")
+    assert not single and sorted(u for c in chunks for u in c) == sorted([*uris, "s3://globs/shots [2024]/br1.jpg"])
 
 
 def test_symlinked_folders_are_followed_once_and_loops_are_skipped(tmp_path, caplog):
@@ -347,7 +347,8 @@ def test_symlinked_folders_are_followed_once_and_loops_are_skipped(tmp_path, cap
     (images / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
     (images / "through_a_file.jpg").symlink_to(images / "a.jpg" / "gone")  # stat fails with ENOTDIR
     with caplog.at_level("WARNING", logger="mnasnet_batch.storage"):
-        listed, _ = NO_STORAGE.list_files(str(images))
+        chunks, _ = NO_STORAGE.list_files(str(images))
+        listed = sorted(u for c in chunks for u in c)
     expected = ("a.jpg", "broken.jpg", "file_link.jpg", "linked/c.jpg", "sub/b.jpg", "through_a_file.jpg")
     assert listed == [str(images / name) for name in expected]
     assert f"not following {images}/sub/back_up: a symlink loop back to {os.path.realpath(images)}" in caplog.text
@@ -530,3 +531,34 @@ def test_a_list_whose_manifest_fails_midway_leaves_nothing_written(tmp_path, mon
     with pytest.raises(StorageError, match="manifest .*b.txt cannot be read"):
         plan_input(config(lists).input, NO_STORAGE, folder)
     assert not os.path.exists(folder)
+
+
+def test_a_long_listing_of_loose_files_is_written_a_chunk_at_a_time(tmp_path, monkeypatch, caplog):
+    # 60 images and 5 other files in folders, listed 7 paths at a time, past a limit of 16 held URIs.
+    monkeypatch.setattr(spool, "SPOOL_URIS", 16)
+    monkeypatch.setattr(storage, "LISTING_CHUNK", 7)
+    images = []
+    for i in range(60):
+        path = tmp_path / "in" / f"d{i % 4}" / f"img_{i:02d}.{'JPG' if i % 5 else 'png'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        images.append(str(path))
+    for i in range(5):
+        (tmp_path / "in" / f"d{i % 4}" / f"n{i}.tar").write_bytes(b"x")  # shards, which images outrank
+    folder = spool.spool_folder(str(tmp_path / "out"))
+    with caplog.at_level("INFO", logger="mnasnet_batch"):
+        plan = plan_input(config(tmp_path / "in").input, NO_STORAGE, folder)
+    assert plan.layout.name == "files" and isinstance(plan.uris, spool.SpooledURIs)
+    assert sorted(plan.listed().to_pylist()) == sorted(images) and plan.image_count == 60
+    assert "ignoring 5 other files (not images)" in caplog.text and "more than 16 listed URIs" in caplog.text
+    # A file each time more than 16 were held: never more than 16 and a chunk of 7.
+    written = [pq.read_metadata(f"{folder}/listed/{name}").num_rows for name in os.listdir(f"{folder}/listed")]
+    assert sum(written) == 60 and len(written) >= 3 and max(written) <= 16 + 7
+    plan.release()
+    assert not os.path.exists(folder)
+    # Held in memory, the same files come sorted, as every short listing does.
+    held = plan_input(config(tmp_path / "in").input, NO_STORAGE)
+    assert held.uris.to_pylist() == sorted(images)
+    # The shards alone, when the format says so.
+    shards = plan_input(config(tmp_path / "in", format="webdataset").input, NO_STORAGE, folder)
+    assert len(shards.uris) == 5 and not os.path.exists(folder)
