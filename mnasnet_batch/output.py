@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 
+from mnasnet_batch import spool
 from mnasnet_batch.config import TABLE_ONLY_MODES, ConfigError, JobConfig, to_dict
 from mnasnet_batch.spool import SPOOL_FOLDER
 from mnasnet_batch.storage import Storage, StorageError
@@ -430,6 +431,7 @@ def plan_run(config: JobConfig, weights_id: str, storage: Storage | None = None)
         fs, root = storage.filesystem(uri)
         fs.makedirs(root, exist_ok=True)
         lease = Lease.acquire(fs, root, uri)
+        spool.remove_abandoned(fs, root, LEASE_STALE_S)
         plan = _open_run(config, weights_id, fs, root)
         lease.hold(plan.run_id)
     except BaseException as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -257,6 +258,26 @@ def remove_folder(storage: Storage, folder: str) -> None:
     fs, path = storage.filesystem(folder)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def remove_abandoned(fs, output_root: str, older_than_s: float) -> None:
+    """Removes the written lists of jobs that ended without removing them (a driver killed by SIGKILL, a lost
+    machine): each folder under the output's ``SPOOL_FOLDER`` with no file written for ``older_than_s``.
+
+    For the job that holds the output's lease (``fs``, ``output_root``: its filesystem and path). Any other live
+    job's folder is one still being listed into, by a job that has not got the lease yet: its newest file is
+    seconds old, as is this job's own.
+    """
+    try:
+        folders = fs.ls(f"{output_root.rstrip('/')}/{SPOOL_FOLDER}", detail=False)
+    except FileNotFoundError:
+        return
+    now = time.time()
+    for folder in folders:
+        written = [fs.modified(path).timestamp() for path in fs.find(folder)]
+        if written and now - max(written) > older_than_s:
+            log.warning("removing %s: lists of URIs a job left when it was killed", folder)
+            fs.rm(folder, recursive=True)
 
 
 def read_spooled(

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from mnasnet_batch import output
+from mnasnet_batch import output, spool
 from mnasnet_batch.config import ConfigError, JobConfig, OutputConfig, StorageConfig
 from mnasnet_batch.output import OutputTarget, RunPlan, StorageError, Summary
 from mnasnet_batch.storage import Storage, scheme
@@ -354,6 +354,7 @@ class IcebergTable(OutputTarget):
             self.staging = output._join(root, STAGING)
             self.fs.makedirs(self.staging, exist_ok=True)
             lease = output.Lease.acquire(self.fs, root, uri)
+            spool.remove_abandoned(self.fs, root, output.LEASE_STALE_S)
             plan = self._open_run(config, weights_id, inputs, storage)
             lease.hold(plan.run_id)
         except BaseException as exc:

@@ -2,8 +2,8 @@
 
 Inputs, built once under ``--work`` and reused: for each N, a folder of two text manifests of N/2 URIs each, of
 files that do not exist (every row is an error row, so the model costs nothing and what is measured is the
-pipeline); and a folder of ``--shards`` WebDataset shards of ``--samples`` one-byte members (hard links to one
-tar file, so 10^5 shards cost one shard's disk).
+pipeline); for each N of ``--files``, a folder of N empty image files; and a folder of ``--shards`` WebDataset
+shards of ``--samples`` one-byte members (hard links to one tar file, so 10^5 shards cost one shard's disk).
 
 For each input the job runs as users run it (``jobs/label_images.py``'s ``main``, in its own process, with its
 own local Ray), and each command reports: the seconds from its start until Ray Data executes (the job's
@@ -142,6 +142,25 @@ def manifest_input(work: Path, count: int) -> Path:
             for start in range(count // 2, count, 1_000_000):
                 f.write(missing_uris(start, min(count, start + 1_000_000), prefix))
         (folder / "b.txt.tmp").rename(folder / "b.txt")
+    return folder
+
+
+def file_names(count: int) -> list[str]:
+    return [f"d{i // 1000:05d}/img_{i:09d}.jpg" for i in range(count)]
+
+
+def files_input(work: Path, count: int) -> Path:
+    """A folder of ``count`` empty image files, 1,000 to a sub-folder (each is an error row: nothing to decode)."""
+    folder = work / "inputs" / f"files-{count}"
+    done = folder.with_suffix(".complete")
+    if not done.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        for name in file_names(count):
+            path = folder / name
+            if name.endswith("000000.jpg"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        done.touch()
     return folder
 
 
@@ -305,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         return driver(Path(argv[1]), argv[2] == "1", argv[3:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100000", help="comma-separated N of manifest URIs")
+    parser.add_argument("--files", default="", help="comma-separated N of loose (empty) image files")
     parser.add_argument("--shards", type=int, default=1000, help="WebDataset shards (0: none)")
     parser.add_argument("--samples", type=int, default=100, help="samples per shard")
     parser.add_argument("--full-run-upto", type=int, default=100_000, help="run to the end inputs up to this N")
@@ -321,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         inputs = manifest_input(work, count)
         half = (inputs / "a.txt").read_text().splitlines()
         results += cases(f"manifest of {count:,} URIs", inputs, count, half, [], 1, args, weights)
+    for count in (int(n) for n in args.files.split(",") if n):
+        inputs = files_input(work, count)
+        half = [str(inputs / name) for name in file_names(count // 2)]
+        results += cases(f"{count:,} loose files", inputs, count, half, [], 1, args, weights)
     if args.shards:
         inputs = shard_input(work, args.shards, args.samples)
         finished = [str(inputs / name) for name in shard_names(args.shards // 2)]

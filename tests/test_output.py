@@ -3,6 +3,7 @@
 import datetime
 import errno
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import yaml
 from fsspec.implementations.local import LocalFileSystem
 
 from mnasnet_batch import config as config_module
-from mnasnet_batch import output
+from mnasnet_batch import output, spool
 from mnasnet_batch.config import StorageConfig, load_config
 from mnasnet_batch.storage import Storage, StorageError
 
@@ -339,3 +340,17 @@ def test_a_new_output_holding_other_parquet_files_is_refused_but_not_for_the_job
     (out / output.RUN_RECORD).unlink()
     with pytest.raises(StorageError, match="holds Parquet files that no run of this job wrote"):
         output.plan_run(job_config(out, run_id="second"), "w")
+
+
+def test_lists_a_killed_job_left_are_removed_by_the_next_job_only_once_abandoned(tmp_path):
+    out = tmp_path / "labels"
+    abandoned, listing = (out / spool.SPOOL_FOLDER / name / "listed" for name in ("killed", "listing"))
+    for folder in (abandoned, listing):
+        folder.mkdir(parents=True)
+        (folder / "000000.parquet").write_bytes(b"x")
+    # The killed job's last file is older than a lease goes stale; the other job is still listing into its own.
+    old = time.time() - output.LEASE_STALE_S - 60
+    os.utime(abandoned / "000000.parquet", (old, old))
+    plan = output.plan_run(job_config(out), "IMAGENET1K_V1")
+    plan.lease.release()
+    assert not abandoned.parent.exists() and (listing / "000000.parquet").exists()
