@@ -399,7 +399,7 @@ def select_inputs(
         files = pa.array(chunk, pa.large_string())
         for selection in selections:
             selection.add(files, single)
-        if selections[0].inputs.count or selections[0].inputs.pieces:
+        if len(selections[0].inputs):
             # Image files come first: once one is listed, the other layouts need not collect their inputs.
             selections = selections[:1]
     found = {id(selection.layout): selection for selection in selections}
@@ -413,8 +413,6 @@ def select_inputs(
         if len(inputs) and layout.detects(inputs):
             log.info("input format %s (detected from %s)", layout.name, config.uri)
             break
-        if isinstance(inputs, SpooledURIs):
-            inputs.remove_files()
     else:
         extensions = layouts[0].image_extensions
         raise StorageError(

@@ -325,8 +325,13 @@ class Spool:
         self.held: list[pa.Array] = []
         self.count = 0
         self.pieces: list[Piece] = []
+        self.written = 0  # URIs in the pieces
         self.flushes = 0
         self.writing: Future | None = None
+
+    def __len__(self) -> int:
+        """The URIs added so far."""
+        return self.count + self.written
 
     def add(self, uris: pa.Array) -> None:
         if len(uris):
@@ -365,6 +370,7 @@ class Spool:
         order = np.argsort(partition, kind="stable")  # listed order within each partition (a radix sort of bytes)
         bounds = np.searchsorted(partition[order], np.arange(PARTITIONS + 1))
         table = pa.table({"uri": uris.take(pa.array(order)), "hash": hashes[order]})
+        self.written += len(uris)
         del uris, hashes
         uri = f"{self.folder}/{self.name}/{self.flushes:06d}.parquet"
         parts = []
