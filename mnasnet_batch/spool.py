@@ -43,8 +43,8 @@ def spool_folder(output_uri: str) -> str:
 _HASH_BASE = 0x100000001B3 * 2 + 1
 # Bytes of strings hashed per numpy step: its temporaries (~16 bytes per byte, 2 MB) stay in a core's cache.
 _HASH_BYTES = 2**17
-# Files written (or read) at once: enough to hide an object store's latency; each holds its file's buffers.
-WRITE_THREADS = 8
+# Pieces of a partition read at once: enough to hide an object store's latency.
+READ_THREADS = 8
 
 
 def uri_hashes(strings: pa.Array) -> np.ndarray:
@@ -82,8 +82,7 @@ def uri_hashes(strings: pa.Array) -> np.ndarray:
     return result
 
 
-@functools.cache
-def _hash_power_table(size: int) -> tuple[np.ndarray, np.ndarray]:
+def _power_tables(size: int) -> tuple[np.ndarray, np.ndarray]:
     powers = np.full(size, _HASH_BASE, np.uint64)
     powers[0] = 1
     inverses = np.full(size, pow(_HASH_BASE, -1, 2**64), np.uint64)
@@ -91,9 +90,13 @@ def _hash_power_table(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cumprod(powers, dtype=np.uint64), np.cumprod(inverses, dtype=np.uint64)
 
 
+_step_power_tables = functools.cache(lambda: _power_tables(_HASH_BYTES + 1))
+
+
 def _hash_powers(count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The base's first ``count`` powers and its inverse's, from a table of a power of two (kept)."""
-    powers, inverses = _hash_power_table(max(_HASH_BYTES + 1, 1 << (count - 1).bit_length()))
+    """The base's first ``count`` powers and its inverse's: a step's from a kept table, a longer string's (a
+    ``data:`` URI, say) made for it."""
+    powers, inverses = _step_power_tables() if count <= _HASH_BYTES + 1 else _power_tables(count)
     return powers[:count], inverses[:count]
 
 
@@ -171,7 +174,7 @@ class SpooledURIs:
     def partition(self, number: int, columns: list[str] | None = None) -> pa.Table:
         """The ``uri`` and ``hash`` (or ``columns``) of one partition, in order; its pieces are read concurrently."""
         mine = [piece for piece in self.pieces if piece.partition == number]
-        with ThreadPoolExecutor(WRITE_THREADS) as pool:
+        with ThreadPoolExecutor(READ_THREADS) as pool:
             tables = list(pool.map(lambda piece: self._read(piece, columns), mine))
         if not tables:
             return pa.table({"uri": pa.array([], pa.large_string()), "hash": pa.array([], pa.uint64())})

@@ -424,6 +424,24 @@ def test_repeated_uris_are_dropped_exactly_at_their_first_place(monkeypatch):
     assert spool.first_occurrences(uris).to_pylist() == expected
 
 
+def test_uri_hashes_depend_on_the_string_only(monkeypatch):
+    # Steps of 64 bytes: strings fall across steps, and one is longer than a step.
+    monkeypatch.setattr(spool, "_HASH_BYTES", 64)
+    long = "data:image/png;base64," + "A" * 200
+    values = ["", "/a/1.jpg", "s3://b/1.jpg", long, "/a/1.jpg", "", "/a/2.jpg", long, "/a/1.jpg"]
+    strings = pa.array(values * 5, pa.large_string())
+    hashes = spool.uri_hashes(strings)
+    by_value = {}
+    for value, hashed in zip(values * 5, hashes.tolist(), strict=True):
+        assert by_value.setdefault(value, hashed) == hashed, value
+    assert len(set(by_value.values())) == len(by_value)
+    # A slice (an offset into the same buffers) hashes each string as the whole array does.
+    assert spool.uri_hashes(strings.slice(3, 20)).tolist() == hashes[3:23].tolist()
+    # The partition bits are spread: 64 partitions of 64,000 URIs listed in order are each ~1/64 of them.
+    counts = np.bincount(spool.uri_hashes(pa.array([f"/d/{i:06d}.jpg" for i in range(64_000)], pa.large_string())) % 64)
+    assert counts.min() > 800 and counts.max() < 1200
+
+
 def test_a_shard_read_to_its_end_is_recorded_with_its_sample_count(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
