@@ -134,6 +134,12 @@ class Layout:
         (``input.format=auto`` takes the first layout that does)."""
         return True
 
+    def listing(self) -> Spool:
+        """Where its inputs are collected as they are listed: held in memory, or for image URIs (given a
+        ``spool_folder``) written under the output past ``spool.SPOOL_URIS``."""
+        written = self.uri_per_image and bool(self.spool_folder)
+        return Spool(self.storage, self.spool_folder, "listed", limit=None if written else sys.maxsize)
+
     def plan(self, uris: pa.Array) -> InputPlan:
         """What the job reads of the selected files (checked, or expanded); the files themselves here.
 
@@ -173,7 +179,7 @@ class ImageURILayout(Layout):
 
     def collect(self, chunks: Iterable[pa.Array]) -> pa.ChunkedArray | SpooledURIs:
         """Image URIs, a chunk at a time: held in Arrow, or written to the spool folder past ``spool.SPOOL_URIS``."""
-        listing = Spool(self.storage, self.spool_folder, "listed", limit=None if self.spool_folder else sys.maxsize)
+        listing = self.listing()
         listing.extend(chunks)
         return listing.finish()
 
@@ -353,8 +359,7 @@ class _Selection:
 
     def __init__(self, layout: Layout):
         self.layout = layout
-        limit = None if layout.spool_folder and layout.uri_per_image else sys.maxsize
-        self.inputs = Spool(layout.storage, layout.spool_folder, "listed", limit)
+        self.inputs = layout.listing()
         self.ignored = 0
         self.shown: list[str] = []  # the first few ignored, for the log
 
