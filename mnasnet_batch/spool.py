@@ -172,10 +172,13 @@ class SpooledURIs:
                 yield number, mine
 
     def partition(self, number: int, columns: list[str] | None = None) -> pa.Table:
-        """The ``uri`` and ``hash`` (or ``columns``) of one partition, in order; its pieces are read concurrently."""
-        mine = [piece for piece in self.pieces if piece.partition == number]
+        """The ``uri`` and ``hash`` (or ``columns``) of one partition, in order."""
+        return self.read([piece for piece in self.pieces if piece.partition == number], columns)
+
+    def read(self, pieces: list[Piece], columns: list[str] | None = None) -> pa.Table:
+        """The ``uri`` and ``hash`` (or ``columns``) of ``pieces``, in order; read concurrently."""
         with ThreadPoolExecutor(READ_THREADS) as pool:
-            tables = list(pool.map(lambda piece: self._read(piece, columns), mine))
+            tables = list(pool.map(lambda piece: self._read(piece, columns), pieces))
         if not tables:
             return pa.table({"uri": pa.array([], pa.large_string()), "hash": pa.array([], pa.uint64())})
         return pa.concat_tables(tables)
@@ -204,11 +207,11 @@ class SpooledURIs:
         """
         kept, dropped = [], 0
         for number, mine in self.partitions():
-            hashes = self.partition(number, ["hash"])["hash"].to_numpy()
+            hashes = self.read(mine, ["hash"])["hash"].to_numpy()
             if not len(_repeated(hashes)):
                 kept += mine
                 continue
-            table = self.partition(number)
+            table = self.read(mine)
             firsts = first_occurrence_mask(table["uri"], hashes)
             dropped += len(table) - int(firsts.sum())
             kept.append(self._write(number, "unique", table.filter(pa.array(firsts))))
@@ -228,7 +231,7 @@ class SpooledURIs:
             if not len(written_here):
                 left += mine
                 continue
-            table = self.partition(number)
+            table = self.read(mine)
             remaining = table.filter(pc.invert(pc.is_in(table["uri"], value_set=written_here.combine_chunks())))
             if len(remaining) == len(table):
                 left += mine
