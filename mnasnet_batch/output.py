@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import platform
+import re
 import socket
 import threading
 import uuid
@@ -52,6 +53,7 @@ RUN_RECORD = "_run.json"
 SUCCESS_MARKER = "_SUCCESS"
 CONFIG_FILE = "_config.yaml"
 TEMP_PREFIX = "_inprogress-"
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + "[0-9a-f]{32}")
 LEASE_FILE = "_lease.json"
 # Seconds between the heartbeats of a running job's lease: a small read and write each, cheap on any store.
 LEASE_HEARTBEAT_S = 30.0
@@ -383,6 +385,12 @@ def _named(fs, folder: str, prefix: str) -> list[str]:
     return [p for p in names if os.path.basename(p.rstrip("/")).startswith(prefix)]
 
 
+def stale_temporaries(fs, folder: str) -> list[str]:
+    """The temporaries that killed writers left in ``folder``: ``_temp_path``'s names exactly, so that a user's
+    file that merely starts like one is never removed."""
+    return [p for p in _named(fs, folder, TEMP_PREFIX) if _TEMP_NAME.fullmatch(os.path.basename(p.rstrip("/")))]
+
+
 def read_parts(fs, root: str) -> pads.Dataset | None:
     """The published Parquet parts under ``root`` (an output, or one run's folder) as one dataset; None when there
     are none. Temporaries (``_inprogress-*``) and records are not parts: a reader sees whole parts only."""
@@ -449,17 +457,26 @@ def _open_run(config: JobConfig, weights_id: str, fs, root: str) -> RunPlan:
     """``plan_run`` once the lease is held: no other job writes the output meanwhile."""
     uri, mode = config.output.uri, config.output.mode
     current = fingerprint(config, weights_id)
-    if mode == "overwrite":
-        # Only what this job writes: anything else a user keeps there stays.
-        for name in fs.ls(root, detail=False):
-            if os.path.basename(name.rstrip("/")).startswith(("run=", RUN_RECORD, SUCCESS_MARKER)):
-                fs.rm(name, recursive=True)
     latest = _read_json(fs, _join(root, RUN_RECORD))
     finished = fs.exists(_join(root, SUCCESS_MARKER))
-    # The job's own lists of URIs (``spool``), written before the run is opened, are not another's Parquet files.
-    foreign = (p for p in fs.find(root) if p.endswith(".parquet") and f"/{SPOOL_FOLDER}/" not in p)
-    if latest is None and any(foreign):
-        raise StorageError(f"output {uri} holds Parquet files that no run of this job wrote; choose a new --output")
+    if latest is None or mode == "overwrite":
+        # Checked before anything is removed: overwrite deletes this job's runs only, never a user's data.
+        runs = recorded_runs(fs, root)
+        stray = foreign_parquet(fs, root, runs)
+        if stray:
+            removes = "; --mode overwrite removes only this job's runs" if mode == "overwrite" else ""
+            raise StorageError(
+                f"output {uri} holds Parquet files that no run of this job wrote ({len(stray)}, e.g. {stray[0]})"
+                f"{removes}; choose a new --output"
+            )
+        if mode == "overwrite":
+            for folder in runs:
+                fs.rm(folder, recursive=True)
+            if latest is not None:
+                for name in (RUN_RECORD, SUCCESS_MARKER):
+                    with contextlib.suppress(FileNotFoundError):
+                        fs.rm(_join(root, name))
+            latest, finished = None, False
     if latest is not None and latest.get("fingerprint") != current:
         before = latest.get("fingerprint") or {}
         differing = sorted(k for k in current if before.get(k, "(not recorded)") != current[k])
@@ -486,7 +503,7 @@ def _open_run(config: JobConfig, weights_id: str, fs, root: str) -> RunPlan:
     if not resumed and fs.exists(run_root):
         raise StorageError(f"output {uri} already has a run {run_id}; pass another --run-id")
     fs.makedirs(run_root, exist_ok=True)
-    for stale in _named(fs, root, TEMP_PREFIX) + _named(fs, run_root, TEMP_PREFIX):
+    for stale in stale_temporaries(fs, root) + stale_temporaries(fs, run_root):
         fs.rm(stale)  # left by a writer that was killed; its rows were never visible
     # Incremental runs skip what any run labeled; others only what this run wrote before it was stopped.
     incremental = mode == "incremental" or (resumed and latest.get("mode") == "incremental")
@@ -518,6 +535,28 @@ def _open_run(config: JobConfig, weights_id: str, fs, root: str) -> RunPlan:
         done=done,
         rows_before=rows_before,
     )
+
+
+def recorded_runs(fs, root: str) -> list[str]:
+    """The run folders under ``root`` that this job wrote: ``run=<id>/`` holding a record (``_run.json``) of run
+    ``<id>``. A folder of that name without such a record (a user's hive-style partition) is not one."""
+    runs = []
+    for path in _named(fs, root, "run="):
+        run_id = os.path.basename(path.rstrip("/"))[len("run=") :]
+        try:
+            record = _read_json(fs, _join(path, RUN_RECORD))
+        except (ValueError, OSError):  # not JSON, or not a file: not a record this job wrote
+            record = None
+        if isinstance(record, dict) and record.get("run_id") == run_id and "fingerprint" in record:
+            runs.append(path.rstrip("/"))
+    return runs
+
+
+def foreign_parquet(fs, root: str, runs: list[str]) -> list[str]:
+    """The Parquet files under ``root`` outside the job's recorded ``runs`` and its own lists of URIs (``spool``,
+    written before the run is opened)."""
+    own = tuple(f"{run}/" for run in runs) + (_join(root, SPOOL_FOLDER) + "/",)
+    return sorted(p for p in fs.find(root) if p.endswith(".parquet") and not p.startswith(own))
 
 
 def submission_id() -> str:

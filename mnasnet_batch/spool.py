@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -32,6 +34,8 @@ PARTITIONS = 64
 ROW_GROUP_URIS = 4_096
 # The folder of the output under which a job writes its long lists, one folder per job, removed when it ends.
 SPOOL_FOLDER = "_spool"
+# The name of one job's folder under SPOOL_FOLDER (``spool_folder``): a uuid's hex.
+_JOB_FOLDER = re.compile("[0-9a-f]{32}")
 
 
 def spool_folder(output_uri: str) -> str:
@@ -280,7 +284,12 @@ def remove_abandoned(fs, output_root: str, older_than_s: float) -> None:
         return
     now = time.time()
     for folder in folders:
-        written = [fs.modified(path).timestamp() for path in fs.find(folder)]
+        if not _JOB_FOLDER.fullmatch(os.path.basename(folder.rstrip("/"))):
+            continue  # not a name spool_folder gives: a user's, kept
+        files = fs.find(folder)
+        if not all(path.endswith(".parquet") for path in files):
+            continue  # only this job's lists of URIs are removed, never a file it did not write
+        written = [fs.modified(path).timestamp() for path in files]
         if written and now - max(written) > older_than_s:
             log.warning("removing %s: lists of URIs a job left when it was killed", folder)
             fs.rm(folder, recursive=True)

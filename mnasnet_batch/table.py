@@ -430,7 +430,7 @@ class IcebergTable(OutputTarget):
         if not unfinished and (fs.exists(self.run_root) or pc.any(pc.equal(rows["run_id"], self.run_id)).as_py()):
             raise StorageError(f"table {self.identifier} already has a run {self.run_id}; pass another --run-id")
         fs.makedirs(self.run_root, exist_ok=True)
-        for stale in output._named(fs, self.run_root, output.TEMP_PREFIX):
+        for stale in output.stale_temporaries(fs, self.run_root):
             fs.rm(stale)  # left by a writer that was killed; its rows were never visible
         # What this run holds already (committed, or staged by an attempt that was stopped): never labeled again.
         mine = rows.filter(pc.equal(rows["run_id"], self.run_id))["uri"].combine_chunks()

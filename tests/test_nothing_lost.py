@@ -292,10 +292,13 @@ def test_incremental_labels_only_new_images_and_modes_guard_the_output(
     assert len(rows_by_uri(output)) == 16
 
     (output / "keep.txt").write_text("a user's file")
+    (output / "run=keepme").mkdir()
+    (output / "run=keepme" / "photo.jpg").write_bytes(b"a user's photo")
     assert main([*argv, "--mode", "overwrite", "--top-k", "3"]) == 0
     rows = rows_by_uri(output)
     assert len(rows) == 16 and all(len(r["top_k_ids"]) == 3 for r in rows.values())
-    assert len(list(output.glob("run=*"))) == 1 and (output / "keep.txt").exists()
+    assert len(list(output.glob("run=*/_run.json"))) == 1 and (output / "keep.txt").exists()
+    assert (output / "run=keepme" / "photo.jpg").exists()
 
 
 def test_exif_orientation_option_rotates_before_cropping(photos):

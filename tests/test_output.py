@@ -4,10 +4,12 @@ import datetime
 import errno
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -305,7 +307,7 @@ def test_an_output_path_with_glob_characters_is_taken_as_it_is(tmp_path):
     plan = output.plan_run(job_config(out, run_id="first"), "w")
     output.write_part(rows(["/images/a.jpg"]), plan.run_uri)
     output.finish_run(job_config(out, run_id="first"), plan, seconds=1.0)
-    (out / f"{output.TEMP_PREFIX}left-by-a-killed-writer").write_bytes(b"")
+    (out / f"{output.TEMP_PREFIX}{uuid.uuid4().hex}").write_bytes(b"")  # left by a killed writer
     plan = output.plan_run(job_config(out, mode="incremental", run_id="second"), "w")
     assert not list(out.glob(f"{output.TEMP_PREFIX}*")), "a killed writer's temporary stays"
     assert plan.done.uris().to_pylist() == ["/images/a.jpg"]
@@ -344,13 +346,52 @@ def test_a_new_output_holding_other_parquet_files_is_refused_but_not_for_the_job
 
 def test_lists_a_killed_job_left_are_removed_by_the_next_job_only_once_abandoned(tmp_path):
     out = tmp_path / "labels"
-    abandoned, listing = (out / spool.SPOOL_FOLDER / name / "listed" for name in ("killed", "listing"))
-    for folder in (abandoned, listing):
+    jobs = [spool.spool_folder(str(out)) + "/listed" for _ in range(2)]
+    abandoned, listing = (pathlib.Path(folder) for folder in jobs)
+    # A user's folders there, as old: not a name the job gives its lists, or holding a file that is not one.
+    users, mixed = out / spool.SPOOL_FOLDER / "photos", pathlib.Path(spool.spool_folder(str(out)))
+    for folder in (abandoned, listing, users, mixed):
         folder.mkdir(parents=True)
         (folder / "000000.parquet").write_bytes(b"x")
+    (mixed / "notes.txt").write_text("a user's file")
     # The killed job's last file is older than a lease goes stale; the other job is still listing into its own.
     old = time.time() - output.LEASE_STALE_S - 60
-    os.utime(abandoned / "000000.parquet", (old, old))
+    for path in (abandoned / "000000.parquet", users / "000000.parquet", mixed / "000000.parquet", mixed / "notes.txt"):
+        os.utime(path, (old, old))
     plan = output.plan_run(job_config(out), "IMAGENET1K_V1")
     plan.lease.release()
     assert not abandoned.parent.exists() and (listing / "000000.parquet").exists()
+    assert (users / "000000.parquet").exists() and (mixed / "notes.txt").exists()
+
+
+def test_overwrite_refuses_a_users_hive_dataset_before_removing_anything(tmp_path):
+    out = tmp_path / "ds"
+    for month in ("2024-01", "2024-02"):
+        (out / f"run={month}").mkdir(parents=True)
+        pq.write_table(pa.table({"uri": [f"/images/{month}.jpg"]}), out / f"run={month}" / "data.parquet")
+    for mode in ("auto", "overwrite"):
+        with pytest.raises(StorageError, match="holds Parquet files that no run of this job wrote"):
+            output.plan_run(job_config(out, mode=mode), "w")
+    assert sorted(p.name for p in out.glob("run=*/*")) == ["data.parquet", "data.parquet"]
+    assert not (out / output.LEASE_FILE).exists()
+
+
+def test_overwrite_removes_only_the_runs_this_job_recorded(tmp_path):
+    out = tmp_path / "photos"  # the output is the input folder, as a user may choose
+    first = output.plan_run(job_config(out, run_id="first"), "w")
+    output.write_part(rows(["/images/a.jpg"]), first.run_uri, first.storage)
+    output.finish_run(job_config(out, run_id="first"), first, 1.0)
+    keep = out / "run=keepme"
+    keep.mkdir()
+    (keep / "photo.jpg").write_bytes(b"a user's photo")
+    fake = out / "run=notes"
+    fake.mkdir()
+    (fake / output.RUN_RECORD).write_text('{"run_id": "other", "fingerprint": {}}')  # not this folder's run
+    (out / f"{output.TEMP_PREFIX}notes.txt").write_text("a user's file that starts like a temporary")
+
+    plan = output.plan_run(job_config(out, run_id="second", mode="overwrite"), "w")
+    plan.lease.release()
+    assert not (out / "run=first").exists() and (out / "run=second" / output.RUN_RECORD).exists()
+    assert (keep / "photo.jpg").read_bytes() == b"a user's photo" and (fake / output.RUN_RECORD).exists()
+    assert (out / f"{output.TEMP_PREFIX}notes.txt").exists() and not (out / output.SUCCESS_MARKER).exists()
+    assert json.loads((out / output.RUN_RECORD).read_text())["run_id"] == "second"
