@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -109,7 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         from mnasnet_batch import output
 
         target = output.target_for(config)  # the Parquet folder or a table, decided once
-    except ConfigError as exc:
+        # The job's one storage handle: the weights, the input and the output (its parts and records) go through it.
+        storage = Storage(config.storage)
+        # What a moment tells is told before Ray starts, and before the output is touched.
+        check_locations(config, storage)
+        address = config.ray.address or os.environ.get("RAY_ADDRESS", "")
+        if address:
+            reach_cluster(address, config.ray.connect_timeout_s, "ray.address" if config.ray.address else "RAY_ADDRESS")
+    except (ConfigError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     plan = inputs = None
@@ -120,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             # directory that Ray replaces (below).
             from mnasnet_batch import output, pipeline, sources  # noqa: F401
 
-            joining = bool(config.ray.address or os.environ.get("RAY_ADDRESS")) and not ray_initialized()
+            joining = bool(address) and not ray_initialized()
             with ThreadPoolExecutor(max_workers=1) as pool:
-                prepared = pool.submit(prepare, config, target)
+                prepared = pool.submit(prepare, config, target, storage)
                 if not joining:
                     # A local Ray starts in seconds of mostly waiting; importing torch, verifying weights and
                     # listing inputs overlap it. It starts in this (the main) thread: its processes are tied to
@@ -252,10 +260,61 @@ def entrypoint() -> None:
     sys.exit(status)
 
 
-def prepare(config: JobConfig, target: OutputTarget | None = None) -> tuple[Checkpoint, InputPlan, RunPlan]:
+def check_locations(config: JobConfig, storage: Storage) -> None:
+    """Checks that the input, and a weights file, exist: one request each, before anything slower starts.
+
+    Raises:
+        StorageError: one of them does not exist, or its storage cannot be reached.
+    """
+    weights = config.model.weights
+    locations = [("input", config.input.uri)] + ([] if WEIGHTS_NAME.fullmatch(weights) else [("weights", weights)])
+    for what, uri in locations:
+        try:
+            fs, path = storage.filesystem(uri)
+            found = fs.lexists(path)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"{what} {uri} cannot be reached: {root_cause(exc)}") from None
+        if not found and not (what == "input" and any(c in path for c in "*?[")):  # a glob is matched later
+            raise StorageError(f"{what} {uri} does not exist")
+
+
+def reach_cluster(address: str, timeout_s: float, named_by: str) -> None:
+    """Checks that the Ray cluster at ``address`` accepts connections, within ``timeout_s``.
+
+    ``ray.init`` waits on an address that nothing answers for minutes, logging only Ray's own warnings; this fails
+    in the timeout with one line, before the output is touched. ``auto`` and ``local`` are Ray's to resolve.
+
+    Raises:
+        ConfigError: nothing accepted a connection at ``address`` (named by ``named_by``) in ``timeout_s``.
+    """
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, deadline - time.monotonic())):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"the Ray cluster at {address} ({named_by}) did not answer within {timeout_s:g} s "
+                    f"({type(exc).__name__}: {exc}); check that it is running (ray status --address {address}) and "
+                    f"that {named_by} names its head node's GCS port (6379 unless set), or unset {named_by} to run "
+                    f"on a local Ray; ray.connect_timeout_s sets the wait"
+                ) from None
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))  # a head node may still be starting
+
+
+def prepare(
+    config: JobConfig, target: OutputTarget | None = None, storage: Storage | None = None
+) -> tuple[Checkpoint, InputPlan, RunPlan]:
     """Verifies the weights, plans the input and opens the run: everything that can fail before any image is read.
 
-    ``target``: the output target (``output.target_for``), chosen from ``config`` when None.
+    ``target``: the output target (``output.target_for``), chosen from ``config`` when None. ``storage``: the job's
+    storage handle, built from ``config.storage`` when None.
 
     Raises:
         WeightsError: the weights cannot be found, read, verified or fitted.
@@ -265,8 +324,7 @@ def prepare(config: JobConfig, target: OutputTarget | None = None) -> tuple[Chec
     from mnasnet_batch import output
 
     target = target or output.target_for(config)
-    # The job's one storage handle: the weights, the input and the output (its parts and records) go through it.
-    storage = Storage(config.storage)
+    storage = storage or Storage(config.storage)
     checkpoint, inputs = prepare_input(config, storage, spool=True)
     try:
         return checkpoint, inputs, target.plan_run(config, checkpoint.weights_id, inputs, storage)

@@ -157,6 +157,9 @@ class ComputeConfig:
 class RayConfig:
     # Empty: start a local Ray in-process, unless RAY_ADDRESS names a cluster (as `ray job submit` sets).
     address: str = ""
+    # 30 s: a head node that is starting (or a GCS that restarts) accepts connections within seconds; an address
+    # nothing answers would otherwise leave the job waiting for minutes on Ray's own retries, with no line of its own.
+    connect_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,7 @@ def validate(config: JobConfig) -> None:
             f"compute.engine: onnxruntime runs fp32 only (compute.precision={config.compute.precision}); use torch",
         ),
         (config.progress.interval_s > 0, "progress.interval_s: must be more than 0"),
+        (config.ray.connect_timeout_s > 0, "ray.connect_timeout_s: must be more than 0"),
         (config.compute.actor_memory_gb > 0, "compute.actor_memory_gb: must be more than 0"),
         (config.compute.actor_cpus >= 0, "compute.actor_cpus: must be 0 (derived) or more"),
         (config.compute.node_wait_s >= 0, "compute.node_wait_s: must be 0 (do not wait) or more"),

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -171,3 +172,62 @@ def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes(local_ray, corpu
     assert main(argv) == 0
     assert set(rows_by_uri(output)) == {str(p) for p in corpus}
     assert json.loads((output / "_run.json").read_text())["run_id"] == record["run_id"]
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_an_unreachable_cluster_stops_the_job_in_its_timeout_and_touches_no_output(corpus, tmp_path, checkpoint_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(corpus[0], images / corpus[0].name)
+    address = f"127.0.0.1:{closed_port()}"
+    argv = support.job_argv(images, tmp_path / "out", checkpoint_path, "ray.connect_timeout_s=2")
+    job = subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs" / "label_images.py"), *argv],
+        env=plain_environment(RAY_ADDRESS=address),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Ray's own connect would wait minutes: a test that hangs here has lost its bound.
+        out, err = job.communicate(timeout=120)
+    finally:
+        kill_session(job)
+    assert job.returncode == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and address in errors[0] and "RAY_ADDRESS" in errors[0]
+    assert "ray.connect_timeout_s" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_input_or_weights_file_is_told_before_torch_or_ray_start(tmp_path, checkpoint_path):
+    script = (
+        "import sys\n"
+        "from mnasnet_batch.cli import main\n"
+        "status = main(sys.argv[1:])\n"
+        "print(status, 'torch' in sys.modules, 'ray' in sys.modules)\n"
+    )
+    images = tmp_path / "images"
+    images.mkdir()
+    for argv, missing in (
+        (["--input", "nope", "--output", "out", "--weights", str(checkpoint_path)], f"input {tmp_path / 'nope'}"),
+        (["--input", "images", "--output", "out", "--weights", "nope.pth"], "weights nope.pth"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-c", script, *argv],
+            cwd=tmp_path,
+            env=plain_environment(PYTHONPATH=str(ROOT)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.stdout.split() == ["2", "False", "False"], result.stdout + result.stderr
+        assert f"error: {missing} does not exist" in result.stderr
+        assert not (tmp_path / "out").exists()
