@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,12 @@ log = logging.getLogger(__name__)
 DOWNLOAD_TIMEOUT_S = 30
 # What every refusal to load a file says the file must be.
 STATE_DICT_ADVICE = "the file must be a state_dict saved with torch.save(model.state_dict(), path)"
+# Entries of a training checkpoint that hold the model's weights, looked for in this order (timm's, less its EMA
+# entries): a checkpoint with both weights and an EMA of them holds two models, and which one was meant is a guess.
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+# Prefixes a training wrapper puts before every key: DistributedDataParallel's and DataParallel's ``module.``,
+# torch.compile's ``_orig_mod.`` (nested in either order when both wrap the model).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 class WeightsError(RuntimeError):
@@ -109,7 +116,9 @@ def resolve_checkpoint(
             f"weights {source} fail verification: sha256 is {digest}, model.sha256 expects {sha256.lower()}"
         )
     checkpoint = Checkpoint(model_name=model_name, data=data, weights_id=weights_id or digest, source=source)
-    build_model(checkpoint)  # a file that does not fit the architecture fails here, not in the actors
+    _, adapted = _fitted_model(checkpoint)  # a file that does not fit the architecture fails here, not in the actors
+    if adapted:
+        log.info("weights %s adapted to load into %s: %s", source, model_name, "; ".join(adapted))
     return checkpoint
 
 
@@ -160,22 +169,30 @@ def _load_failure(exc: Exception) -> str:
 def build_model(checkpoint: Checkpoint) -> torch.nn.Module:
     """Builds torchvision's architecture and loads the checkpoint into it, strictly.
 
+    The driver (``resolve_checkpoint``) and every model actor load through here, so they adapt a training loop's
+    checkpoint the same way (``WRAPPER_KEYS``, ``WRAPPER_PREFIXES``, a missing MNASNet version).
+
     Returns:
         The model in eval mode on the CPU.
 
     Raises:
-        WeightsError: the file is not a plain state_dict, or its keys or shapes do not fit the architecture.
+        WeightsError: the file is not a state_dict (nor a training checkpoint holding one), or its keys or shapes
+            do not fit the architecture.
     """
+    return _fitted_model(checkpoint)[0]
+
+
+def _fitted_model(checkpoint: Checkpoint) -> tuple[torch.nn.Module, list[str]]:
+    """The model with the checkpoint loaded, and what was adapted to load it (empty for a plain state_dict)."""
     try:
-        state_dict = torch.load(io.BytesIO(checkpoint.data), map_location="cpu", weights_only=True)
+        loaded = torch.load(io.BytesIO(checkpoint.data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise WeightsError(
             f"weights {checkpoint.source} cannot be loaded: {_load_failure(exc)}; {STATE_DICT_ADVICE}"
         ) from None
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise WeightsError(
-            f"weights {checkpoint.source} are not a state_dict (a mapping of names to tensors); {STATE_DICT_ADVICE}"
-        )
+    state_dict, adapted = _unwrapped(loaded, checkpoint.source)
+    state_dict, stripped = _without_wrapper_prefixes(state_dict)
+    adapted += stripped
     model = torchvision.models.get_model(checkpoint.model_name, weights=None)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -188,5 +205,58 @@ def build_model(checkpoint: Checkpoint) -> torch.nn.Module:
             f"weights {checkpoint.source} do not fit {checkpoint.model_name}: {details}; "
             f"pass the --model the checkpoint was trained as"
         )
+    metadata = getattr(state_dict, "_metadata", None) or {}
+    if "version" not in metadata.get("", {}):
+        # A state_dict rebuilt as a plain dict (a prefix-stripping comprehension) loses the module versions that
+        # torch.save keeps, and torchvision's MNASNet refuses to load without its own. Every key and shape fits the
+        # current layout, so the current versions describe the file; any the file has are kept.
+        current = expected._metadata
+        state_dict = OrderedDict(state_dict)
+        state_dict._metadata = {name: {**entry, **metadata.get(name, {})} for name, entry in current.items()}
+        adapted.append(f"took the missing MNASNet version as {current['']['version']} (the current layout)")
     model.load_state_dict(state_dict)
-    return model.eval()
+    return model.eval(), adapted
+
+
+def _is_state_dict(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _unwrapped(loaded: object, source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state_dict in what ``torch.load`` returned: itself, or a training checkpoint's ``WRAPPER_KEYS`` entry."""
+    if _is_state_dict(loaded):
+        return loaded, []
+    key = next((k for k in WRAPPER_KEYS if isinstance(loaded, dict) and k in loaded), None)
+    if key is None:
+        entries = " or ".join(repr(k) for k in WRAPPER_KEYS)
+        raise WeightsError(
+            f"weights {source} are not a state_dict (a mapping of names to tensors), nor a training checkpoint "
+            f"with one under {entries}; {STATE_DICT_ADVICE}"
+        )
+    if not _is_state_dict(loaded[key]):
+        raise WeightsError(
+            f"weights {source} hold a {key!r} entry that is not a state_dict (a mapping of names to tensors); "
+            f"{STATE_DICT_ADVICE}"
+        )
+    return loaded[key], [f"took the training checkpoint's {key!r} entry"]
+
+
+def _without_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state_dict with each ``WRAPPER_PREFIXES`` prefix that every key shares removed, its versions kept."""
+    adapted = []
+    while state_dict:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        metadata = getattr(state_dict, "_metadata", None)
+        state_dict = OrderedDict((k.removeprefix(prefix), v) for k, v in state_dict.items())
+        if metadata is not None:
+            # The wrapper's own entry ("") goes; the wrapped model's ("module") becomes the root.
+            wrapped = prefix.removesuffix(".")
+            state_dict._metadata = {
+                "" if name == wrapped else name.removeprefix(prefix): entry
+                for name, entry in metadata.items()
+                if name == wrapped or name.startswith(prefix)
+            }
+        adapted.append(f"stripped the {prefix!r} prefix from every key")
+    return state_dict, adapted
