@@ -281,13 +281,20 @@ def _local_uris(paths: list[str]) -> list[str]:
 
 
 def _globbed(fs: fsspec.AbstractFileSystem, pattern: str) -> list[str]:
-    """The files a glob matches; local ones that are not regular files are left out and logged."""
+    """The files a glob matches. Locally, as in a folder's listing (``_find_local``): symlinks to files are
+    followed, broken ones listed, and files that are not regular files left out and logged."""
     matched = fs.glob(pattern, detail=True)
     if not isinstance(fs, LocalFileSystem):
         return [p for p, info in matched.items() if info["type"] != "directory"]
-    special = [f"{p} ({special_kind(p)})" for p, info in matched.items() if info["type"] == "other"]
+    files: list[str] = []
+    special: list[str] = []
+    for path in matched:  # fsspec's types do not follow symlinks: a link to a file is "other", as a FIFO is
+        if os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path)):
+            files.append(path)
+        elif kind := special_kind(path):
+            special.append(f"{path} ({kind})")
     _log_special(pattern, len(special), special[:SHOWN_FILES])
-    return [p for p, info in matched.items() if info["type"] == "file"]
+    return files
 
 
 def special_kind(path: str) -> str:

@@ -478,17 +478,19 @@ def test_files_that_are_not_regular_files_are_never_read_but_named(tmp_path, cap
     folder.mkdir()
     for i in range(3):
         (folder / f"{i}.jpg").write_bytes(b"x")
+    (folder / "3.jpg").symlink_to(folder / "0.jpg")  # read, as is a broken symlink (an error row)
+    (folder / "4.jpg").symlink_to(folder / "gone.jpg")
     os.mkfifo(folder / "x.jpg")
     (folder / "z.jpg").symlink_to("/dev/zero")
     with caplog.at_level("WARNING", logger="mnasnet_batch.storage"):
         plan = plan_input(config(folder).input, NO_STORAGE)
-    assert sorted(plan.uris.to_pylist()) == [str(folder / f"{i}.jpg") for i in range(3)]
+    assert sorted(plan.uris.to_pylist()) == [str(folder / f"{i}.jpg") for i in range(5)]
     assert f"input {folder}: ignoring 2 other files (not regular files, never read): " in caplog.text
     assert "x.jpg (a FIFO)" in caplog.text and "z.jpg (a symlink to /dev/zero, a character device)" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="mnasnet_batch.storage"):
         plan = plan_input(config(f"{folder}/*.jpg").input, NO_STORAGE)
-    assert sorted(plan.uris.to_pylist()) == [str(folder / f"{i}.jpg") for i in range(3)]
+    assert sorted(plan.uris.to_pylist()) == [str(folder / f"{i}.jpg") for i in range(5)]
     assert "ignoring 2 other files (not regular files, never read)" in caplog.text
     with pytest.raises(StorageError, match=r"x.jpg is not a regular file \(a FIFO\)"):
         plan_input(config(folder / "x.jpg").input, NO_STORAGE)
