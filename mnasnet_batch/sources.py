@@ -40,6 +40,8 @@ SHOWN_MEMBERS = 3
 # Bytes of a manifest turned into URIs at a time: its lines never exist as Python strings all at once, and each
 # step's Arrow temporaries (a dozen copies of the chunk) stay small.
 TEXT_CHUNK_BYTES = 4 * 2**20
+# What a manifest lists in place of a line (text) or row (CSV, TSV) that is not UTF-8, after the manifest's URI.
+_NOT_UTF8 = re.compile(r"#(?P<unit>line|row)=(?P<number>[0-9]+)$")
 # Where a run records the inputs (WebDataset shards) it read to their end, in its folder: one empty file each,
 # named ``<sha256 of the input's URI, 32 hex digits>.<images it holds>``, so planning lists them and reads none.
 FINISHED_INPUTS = "_inputs"
@@ -212,7 +214,11 @@ class ImageURILayout(Layout):
         for uris in lists:
             for start in range(0, len(uris), batch_size):
                 chunk = uris[start : start + batch_size]
-                yield encoded_batch(chunk, self.storage.read_many(chunk))
+                yield encoded_batch(chunk, self.read_images(chunk))
+
+    def read_images(self, uris: list[str]) -> list[bytes | Exception]:
+        """Each image's bytes or what reading it raised (``Storage.read_many``)."""
+        return self.storage.read_many(uris)
 
 
 class FilesLayout(ImageURILayout):
@@ -233,13 +239,20 @@ class FilesLayout(ImageURILayout):
         return has_extensions(files, self.extensions)  # a single file named explicitly must be an image too
 
 
+@dataclass(frozen=True)
 class ManifestLayout(ImageURILayout):
-    """Manifests (text, CSV, TSV, Parquet) listing image URIs."""
+    """Manifests (text, CSV, TSV, Parquet) listing image URIs.
+
+    A line (text) or row (CSV, TSV) that is not UTF-8 is listed as ``<manifest>#line=<N>`` (``#row=<N>``), which
+    is not read but becomes an error row naming it (``read_images``): the other lines are labeled.
+    """
 
     name = "manifest"
     noun = "image URIs from manifests"
     kind = "manifests"
     file_extensions = MANIFEST_EXTENSIONS
+    # The manifests listed (``plan``): a URI ``<one of them>#line=<N>`` stands for a line that is not UTF-8.
+    manifests: tuple[str, ...] = ()
 
     def plan(self, uris: pa.Array) -> InputPlan:
         """The image URIs the manifests list, each once, in the order first listed.
@@ -249,7 +262,8 @@ class ManifestLayout(ImageURILayout):
         already labeled).
         """
         column = self.config.uri_column
-        listed = self.collect(c for m in uris.to_pylist() for c in manifest_chunks(m, column, self.storage))
+        manifests = uris.to_pylist()
+        listed = self.collect(c for m in manifests for c in manifest_chunks(m, column, self.storage))
         if not len(listed):
             raise StorageError(f"input {self.config.uri}: the manifests list no URIs")
         # An image listed twice is one input: one row, not two rows (or two parts) of the same uri.
@@ -262,7 +276,24 @@ class ManifestLayout(ImageURILayout):
             log.warning(
                 "input %s: %d URIs are listed more than once; each image is labeled once", self.config.uri, repeats
             )
-        return InputPlan(self, unique)
+        return InputPlan(dataclasses.replace(self, manifests=tuple(manifests)), unique)
+
+    def read_images(self, uris: list[str]) -> list[bytes | Exception]:
+        """Reads the images; a URI standing for a manifest line that is not UTF-8 is not read but gets an error
+        naming the line (``UnicodeError: line 3 of manifest /data/m.txt is not UTF-8 ...``)."""
+        if not any(_NOT_UTF8.search(uri) for uri in uris):
+            return super().read_images(uris)
+        manifests = set(self.manifests)
+        not_utf8 = {}
+        for i, uri in enumerate(uris):
+            match = _NOT_UTF8.search(uri)
+            if match and uri[: match.start()] in manifests:
+                not_utf8[i] = UnicodeError(
+                    f"{match['unit']} {match['number']} of manifest {uri[: match.start()]} is not UTF-8; "
+                    "save the manifest as UTF-8 to label it"
+                )
+        read = iter(super().read_images([uri for i, uri in enumerate(uris) if i not in not_utf8]))
+        return [not_utf8[i] if i in not_utf8 else next(read) for i in range(len(uris))]
 
 
 class WebDatasetLayout(Layout):
@@ -607,7 +638,9 @@ def manifest_chunks(uri: str, column: str, storage: Storage) -> Iterator[pa.Arra
 
     Leading and trailing whitespace is stripped and blanks are skipped, and in text manifests lines starting with
     ``#`` (comments). A relative path is resolved against the manifest's folder (``resolve_relative``); URIs with
-    a scheme and absolute paths stay as they are.
+    a scheme and absolute paths stay as they are. A text line, or a CSV or TSV row's value, that is not UTF-8 is
+    listed as ``<uri>#line=<N>`` (``#row=<N>``, counting the rows after the header), for ``ManifestLayout`` to
+    give an error row, and logged: one such line does not refuse the whole manifest.
 
     Raises:
         StorageError: the manifest cannot be read, or has no such column.
@@ -629,15 +662,33 @@ def manifest_chunks(uri: str, column: str, storage: Storage) -> Iterator[pa.Arra
                         f,
                         read_options=pacsv.ReadOptions(block_size=TEXT_CHUNK_BYTES),
                         parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                        # Bytes, checked a value at a time by _utf8: Arrow's strings refuse the whole block.
                         convert_options=pacsv.ConvertOptions(
-                            include_columns=[column], column_types={column: pa.string()}
+                            include_columns=[column], column_types={column: pa.large_binary()}
                         ),
                     )
                 )
             else:
                 batches = _text_lines(f)
+            unit = "line" if kind == "text" else "row"
+            listed = 0  # lines or rows before the batch
+            not_utf8: list[int] = []  # their numbers
             for values in batches:
+                if kind != "parquet":
+                    values = _utf8(values, f"{uri}#{unit}=", listed, not_utf8, comments=kind == "text")
+                listed += len(values)
                 yield _cleaned(values, uri, kind == "text")
+            if not_utf8:
+                log.warning(
+                    "manifest %s: %d %ss are not UTF-8 (%s %s%s); each becomes an error row naming it, and the "
+                    "others are labeled; save the manifest as UTF-8 to label them",
+                    uri,
+                    len(not_utf8),
+                    unit,
+                    unit,
+                    ", ".join(map(str, not_utf8[:SHOWN_MEMBERS])),
+                    ", ..." if len(not_utf8) > SHOWN_MEMBERS else "",
+                )
     except Exception as exc:
         raise StorageError(f"manifest {uri} cannot be read: {type(exc).__name__}: {exc}") from None
 
@@ -661,12 +712,13 @@ def _cleaned(values: pa.Array, manifest: str, text: bool) -> pa.Array:
 
 
 def _text_lines(f) -> Iterator[pa.Array]:
-    """The lines of a UTF-8 text file, ``TEXT_CHUNK_BYTES`` at a time, as Arrow strings."""
+    """The lines of a text file, ``TEXT_CHUNK_BYTES`` at a time, as Arrow bytes (``_utf8`` makes them strings)."""
 
     def lines(data: bytes) -> pa.Array:
         offsets = pa.py_buffer(np.array([0, len(data)], np.int64))
         text = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)])
-        return pc.list_flatten(pc.split_pattern(text.cast(pa.large_string()), "\n"))  # the cast checks the UTF-8
+        split = pc.list_flatten(pc.split_pattern(text, "\n"))
+        return split[:-1] if data.endswith(b"\n") else split  # not the "line" after the last line's end
 
     rest = b""
     while chunk := f.read(TEXT_CHUNK_BYTES):
@@ -677,6 +729,27 @@ def _text_lines(f) -> Iterator[pa.Array]:
             yield lines(data[:end])
     if rest:
         yield lines(rest)
+
+
+def _utf8(values: pa.Array, marker: str, before: int, not_utf8: list[int], comments: bool) -> pa.Array:
+    """A manifest's lines (or a CSV column's values) as strings, where ``before`` lines came before them; one that
+    is not UTF-8 becomes ``<marker><its number>`` and its number is added to ``not_utf8`` (with ``comments``, a
+    comment that is not UTF-8 is left out instead)."""
+    try:
+        return values.cast(pa.large_string())  # checks the UTF-8 of every value at once
+    except pa.ArrowInvalid:
+        pass
+    decoded: list[str | None] = []
+    for i, value in enumerate(values.to_pylist()):
+        try:
+            decoded.append(None if value is None else value.decode())
+        except UnicodeDecodeError:
+            if comments and value.strip().startswith(b"#"):
+                decoded.append("")
+            else:
+                decoded.append(f"{marker}{before + i + 1}")
+                not_utf8.append(before + i + 1)
+    return pa.array(decoded, pa.large_string())
 
 
 def resolve_relative(uri: str, manifest: str) -> str:

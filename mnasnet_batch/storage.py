@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import stat
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from urllib.parse import unquote
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
@@ -36,6 +37,15 @@ LISTING_THREADS = 16
 # Local paths handed on at a time while a folder is listed: what the driver holds of a listing as Python strings.
 LISTING_CHUNK = 2**16
 GLOB_CHARACTERS = "*?["
+# Names of files a listing ignores that a log line shows; the count says how many there are in all.
+SHOWN_FILES = 3
+# What a local file that is neither a regular file nor a folder is, for the log and the error naming it.
+SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 class StorageError(RuntimeError):
@@ -45,6 +55,30 @@ class StorageError(RuntimeError):
 def scheme(uri: str) -> str:
     """The URI's scheme, ``file`` for plain paths."""
     return split_protocol(uri)[0] or "file"
+
+
+def local_uri(path: str) -> str:
+    """A listed local file's URI, as the job writes it: its absolute path, or when the name is not UTF-8, its
+    ``file://`` URI.
+
+    A name from an old share, a camera card or a zip may hold bytes that are not UTF-8 (``caf\\xe9.jpg``, Latin-1),
+    which Python lists as lone surrogates and an output's strings cannot hold. Such a path is written as
+    ``Path.as_uri()`` writes it (RFC 8089: ``file:///photos/caf%E9.jpg``, every byte outside ASCII letters, digits,
+    ``/`` and ``_.-~`` percent-encoded), which ``Storage`` reads back as the file's own bytes (``file_uri_path``).
+    Every other path stays as it is, ``%`` and all: a plain path is never percent-decoded, and a listed path is
+    never written as a ``file://`` URI unless its name is not UTF-8, so the two cannot be confused.
+    """
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        return "file://" + quote_from_bytes(os.fsencode(path))
+    return path
+
+
+def file_uri_path(uri: str) -> str:
+    """The local path a ``file://`` URI names, percent-decoded to the name's bytes (RFC 8089), so that a name that
+    is not UTF-8 (``local_uri``) is the file's own name again (with surrogates, as Python's ``os`` takes it)."""
+    return os.fsdecode(unquote_to_bytes(uri[len("file://") :]))
 
 
 def absolute_location(uri: str) -> str:
@@ -107,8 +141,8 @@ class Storage:
     def filesystem(self, uri: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
         """The fsspec filesystem for ``uri`` and the path inside it.
 
-        A ``file://`` URI is percent-decoded (RFC 8089; what ``Path.as_uri()`` writes); plain paths are taken as
-        they are.
+        A ``file://`` URI is percent-decoded to the name's bytes (RFC 8089; what ``Path.as_uri()`` and ``local_uri``
+        write); plain paths are taken as they are.
 
         Raises:
             StorageError: the scheme's package is not installed (the message names the extra to install).
@@ -116,7 +150,7 @@ class Storage:
         uri = os.fspath(uri)  # a pathlib.Path from a caller is a local path
         protocol = scheme(uri)
         if uri.startswith("file://"):
-            uri = "file://" + unquote(uri[len("file://") :])
+            uri = "file://" + file_uri_path(uri)
         try:
             return url_to_fs(uri, **fsspec_options(protocol, self.config))
         except ImportError as exc:
@@ -153,25 +187,30 @@ class Storage:
 
         ``uri`` is a glob only when nothing exists under its literal name and it holds ``*``, ``?`` or ``[``:
         ``shots [2024]/`` is a folder when it exists. One recursive listing call per location (a flat
-        ``ListObjectsV2`` walk on S3), no per-file requests; local symlinks to folders are followed.
+        ``ListObjectsV2`` walk on S3), no per-file requests; local symlinks to folders are followed. Local files
+        that are not regular files (FIFOs, devices, sockets, symlinks to them) are never read: they are left out,
+        counted and named in the log.
 
         Returns:
-            Full URIs (absolute paths for local files) in chunks as they are found, in no particular order (the
-            driver need not hold a listing of millions of files as Python strings), and whether ``uri`` named a
-            single file.
+            Full URIs (absolute paths for local files, ``local_uri``) in chunks as they are found, in no particular
+            order (the driver need not hold a listing of millions of files as Python strings), and whether ``uri``
+            named a single file.
 
         Raises:
-            StorageError: the location does not exist or cannot be reached (also while the chunks are taken).
+            StorageError: the location does not exist, is a single file that is not a regular file, or cannot be
+                reached (also while the chunks are taken).
         """
         try:
             fs, path = self.filesystem(uri)
+            local = isinstance(fs, LocalFileSystem)
             if fs.isfile(path):
                 single, found = True, iter([[path]])
             elif fs.isdir(path):
                 single, found = False, _find(fs, path)
+            elif local and (kind := special_kind(path)):
+                raise StorageError(f"input {uri} is not a regular file ({kind}): only regular files are read")
             elif any(c in path for c in GLOB_CHARACTERS):
-                matched = fs.glob(path, detail=True)
-                single, found = False, iter([[p for p, info in matched.items() if info["type"] != "directory"]])
+                single, found = False, iter([_globbed(fs, path)])
             else:
                 raise StorageError(f"input {uri} does not exist")
         except StorageError:
@@ -227,9 +266,61 @@ def _full_uris(uri: str, fs: fsspec.AbstractFileSystem, found: Iterator[list[str
     local = isinstance(fs, LocalFileSystem)
     try:
         for paths in found:
-            yield paths if local else [fs.unstrip_protocol(p) for p in paths]
+            yield _local_uris(paths) if local else [fs.unstrip_protocol(p) for p in paths]
     except Exception as exc:
         raise StorageError(f"input {uri} cannot be listed: {type(exc).__name__}: {exc}") from None
+
+
+def _local_uris(paths: list[str]) -> list[str]:
+    """Local paths as URIs (``local_uri``): the same list when every name is UTF-8, as nearly all are."""
+    try:
+        "".join(paths).encode()
+    except UnicodeEncodeError:
+        return [local_uri(p) for p in paths]
+    return paths
+
+
+def _globbed(fs: fsspec.AbstractFileSystem, pattern: str) -> list[str]:
+    """The files a glob matches. Locally, as in a folder's listing (``_find_local``): symlinks to files are
+    followed, broken ones listed, and files that are not regular files left out and logged."""
+    matched = fs.glob(pattern, detail=True)
+    if not isinstance(fs, LocalFileSystem):
+        return [p for p, info in matched.items() if info["type"] != "directory"]
+    files: list[str] = []
+    special: list[str] = []
+    for path in matched:  # fsspec's types do not follow symlinks: a link to a file is "other", as a FIFO is
+        if os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path)):
+            files.append(path)
+        elif kind := special_kind(path):
+            special.append(f"{path} ({kind})")
+    _log_special(pattern, len(special), special[:SHOWN_FILES])
+    return files
+
+
+def special_kind(path: str) -> str:
+    """Why a local path is not a file to read, when it exists but is neither a regular file nor a folder: ``a FIFO``,
+    ``a symlink to /dev/zero, a character device``; else "" (a missing path or a broken symlink is not special)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return ""
+    kind = next((name for is_kind, name in SPECIAL_KINDS if is_kind(mode)), "a special file")
+    return f"a symlink to {os.path.realpath(path)}, {kind}" if os.path.islink(path) else kind
+
+
+def _log_special(where: str, count: int, shown: list[str]) -> None:
+    """Says that ``count`` files listed in ``where`` are left out as not regular files; ``shown``: the first few,
+    each as ``name (what it is)``."""
+    if count:
+        log.warning(
+            "input %s: ignoring %d other files (not regular files, never read): %s%s",
+            where,
+            count,
+            ", ".join(shown),
+            ", ..." if count > len(shown) else "",
+        )
 
 
 def _find(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[list[str]]:
@@ -253,9 +344,12 @@ def _find_local(root: str) -> Iterator[list[str]]:
 
     A symlinked folder is listed under the link's path. One that leads back to a folder it is inside (a loop)
     is skipped with a warning; a broken symlink is listed, so that it becomes an error row like a missing file.
-    Sockets, pipes and devices are not files to read.
+    FIFOs, sockets and devices (and symlinks to them) are not files to read: reading a FIFO waits for a writer,
+    ``/dev/zero`` never ends. They are left out, counted and named in one warning.
     """
     files: list[str] = []
+    special = 0
+    shown: list[str] = []  # the first few special files and what each is, for the warning
     # (folder, real paths of it and the folders above it)
     pending = [(root, frozenset({os.path.realpath(root)}))]
     while pending:
@@ -282,8 +376,14 @@ def _find_local(root: str) -> Iterator[list[str]]:
                     if len(files) == LISTING_CHUNK:
                         yield files
                         files = []
+                else:
+                    special += 1
+                    if len(shown) < SHOWN_FILES:
+                        kind = special_kind(entry.path) or "not a regular file"
+                        shown.append(f"{os.path.relpath(entry.path, root)} ({kind})")
     if files:
         yield files
+    _log_special(root, special, shown)
 
 
 def _is_file(entry: os.DirEntry) -> bool:

@@ -4,6 +4,7 @@ import gzip
 import importlib
 import io
 import os
+import pathlib
 import sys
 import tarfile
 
@@ -409,9 +410,92 @@ def test_text_manifests_in_arrow_keep_order_and_line_ends_across_chunks(tmp_path
     (tmp_path / "m.txt").write_bytes(("\r\n".join(lines[:25]) + "\n# a comment\n\n" + "\n".join(lines[25:])).encode())
     uris = manifest_uris(str(tmp_path / "m.txt"), "uri", NO_STORAGE)
     assert isinstance(uris, pa.ChunkedArray) and uris.to_pylist() == lines
-    (tmp_path / "bad.txt").write_bytes(b"/ok.jpg\n/\xff.jpg\n")
-    with pytest.raises(StorageError, match="manifest .*bad.txt cannot be read"):
-        manifest_uris(str(tmp_path / "bad.txt"), "uri", NO_STORAGE)
+    # Lines that are not UTF-8, cut across chunks too, are numbered where they are; a comment is left out.
+    bad = str(tmp_path / "bad.txt")
+    (tmp_path / "bad.txt").write_bytes(b"/ok.jpg\r\n/caf\xe9.jpg\n# caf\xe9\n/ok2.jpg\n\n/\xff\xfe-long-name.jpg")
+    expected = ["/ok.jpg", f"{bad}#line=2", "/ok2.jpg", f"{bad}#line=6"]
+    assert manifest_uris(bad, "uri", NO_STORAGE).to_pylist() == expected
+
+
+def test_a_manifest_line_that_is_not_utf8_is_an_error_row_naming_it_and_the_others_are_read(tmp_path, corpus, caplog):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    good = [str(corpus[0]), str(corpus[1])]
+    (lists / "m.txt").write_bytes(f"{good[0]}\n".encode() + b"/photos/caf\xe9.jpg\n" + f"{good[1]}\n".encode())
+    with caplog.at_level("WARNING", logger="mnasnet_batch.sources"):
+        plan = plan_input(config(lists / "m.txt").input, NO_STORAGE)
+    manifest = str(lists / "m.txt")
+    assert sorted(plan.uris.to_pylist()) == sorted([*good, f"{manifest}#line=2"])
+    assert f"manifest {manifest}: 1 lines are not UTF-8 (line 2)" in caplog.text
+    [read] = plan.layout.read({"uri": plan.uris.to_numpy()}, batch_size=8)
+    rows = {uri: (data, error) for uri, data, error in zip(read["uri"], read["data"], read["error"], strict=True)}
+    assert rows[good[0]] == (corpus[0].read_bytes(), "") and rows[good[1]] == (corpus[1].read_bytes(), "")
+    assert rows[f"{manifest}#line=2"] == (
+        b"",
+        f"UnicodeError: line 2 of manifest {manifest} is not UTF-8; save the manifest as UTF-8 to label it",
+    )
+    # A CSV's value: its row, counted after the header.
+    (lists / "m.txt").unlink()
+    (lists / "m.csv").write_bytes(f"uri\n{good[0]}\n".encode() + b"/photos/caf\xe9.jpg\n")
+    plan = plan_input(config(lists).input, NO_STORAGE)
+    [read] = plan.layout.read({"uri": plan.uris.to_numpy()}, batch_size=8)
+    assert list(read["error"]) == [
+        "",
+        f"UnicodeError: row 2 of manifest {lists / 'm.csv'} is not UTF-8; save the manifest as UTF-8 to label it",
+    ]
+    # The same fragment on a URI that is not the manifest's is an image URI, read as any other.
+    other = f"{tmp_path}/elsewhere.txt#line=2"
+    assert isinstance(plan.layout.read_images([other])[0], FileNotFoundError)
+
+
+def test_a_file_name_that_is_not_utf8_is_listed_as_its_file_uri_and_read_back(tmp_path, corpus):
+    folder = tmp_path / "card"
+    folder.mkdir()
+    latin1 = os.path.join(os.fsencode(folder), b"caf\xe9.jpg")  # a Latin-1 byte, as on old shares
+    with open(latin1, "wb") as f:
+        f.write(corpus[0].read_bytes())
+    # Names that are UTF-8 stay as they are, '%' included, even one that reads like the other's escaped name.
+    for name, source in [("caf%E9.jpg", corpus[1]), ("100% ok.jpg", corpus[2]), ("ça.jpg", corpus[3])]:
+        (folder / name).write_bytes(source.read_bytes())
+    plan = plan_input(config(folder).input, NO_STORAGE)
+    uris = plan.uris.to_pylist()
+    escaped = pathlib.Path(os.fsdecode(latin1)).as_uri()  # RFC 8089: file:///.../card/caf%E9.jpg
+    assert escaped.startswith("file:///") and escaped.endswith("/card/caf%E9.jpg")
+    assert sorted(uris) == sorted([escaped, *(str(folder / name) for name in ("caf%E9.jpg", "100% ok.jpg", "ça.jpg"))])
+    assert all(uri.encode() for uri in uris)  # UTF-8, as the output's strings must be
+    [read] = plan.layout.read({"uri": plan.uris.to_numpy()}, batch_size=8)
+    assert list(read["error"]) == [""] * 4
+    rows = dict(zip(read["uri"], read["data"], strict=True))
+    assert rows[escaped] == corpus[0].read_bytes() and rows[str(folder / "caf%E9.jpg")] == corpus[1].read_bytes()
+    # Named directly, or as a single file, the name is the same URI.
+    chunks, single = NO_STORAGE.list_files(os.fsdecode(latin1))
+    assert single and [u for c in chunks for u in c] == [escaped]
+    assert storage.file_uri_path(escaped) == os.fsdecode(latin1)
+
+
+def test_files_that_are_not_regular_files_are_never_read_but_named(tmp_path, caplog):
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(b"x")
+    (folder / "3.jpg").symlink_to(folder / "0.jpg")  # read, as is a broken symlink (an error row)
+    (folder / "4.jpg").symlink_to(folder / "gone.jpg")
+    os.mkfifo(folder / "x.jpg")
+    (folder / "z.jpg").symlink_to("/dev/zero")
+    with caplog.at_level("WARNING", logger="mnasnet_batch.storage"):
+        plan = plan_input(config(folder).input, NO_STORAGE)
+    assert sorted(plan.uris.to_pylist()) == [str(folder / f"{i}.jpg") for i in range(5)]
+    assert f"input {folder}: ignoring 2 other files (not regular files, never read): " in caplog.text
+    assert "x.jpg (a FIFO)" in caplog.text and "z.jpg (a symlink to /dev/zero, a character device)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mnasnet_batch.storage"):
+        plan = plan_input(config(f"{folder}/*.jpg").input, NO_STORAGE)
+    assert sorted(plan.uris.to_pylist()) == [str(folder / f"{i}.jpg") for i in range(5)]
+    assert "ignoring 2 other files (not regular files, never read)" in caplog.text
+    with pytest.raises(StorageError, match=r"x.jpg is not a regular file \(a FIFO\)"):
+        plan_input(config(folder / "x.jpg").input, NO_STORAGE)
+    with pytest.raises(StorageError, match=r"z.jpg is not a regular file \(a symlink to /dev/zero"):
+        plan_input(config(folder / "z.jpg").input, NO_STORAGE)
 
 
 def test_repeated_uris_are_dropped_exactly_at_their_first_place(monkeypatch):
@@ -544,9 +628,9 @@ def test_a_list_whose_manifest_fails_midway_leaves_nothing_written(tmp_path, mon
     lists = tmp_path / "lists"
     lists.mkdir()
     (lists / "a.txt").write_text("".join(f"/x/img_{i:03d}.jpg\n" for i in range(100)))
-    (lists / "b.txt").write_bytes(b"/ok.jpg\n/\xff.jpg\n")
+    (lists / "b.csv").write_text("url\n/ok.jpg\n")  # not the column input.uri_column names
     folder = spool.spool_folder(str(tmp_path / "out"))
-    with pytest.raises(StorageError, match="manifest .*b.txt cannot be read"):
+    with pytest.raises(StorageError, match="manifest .*b.csv cannot be read"):
         plan_input(config(lists).input, NO_STORAGE, folder)
     assert not os.path.exists(folder)
 
