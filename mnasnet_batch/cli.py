@@ -148,14 +148,29 @@ def main(argv: list[str] | None = None) -> int:
                 # Under `ray job submit`, Ray 2.60 unpacks the job's working dir again (rmtree, then extract) when it
                 # sets the job's runtime env up on this node, under the driver running in it: from then on the
                 # directory this process is in no longer exists, and os.getcwd() fails. Every path is absolute by
-                # now and every import done, so the driver leaves for a directory nothing replaces (``label`` joins).
+                # now and every import done, so the driver leaves for a directory nothing replaces (then joins).
                 os.chdir(tempfile.gettempdir())
             summary = label_remaining(config, checkpoint, inputs, plan, own_ray=started_ray)
+            # Stops are held from here on (``hold_stops``): the run is closed, and a signal now stops nothing.
+            if started_ray:
+                import ray
+
+                ray.shutdown()  # within the command's time, which the summary gives
+            print(dataclasses.replace(summary, seconds=time.monotonic() - started).line())
+            held = held_stop()
+            if held is not None:
+                print(
+                    f"{held} arrived while run {plan.run_id} was closing; it had succeeded: nothing to resume",
+                    file=sys.stderr,
+                )
+            return 0
     except ConfigError as exc:  # settings that do not fit the cluster, found once it is known
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Stopped as stop:
-        where = f"run {plan.run_id} is recorded as interrupted; " if plan is not None else ""
+        where = ""
+        if plan is not None:  # opened; closed once stops are held
+            where = f"run {plan.run_id} is recorded as interrupted; " if _Stops.holding else f"run {plan.run_id}: "
         print(f"stopped by {stop.name}: {where}run the same command again to resume", file=sys.stderr)
         return 128 + stop.signum
     except Exception as exc:
@@ -167,12 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if inputs is not None:
             inputs.release()
-    if started_ray:
-        import ray
-
-        ray.shutdown()  # within the command's time, which the summary gives
-    print(dataclasses.replace(summary, seconds=time.monotonic() - started).line())
-    return 0
 
 
 class Stopped(BaseException):
@@ -184,9 +193,16 @@ class Stopped(BaseException):
         self.name = signal.Signals(signum).name
 
 
+class _Stops:
+    """What ``stop_on_signals``' handler does: raise ``Stopped``, or, once ``hold_stops`` was called, note it."""
+
+    holding = False
+    held: str | None = None
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Turns SIGINT and SIGTERM into ``Stopped`` in the main thread while the body runs.
+    """Turns SIGINT and SIGTERM into ``Stopped`` in the main thread while the body runs (see ``hold_stops``).
 
     ``ray.init`` sets its own SIGTERM handler (``sys.exit``), so ``start_ray`` sets this one again after it.
     """
@@ -194,6 +210,7 @@ def stop_on_signals() -> Iterator[None]:
         yield
         return
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    _Stops.holding, _Stops.held = False, None
     install_stop_handlers()
     try:
         yield
@@ -202,9 +219,25 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+def hold_stops() -> None:
+    """From now until ``stop_on_signals`` ends, a stop signal is noted (``held_stop``), not raised: the run's
+    record is being closed, and a record half written, or a run closed as succeeded and then reported as
+    interrupted, would be untrue. Closing is bounded; SIGKILL still stops the job at once."""
+    _Stops.holding = True
+
+
+def held_stop() -> str | None:
+    """The name of the first stop signal that arrived while stops were held, if any."""
+    return _Stops.held
+
+
 def install_stop_handlers() -> None:
     def stop(signum: int, frame: object) -> None:
-        raise Stopped(signum)
+        if not _Stops.holding:
+            raise Stopped(signum)
+        if _Stops.held is None:
+            _Stops.held = signal.Signals(signum).name
+            print(f"{_Stops.held}: closing the run's record first; SIGKILL stops at once", file=sys.stderr)
 
     if threading.current_thread() is threading.main_thread():
         for signum in STOP_SIGNALS:
@@ -397,29 +430,8 @@ def start_ray(config: JobConfig) -> None:
 def label_remaining(
     config: JobConfig, checkpoint: Checkpoint, inputs: InputPlan, plan: RunPlan, own_ray: bool = False
 ) -> Summary:
-    """Labels what of ``inputs`` ``plan``'s run still lacks (``InputPlan.remaining``) and closes the run's record.
-
-    ``own_ray``: this command started the local Ray (see ``label``).
-
-    Returns:
-        What the run holds, over all its attempts.
-    """
-    todo = inputs.remaining(plan.done)
-    log.info(
-        "weights %s verified (%s); %s (%s) under %s, %s to label in run %s",
-        checkpoint.source,
-        checkpoint.weights_id,
-        inputs.describe(),
-        inputs.layout.name,
-        config.input.uri,
-        todo.describe(),
-        plan.run_id,
-    )
-    return label(config, checkpoint, plan, todo, own_ray)
-
-
-def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: InputPlan, own_ray: bool = False) -> Summary:
-    """Labels ``todo`` into ``plan``'s run on Ray and closes the run's record.
+    """Labels what of ``inputs`` ``plan``'s run still lacks (``InputPlan.remaining``) on Ray and closes the run's
+    record.
 
     When the labeling fails or is stopped and ``own_ray`` (this command started the local Ray), Ray is shut down
     before the record counts the rows: write tasks still running would otherwise publish parts after it.
@@ -432,12 +444,24 @@ def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: InputP
     target = plan.target or output.ParquetFolder()
     start = time.monotonic()
     try:
+        todo = inputs.remaining(plan.done)
+        log.info(
+            "weights %s verified (%s); %s (%s) under %s, %s to label in run %s",
+            checkpoint.source,
+            checkpoint.weights_id,
+            inputs.describe(),
+            inputs.layout.name,
+            config.input.uri,
+            todo.describe(),
+            plan.run_id,
+        )
         if len(todo.uris):
             from mnasnet_batch import pipeline
 
             start_ray(config)
             pipeline.run(config, plan.storage, checkpoint, todo, plan.run_uri)
     except BaseException as exc:
+        hold_stops()  # the run is recorded as what stopped it, whatever arrives meanwhile
         if own_ray:
             import ray
 
@@ -446,4 +470,5 @@ def label(config: JobConfig, checkpoint: Checkpoint, plan: RunPlan, todo: InputP
             config, plan, time.monotonic() - start, error=root_cause(exc), interrupted=isinstance(exc, Stopped)
         )
         raise
+    hold_stops()  # labeled: the run closes as succeeded, and says so
     return target.finish_run(config, plan, time.monotonic() - start)

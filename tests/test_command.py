@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from mnasnet_batch import cli
+from mnasnet_batch import output as output_module
 from mnasnet_batch.cli import main
 from tests import support
 from tests.test_nothing_lost import SMALL_BATCHES, kill_session, many_images, poll, rows_by_uri
@@ -231,3 +233,62 @@ def test_a_missing_input_or_weights_file_is_told_before_torch_or_ray_start(tmp_p
         assert result.stdout.split() == ["2", "False", "False"], result.stdout + result.stderr
         assert f"error: {missing} does not exist" in result.stderr
         assert not (tmp_path / "out").exists()
+
+
+def signal_after(function, condition=lambda *args: True):
+    """``function``, which sends this process SIGINT once a call satisfying ``condition`` has returned."""
+
+    def wrapper(*args, **kwargs):
+        result = function(*args, **kwargs)
+        if condition(*args):
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    return wrapper
+
+
+def run_record_written(fs, path, data):
+    return path.endswith(f"/{output_module.RUN_RECORD}") and "/run=" in path and b'"succeeded"' in data
+
+
+STEPS = ["before the record", "during the record", "after the record", "during Ray's shutdown"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_stop_while_the_run_closes_gives_its_true_outcome(
+    local_ray, corpus, tmp_path, checkpoint_path, capsys, monkeypatch, step
+):
+    from mnasnet_batch import pipeline
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in corpus[:4]:
+        shutil.copy(path, images / path.name)
+    output = tmp_path / "out"
+    shutdowns = []
+    if step == "before the record":  # the last image labeled, closing not begun
+        monkeypatch.setattr(pipeline, "run", signal_after(pipeline.run))
+    elif step == "during the record":  # between the run folder's record and the output's
+        monkeypatch.setattr(output_module, "_write_bytes", signal_after(output_module._write_bytes, run_record_written))
+    elif step == "after the record":  # the run recorded as succeeded and marked complete
+        marker = lambda fs, path, data: path.endswith(output_module.SUCCESS_MARKER)  # noqa: E731
+        monkeypatch.setattr(output_module, "_write_bytes", signal_after(output_module._write_bytes, marker))
+    else:  # the job's own local Ray (here the tests' Ray, which stays up) shutting down
+        monkeypatch.setattr(cli, "ray_initialized", lambda: False)
+        monkeypatch.setattr(cli, "start_ray", lambda config: None)
+        monkeypatch.setattr(local_ray, "shutdown", signal_after(lambda: shutdowns.append("done")))
+    status = main(support.job_argv(images, output, checkpoint_path))
+    printed = capsys.readouterr()
+    record = json.loads((output / "_run.json").read_text())
+    assert json.loads((output / f"run={record['run_id']}" / "_run.json").read_text()) == record
+    if step == "before the record":
+        assert status == 130 and record["status"] == "interrupted"
+        assert f"stopped by SIGINT: run {record['run_id']} is recorded as interrupted" in printed.err
+        assert not (output / "_SUCCESS").exists()
+    else:
+        assert status == 0, printed.err
+        assert record["status"] == "succeeded" and (output / "_SUCCESS").exists()
+        assert "labeled 4 images (0 errors)" in printed.out
+        assert f"SIGINT arrived while run {record['run_id']} was closing; it had succeeded" in printed.err
+        assert shutdowns == ([] if step != "during Ray's shutdown" else ["done"])
+    assert set(rows_by_uri(output)) == {str(images / p.name) for p in corpus[:4]}
