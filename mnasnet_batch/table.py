@@ -2,9 +2,9 @@
 
 A run writes its rows exactly as into the Parquet folder (``output``: lease, run record, atomic parts named by
 their URIs), under ``<output.uri>/_staging/run=<id>/``; the driver commits the staged parts into the table (at the
-end, or every ``output.commit_interval_s``), each commit one pyiceberg transaction that replaces the rows of the
-committed URIs, then deletes those parts. A killed run keeps its staged parts and what it committed; the same
-command commits the rest and labels only what neither holds.
+end, or every ``output.commit_interval_s``), each commit one snapshot that replaces the rows of the committed URIs
+(``replace_rows``: every snapshot holds a whole table), then deletes those parts. A killed run keeps its staged
+parts and what it committed; the same command commits the rest and labels only what neither holds.
 
 Ray Data's ``Dataset.write_iceberg`` (Ray 2.60) is not used: it commits once, when the whole dataset is written,
 so a killed run loses everything it labeled; its write tasks open the catalog themselves, which an embedded SQLite
