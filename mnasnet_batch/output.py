@@ -74,13 +74,17 @@ class Summary:
     error_kinds: dict[str, int] = field(default_factory=dict)
     # Images predicted by this attempt; fewer than ``images`` when it resumed an interrupted run.
     labeled_now: int = 0
+    # Of ``images``, rows that other jobs' commits replaced since (a table written by two jobs at once).
+    replaced_by_other_jobs: int = 0
 
     def line(self) -> str:
         kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(self.error_kinds.items()))
         rate = self.labeled_now / self.seconds if self.seconds > 0 else 0.0
         resumed = f", {self.images - self.labeled_now} from before the resume" if self.labeled_now < self.images else ""
+        others = self.replaced_by_other_jobs
+        replaced = f", {others} replaced since by other jobs" if others else ""
         return (
-            f"labeled {self.images} images ({self.errors} errors{': ' + kinds if kinds else ''}{resumed}) "
+            f"labeled {self.images} images ({self.errors} errors{': ' + kinds if kinds else ''}{resumed}{replaced}) "
             f"in {self.seconds:.1f} s, {rate:.1f} images/s"
         )
 

@@ -2,9 +2,9 @@
 
 A run writes its rows exactly as into the Parquet folder (``output``: lease, run record, atomic parts named by
 their URIs), under ``<output.uri>/_staging/run=<id>/``; the driver commits the staged parts into the table (at the
-end, or every ``output.commit_interval_s``), each commit one pyiceberg transaction that replaces the rows of the
-committed URIs, then deletes those parts. A killed run keeps its staged parts and what it committed; the same
-command commits the rest and labels only what neither holds.
+end, or every ``output.commit_interval_s``), each commit one snapshot that replaces the rows of the committed URIs
+(``replace_rows``: every snapshot holds a whole table), then deletes those parts. A killed run keeps its staged
+parts and what it committed; the same command commits the rest and labels only what neither holds.
 
 Ray Data's ``Dataset.write_iceberg`` (Ray 2.60) is not used: it commits once, when the whole dataset is written,
 so a killed run loses everything it labeled; its write tasks open the catalog themselves, which an embedded SQLite
@@ -29,7 +29,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -198,6 +197,15 @@ def latest_labels(table) -> dict[str, str]:
     return {}
 
 
+def run_snapshots(table, run_id: str) -> list:
+    """The snapshots of the run ``run_id``'s commits, oldest first."""
+    return [
+        snapshot
+        for snapshot in table.snapshots()
+        if snapshot.summary and snapshot.summary.additional_properties.get(PROPERTY + "run_id") == run_id
+    ]
+
+
 def source_key(uris: pa.Array, uri_per_image: bool) -> pa.Array:
     """The listed file each row comes from: the image itself, or the shard / Parquet file before ``#``."""
     if uri_per_image:
@@ -296,6 +304,55 @@ def to_label(mode: str, listed: list[str], rows: pa.Table, sources: pa.Table | N
 def _differ(now: pa.ChunkedArray, before: pa.ChunkedArray) -> pa.ChunkedArray:
     """Per row, whether two values differ, a null differing from a value and equal to a null."""
     return pc.if_else(pc.is_null(now), pc.is_valid(before), pc.fill_null(pc.not_equal(now, before), True))
+
+
+def replace_rows(table, rows: pa.Table, condition, properties: dict[str, str]) -> int:
+    """Commits ``rows`` into ``table`` in place of the rows ``condition`` matches, as ONE snapshot; returns its id.
+
+    pyiceberg's ``Transaction.overwrite`` commits a delete snapshot (and one more for the files it rewrites) before
+    the append's, in one catalog commit but each a table of its own: time travel to a timestamp, or to the snapshot
+    before the current one, can land on one that holds part of the labels. Here, copy-on-write: the files holding a
+    replaced row are read, their other rows are written with ``rows`` into new files, and one snapshot drops the
+    old files and adds the new ones: an overwrite, or an append when it drops none (what readers that follow a
+    table's appends take). Its condition is the snapshot's conflict filter, so a commit of another job that added
+    or dropped rows it matches makes this one fail (``ValidationException``): the caller rebuilds it.
+
+    Raises:
+        CommitFailedException, ValidationException: another job's commit conflicted.
+    """
+    # The reader, filter and writer that pyiceberg's own delete and overwrite use, and the snapshot's operation:
+    # private names, which is why pyiceberg's version is pinned in pyproject.toml.
+    from pyiceberg.expressions import AlwaysTrue
+    from pyiceberg.expressions.visitors import bind
+    from pyiceberg.io.pyarrow import ArrowScan, _dataframe_to_data_files, _expression_to_complementary_pyarrow
+    from pyiceberg.table.snapshots import Operation
+
+    with table.transaction() as transaction:
+        metadata = transaction.table_metadata
+        schema = metadata.schema()
+        dropped, written = [], [rows]
+        if table.current_snapshot() is not None:
+            # Rows the condition does not match, or cannot decide (a null): kept, as pyiceberg's delete keeps them.
+            keep = _expression_to_complementary_pyarrow(bind(schema, condition, case_sensitive=True), schema)
+            for task in table.scan(row_filter=condition).plan_files():  # files whose column bounds allow a match
+                held = ArrowScan(metadata, table.io, schema, AlwaysTrue()).to_table([task])
+                kept = held.filter(keep)
+                if kept.num_rows < held.num_rows:
+                    dropped.append(task.file)
+                    written.append(kept)
+        with transaction.update_snapshot(snapshot_properties=properties).overwrite() as snapshot:
+            if not dropped:
+                snapshot._operation = Operation.APPEND
+            snapshot.delete_by_predicate(condition)
+            for data_file in dropped:
+                snapshot.delete_data_file(data_file)
+            new = pa.concat_tables([t.cast(rows.schema) for t in written])
+            if new.num_rows:
+                for data_file in _dataframe_to_data_files(
+                    table_metadata=metadata, df=new, io=table.io, write_uuid=snapshot.commit_uuid
+                ):
+                    snapshot.append_data_file(data_file)
+    return snapshot.snapshot_id
 
 
 class IcebergTable(OutputTarget):
@@ -433,9 +490,11 @@ class IcebergTable(OutputTarget):
         for stale in output.stale_temporaries(fs, self.run_root):
             fs.rm(stale)  # left by a writer that was killed; its rows were never visible
         # What this run holds already (committed, or staged by an attempt that was stopped): never labeled again.
+        # What other jobs replaced of it since counts too: the run labeled it, and another job's label is newer.
         mine = rows.filter(pc.equal(rows["run_id"], self.run_id))["uri"].combine_chunks()
         staged = output.Labeled(fs, self.run_root, self.run_root).uris().combine_chunks()
         held = pa.concat_arrays([mine, staged.filter(pc.invert(pc.is_in(staged, value_set=mine)))])
+        held = pa.concat_arrays([held, self._replaced(self.table, held)["uri"].combine_chunks()])
         # The table's modes need every listed URI as Python strings (stats per file): a table run holds them.
         uris = inputs.listed().to_pylist()
         if self.uri_per_image:
@@ -502,6 +561,7 @@ class IcebergTable(OutputTarget):
 
         The transaction replaces the rows of the staged URIs (and, on an overwrite run's final commit, every row
         of another run), so committing a part twice (a kill between the commit and the deletion) changes nothing.
+        Each commit is one snapshot (``replace_rows``).
 
         Returns:
             The rows committed.
@@ -529,10 +589,7 @@ class IcebergTable(OutputTarget):
                 table = self.catalog.load_table(self.identifier)
                 properties = self._properties(table, rows, final)
                 try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # "Delete operation did not match any records": new images
-                        with table.transaction() as transaction:
-                            transaction.overwrite(rows, overwrite_filter=condition, snapshot_properties=properties)
+                    self.snapshot_id = replace_rows(table, rows, condition, properties)
                     break
                 except (CommitFailedException, ValidationException) as exc:
                     if attempt == COMMIT_ATTEMPTS:
@@ -547,7 +604,6 @@ class IcebergTable(OutputTarget):
                         output._one_line(exc),
                     )
                     time.sleep(COMMIT_BACKOFF_S * attempt)
-            self.snapshot_id = table.current_snapshot().snapshot_id  # the transaction refreshed ``table``
             for part in parts:
                 output._remove_quietly(self.fs, part)
             log.info(
@@ -587,22 +643,48 @@ class IcebergTable(OutputTarget):
         )
 
     def _properties(self, table, rows: pa.Table, final: bool) -> dict[str, str]:
-        """The snapshot summary: run, mode, label settings, this commit's counts and the run's totals after it."""
+        """The snapshot summary: run, mode, label settings, this commit's counts and the run's totals after it.
+
+        The run's totals are what it committed, over all its commits and attempts: its previous commit's totals
+        plus this commit's images it does not hold already (a part committed twice counts once). Rows that
+        another job's commit replaced since stay counted: the run labeled them.
+        """
+        mine = run_snapshots(table, self.run_id)
+        before = mine[-1].summary.additional_properties if mine else {}
         committed = current_rows(table, ("uri", "status"), row_filter=_run_filter(self.run_id))
-        kept = committed.filter(pc.invert(pc.is_in(committed["uri"], value_set=rows["uri"])))
-        run_errors = pc.sum(pc.equal(kept["status"], "error")).as_py() or 0
-        errors = pc.sum(pc.equal(rows["status"], "error")).as_py() or 0
+        again = committed.filter(pc.is_in(committed["uri"], value_set=rows["uri"]))
+        errors = _errors(rows["status"])
         values = {
             "run_id": self.run_id,
             "mode": self.mode,
             **self.labels,
             "commit.images": rows.num_rows,
             "commit.errors": errors,
-            "run.images": kept.num_rows + rows.num_rows,
-            "run.errors": run_errors + errors,
+            "run.images": int(before.get(PROPERTY + "run.images", 0)) + rows.num_rows - again.num_rows,
+            "run.errors": int(before.get(PROPERTY + "run.errors", 0)) + errors - _errors(again["status"]),
             "run.final": str(final).lower(),
         }
         return {PROPERTY + k: str(v) for k, v in values.items()}
+
+    def _replaced(self, table, held: pa.Array) -> pa.Table:
+        """The rows (``uri``, ``error``) this run committed that other jobs' commits replaced since, but ``held``.
+
+        Each of the run's snapshots holds every row the run had committed by then; one that the run's next commit
+        followed directly (no other job's between) holds none that the next lacks, and is not read back. So a run
+        no other job wrote beside reads nothing here.
+        """
+        found = [pa.table({"uri": pa.array([], pa.string()), "error": pa.array([], pa.string())})]
+        follower = table.metadata.current_snapshot_id
+        for snapshot in reversed(run_snapshots(table, self.run_id)):
+            if follower != snapshot.snapshot_id:
+                rows = table.scan(
+                    _run_filter(self.run_id), selected_fields=("uri", "error"), snapshot_id=snapshot.snapshot_id
+                ).to_arrow()
+                rows = rows.filter(pc.invert(pc.is_in(rows["uri"], value_set=held))).cast(found[0].schema)
+                found.append(rows)
+                held = pa.concat_arrays([held, rows["uri"].combine_chunks()])
+            follower = snapshot.parent_snapshot_id
+        return pa.concat_tables(found)
 
     # -- closing a run --------------------------------------------------------------------------------------------
 
@@ -629,6 +711,7 @@ class IcebergTable(OutputTarget):
                 self.commit(final=True)
             record = output._read_json(self.fs, output._join(self.run_root, output.RUN_RECORD)) or {}
             summary = output.close_record(record, self._summary(seconds), plan, labeled_now, error, interrupted)
+            record["counts"]["replaced_by_other_jobs"] = summary.replaced_by_other_jobs
             record["snapshot_id"] = self.snapshot_id  # of the run's last commit (this attempt's): for time travel
             output.write_record(self.fs, self.staging, self.run_id, record)
         except Exception as exc:
@@ -644,7 +727,7 @@ class IcebergTable(OutputTarget):
         return summary
 
     def _summary(self, seconds: float) -> Summary:
-        """What the run holds: its committed rows plus those still staged."""
+        """What the run labeled: its committed rows, those still staged, and those other jobs replaced since."""
         table = self.catalog.load_table(self.identifier)
         committed = current_rows(table, ("uri", "error"), row_filter=_run_filter(self.run_id))
         staged = output.read_parts(self.fs, self.run_root)
@@ -656,8 +739,16 @@ class IcebergTable(OutputTarget):
                     staged.filter(pc.invert(pc.is_in(staged["uri"], value_set=committed["uri"]))),
                 ]
             )
-        kinds = output.error_kinds(committed["error"])
-        return Summary(images=committed.num_rows, errors=sum(kinds.values()), seconds=seconds, error_kinds=kinds)
+        replaced = self._replaced(table, committed["uri"].combine_chunks())
+        labeled = pa.concat_tables([committed, replaced.cast(committed.schema)])
+        kinds = output.error_kinds(labeled["error"])
+        return Summary(
+            images=labeled.num_rows,
+            errors=sum(kinds.values()),
+            seconds=seconds,
+            error_kinds=kinds,
+            replaced_by_other_jobs=replaced.num_rows,
+        )
 
 
 def _run_filter(run_id: str):
@@ -665,6 +756,10 @@ def _run_filter(run_id: str):
     from pyiceberg.expressions import EqualTo
 
     return EqualTo("run_id", run_id)
+
+
+def _errors(status: pa.Array | pa.ChunkedArray) -> int:
+    return pc.sum(pc.equal(status, "error")).as_py() or 0
 
 
 def _settings_text(settings: dict[str, str]) -> str:

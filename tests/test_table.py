@@ -139,6 +139,8 @@ def test_a_table_through_every_mode_keeps_one_current_row_per_image(
     assert all(fifth[u]["weights"] != fourth[u]["weights"] for u in fifth)
     support.assert_reference_rows(fifth, sorted(images.glob("*_*.*")), other_model)
     assert read_rows(table, snapshot_id=before_relabel) == fourth
+    # One snapshot per run (each run is one commit here), each the whole table: no partial table to travel to.
+    assert snapshot_rows(table) == [8, 10, 10, 10, 10]
     assert run_summary(table, "r5")["mnasnet.mode"] == "relabel"
 
     # runs.py lists the table's runs from its snapshots; report.py reports on its current rows.
@@ -260,13 +262,16 @@ def table_job(tmp_path, name: str, uris: list[str], catalog: dict, **output_sett
     return config, target, plan
 
 
-def stage(plan, uris: list[str], label_id: int) -> None:
-    """Stages rows for ``uris`` as the write tasks do, every image labeled ``label_id`` first."""
-    ids = np.tile(np.arange(label_id, label_id + 5, dtype=np.int32), (len(uris), 1))
-    scores = np.full((len(uris), 5), 0.2, np.float32)
+def stage(plan, uris: list[str], label_id: int, errors: list[str] | None = None) -> None:
+    """Stages rows for ``uris`` as the write tasks do, every usable image labeled ``label_id`` first; ``errors``:
+    each image's error message, "" for a usable one (default: all usable)."""
+    errors = errors or [""] * len(uris)
+    usable = sum(not e for e in errors)
+    ids = np.tile(np.arange(label_id, label_id + 5, dtype=np.int32), (usable, 1))
+    scores = np.full((usable, 5), 0.2, np.float32)
     table = output_table(
         np.asarray(uris, object),
-        np.full(len(uris), ""),
+        np.asarray(errors, object),
         ids,
         scores,
         [str(i) for i in range(1000)],
@@ -278,6 +283,93 @@ def stage(plan, uris: list[str], label_id: int) -> None:
 
 def shared_catalog(tmp_path) -> dict:
     return {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db", "warehouse": f"file://{tmp_path}/warehouse"}
+
+
+def snapshot_rows(table) -> list[int]:
+    """The rows each snapshot of the table holds, oldest first (``read_rows`` asserts one row per image)."""
+    return [len(read_rows(table, snapshot.snapshot_id)) for snapshot in table.snapshots()]
+
+
+def test_each_commit_is_one_snapshot_that_holds_the_whole_table(tmp_path):
+    from pyiceberg.catalog import load_catalog
+
+    # Time travel (a timestamp, or the snapshot before the current one) can land on any snapshot: none may hold
+    # part of the table, as a delete snapshot before the commit's append would.
+    catalog = shared_catalog(tmp_path)
+    uris = [f"/images/{i}.jpg" for i in range(12)]
+    runs = [
+        ("a", "auto", uris[:6]),
+        ("b", "relabel", uris[3:9]),  # replaces half of a's rows: a's file is rewritten without them
+        ("c", "incremental", uris[9:]),  # only adds
+        ("d", "retry-errors", uris[:2]),  # two rows of one file
+        ("e", "relabel", uris),  # every file dropped whole
+        ("f", "overwrite", uris[:4]),  # the rows of the images no longer listed go too
+    ]
+    for i, (name, mode, listed) in enumerate(runs):
+        config, job, plan = table_job(tmp_path, name, listed, catalog, mode=mode)
+        stage(plan, listed, i, errors=["OSError: unreadable" if name == "a" and u in uris[:2] else "" for u in listed])
+        job.finish_run(config, plan, 1.0)
+    table = load_catalog("default", **catalog).load_table(TABLE)
+    assert snapshot_rows(table) == [6, 9, 12, 12, 12, 4]
+    assert [s.summary.operation.value for s in table.snapshots()] == [
+        "append",
+        "overwrite",
+        "append",
+        "overwrite",
+        "overwrite",
+        "overwrite",
+    ]
+    assert {u: r["run_id"] for u, r in read_rows(table).items()} == dict.fromkeys(uris[:4], "f")
+    before_overwrite = read_rows(table, table.snapshots()[-2].snapshot_id)
+    assert {u: r["run_id"] for u, r in before_overwrite.items()} == dict.fromkeys(uris, "e")
+
+
+def test_a_run_counts_what_it_committed_and_apart_what_other_jobs_replaced(tmp_path):
+    from pyiceberg.catalog import load_catalog
+
+    catalog = shared_catalog(tmp_path)
+    uris = [f"/images/{i}.jpg" for i in range(8)]
+    config, job, plan = table_job(tmp_path, "a", uris, catalog)
+    stage(plan, uris[:4], 1, errors=["OSError: unreadable", "", "", ""])
+    job.commit(final=False)  # an interval commit
+    # Another job, with its own staging output, replaces three of them before this run's next commit.
+    other_config, other, other_plan = table_job(tmp_path, "b", uris[:3], catalog, mode="relabel")
+    stage(other_plan, uris[:3], 100)
+    other.finish_run(other_config, other_plan, 1.0)
+    stage(plan, uris[4:], 1)
+    summary = job.finish_run(config, plan, 2.0)
+
+    assert (summary.images, summary.errors, summary.error_kinds) == (8, 1, {"OSError": 1})
+    assert (summary.labeled_now, summary.replaced_by_other_jobs) == (8, 3)
+    assert summary.line().startswith("labeled 8 images (1 errors: OSError 1, 3 replaced since by other jobs) in 2.0 s")
+    record = json.loads((tmp_path / "a" / "_staging" / "run=a" / "_run.json").read_text())
+    assert record["counts"]["images"] == 8 and record["counts"]["labeled_this_attempt"] == 8
+    assert record["counts"]["replaced_by_other_jobs"] == 3 and record["images_per_s"] == 4.0
+    table = load_catalog("default", **catalog).load_table(TABLE)
+    assert run_summary(table, "a")["mnasnet.run.images"] == "8" and run_summary(table, "a")["mnasnet.run.errors"] == "1"
+    assert {u: r["run_id"] for u, r in read_rows(table).items()} == dict.fromkeys(uris[:3], "b") | dict.fromkeys(
+        uris[3:], "a"
+    )
+
+
+def test_a_resumed_run_does_not_label_again_what_it_committed_and_another_job_replaced(tmp_path):
+    catalog = shared_catalog(tmp_path)
+    uris = [f"/images/{i}.jpg" for i in range(6)]
+    config, job, plan = table_job(tmp_path, "a", uris, catalog, mode="relabel")
+    stage(plan, uris[:4], 1)
+    job.commit(final=False)
+    plan.lease.release()  # the driver is killed here
+    other_config, other, other_plan = table_job(tmp_path, "b", uris[:1], catalog, mode="relabel")
+    stage(other_plan, uris[:1], 100)
+    other.finish_run(other_config, other_plan, 1.0)
+
+    config, job, plan = table_job(tmp_path, "a", uris, catalog, mode="relabel")  # the same command
+    assert plan.resumed and plan.rows_before == 4
+    remaining = InputPlan(FilesLayout(config.input, Storage(config.storage)), uris).remaining(plan.done)
+    assert sorted(remaining.uris.to_pylist()) == uris[4:]
+    stage(plan, uris[4:], 1)
+    summary = job.finish_run(config, plan, 1.0)
+    assert (summary.images, summary.labeled_now, summary.replaced_by_other_jobs) == (6, 2, 1)
 
 
 def test_a_commit_that_conflicts_is_rebuilt_on_the_refreshed_table(tmp_path):

@@ -155,8 +155,8 @@ TABLE_COLUMNS = (
 def list_table_runs(output_config: OutputConfig, storage: Storage) -> list[dict]:
     """The runs that committed into the Iceberg table ``output_config.table``, oldest first, from its snapshots.
 
-    Each run: its id, mode, model, weights, first and last commit times, commits (append snapshots), the images and
-    errors it held after its last commit, the rows of it still current (others replaced them since), the snapshot
+    Each run: its id, mode, model, weights, first and last commit times, commits (its snapshots), the images and
+    errors it committed up to its last commit, the rows of it still current (others replaced them since), the snapshot
     id of its last commit (for time travel), and ``state``: ``complete`` when its final commit is in, else
     ``partial`` (interval commits of a run that is going, or was stopped: the same command finishes it).
 
@@ -187,7 +187,7 @@ def list_table_runs(output_config: OutputConfig, storage: Storage) -> list[dict]
             state="complete" if properties.get(PROPERTY + "run.final") == "true" else "partial",
             snapshot_id=snapshot.snapshot_id,
         )
-        run["commits"] += summary.operation.value == "append"
+        run["commits"] += 1  # each commit is one snapshot (table.replace_rows)
     current = current_rows(table, ("run_id",))["run_id"].value_counts().to_pylist()
     counts = {entry["values"]: entry["counts"] for entry in current}
     for run in runs.values():
