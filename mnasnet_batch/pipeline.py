@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.autoscaler.sdk
-from ray.data.block import BlockAccessor
+from ray.data.block import Block, BlockAccessor
 
 from mnasnet_batch import sources
 from mnasnet_batch.config import ConfigError, JobConfig
@@ -26,16 +26,20 @@ from mnasnet_batch.progress import ProgressCounter, ProgressReporter
 from mnasnet_batch.sources import InputPlan
 from mnasnet_batch.storage import Storage
 
-if TYPE_CHECKING:  # torch stays out of this module's imports: write tasks unpickle PartSink from it
+if TYPE_CHECKING:  # torch stays out of this module's imports: write tasks unpickle write_blocks from it
     from mnasnet_batch.weights import Checkpoint
 
 log = logging.getLogger(__name__)
 
 # Share of a CPU-only cluster's CPUs that model actors reserve by default; decoding gets the rest.
 MODEL_CPU_SHARE = 0.75
-# Writing a part (serialising and uploading a few MB) is light; a full CPU per write task would leave
-# none for it while actors and decode tasks hold them all, stalling the pipeline.
-WRITE_TASK_CPUS = 0.1
+# Writing a part (serialising and uploading a few MB) is light, and the driver starts one task per part, so few
+# run at once. Any CPU they reserved would make a part wait for Ray Data, which keeps every CPU busy, to give one
+# back.
+WRITE_TASK_CPUS = 0
+# Seconds a stopped or failed run waits for its last parts to be written: they are a few MB each, and the record
+# must still be closed within Kubernetes' default grace period of 30 s.
+STOP_WRITE_WAIT_S = 20.0
 
 # Model batches of decoded crops buffered per model actor, and the least object store memory Ray Data may use.
 BUFFERED_BATCHES = 16
@@ -45,22 +49,110 @@ MIN_BUFFER_BYTES = 256 * 2**20
 NODE_POLL_S = 5.0
 
 
-class PartSink(ray.data.Datasink):
-    """Writes each bundle of at least ``rows_per_file`` rows as one atomic Parquet part of the run."""
+def write_blocks(run_uri: str, storage: Storage, *blocks: Block) -> str | None:
+    """A write task: the rows of ``blocks`` as one atomic Parquet part of the run (``output.write_part``).
 
-    def __init__(self, run_uri: str, rows_per_file: int, storage: Storage):
-        self.run_uri = run_uri
-        self.rows_per_file = rows_per_file
-        self.storage = storage
+    Returns:
+        The part's path; None when the blocks hold no rows.
+    """
+    tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
+    tables = [t for t in tables if t.num_rows]
+    return write_part(pa.concat_tables(tables), run_uri, storage) if tables else None
 
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
 
-    def write(self, blocks, ctx) -> list[str]:
-        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
-        tables = [t for t in tables if t.num_rows]
-        return [write_part(pa.concat_tables(tables), self.run_uri, self.storage)] if tables else []
+class PartCutter:
+    """Cuts the labeled rows, as the driver receives them, into parts, and hands each part's blocks to ``launch``.
+
+    A part is cut once it holds ``rows_per_file`` rows, or once its oldest row has waited ``interval_s``: a thread
+    of its own watches the time, so a part is cut on time even while no rows come. A run slower than
+    ``rows_per_file`` rows per ``interval_s`` still writes as it goes, and a killed one loses at most the last
+    ``interval_s`` of its labeling. Each block goes into exactly one part.
+    """
+
+    def __init__(self, launch: Callable[[list], None], rows_per_file: int, interval_s: float):
+        self._launch = launch
+        self._rows_per_file = rows_per_file
+        self._interval_s = interval_s
+        self._blocks: list = []
+        self._rows = 0
+        self._oldest = 0.0  # time.monotonic() when the first block held arrived
+        self._closed = False
+        self._failure: BaseException | None = None  # what the timer's launch raised, for the driver to raise
+        self._changed = threading.Condition()
+        self._timer = threading.Thread(target=self._cut_on_time, name="part-timer", daemon=True)
+        self._timer.start()
+
+    def add(self, blocks: list, rows: int) -> None:
+        """Holds ``blocks`` (of ``rows`` rows in all) for the part being filled; cuts it once it is full.
+
+        Raises:
+            BaseException: what launching a part raised, here or on the timer's thread.
+        """
+        with self._changed:
+            self._raise_failure()
+            if not self._blocks:
+                self._oldest = time.monotonic()
+                self._changed.notify()  # the timer waits for the first block of a part
+            self._blocks += blocks
+            self._rows += rows
+            if self._rows >= self._rows_per_file:
+                self._cut()
+
+    def close(self) -> None:
+        """Stops the timer and cuts the blocks held, if any, into a last part."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._timer.join()
+        with self._changed:
+            self._raise_failure()
+            if self._blocks:
+                self._cut()
+
+    def _cut(self) -> None:
+        blocks, self._blocks, self._rows = self._blocks, [], 0
+        self._launch(blocks)
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _cut_on_time(self) -> None:
+        with self._changed:
+            while not self._closed:
+                due = self._oldest + self._interval_s - time.monotonic()
+                if not self._blocks or due > 0:
+                    self._changed.wait(due if self._blocks else None)
+                    continue
+                try:
+                    self._cut()
+                except BaseException as exc:
+                    self._failure = exc
+                    return
+
+
+class PartWrites:
+    """The run's part writes: one Ray task per part cut, launched without waiting, so the driver takes the next
+    rows at once; a write that failed fails the run when the next part is launched, or at the end."""
+
+    def __init__(self, run_uri: str, storage: Storage):
+        self._run_uri = run_uri
+        self._storage = storage
+        self._task = ray.remote(write_blocks).options(num_cpus=WRITE_TASK_CPUS)
+        self._pending: list[ray.ObjectRef] = []
+
+    def launch(self, blocks: list[ray.ObjectRef]) -> None:
+        """Starts writing ``blocks`` as one part; raises the error of an earlier write that failed."""
+        self._pending.append(self._task.remote(self._run_uri, self._storage, *blocks))
+        done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
+        ray.get(done)
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Returns once every part launched is written (or after ``timeout_s``); raises a failed write's error."""
+        if not self._pending:
+            return
+        done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=timeout_s)
+        ray.get(done)
 
 
 def from_uri_blocks(blocks: list[pa.Table]) -> ray.data.Dataset:
@@ -352,11 +444,34 @@ def predict(
 
 
 def write(dataset: ray.data.Dataset, config: JobConfig, run_uri: str, storage: Storage) -> None:
-    """Runs the dataset, writing its rows as Parquet parts under ``run_uri``."""
-    dataset.write_datasink(
-        PartSink(run_uri, config.output.rows_per_file, storage),
-        ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
-    )
+    """Runs the dataset, writing its rows as Parquet parts under ``run_uri``.
+
+    The driver takes the labeled rows as references to Ray Data's output blocks (``iter_internal_ref_bundles``: no
+    rows pass through it) and cuts them into parts (``PartCutter``), each written by a task (``write_blocks``).
+    A Ray Data sink cannot do this: it gathers ``min_rows_per_write`` rows before a write, however long they take.
+    When the run stops or fails, the rows already labeled are still written, for up to ``STOP_WRITE_WAIT_S``,
+    before the error is raised: the run's record then counts every part it holds, and a resumed run keeps them.
+    """
+    writes = PartWrites(run_uri, storage)
+    cutter = PartCutter(writes.launch, config.output.rows_per_file, config.output.part_interval_s)
+    bundles = dataset.iter_internal_ref_bundles()
+    try:
+        for bundle in bundles:
+            rows = bundle.num_rows()
+            if rows != 0:
+                cutter.add(list(bundle.block_refs), rows or 0)
+    except BaseException:
+        # Ray Data's executor stops with its iterator (here, or in Ray Data if it was waiting for rows): it starts
+        # no more tasks, and the CPUs are free for the last writes.
+        del bundles
+        # The error that stopped the run is the one to report; a second stop signal ends the wait.
+        with contextlib.suppress(Exception):
+            cutter.close()
+        with contextlib.suppress(Exception):
+            writes.wait(STOP_WRITE_WAIT_S)
+        raise
+    cutter.close()
+    writes.wait()
 
 
 def run(
