@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,17 +27,20 @@ from mnasnet_batch.progress import ProgressCounter, ProgressReporter
 from mnasnet_batch.sources import InputPlan
 from mnasnet_batch.storage import Storage
 
-if TYPE_CHECKING:  # torch stays out of this module's imports: write tasks unpickle write_blocks from it
+if TYPE_CHECKING:  # torch stays out of this module's imports: the part writer unpickles PartWriter from it
     from mnasnet_batch.weights import Checkpoint
 
 log = logging.getLogger(__name__)
 
 # Share of a CPU-only cluster's CPUs that model actors reserve by default; decoding gets the rest.
 MODEL_CPU_SHARE = 0.75
-# Writing a part (serialising and uploading a few MB) is light, and the driver starts one task per part, so few
-# run at once. Any CPU they reserved would make a part wait for Ray Data, which keeps every CPU busy, to give one
-# back.
-WRITE_TASK_CPUS = 0
+# The part writer's CPUs: writing a part (serialising and uploading a few MB) is light, and any CPU it reserved
+# would have to wait for Ray Data, which keeps every CPU busy, to give one back.
+WRITE_CPUS = 0
+# Parts the writer writes at once: an upload to an object store is mostly waiting, so a few overlap.
+WRITE_THREADS = 4
+# Restarts of a writer that died, and retries of each write on it: Ray's own default for tasks.
+WRITE_RETRIES = 3
 # Seconds a stopped or failed run waits for its last parts to be written: they are a few MB each, and the record
 # must still be closed within Kubernetes' default grace period of 30 s.
 STOP_WRITE_WAIT_S = 20.0
@@ -49,15 +53,24 @@ MIN_BUFFER_BYTES = 256 * 2**20
 NODE_POLL_S = 5.0
 
 
-def write_blocks(run_uri: str, storage: Storage, *blocks: Block) -> str | None:
-    """A write task: the rows of ``blocks`` as one atomic Parquet part of the run (``output.write_part``).
+class PartWriter:
+    """The run's part writer, one actor for the run: it starts, and imports what writing needs, once, beside the model
+    actors. A Ray task per part started a new worker process for almost every part while decode tasks held the
+    others, and the parts came long after their rows."""
 
-    Returns:
-        The part's path; None when the blocks hold no rows.
-    """
-    tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
-    tables = [t for t in tables if t.num_rows]
-    return write_part(pa.concat_tables(tables), run_uri, storage) if tables else None
+    def __init__(self, run_uri: str, storage: Storage):
+        self.run_uri = run_uri
+        self.storage = storage
+
+    def write(self, *blocks: Block) -> str | None:
+        """The rows of ``blocks`` as one atomic Parquet part of the run (``output.write_part``).
+
+        Returns:
+            The part's path; None when the blocks hold no rows.
+        """
+        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
+        tables = [t for t in tables if t.num_rows]
+        return write_part(pa.concat_tables(tables), self.run_uri, self.storage) if tables else None
 
 
 class PartCutter:
@@ -132,27 +145,47 @@ class PartCutter:
 
 
 class PartWrites:
-    """The run's part writes: one Ray task per part cut, launched without waiting, so the driver takes the next
-    rows at once; a write that failed fails the run when the next part is launched, or at the end."""
+    """The run's part writes, on a ``PartWriter`` actor: each part is handed on without waiting, so the driver takes
+    the next rows at once; a write that failed fails the run when the next part is launched, or at the end.
+
+    The driver waits on each write's ``concurrent.futures`` future, never in ``ray.wait`` or ``ray.get``: a stop
+    signal that lands in those is raised as a ``SystemError`` (Ray 2.60's ``check_signals``), so a stopped run
+    would be recorded as failed.
+    """
 
     def __init__(self, run_uri: str, storage: Storage):
-        self._run_uri = run_uri
-        self._storage = storage
-        self._task = ray.remote(write_blocks).options(num_cpus=WRITE_TASK_CPUS)
-        self._pending: list[ray.ObjectRef] = []
+        # A writer that dies (its node lost) is restarted and its writes retried: a retried write replaces its own
+        # part, which is named by its rows' URIs.
+        self._writer = (
+            ray.remote(PartWriter)
+            .options(
+                num_cpus=WRITE_CPUS,
+                max_concurrency=WRITE_THREADS,
+                max_restarts=WRITE_RETRIES,
+                max_task_retries=WRITE_RETRIES,
+            )
+            .remote(run_uri, storage)
+        )
+        self._pending: set[futures.Future] = set()
 
     def launch(self, blocks: list[ray.ObjectRef]) -> None:
         """Starts writing ``blocks`` as one part; raises the error of an earlier write that failed."""
-        self._pending.append(self._task.remote(self._run_uri, self._storage, *blocks))
-        done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
-        ray.get(done)
+        self._pending.add(self._writer.write.remote(*blocks).future())
+        self._settle({future for future in self._pending if future.done()})
 
     def wait(self, timeout_s: float | None = None) -> None:
         """Returns once every part launched is written (or after ``timeout_s``); raises a failed write's error."""
-        if not self._pending:
-            return
-        done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=timeout_s)
-        ray.get(done)
+        done, _ = futures.wait(self._pending, timeout=timeout_s)
+        self._settle(done)
+
+    def close(self) -> None:
+        """Ends the writer; a write still going is cut short (its part is published whole or not at all)."""
+        ray.kill(self._writer, no_restart=True)
+
+    def _settle(self, done: set[futures.Future]) -> None:
+        self._pending -= done
+        for future in done:
+            future.result()
 
 
 def from_uri_blocks(blocks: list[pa.Table]) -> ray.data.Dataset:
@@ -447,7 +480,7 @@ def write(dataset: ray.data.Dataset, config: JobConfig, run_uri: str, storage: S
     """Runs the dataset, writing its rows as Parquet parts under ``run_uri``.
 
     The driver takes the labeled rows as references to Ray Data's output blocks (``iter_internal_ref_bundles``: no
-    rows pass through it) and cuts them into parts (``PartCutter``), each written by a task (``write_blocks``).
+    rows pass through it) and cuts them into parts (``PartCutter``), which an actor writes (``PartWriter``).
     A Ray Data sink cannot do this: it gathers ``min_rows_per_write`` rows before a write, however long they take.
     When the run stops or fails, the rows already labeled are still written, for up to ``STOP_WRITE_WAIT_S``,
     before the error is raised: the run's record then counts every part it holds, and a resumed run keeps them.
@@ -460,9 +493,11 @@ def write(dataset: ray.data.Dataset, config: JobConfig, run_uri: str, storage: S
             rows = bundle.num_rows()
             if rows != 0:
                 cutter.add(list(bundle.block_refs), rows or 0)
+        cutter.close()
+        writes.wait()
     except BaseException:
         # Ray Data's executor stops with its iterator (here, or in Ray Data if it was waiting for rows): it starts
-        # no more tasks, and the CPUs are free for the last writes.
+        # no more tasks while the last parts are written.
         del bundles
         # The error that stopped the run is the one to report; a second stop signal ends the wait.
         with contextlib.suppress(Exception):
@@ -470,8 +505,9 @@ def write(dataset: ray.data.Dataset, config: JobConfig, run_uri: str, storage: S
         with contextlib.suppress(Exception):
             writes.wait(STOP_WRITE_WAIT_S)
         raise
-    cutter.close()
-    writes.wait()
+    finally:
+        with contextlib.suppress(Exception):  # Ray may be gone with the run
+            writes.close()
 
 
 def run(

@@ -108,14 +108,14 @@ def test_decode_and_write_tasks_do_not_import_torch(tmp_path):
     import subprocess
     import sys
 
-    from mnasnet_batch.pipeline import write_blocks
+    from mnasnet_batch.pipeline import PartWriter
 
     spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9)
     layout = FilesLayout(InputConfig(uri=str(tmp_path)), Storage())
     payload = tmp_path / "task.pickle"
-    payload.write_bytes(pickle.dumps((layout.read, decode_batch, spec, write_blocks, Storage())))
+    payload.write_bytes(pickle.dumps((layout.read, decode_batch, spec, PartWriter(str(tmp_path), Storage()))))
     code = (
-        "import pickle, sys; read, decode, spec, write, storage = pickle.load(open(sys.argv[1], 'rb'));"
+        "import pickle, sys; read, decode, spec, writer = pickle.load(open(sys.argv[1], 'rb'));"
         "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code, str(payload)], capture_output=True, text=True, check=True)
