@@ -423,7 +423,13 @@ def start_ray(config: JobConfig) -> None:
         options = {"logging_level": logging.WARNING}
         if not sys.stderr.isatty():
             os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in workers' lines written to files
-        ray.init(address=address, **options) if address else ray.init(include_dashboard=False, **options)
+        if address:
+            ray.init(address=address, **options)
+        else:
+            from mnasnet_batch.watchdog import watch_local_ray
+
+            watch_local_ray()  # this Ray ends with this process, however it ends
+            ray.init(include_dashboard=False, **options)
         install_stop_handlers()
 
 

@@ -52,20 +52,26 @@ def poll(condition, timeout_s: float, what: str, interval_s: float = 0.5):
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def session_members(session_id: int) -> list[int]:
+    """The live (not zombie) processes of a session."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == session_id and fields[0] != "Z":  # fields[3]: session id
+                    members.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return members
+
+
 def end_session(session_id: int, timeout_s: float = 30) -> None:
     """SIGKILLs every process of a session until none is left: Ray's workers and job drivers run in process groups
     of their own, so killing a node's process group leaves them running."""
 
     def none_left() -> bool:
-        members = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                    if int(fields[3]) == session_id and fields[0] != "Z":  # fields[3]: session id
-                        members.append(int(entry.name))
-                except (OSError, IndexError, ValueError):
-                    pass
+        members = session_members(session_id)
         for pid in members:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -21,7 +21,7 @@ from PIL import Image
 from mnasnet_batch.cli import main
 from mnasnet_batch.storage import Storage
 from tests import support
-from tests.cluster import end_session
+from tests.cluster import end_session, session_members
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small parts and batches, so a run of a few hundred images writes as it goes and can be interrupted.
@@ -206,6 +206,31 @@ def kill_session(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     end_session(process.pid)
+
+
+def process_titles(pids: list[int]) -> list[str]:
+    titles = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            titles.append(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
+    return titles
+
+
+def test_a_sigkilled_drivers_local_ray_ends_with_it(corpus, tmp_path, checkpoint_path):
+    images = many_images(tmp_path, corpus, 8)  # 192 images
+    output = tmp_path / "out"
+    job = start_job(support.job_argv(images, output, checkpoint_path, *SMALL_BATCHES))
+    try:
+        poll(lambda: list(output.glob("run=*/part-*.parquet")), 300, "the job's first part")
+        os.kill(job.pid, signal.SIGKILL)  # the driver alone, as the OOM killer does
+        job.wait(timeout=30)
+        # Ray's own processes outlived such a driver by a minute or more, and started new workers meanwhile.
+        deadline = time.monotonic() + 30
+        while (left := session_members(job.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left, f"still running 30 s after the driver was killed: {process_titles(left)}"
+    finally:
+        end_session(job.pid)
 
 
 def test_killed_driver_then_same_command_finishes_the_rest(local_ray, corpus, tmp_path, checkpoint_path, capsys):
