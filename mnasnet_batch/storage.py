@@ -270,12 +270,15 @@ class Storage:
         limit = self.config.max_image_bytes
         for fs, items in by_fs.values():
             paths = [path for _, path in items]
-            if isinstance(fs, LocalFileSystem):
-                contents = [_returned(_read_local, path, limit) for path in paths]
-            elif _is_http(fs):
-                contents = sync(fs.loop, _http_get_all, fs, paths, self.config)
-            else:
-                contents = _read_ranged(fs, paths, limit)
+            try:
+                if isinstance(fs, LocalFileSystem):
+                    contents = [_returned(_read_local, path, limit) for path in paths]
+                elif _is_http(fs):
+                    contents = sync(fs.loop, _http_get_all, fs, paths, self.config)
+                else:
+                    contents = _read_ranged(fs, paths, limit)
+            except Exception as exc:
+                contents = [exc] * len(items)
             for (i, _), content in zip(items, contents, strict=True):
                 results[i] = content
         return results
@@ -296,8 +299,8 @@ def _returned(read, *args) -> bytes | Exception:
 
 
 class _Bounded:
-    """An image's bytes as they come, refused past ``limit``; held once (``BytesIO`` grows in place and hands
-    over its buffer)."""
+    """An image's bytes as they come, refused past ``limit``, held once: ``BytesIO`` hands over the buffer it
+    wrote them to, where joining the chunks would hold them twice."""
 
     def __init__(self, limit: int | None):
         self.limit = limit
@@ -322,11 +325,11 @@ def _read_local(path: str, limit: int) -> bytes:
     """A local image's bytes, refused without opening it if it is not a regular file or is over ``limit`` bytes."""
     status = os.stat(path)  # through symlinks: a link to /dev/zero is the device
     if not stat.S_ISREG(status.st_mode):
-        kind = SPECIAL_FILES.get(stat.S_IFMT(status.st_mode), "not a file")
+        kind = SPECIAL_FILES.get(stat.S_IFMT(status.st_mode), "of another kind")
         raise NotARegularFile(f"{path} is {kind}, not a regular file; not read")
     if status.st_size > limit:
         raise OverByteLimit(limit, status.st_size)
-    # O_NONBLOCK: a path that became a FIFO since the stat is read as empty instead of waiting for a writer.
+    # O_NONBLOCK: should the path have become a FIFO since the stat, opening it does not wait for a writer.
     with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
         data = f.read(status.st_size + 1)  # one buffer of the size stat'ed; one byte more shows that it grew
         if len(data) <= status.st_size:

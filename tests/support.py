@@ -9,6 +9,7 @@ other class gets a distinct, photo-dependent logit so the whole top-k is well or
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +259,11 @@ class ImageServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
+
+
+def unblock_fifo_readers(fifo: Path) -> None:
+    """Lets a reader blocked opening ``fifo`` go on (to an empty read), so that no process is left waiting on it."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass  # no reader (ENXIO): nothing is waiting

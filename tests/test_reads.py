@@ -15,7 +15,7 @@ import pytest
 from mnasnet_batch.config import ConfigError, StorageConfig, load_config, parse_override
 from mnasnet_batch.sources import encoded_batch, shard_images
 from mnasnet_batch.storage import Storage
-from tests.support import ImageServer
+from tests.support import ImageServer, unblock_fifo_readers
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LIMIT = StorageConfig().max_image_bytes
@@ -120,7 +120,7 @@ def test_files_that_are_not_regular_or_too_large_become_error_rows_unread(tmp_pa
             timeout=120,
         )
     finally:
-        unblock_readers(tmp_path / "pipe.jpg")
+        unblock_fifo_readers(tmp_path / "pipe.jpg")
     assert done.returncode == 0, done.stderr
     found = {Path(uri).name: error for uri, error in json.loads(done.stdout).items()}
     assert found == {
@@ -131,14 +131,6 @@ def test_files_that_are_not_regular_or_too_large_become_error_rows_unread(tmp_pa
         "folder.jpg": f"NotARegularFile: {tmp_path}/folder.jpg is a directory, not a regular file; not read",
         "gone.jpg": f"FileNotFoundError: [Errno 2] No such file or directory: '{tmp_path}/gone.jpg'",
     }
-
-
-def unblock_readers(fifo: Path) -> None:
-    """Lets a reader blocked opening ``fifo`` go on (to an empty read), so that no process is left waiting."""
-    try:
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-    except OSError:
-        pass  # no reader (ENXIO): nothing is waiting
 
 
 def test_a_file_at_the_limit_is_read_and_one_byte_more_is_not(tmp_path):
