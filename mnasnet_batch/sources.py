@@ -23,7 +23,7 @@ from mnasnet_batch import spool
 from mnasnet_batch.config import InputConfig
 from mnasnet_batch.preprocess import error_message
 from mnasnet_batch.spool import Spool, SpooledURIs, first_occurrences, read_spooled
-from mnasnet_batch.storage import LISTING_THREADS, Storage, StorageError, has_extension
+from mnasnet_batch.storage import LISTING_THREADS, READ_CHUNK, OverByteLimit, Storage, StorageError, has_extension
 
 if TYPE_CHECKING:
     from mnasnet_batch.output import Labeled
@@ -823,7 +823,8 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
     A sample (consecutive members sharing a key) yields its first member with an image extension; a sample
     without one yields ``(shard#key, ValueError)``. Image members this convention drops (a sample's second
     image, as ``photo.2025.jpg`` after ``photo.2024.jpg``, both of key ``photo``; a name without a key, as
-    ``.hidden.jpg``) are counted and logged, once per shard. When the shard cannot be read to its end (truncated,
+    ``.hidden.jpg``) are counted and logged, once per shard. An image member over ``storage.max_image_bytes``
+    yields ``OverByteLimit``: it is read through, never held. When the shard cannot be read to its end (truncated,
     corrupt, or unreachable), the samples before that point are yielded as usual and one last item,
     ``(shard#member-being-read, error)`` or ``(shard, error)`` when no member was being read, says where
     reading stopped; what follows in the shard is unknown.
@@ -833,7 +834,8 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
     the job would stop), raises on a repeated key, and keeps only each member's extension, not its name.
     """
     key: str | None = None
-    image: tuple[str, bytes] | None = None
+    image: tuple[str, bytes | Exception] | None = None
+    limit = storage.config.max_image_bytes
     members: list[str] = []
     reading: str | None = None
     dropped: list[str] = []  # image members that are not labeled
@@ -863,13 +865,19 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
                 members.append(info.name)
                 reading = info.name
                 # Every member is read, not skipped: skipping a truncated member goes unnoticed in stream mode.
-                data = tar.extractfile(info).read()
-                reading = None
-                if has_extension(info.name, extensions):
-                    if image is None:
-                        image = (info.name, data)
-                    else:
+                # Only the sample's image is kept, if it is within the byte limit; the others are read and let go.
+                member = tar.extractfile(info)
+                wanted = image is None and has_extension(info.name, extensions)
+                if wanted and info.size <= limit:
+                    image = (info.name, member.read())
+                else:
+                    while member.read(READ_CHUNK):
+                        pass
+                    if wanted:
+                        image = (info.name, OverByteLimit(limit, info.size))
+                    elif has_extension(info.name, extensions):
                         dropped.append(info.name)
+                reading = None
             # Stream mode ends quietly where a header is cut short or missing; only a whole block of zeros
             # (tar's end-of-archive marker, which every tar writer emits) ends a shard that is complete.
             if tar.fileobj.tell() - tar.offset != tarfile.BLOCKSIZE:

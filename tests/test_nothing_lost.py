@@ -123,6 +123,36 @@ def test_file_deleted_between_listing_and_reading(local_ray, corpus, tmp_path, c
     assert rows[str(gone)]["status"] == "error" and rows[str(gone)]["error"].startswith("FileNotFoundError")
 
 
+def test_silent_urls_fifos_and_huge_files_in_a_manifest_are_error_rows(local_ray, corpus, tmp_path, checkpoint_path):
+    shutil.copy(corpus[1], tmp_path / "local.jpg")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with open(tmp_path / "huge.jpg", "wb") as f:
+        f.truncate(20 * 2**20)  # sparse; over the 10 MB limit set below
+    output = tmp_path / "out"
+    result = {}
+    with support.ImageServer({"/good.jpg": corpus[0].read_bytes()}) as server:
+        listed = [server.url("/good.jpg"), server.url("/hang.jpg"), server.url("/missing.jpg")]
+        listed += [str(tmp_path / name) for name in ("local.jpg", "pipe.jpg", "huge.jpg")]
+        (tmp_path / "list.txt").write_text("\n".join(listed) + "\n")
+        limits = ("storage.http_timeout_s=2", "storage.max_image_bytes=10000000")
+        argv = support.job_argv(tmp_path / "list.txt", output, checkpoint_path, *limits)
+        job = threading.Thread(target=lambda: result.setdefault("status", main(argv)), daemon=True)
+        job.start()
+        try:
+            job.join(timeout=300)
+        finally:
+            support.unblock_fifo_readers(tmp_path / "pipe.jpg")
+    assert result.get("status") == 0, "the job did not finish"
+    rows = rows_by_uri(output)
+    assert set(rows) == set(listed)
+    assert [rows[uri]["status"] for uri in listed] == ["ok", "error", "error", "ok", "error", "error"]
+    errors = [rows[uri]["error"] or "" for uri in listed]
+    assert errors[1] == "TimeoutError: the server sent nothing for 2 s (storage.http_timeout_s=2)"
+    assert errors[2].startswith("FileNotFoundError")
+    assert errors[4].startswith("NotARegularFile") and "is a FIFO, not a regular file" in errors[4]
+    assert errors[5] == "OverByteLimit: over the byte limit (20971520 bytes > storage.max_image_bytes=10000000)"
+
+
 def ray_worker_pids(title: str) -> list[int]:
     """Our own Ray's processes whose title (as Ray sets it) contains ``title``.
 
