@@ -449,6 +449,7 @@ def label_remaining(
 
     target = plan.target or output.ParquetFolder()
     start = time.monotonic()
+    labeling_images, labeling_s = 0, 0.0
     try:
         todo = inputs.remaining(plan.done)
         log.info(
@@ -465,7 +466,7 @@ def label_remaining(
             from mnasnet_batch import pipeline
 
             start_ray(config)
-            pipeline.run(config, plan.storage, checkpoint, todo, plan.run_uri)
+            labeling_images, labeling_s = pipeline.run(config, plan.storage, checkpoint, todo, plan.run_uri)
     except BaseException as exc:
         hold_stops()  # the run is recorded as what stopped it, whatever arrives meanwhile
         if own_ray:
@@ -477,4 +478,5 @@ def label_remaining(
         )
         raise
     hold_stops()  # labeled: the run closes as succeeded, and says so
-    return target.finish_run(config, plan, time.monotonic() - start)
+    summary = target.finish_run(config, plan, time.monotonic() - start)
+    return dataclasses.replace(summary, labeling_images=labeling_images, labeling_s=labeling_s)

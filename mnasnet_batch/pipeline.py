@@ -365,10 +365,13 @@ def run(
     checkpoint: Checkpoint,
     inputs: InputPlan,
     run_uri: str,
-) -> None:
+) -> tuple[int, float]:
     """Labels the planned input and writes its rows as Parquet parts under ``run_uri``; Ray must be initialised.
 
     Rows an earlier attempt labeled are not labeled again when ``inputs`` is what ``InputPlan.remaining`` left.
+
+    Returns:
+        ``ProgressCounter.labeling_span``: images labeled after the first batch, and the seconds they took.
     """
     spec = PreprocessSpec.for_model(
         config.model.name,
@@ -397,3 +400,8 @@ def run(
     dataset = predict(dataset, config, checkpoint, spec, pool, counter)
     with reporting_progress(counter, inputs.image_count, config.progress.interval_s):
         write(dataset, config, run_uri, storage)
+        try:
+            return ray.get(counter.labeling_span.remote(), timeout=30)
+        except Exception as exc:  # the rate is for people; the rows are written
+            log.warning("the labeling rate is unknown: %s: %s", type(exc).__name__, exc)
+            return 0, 0.0

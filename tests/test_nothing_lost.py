@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -283,7 +284,11 @@ def test_killed_driver_then_same_command_finishes_the_rest(local_ray, corpus, tm
     assert set(rows) == {str(p) for p in images.iterdir()}
     # The parts written before the kill were kept as they were, not predicted again.
     assert {p.name: p.stat().st_mtime_ns for p in output.glob("run=*/part-*.parquet") if p.name in before} == before
-    assert f"{rows_before} from before the resume" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{rows_before} from before the resume" in printed
+    # Beside the command's whole time, the rate of labeling alone (Ray's start and the model's load left out).
+    labeling = re.search(r"\) in ([0-9.]+) s, labeling ([0-9.]+) images/s \(first batch to last\)", printed)
+    assert labeling and float(labeling.group(2)) > (len(rows) - rows_before) / float(labeling.group(1))
     assert len(list(output.glob("run=*"))) == 1 and (output / "_SUCCESS").exists()
     assert json.loads((output / "_run.json").read_text())["status"] == "succeeded"
 
