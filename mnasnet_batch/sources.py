@@ -175,7 +175,7 @@ class Layout:
 
 
 class ImageURILayout(Layout):
-    """Inputs that are image URIs, each one image, read a batch at a time by ``Storage.read_many``."""
+    """Inputs that are image URIs, each one image, read a batch at a time by ``Storage.read_waves``."""
 
     uri_per_image = True
 
@@ -214,11 +214,12 @@ class ImageURILayout(Layout):
         for uris in lists:
             for start in range(0, len(uris), batch_size):
                 chunk = uris[start : start + batch_size]
-                yield encoded_batch(chunk, self.read_images(chunk))
+                for wave in self.read_waves(chunk):  # a slow read does not hold the rest of its batch
+                    yield encoded_batch([chunk[i] for i, _ in wave], [content for _, content in wave])
 
-    def read_images(self, uris: list[str]) -> list[bytes | Exception]:
-        """Each image's bytes or what reading it raised (``Storage.read_many``)."""
-        return self.storage.read_many(uris)
+    def read_waves(self, uris: list[str]) -> Iterator[list[tuple[int, bytes | Exception]]]:
+        """Each image's bytes or what reading it raised, by index in ``uris``, in waves (``Storage.read_waves``)."""
+        return self.storage.read_waves(uris)
 
 
 class FilesLayout(ImageURILayout):
@@ -244,7 +245,7 @@ class ManifestLayout(ImageURILayout):
     """Manifests (text, CSV, TSV, Parquet) listing image URIs.
 
     A line (text) or row (CSV, TSV) that is not UTF-8 is listed as ``<manifest>#line=<N>`` (``#row=<N>``), which
-    is not read but becomes an error row naming it (``read_images``): the other lines are labeled.
+    is not read but becomes an error row naming it (``read_waves``): the other lines are labeled.
     """
 
     name = "manifest"
@@ -278,22 +279,27 @@ class ManifestLayout(ImageURILayout):
             )
         return InputPlan(dataclasses.replace(self, manifests=tuple(manifests)), unique)
 
-    def read_images(self, uris: list[str]) -> list[bytes | Exception]:
+    def read_waves(self, uris: list[str]) -> Iterator[list[tuple[int, bytes | Exception]]]:
         """Reads the images; a URI standing for a manifest line that is not UTF-8 is not read but gets an error
         naming the line (``UnicodeError: line 3 of manifest /data/m.txt is not UTF-8 ...``)."""
-        if not any(_NOT_UTF8.search(uri) for uri in uris):
-            return super().read_images(uris)
         manifests = set(self.manifests)
-        not_utf8 = {}
+        not_utf8: list[tuple[int, bytes | Exception]] = []
         for i, uri in enumerate(uris):
             match = _NOT_UTF8.search(uri)
             if match and uri[: match.start()] in manifests:
-                not_utf8[i] = UnicodeError(
+                error = UnicodeError(
                     f"{match['unit']} {match['number']} of manifest {uri[: match.start()]} is not UTF-8; "
                     "save the manifest as UTF-8 to label it"
                 )
-        read = iter(super().read_images([uri for i, uri in enumerate(uris) if i not in not_utf8]))
-        return [not_utf8[i] if i in not_utf8 else next(read) for i in range(len(uris))]
+                not_utf8.append((i, error))
+        skipped = {i for i, _ in not_utf8}
+        read = [i for i in range(len(uris)) if i not in skipped]
+        for wave in super().read_waves([uris[i] for i in read]):
+            # The errors go with the first wave, in the batch's order.
+            yield sorted(not_utf8 + [(read[j], content) for j, content in wave], key=lambda item: item[0])
+            not_utf8 = []
+        if not_utf8:  # nothing else to read
+            yield not_utf8
 
 
 class WebDatasetLayout(Layout):

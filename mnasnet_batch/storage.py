@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import operator
 import os
 import posixpath
 import stat
 from collections.abc import Iterator
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import quote_from_bytes, unquote_to_bytes
@@ -51,6 +53,9 @@ READ_CHUNK = 2**20
 TRANSIENT_STATUSES = frozenset({408, 429, *range(500, 600)})
 # The first retry of a transient HTTP failure waits this long, each next one twice as long as the one before.
 RETRY_WAIT_S = 0.5
+# Seconds a batch's finished HTTP reads wait for its slower ones before they are handed on without them: long
+# enough that a batch from a healthy server stays whole, short beside storage.http_timeout_s.
+STRAGGLER_WAIT_S = 2.0
 # What each kind of file that is not a regular one is called, in the listing's log and in error rows (stat's file
 # type bits).
 SPECIAL_FILES = {
@@ -290,30 +295,54 @@ class Storage:
             For each URI in order, its bytes or the exception that reading it raised (``OverByteLimit``,
             ``NotARegularFile``, ``TimeoutError``, ``FileNotFoundError``, ...).
         """
-        by_fs: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str]]]] = {}
         results: list[bytes | Exception] = [None] * len(uris)  # type: ignore[list-item]
+        for wave in self.read_waves(uris):
+            for i, content in wave:
+                results[i] = content
+        return results
+
+    def read_waves(self, uris: list[str]) -> Iterator[list[tuple[int, bytes | Exception]]]:
+        """``read_many`` in waves, so that a slow read does not hold the others: each wave is ``(index in uris,
+        bytes or exception)`` of the reads done by then. HTTP reads come in a wave whenever ``STRAGGLER_WAIT_S``
+        passed with some of them still going; every other read, and a batch of HTTP reads done at once, in one."""
+        by_fs: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str]]]] = {}
+        unresolved = []
         for i, uri in enumerate(uris):
             try:
                 fs, path = self.filesystem(uri)
             except Exception as exc:
-                results[i] = exc
+                unresolved.append((i, exc))
                 continue
             by_fs.setdefault(id(fs), (fs, []))[1].append((i, path))
         limit = self.config.max_image_bytes
+        ready: list[tuple[int, bytes | Exception]] = unresolved
+        http = []
         for fs, items in by_fs.values():
             paths = [path for _, path in items]
+            if _is_http(fs):
+                http += [(i, asyncio.run_coroutine_threadsafe(_http_get(fs, path, self.config, limit), fs.loop))
+                         for i, path in items]
+                continue
             try:
                 if isinstance(fs, LocalFileSystem):
                     contents = [_returned(_read_local, path, limit) for path in paths]
-                elif _is_http(fs):
-                    contents = sync(fs.loop, _http_get_all, fs, paths, self.config)
                 else:
                     contents = _read_ranged(fs, paths, limit)
             except Exception as exc:
                 contents = [exc] * len(items)
-            for (i, _), content in zip(items, contents, strict=True):
-                results[i] = content
-        return results
+            ready += [(i, content) for (i, _), content in zip(items, contents, strict=True)]
+        pending = dict(http)
+        while pending:
+            futures.wait(pending.values(), timeout=STRAGGLER_WAIT_S)
+            for i, future in list(pending.items()):
+                if future.done():
+                    ready.append((i, future.exception() or future.result()))
+                    del pending[i]
+            if ready and pending:
+                yield sorted(ready, key=operator.itemgetter(0))
+                ready = []
+        if ready:
+            yield sorted(ready, key=operator.itemgetter(0))  # in the batch's order
 
 
 def _is_http(fs: fsspec.AbstractFileSystem) -> bool:
@@ -385,13 +414,6 @@ def _read_ranged(fs: fsspec.AbstractFileSystem, paths: list[str], limit: int) ->
         elif not isinstance(content, Exception) and len(content) > limit:
             contents[i] = OverByteLimit(limit)
     return contents
-
-
-async def _http_get_all(fs, urls: list[str], config: StorageConfig) -> list[bytes | Exception]:
-    """Every URL's body at once (``_http_get``), each one's failure kept."""
-    return await asyncio.gather(
-        *(_http_get(fs, url, config, config.max_image_bytes) for url in urls), return_exceptions=True
-    )
 
 
 async def _http_get(fs, url: str, config: StorageConfig, limit: int | None) -> bytes:

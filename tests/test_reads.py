@@ -62,6 +62,24 @@ def test_a_silent_url_costs_its_batch_the_timeout_and_transient_failures_are_ret
     assert server.hits["/flaky.jpg"] == 2 and server.hits["/reset.jpg"] == 2 and server.hits["/hang.jpg"] == 1
 
 
+def test_a_silent_url_does_not_hold_the_rest_of_its_batch(server, tmp_path):
+    from mnasnet_batch.config import InputConfig
+    from mnasnet_batch.sources import FilesLayout
+
+    paths = ["/good0.jpg", "/hang.jpg", "/good1.jpg", "/missing.jpg"]
+    uris = [server.url(p) for p in paths]
+    layout = FilesLayout(InputConfig(uri=str(tmp_path)), Storage(StorageConfig(http_timeout_s=20)))
+    start = time.monotonic()
+    batches = layout.read({"uri": uris}, batch_size=len(uris))
+    first = within(30, lambda: next(batches))
+    # The others' rows go on to be labeled while the silent URL still has most of its timeout to run.
+    assert time.monotonic() - start < 15
+    assert list(first["uri"]) == [uris[0], uris[2], uris[3]]
+    assert list(first["data"][:2]) == [server.images["/good0.jpg"], server.images["/good1.jpg"]]
+    [last] = within(60, lambda: list(batches))
+    assert list(last["uri"]) == [uris[1]] and last["error"][0].startswith("TimeoutError")
+
+
 def test_failures_that_persist_say_how_often_they_were_tried(server):
     storage = Storage(StorageConfig(http_retries=1))
     [error] = errors([server.url("/always503.jpg")], storage.read_many([server.url("/always503.jpg")])).values()
