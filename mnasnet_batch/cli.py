@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fsspec.implementations.local import LocalFileSystem
+
 import mnasnet_batch
 from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConfig, load_config, parse_override
 from mnasnet_batch.storage import Storage, StorageError, absolute_location, scheme
@@ -294,10 +296,11 @@ def entrypoint() -> None:
 
 
 def check_locations(config: JobConfig, storage: Storage) -> None:
-    """Checks that the input, and a weights file, exist: one request each, before anything slower starts.
+    """Checks that the input, and a weights file, exist (one request each), and that a local output folder can be
+    written, before anything slower starts.
 
     Raises:
-        StorageError: one of them does not exist, or its storage cannot be reached.
+        StorageError: one of them does not exist, its storage cannot be reached, or the output cannot be written.
     """
     weights = config.model.weights
     locations = [("input", config.input.uri)] + ([] if WEIGHTS_NAME.fullmatch(weights) else [("weights", weights)])
@@ -311,6 +314,14 @@ def check_locations(config: JobConfig, storage: Storage) -> None:
             raise StorageError(f"{what} {uri} cannot be reached: {root_cause(exc)}") from None
         if not found and not (what == "input" and any(c in path for c in "*?[")):  # a glob is matched later
             raise StorageError(f"{what} {uri} does not exist")
+    fs, path = storage.filesystem(config.output.uri)
+    if isinstance(fs, LocalFileSystem):  # an object store's prefix is writable only as far as a write says
+        folder = path
+        while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            problem = "is not a folder" if not os.path.isdir(folder) else "is a folder this user cannot write to"
+            raise StorageError(f"output {config.output.uri} cannot be written: {folder} {problem}")
 
 
 def reach_cluster(address: str, timeout_s: float, named_by: str) -> None:
