@@ -4,8 +4,8 @@ Runs the labeling job on a folder of copies of scikit-image's photos and a fixtu
 once the first part is written (the watchdog too, with ``--without-watchdog``), and prints the seconds until no
 process of the job's session is left (Ray's GCS, raylet, agents and workers included), up to ``--wait``.
 
-    python scripts/bench_driver_kill.py --repeats 3
-    python scripts/bench_driver_kill.py --repeats 3 --without-watchdog
+    python benchmarks/bench_driver_kill.py --repeats 3
+    python benchmarks/bench_driver_kill.py --repeats 3 --without-watchdog
 """
 
 from __future__ import annotations
