@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import ray
 import ray.autoscaler.sdk
 from ray.data.block import BlockAccessor
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mnasnet_batch import sources
 from mnasnet_batch.config import ConfigError, JobConfig
@@ -293,14 +294,18 @@ def reporting_progress(counter: ray.actor.ActorHandle, total: int, interval_s: f
     nodes = NodeWatch(ray.nodes())
 
     def poll() -> None:
+        reporting = True
         while not stop.wait(min(1.0, interval_s)):
-            try:
+            # Like progress, the line is for people: a failed look at the nodes is tried again at the next tick.
+            with contextlib.suppress(Exception):
                 nodes.update(ray.nodes())
-                reporter.update(*ray.get(counter.counts.remote(), timeout=30))
-            except Exception as exc:
-                # Progress is for people; losing it must not disturb the job, which reports its own errors.
-                log.warning("progress reporting stopped: %s: %s", type(exc).__name__, exc)
-                return
+            if reporting:
+                try:
+                    reporter.update(*ray.get(counter.counts.remote(), timeout=30))
+                except Exception as exc:
+                    # Progress is for people; losing it must not disturb the job, which reports its own errors.
+                    log.warning("progress reporting stopped: %s: %s", type(exc).__name__, exc)
+                    reporting = False
 
     thread = threading.Thread(target=poll, name="progress", daemon=True)
     thread.start()
@@ -430,8 +435,10 @@ def run(
         pool.initial_size,
         pool.resources,
     )
-    # No CPU: it only adds numbers, and must not take a slot from decoding or the model.
-    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    # No CPU: it only adds numbers, and must not take a slot from decoding or the model. On the driver's node: on
+    # another, the counts would be lost with that node (the driver's node lost ends the job anyway).
+    driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    counter = ray.remote(num_cpus=0, scheduling_strategy=driver_node)(ProgressCounter).remote()
     dataset = read(config, inputs, run_uri)
     dataset = decode(dataset, config, spec)
     dataset = predict(dataset, config, checkpoint, spec, pool, counter)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests import support  # noqa: E402
-from tests.cluster import checkout_copy, running_cluster, submit_job, wait_job  # noqa: E402
+from tests.cluster import checkout_copy, profile_health_checks, running_cluster, submit_job, wait_job  # noqa: E402
 
 # What the GPU profile's actor asks for, cut to fit a worker node of this cluster (1 CPU, 1 "GPU").
 SETTINGS = (
@@ -157,11 +157,10 @@ def main() -> None:
     weights = work / "weights.pth"
     if not weights.exists():
         weights.write_bytes(support.checkpoint_bytes(support.make_model()))
-    profile_checks = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
     cases = {
         "no loss": (None, {}),
         "node lost": (args.kill_after, {}),
-        "node lost (profile health checks)": (args.kill_after, profile_checks),
+        "node lost (profile health checks)": (args.kill_after, profile_health_checks()),
     }
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

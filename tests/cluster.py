@@ -30,6 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 300
 
 
+def profile_health_checks() -> dict[str, str]:
+    """The ``RAY_health_check_*`` settings that conf/kuberay's head node runs with, for a test cluster's head."""
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "conf" / "kuberay" / "raycluster.yaml").read_text())["spec"]
+    (head,) = spec["headGroupSpec"]["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in head.get("env", []) if e["name"].startswith("RAY_health_check_")}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

@@ -14,7 +14,7 @@ from ray._private import worker as ray_worker
 from mnasnet_batch.cli import RAY_CPP_LOG_LINE, is_ray_chatter, keep_ray_chatter_out
 from mnasnet_batch.pipeline import NodeWatch
 from tests import support
-from tests.cluster import checkout_copy, poll, running_cluster, submit_job, wait_job
+from tests.cluster import checkout_copy, poll, profile_health_checks, running_cluster, submit_job, wait_job
 
 NODE_A = {"NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1", "Alive": True}
 NODE_B = {"NodeID": "b" * 56, "NodeManagerAddress": "10.0.0.2", "Alive": True}
@@ -81,8 +81,6 @@ IMAGES = 48
 # Served at once; the others only once the node is killed, so that the kill always falls in the middle of the run.
 SERVED_FIRST = 16
 ROWS_PER_PART = 8
-# Ray's node health checks on the test cluster's head: those of conf/kuberay (one lost node noticed in seconds).
-HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000"}
 
 
 class GatedImages(http.server.ThreadingHTTPServer):
@@ -135,8 +133,11 @@ def test_the_model_actors_node_is_lost_mid_run(gated_images, checkpoint_path, tm
     server, manifest, urls = gated_images
     started = time.monotonic()
     # Two worker nodes declaring one GPU each (as tests/test_cluster.py): the one model actor runs on one of them,
-    # never on the head, where the driver runs; decoding runs anywhere.
-    with running_cluster(1, "--num-cpus", "1", "--num-gpus", "1", workers=2, head_env=HEALTH_CHECKS) as cluster:
+    # never on the head, where the driver runs; decoding runs anywhere. The head checks nodes' health as
+    # conf/kuberay's does, which notices the lost node in seconds.
+    health_checks = profile_health_checks()
+    assert health_checks
+    with running_cluster(1, "--num-cpus", "1", "--num-gpus", "1", workers=2, head_env=health_checks) as cluster:
         checkout = checkout_copy(cluster)
         output = tmp_path / "labels"
         submission_id = submit_job(
@@ -168,8 +169,13 @@ def test_the_model_actors_node_is_lost_mid_run(gated_images, checkpoint_path, tm
         cluster.kill_node(victim)
         server.opened.set()
         job, logs = wait_job(cluster, submission_id)
-        alive = {n["node_id"] for n in cluster.state("nodes", state="ALIVE")}
+        nodes = cluster.state("nodes")
+        alive = {n["node_id"] for n in nodes if n["state"] == "ALIVE"}
         assert actor["node_id"] not in alive and len(alive) == 2
+        # The progress counter lives with the driver: on the lost node, the counts would have been lost with it.
+        (head,) = [n["node_id"] for n in nodes if n["is_head_node"]]
+        counters = [a for a in cluster.state("actors", job_id=job["job_id"]) if a["class_name"] == "ProgressCounter"]
+        assert counters and {a["node_id"] for a in counters} == {head}
 
     rows = pads.dataset(output, format="parquet").to_table(columns=["uri", "status"]).to_pylist()
     assert sorted(row["uri"] for row in rows) == sorted(urls)  # every image exactly once
@@ -187,4 +193,5 @@ def test_the_model_actors_node_is_lost_mid_run(gated_images, checkpoint_path, tm
     # constructor arguments (ray-project/ray#53727); it is not about the lost node.
     assert [line for line in chatter if "has constructor arguments in the object store" not in line] == []
     assert f"labeled {IMAGES} images (0 errors)" in logs
+    assert "progress reporting stopped" not in logs
     print(f"node loss test: {time.monotonic() - started:.0f} s with the cluster's start")
