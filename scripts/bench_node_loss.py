@@ -126,7 +126,7 @@ def run_case(
         figures["every_image_exactly_once"] = sorted(uris) == sorted(str(p) for p in images)
         figures["parts"] = count_parts(output)
         figures["log_lines"] = line_origins(logs)
-        figures["log_lines_about_the_loss"] = [line for line in logs.splitlines() if " lost" in line]
+        figures["log_lines_about_the_loss"] = [line for line in logs.splitlines() if " lost: " in line]
         if keep_logs:
             kept = Path(keep_logs) / name.replace(" ", "_")
             shutil.rmtree(kept, ignore_errors=True)
