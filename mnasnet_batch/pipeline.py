@@ -331,7 +331,7 @@ def configure_context(config: JobConfig, spec: PreprocessSpec, pool: ActorPool) 
             handler.setLevel(logging.CRITICAL)
     log.info(
         "Ray Data's log, with the traceback of any failed task: %s; Ray's own messages (node health, retries) are in "
-        "the files beside it, on each node",
+        "the folder above it, on each node",
         ray_data_log_directory(),
     )
     batch_bytes = config.compute.batch_size * spec.crop_size**2 * 3  # one model batch of uint8 crops
