@@ -434,6 +434,10 @@ def start_ray(config: JobConfig) -> None:
         options = {"logging_level": logging.WARNING}
         if not sys.stderr.isatty():
             os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in workers' lines written to files
+        # Set on a node (containers often do, for `kubectl logs`), it would send the driver's C++ core worker's
+        # every line (liveness notices, lease retries) into the job's log; the driver's own file is in the Ray
+        # session's logs folder. Read by ray.init only: the cluster's processes keep their own environment.
+        os.environ.pop("RAY_LOG_TO_STDERR", None)
         if address:
             ray.init(address=address, **options)
         else:
@@ -441,7 +445,57 @@ def start_ray(config: JobConfig) -> None:
 
             watch_local_ray()  # this Ray ends with this process, however it ends
             ray.init(include_dashboard=False, **options)
+        keep_ray_chatter_out()
         install_stop_handlers()
+
+
+# A line of Ray's C++ log (raylet, GCS, core worker), as a worker's stderr carries it to the driver where a node
+# sets RAY_LOG_TO_STDERR: "[2026-12-03 19:25:43,052 I 30000 30000] worker_pool.cc:564: ...".
+RAY_CPP_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] \d+ \d+\] ")
+# What Ray tells the driver while it recovers from a lost node or worker: the node's missed health checks and
+# each retried task, once per attempt. The job says it once, in its own words (``pipeline.NodeWatch``).
+RAY_RECOVERY_MESSAGES = ("has been marked dead", "will be retried", "liveness")
+
+
+def is_ray_chatter(source: str, line: str) -> bool:
+    """Whether a line that Ray forwards to the driver stays out of the job's log: a line of Ray's C++ logging, or
+    Ray's (``source`` ``raylet``, ``gcs_server``) report of a recovery in progress. Workers' own output (prints,
+    Python warnings and tracebacks) and Ray's other messages (a worker killed for memory) are kept."""
+    if RAY_CPP_LOG_LINE.match(line):
+        return True
+    return source in ("raylet", "gcs_server") and any(message in line for message in RAY_RECOVERY_MESSAGES)
+
+
+def keep_ray_chatter_out() -> None:
+    """Filters what Ray prints on the driver's stdout and stderr for it (``is_ray_chatter``).
+
+    Ray 2.60 has no setting for this: ``log_to_driver=False`` would drop workers' own output too, and Ray's
+    messages to the driver (the node health and retry notices) are printed whatever it says. Both pass through
+    ``ray._private.worker.print_to_stdstream``: messages look it up when printed, and workers' output through a
+    handler that ``ray.init`` registered, which is registered again here with the filter. The lines dropped are
+    in the Ray log files of the nodes (the session's ``logs`` folder).
+    """
+    import functools
+
+    from ray._private import worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "keeps_ray_chatter_out", False):
+        return
+
+    def print_kept(data: dict, ignore_prefix: bool) -> None:
+        source = str(data.get("pid", ""))
+        lines = [line for line in data.get("lines", []) if not is_ray_chatter(source, line)]
+        if lines:
+            original({**data, "lines": lines}, ignore_prefix)
+
+    print_kept.keeps_ray_chatter_out = True
+    ray_worker.print_to_stdstream = print_kept
+    if any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+        ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", functools.partial(print_kept, ignore_prefix=ignore_prefix))
 
 
 def label_remaining(
