@@ -9,7 +9,7 @@ is lost) once ``--kill-after`` parts are written. Each case reports the seconds 
 after the kill: until the GCS marks the node dead, until a new model actor is alive, until the job ends; whether
 every image has exactly one row, and the job log's lines by origin.
 
-    PYTHONPATH=. .venv/bin/python scripts/bench_node_loss.py --images 2000 --parts 20 --kill-after 3 \\
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_node_loss.py --images 2000 --parts 20 --kill-after 3 \\
         --json bench_node_loss.json
 """
 
