@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fsspec.implementations.local import LocalFileSystem
+
 import mnasnet_batch
 from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConfig, load_config, parse_override
 from mnasnet_batch.storage import Storage, StorageError, absolute_location, scheme
@@ -294,10 +296,11 @@ def entrypoint() -> None:
 
 
 def check_locations(config: JobConfig, storage: Storage) -> None:
-    """Checks that the input, and a weights file, exist: one request each, before anything slower starts.
+    """Checks that the input, and a weights file, exist (one request each), and that a local output folder can be
+    written, before anything slower starts.
 
     Raises:
-        StorageError: one of them does not exist, or its storage cannot be reached.
+        StorageError: one of them does not exist, its storage cannot be reached, or the output cannot be written.
     """
     weights = config.model.weights
     locations = [("input", config.input.uri)] + ([] if WEIGHTS_NAME.fullmatch(weights) else [("weights", weights)])
@@ -311,6 +314,14 @@ def check_locations(config: JobConfig, storage: Storage) -> None:
             raise StorageError(f"{what} {uri} cannot be reached: {root_cause(exc)}") from None
         if not found and not (what == "input" and any(c in path for c in "*?[")):  # a glob is matched later
             raise StorageError(f"{what} {uri} does not exist")
+    fs, path = storage.filesystem(config.output.uri)
+    if isinstance(fs, LocalFileSystem):  # an object store's prefix is writable only as far as a write says
+        folder = path
+        while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            problem = "is not a folder" if not os.path.isdir(folder) else "is a folder this user cannot write to"
+            raise StorageError(f"output {config.output.uri} cannot be written: {folder} {problem}")
 
 
 def reach_cluster(address: str, timeout_s: float, named_by: str) -> None:
@@ -423,8 +434,68 @@ def start_ray(config: JobConfig) -> None:
         options = {"logging_level": logging.WARNING}
         if not sys.stderr.isatty():
             os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in workers' lines written to files
-        ray.init(address=address, **options) if address else ray.init(include_dashboard=False, **options)
+        # Set on a node (containers often do, for `kubectl logs`), it would send the driver's C++ core worker's
+        # every line (liveness notices, lease retries) into the job's log; the driver's own file is in the Ray
+        # session's logs folder. Read by ray.init only: the cluster's processes keep their own environment.
+        os.environ.pop("RAY_LOG_TO_STDERR", None)
+        if address:
+            ray.init(address=address, **options)
+        else:
+            from mnasnet_batch.watchdog import watch_local_ray
+
+            watch_local_ray()  # this Ray ends with this process, however it ends
+            ray.init(include_dashboard=False, **options)
+        keep_ray_chatter_out()
         install_stop_handlers()
+
+
+# A line of Ray's C++ log (raylet, GCS, core worker), as a worker's stderr carries it to the driver where a node
+# sets RAY_LOG_TO_STDERR: "[2026-12-03 19:25:43,052 I 30000 30000] worker_pool.cc:564: ...".
+RAY_CPP_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] \d+ \d+\] ")
+# What Ray tells the driver while it recovers from a lost node or worker: the node's missed health checks and
+# each retried task, once per attempt. The job says it once, in its own words (``pipeline.NodeWatch``).
+RAY_RECOVERY_MESSAGES = ("has been marked dead", "will be retried", "liveness")
+
+
+def is_ray_chatter(source: str, line: str) -> bool:
+    """Whether a line that Ray forwards to the driver stays out of the job's log: a line of Ray's C++ logging, or
+    Ray's (``source`` ``raylet``, ``gcs_server``) report of a recovery in progress. Workers' own output (prints,
+    Python warnings and tracebacks) and Ray's other messages (a worker killed for memory) are kept."""
+    if RAY_CPP_LOG_LINE.match(line):
+        return True
+    return source in ("raylet", "gcs_server") and any(message in line for message in RAY_RECOVERY_MESSAGES)
+
+
+def keep_ray_chatter_out() -> None:
+    """Filters what Ray prints on the driver's stdout and stderr for it (``is_ray_chatter``).
+
+    Ray 2.60 has no setting for this: ``log_to_driver=False`` would drop workers' own output too, and Ray's
+    messages to the driver (the node health and retry notices) are printed whatever it says. Both pass through
+    ``ray._private.worker.print_to_stdstream``: messages look it up when printed, and workers' output through a
+    handler that ``ray.init`` registered, which is registered again here with the filter. The lines dropped are
+    in the Ray log files of the nodes (the session's ``logs`` folder).
+    """
+    import functools
+
+    from ray._private import worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "keeps_ray_chatter_out", False):
+        return
+
+    def print_kept(data: dict, ignore_prefix: bool) -> None:
+        source = str(data.get("pid", ""))
+        lines = [line for line in data.get("lines", []) if not is_ray_chatter(source, line)]
+        if lines:
+            original({**data, "lines": lines}, ignore_prefix)
+
+    print_kept.keeps_ray_chatter_out = True
+    ray_worker.print_to_stdstream = print_kept
+    if any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+        ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", functools.partial(print_kept, ignore_prefix=ignore_prefix))
 
 
 def label_remaining(
@@ -443,6 +514,7 @@ def label_remaining(
 
     target = plan.target or output.ParquetFolder()
     start = time.monotonic()
+    labeling_images, labeling_s = 0, 0.0
     try:
         todo = inputs.remaining(plan.done)
         log.info(
@@ -459,7 +531,7 @@ def label_remaining(
             from mnasnet_batch import pipeline
 
             start_ray(config)
-            pipeline.run(config, plan.storage, checkpoint, todo, plan.run_uri)
+            labeling_images, labeling_s = pipeline.run(config, plan.storage, checkpoint, todo, plan.run_uri)
     except BaseException as exc:
         hold_stops()  # the run is recorded as what stopped it, whatever arrives meanwhile
         if own_ray:
@@ -471,4 +543,5 @@ def label_remaining(
         )
         raise
     hold_stops()  # labeled: the run closes as succeeded, and says so
-    return target.finish_run(config, plan, time.monotonic() - start)
+    summary = target.finish_run(config, plan, time.monotonic() - start)
+    return dataclasses.replace(summary, labeling_images=labeling_images, labeling_s=labeling_s)

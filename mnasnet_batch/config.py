@@ -57,6 +57,20 @@ class StorageConfig:
     # under a scheme name ({"s3": {...}, "gs": {...}}) apply to that scheme only. Credentials given here
     # are redacted from the written configuration.
     options: dict[str, object] = field(default_factory=dict)
+    # The most bytes one image (a file, an object, a URL, a tar member) may have; a larger one is an error row,
+    # refused from its size before it is read, or once this many bytes have come where the size is not known.
+    # 512 MiB: a 45-Mpx camera's 16-bit TIFF (270 MB) fits with room, and 16-bit RGB uncompressed (6 bytes a
+    # pixel) reaches preprocess.max_pixels near this size, so no image the pixel cap admits is refused for bytes;
+    # a stray multi-GB file (a video, a disk image named *.jpg) never fills a worker's memory.
+    max_image_bytes: int = 512 * 2**20
+    # HTTP(S) reads: seconds to wait for a connection, and for each next piece of the answer, before the read is
+    # an error row. 10 s: img2dataset's default; a server that sends nothing for 10 s rarely sends more, and
+    # aiohttp's own default (300 s in all) held a whole batch for 5 minutes over one silent URL.
+    http_timeout_s: float = 10.0
+    # HTTP(S) reads: attempts after the first for transient failures (a connection reset or refused, 5xx, 429),
+    # waiting 0.5 s, then 1 s, 2 s, ... between them. 3: rides out a server restarting or throttling for a few
+    # seconds, while a URL that keeps failing costs its batch 3.5 s more. Timeouts are not retried.
+    http_retries: int = 3
 
 
 @dataclass(frozen=True)
@@ -352,6 +366,9 @@ def validate(config: JobConfig) -> None:
         ),
         (config.progress.interval_s > 0, "progress.interval_s: must be more than 0"),
         (config.ray.connect_timeout_s > 0, "ray.connect_timeout_s: must be more than 0"),
+        (config.storage.max_image_bytes >= 1, "storage.max_image_bytes: must be at least 1"),
+        (config.storage.http_timeout_s > 0, "storage.http_timeout_s: must be more than 0"),
+        (config.storage.http_retries >= 0, "storage.http_retries: must be 0 (no retries) or more"),
         (config.compute.actor_memory_gb > 0, "compute.actor_memory_gb: must be more than 0"),
         (config.compute.actor_cpus >= 0, "compute.actor_cpus: must be 0 (derived) or more"),
         (config.compute.node_wait_s >= 0, "compute.node_wait_s: must be 0 (do not wait) or more"),

@@ -76,16 +76,22 @@ class Summary:
     labeled_now: int = 0
     # Of ``images``, rows that other jobs' commits replaced since (a table written by two jobs at once).
     replaced_by_other_jobs: int = 0
+    # Images labeled after this attempt's first batch, and the seconds from its first batch to its last
+    # (``pipeline.run``): the labeling rate, which ``seconds`` (Ray's and the model's start-up included) is not.
+    labeling_images: int = 0
+    labeling_s: float = 0.0
 
     def line(self) -> str:
         kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(self.error_kinds.items()))
-        rate = self.labeled_now / self.seconds if self.seconds > 0 else 0.0
         resumed = f", {self.images - self.labeled_now} from before the resume" if self.labeled_now < self.images else ""
         others = self.replaced_by_other_jobs
         replaced = f", {others} replaced since by other jobs" if others else ""
+        rate = ""
+        if self.labeling_s > 0 and self.labeling_images > 0:
+            rate = f", labeling {self.labeling_images / self.labeling_s:.1f} images/s (first batch to last)"
         return (
             f"labeled {self.images} images ({self.errors} errors{': ' + kinds if kinds else ''}{resumed}{replaced}) "
-            f"in {self.seconds:.1f} s, {rate:.1f} images/s"
+            f"in {self.seconds:.1f} s{rate}"
         )
 
 

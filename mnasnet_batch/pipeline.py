@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import ray
 import ray.autoscaler.sdk
 from ray.data.block import Block, BlockAccessor
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mnasnet_batch import sources
 from mnasnet_batch.config import ConfigError, JobConfig
@@ -154,8 +155,9 @@ class PartWrites:
     """
 
     def __init__(self, run_uri: str, storage: Storage):
-        # A writer that dies (its node lost) is restarted and its writes retried: a retried write replaces its own
-        # part, which is named by its rows' URIs.
+        # On the driver's node, as the progress counter: a writer on another node would be lost with it (the
+        # driver's node lost ends the job anyway). A writer that dies all the same is restarted and its writes
+        # retried: a retried write replaces its own part, which is named by its rows' URIs.
         self._writer = (
             ray.remote(PartWriter)
             .options(
@@ -163,6 +165,7 @@ class PartWrites:
                 max_concurrency=WRITE_THREADS,
                 max_restarts=WRITE_RETRIES,
                 max_task_retries=WRITE_RETRIES,
+                scheduling_strategy=driver_node(),
             )
             .remote(run_uri, storage)
         )
@@ -186,6 +189,11 @@ class PartWrites:
         self._pending -= done
         for future in done:
             future.result()
+
+
+def driver_node() -> NodeAffinitySchedulingStrategy:
+    """Places an actor on the driver's node."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def from_uri_blocks(blocks: list[pa.Table]) -> ray.data.Dataset:
@@ -379,20 +387,57 @@ class CountProgress:
             self.counter.add.remote(table.num_rows, errors)
 
 
+class NodeWatch:
+    """Says once, in the job's log, when a node of the cluster is lost.
+
+    Ray notices a lost node by its missed health checks, restarts the model actors that ran there on other nodes
+    and retries their batches and the tasks that ran there; that is Ray's to do, and Ray's own messages about it
+    stay out of the job's log (``cli.keep_ray_chatter_out``). This line tells people what happened instead.
+    """
+
+    def __init__(self, nodes: list[dict]):
+        self.alive = self.alive_nodes(nodes)
+
+    @staticmethod
+    def alive_nodes(nodes: list[dict]) -> dict[str, str]:
+        """``{node id: its address}`` of the alive ones among ``ray.nodes()``."""
+        return {node["NodeID"]: node.get("NodeManagerAddress", "?") for node in nodes if node.get("Alive")}
+
+    def update(self, nodes: list[dict]) -> list[str]:
+        """Takes ``ray.nodes()`` now; logs and returns a line for each node alive before and not now."""
+        alive = self.alive_nodes(nodes)
+        lines = [
+            f"node {node_id[:12]} ({address}) lost: its work is retried on the remaining nodes"
+            for node_id, address in self.alive.items()
+            if node_id not in alive
+        ]
+        for line in lines:
+            log.warning("%s", line)
+        self.alive = alive  # nodes added since (an autoscaler's) are watched too
+        return lines
+
+
 @contextlib.contextmanager
 def reporting_progress(counter: ray.actor.ActorHandle, total: int, interval_s: float) -> Iterator[None]:
-    """Polls ``counter`` from a driver thread while the body runs: a bar at a terminal, else log lines."""
+    """Polls ``counter`` from a driver thread while the body runs: a bar at a terminal, else log lines; and says
+    when a node is lost (``NodeWatch``)."""
     reporter = ProgressReporter(total, interval_s, terminal=sys.stderr if sys.stderr.isatty() else None)
     stop = threading.Event()
+    nodes = NodeWatch(ray.nodes())
 
     def poll() -> None:
+        reporting = True
         while not stop.wait(min(1.0, interval_s)):
-            try:
-                reporter.update(*ray.get(counter.counts.remote(), timeout=30))
-            except Exception as exc:
-                # Progress is for people; losing it must not disturb the job, which reports its own errors.
-                log.warning("progress reporting stopped: %s: %s", type(exc).__name__, exc)
-                return
+            # Like progress, the line is for people: a failed look at the nodes is tried again at the next tick.
+            with contextlib.suppress(Exception):
+                nodes.update(ray.nodes())
+            if reporting:
+                try:
+                    reporter.update(*ray.get(counter.counts.remote(), timeout=30))
+                except Exception as exc:
+                    # Progress is for people; losing it must not disturb the job, which reports its own errors.
+                    log.warning("progress reporting stopped: %s: %s", type(exc).__name__, exc)
+                    reporting = False
 
     thread = threading.Thread(target=poll, name="progress", daemon=True)
     thread.start()
@@ -416,7 +461,11 @@ def configure_context(config: JobConfig, spec: PreprocessSpec, pool: ActorPool) 
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setLevel(logging.CRITICAL)
-    log.info("Ray Data's log, with the traceback of any failed task: %s", ray_data_log_directory())
+    log.info(
+        "Ray Data's log, with the traceback of any failed task: %s; Ray's own messages (node health, retries) are in "
+        "the folder above it, on each node",
+        ray_data_log_directory(),
+    )
     batch_bytes = config.compute.batch_size * spec.crop_size**2 * 3  # one model batch of uint8 crops
     # A decode task hands on each batch as soon as it is done. Left at Ray Data's 128 MiB, its yields gather into
     # blocks of hundreds of crops, and the model waited for each: decoding and the model took turns instead of
@@ -516,10 +565,13 @@ def run(
     checkpoint: Checkpoint,
     inputs: InputPlan,
     run_uri: str,
-) -> None:
+) -> tuple[int, float]:
     """Labels the planned input and writes its rows as Parquet parts under ``run_uri``; Ray must be initialised.
 
     Rows an earlier attempt labeled are not labeled again when ``inputs`` is what ``InputPlan.remaining`` left.
+
+    Returns:
+        ``ProgressCounter.labeling_span``: images labeled after the first batch, and the seconds they took.
     """
     spec = PreprocessSpec.for_model(
         config.model.name,
@@ -541,10 +593,16 @@ def run(
         pool.initial_size,
         pool.resources,
     )
-    # No CPU: it only adds numbers, and must not take a slot from decoding or the model.
-    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    # No CPU: it only adds numbers, and must not take a slot from decoding or the model. On the driver's node: on
+    # another, the counts would be lost with that node (the driver's node lost ends the job anyway).
+    counter = ray.remote(num_cpus=0, scheduling_strategy=driver_node())(ProgressCounter).remote()
     dataset = read(config, inputs, run_uri)
     dataset = decode(dataset, config, spec)
     dataset = predict(dataset, config, checkpoint, spec, pool, counter)
     with reporting_progress(counter, inputs.image_count, config.progress.interval_s):
         write(dataset, config, run_uri, storage)
+        try:
+            return ray.get(counter.labeling_span.remote(), timeout=30)
+        except Exception as exc:  # the rate is for people; the rows are written
+            log.warning("the labeling rate is unknown: %s: %s", type(exc).__name__, exc)
+            return 0, 0.0

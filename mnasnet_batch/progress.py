@@ -22,16 +22,29 @@ class ProgressCounter:
     Run as a Ray actor by the pipeline; it lives here, away from torch, so its process starts in a blink.
     """
 
-    def __init__(self):
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.images = 0
         self.errors = 0
+        self.clock = clock
+        # When the first and the latest batch were counted, and the first batch's images.
+        self.first_at = self.last_at = 0.0
+        self.first_images = 0
 
     def add(self, images: int, errors: int) -> None:
+        now = self.clock()
+        if not self.images:
+            self.first_at, self.first_images = now, images
+        self.last_at = now
         self.images += images
         self.errors += errors
 
     def counts(self) -> tuple[int, int]:
         return self.images, self.errors
+
+    def labeling_span(self) -> tuple[int, float]:
+        """Images labeled after the first batch, and the seconds from the first batch to the last: the labeling
+        rate without the start-up (Ray, actors, the model) before the first batch was done."""
+        return self.images - self.first_images, self.last_at - self.first_at
 
 
 def format_duration(seconds: float) -> str:

@@ -23,7 +23,7 @@ from mnasnet_batch import spool
 from mnasnet_batch.config import InputConfig
 from mnasnet_batch.preprocess import error_message
 from mnasnet_batch.spool import Spool, SpooledURIs, first_occurrences, read_spooled
-from mnasnet_batch.storage import LISTING_THREADS, Storage, StorageError, has_extension
+from mnasnet_batch.storage import LISTING_THREADS, READ_CHUNK, OverByteLimit, Storage, StorageError, has_extension
 
 if TYPE_CHECKING:
     from mnasnet_batch.output import Labeled
@@ -175,7 +175,7 @@ class Layout:
 
 
 class ImageURILayout(Layout):
-    """Inputs that are image URIs, each one image, read a batch at a time by ``Storage.read_many``."""
+    """Inputs that are image URIs, each one image, read a batch at a time by ``Storage.read_waves``."""
 
     uri_per_image = True
 
@@ -214,11 +214,12 @@ class ImageURILayout(Layout):
         for uris in lists:
             for start in range(0, len(uris), batch_size):
                 chunk = uris[start : start + batch_size]
-                yield encoded_batch(chunk, self.read_images(chunk))
+                for wave in self.read_waves(chunk):  # a slow read does not hold the rest of its batch
+                    yield encoded_batch([chunk[i] for i, _ in wave], [content for _, content in wave])
 
-    def read_images(self, uris: list[str]) -> list[bytes | Exception]:
-        """Each image's bytes or what reading it raised (``Storage.read_many``)."""
-        return self.storage.read_many(uris)
+    def read_waves(self, uris: list[str]) -> Iterator[list[tuple[int, bytes | Exception]]]:
+        """Each image's bytes or what reading it raised, by index in ``uris``, in waves (``Storage.read_waves``)."""
+        return self.storage.read_waves(uris)
 
 
 class FilesLayout(ImageURILayout):
@@ -244,7 +245,7 @@ class ManifestLayout(ImageURILayout):
     """Manifests (text, CSV, TSV, Parquet) listing image URIs.
 
     A line (text) or row (CSV, TSV) that is not UTF-8 is listed as ``<manifest>#line=<N>`` (``#row=<N>``), which
-    is not read but becomes an error row naming it (``read_images``): the other lines are labeled.
+    is not read but becomes an error row naming it (``read_waves``): the other lines are labeled.
     """
 
     name = "manifest"
@@ -278,22 +279,27 @@ class ManifestLayout(ImageURILayout):
             )
         return InputPlan(dataclasses.replace(self, manifests=tuple(manifests)), unique)
 
-    def read_images(self, uris: list[str]) -> list[bytes | Exception]:
+    def read_waves(self, uris: list[str]) -> Iterator[list[tuple[int, bytes | Exception]]]:
         """Reads the images; a URI standing for a manifest line that is not UTF-8 is not read but gets an error
         naming the line (``UnicodeError: line 3 of manifest /data/m.txt is not UTF-8 ...``)."""
-        if not any(_NOT_UTF8.search(uri) for uri in uris):
-            return super().read_images(uris)
         manifests = set(self.manifests)
-        not_utf8 = {}
+        not_utf8: list[tuple[int, bytes | Exception]] = []
         for i, uri in enumerate(uris):
             match = _NOT_UTF8.search(uri)
             if match and uri[: match.start()] in manifests:
-                not_utf8[i] = UnicodeError(
+                error = UnicodeError(
                     f"{match['unit']} {match['number']} of manifest {uri[: match.start()]} is not UTF-8; "
                     "save the manifest as UTF-8 to label it"
                 )
-        read = iter(super().read_images([uri for i, uri in enumerate(uris) if i not in not_utf8]))
-        return [not_utf8[i] if i in not_utf8 else next(read) for i in range(len(uris))]
+                not_utf8.append((i, error))
+        skipped = {i for i, _ in not_utf8}
+        read = [i for i in range(len(uris)) if i not in skipped]
+        for wave in super().read_waves([uris[i] for i in read]):
+            # The errors go with the first wave, in the batch's order.
+            yield sorted(not_utf8 + [(read[j], content) for j, content in wave], key=lambda item: item[0])
+            not_utf8 = []
+        if not_utf8:  # nothing else to read
+            yield not_utf8
 
 
 class WebDatasetLayout(Layout):
@@ -823,7 +829,8 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
     A sample (consecutive members sharing a key) yields its first member with an image extension; a sample
     without one yields ``(shard#key, ValueError)``. Image members this convention drops (a sample's second
     image, as ``photo.2025.jpg`` after ``photo.2024.jpg``, both of key ``photo``; a name without a key, as
-    ``.hidden.jpg``) are counted and logged, once per shard. When the shard cannot be read to its end (truncated,
+    ``.hidden.jpg``) are counted and logged, once per shard. An image member over ``storage.max_image_bytes``
+    yields ``OverByteLimit``: it is read through, never held. When the shard cannot be read to its end (truncated,
     corrupt, or unreachable), the samples before that point are yielded as usual and one last item,
     ``(shard#member-being-read, error)`` or ``(shard, error)`` when no member was being read, says where
     reading stopped; what follows in the shard is unknown.
@@ -833,7 +840,8 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
     the job would stop), raises on a repeated key, and keeps only each member's extension, not its name.
     """
     key: str | None = None
-    image: tuple[str, bytes] | None = None
+    image: tuple[str, bytes | Exception] | None = None
+    limit = storage.config.max_image_bytes
     members: list[str] = []
     reading: str | None = None
     dropped: list[str] = []  # image members that are not labeled
@@ -863,13 +871,19 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
                 members.append(info.name)
                 reading = info.name
                 # Every member is read, not skipped: skipping a truncated member goes unnoticed in stream mode.
-                data = tar.extractfile(info).read()
-                reading = None
-                if has_extension(info.name, extensions):
-                    if image is None:
-                        image = (info.name, data)
-                    else:
+                # Only the sample's image is kept, if it is within the byte limit; the others are read and let go.
+                member = tar.extractfile(info)
+                wanted = image is None and has_extension(info.name, extensions)
+                if wanted and info.size <= limit:
+                    image = (info.name, member.read())
+                else:
+                    while member.read(READ_CHUNK):
+                        pass
+                    if wanted:
+                        image = (info.name, OverByteLimit(limit, info.size))
+                    elif has_extension(info.name, extensions):
                         dropped.append(info.name)
+                reading = None
             # Stream mode ends quietly where a header is cut short or missing; only a whole block of zeros
             # (tar's end-of-archive marker, which every tar writer emits) ends a shard that is complete.
             if tar.fileobj.tell() - tar.offset != tarfile.BLOCKSIZE:

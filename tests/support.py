@@ -9,6 +9,7 @@ other class gets a distinct, photo-dependent logit so the whole top-k is well or
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,81 @@ def replace_hook(folder: Path, body: str) -> Path:
         "os.replace = _hooked_replace\n"
     )
     return folder
+
+
+class ImageServer:
+    """A real HTTP server on 127.0.0.1, in a thread, serving ``images`` by path, and these that misbehave:
+
+    ``/missing.jpg`` 404; ``/page.jpg`` an HTML page; ``/hang.jpg`` never answers (until the server stops);
+    ``/flaky.jpg`` 503 the first time, then ``images["/flaky.jpg"]``; ``/reset.jpg`` drops the first connection
+    unanswered, then serves ``images["/reset.jpg"]``; ``/always503.jpg`` 503 every time; ``/endless.jpg`` a body
+    without a length that never ends. ``hits`` counts the requests per path.
+    """
+
+    def __init__(self, images: dict[str, bytes]):
+        import collections
+        import contextlib
+        import http.server
+        import threading
+
+        self.images = images
+        self.hits: collections.Counter[str] = collections.Counter()
+        self.stopping = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.hits[self.path] += 1
+                first = server.hits[self.path] == 1
+                if self.path == "/hang.jpg":
+                    server.stopping.wait()
+                elif self.path == "/reset.jpg" and first:
+                    self.close_connection = True
+                elif self.path == "/always503.jpg" or (self.path == "/flaky.jpg" and first):
+                    self.send_error(503)
+                elif self.path == "/page.jpg":
+                    self.answer(b"<!DOCTYPE html><html><body>Not the image you are looking for</body></html>")
+                elif self.path == "/endless.jpg":
+                    self.send_response(200)
+                    self.end_headers()
+                    with contextlib.suppress(ConnectionError):  # until the client hangs up
+                        while not server.stopping.is_set():
+                            self.wfile.write(bytes(2**16))
+                elif self.path in server.images:
+                    self.answer(server.images[self.path])
+                else:
+                    self.send_error(404)
+
+            def answer(self, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}{path}"
+
+    def __enter__(self) -> ImageServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+def unblock_fifo_readers(fifo: Path) -> None:
+    """Lets a reader blocked opening ``fifo`` go on (to an empty read), so that no process is left waiting on it."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass  # no reader (ENXIO): nothing is waiting

@@ -209,7 +209,7 @@ def test_an_unreachable_cluster_stops_the_job_in_its_timeout_and_touches_no_outp
     assert not (tmp_path / "out").exists()
 
 
-def test_a_missing_input_or_weights_file_is_told_before_torch_or_ray_start(tmp_path, checkpoint_path):
+def test_a_missing_input_or_weights_or_an_unwritable_output_is_told_before_torch_or_ray(tmp_path, checkpoint_path):
     script = (
         "import sys\n"
         "from mnasnet_batch.cli import main\n"
@@ -218,9 +218,11 @@ def test_a_missing_input_or_weights_file_is_told_before_torch_or_ray_start(tmp_p
     )
     images = tmp_path / "images"
     images.mkdir()
+    (tmp_path / "notes.txt").write_text("a file where the output's folder would be")
     for argv, missing in (
         (["--input", "nope", "--output", "out", "--weights", str(checkpoint_path)], f"input {tmp_path / 'nope'}"),
         (["--input", "images", "--output", "out", "--weights", "nope.pth"], "weights nope.pth"),
+        (["--input", "images", "--output", "notes.txt/out", "--weights", str(checkpoint_path)], "output"),
     ):
         result = subprocess.run(
             [sys.executable, "-c", script, *argv],
@@ -231,7 +233,11 @@ def test_a_missing_input_or_weights_file_is_told_before_torch_or_ray_start(tmp_p
             timeout=120,
         )
         assert result.stdout.split() == ["2", "False", "False"], result.stdout + result.stderr
-        assert f"error: {missing} does not exist" in result.stderr
+        if missing == "output":
+            written = f"output {tmp_path}/notes.txt/out cannot be written: {tmp_path}/notes.txt is not a folder"
+            assert f"error: {written}" in result.stderr
+        else:
+            assert f"error: {missing} does not exist" in result.stderr
         assert not (tmp_path / "out").exists()
 
 

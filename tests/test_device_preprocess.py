@@ -137,7 +137,7 @@ def test_reduced_precision(checkpoint_path, corpus):
     ids, bf16 = Predictor(checkpoint, top_k=5, device="cpu", precision="bf16").predict(batch["image"])
     # Autocast is in effect (bf16 keeps 8 bits of mantissa, so the scores move) and the output is still a
     # sorted top-k of probabilities. How far they move depends on the weights: this fixture's ridge-fitted
-    # classifier amplifies small feature errors, so closeness is measured with scripts/gpu_check.py instead.
+    # classifier amplifies small feature errors, so closeness is measured with benchmarks/gpu_check.py instead.
     assert np.abs(fp32 - bf16).max() > 1e-4
     assert ids.dtype == np.int32 and (np.diff(bf16, axis=1) <= 0).all() and ((bf16 >= 0) & (bf16 <= 1)).all()
 

@@ -91,3 +91,13 @@ def test_the_model_actor_reports_each_output_batch(checkpoint_path, photos):
     }
     assert predictor(batch).num_rows == 3
     assert sent == [(3, 1)]
+
+
+def test_the_labeling_span_runs_from_the_first_batch_to_the_last():
+    from mnasnet_batch.progress import ProgressCounter
+
+    times = iter([30.0, 31.0, 34.0])  # the first batch came after 30 s of start-up
+    counter = ProgressCounter(clock=lambda: next(times))
+    for images in (8, 8, 4):
+        counter.add(images, 0)
+    assert counter.labeling_span() == (12, 4.0) and counter.counts() == (20, 0)

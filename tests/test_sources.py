@@ -445,7 +445,9 @@ def test_a_manifest_line_that_is_not_utf8_is_an_error_row_naming_it_and_the_othe
     ]
     # The same fragment on a URI that is not the manifest's is an image URI, read as any other.
     other = f"{tmp_path}/elsewhere.txt#line=2"
-    assert isinstance(plan.layout.read_images([other])[0], FileNotFoundError)
+    assert [[index for index, _ in wave] for wave in plan.layout.read_waves([other])] == [[0]]
+    [[(_, error)]] = list(plan.layout.read_waves([other]))
+    assert isinstance(error, FileNotFoundError)
 
 
 def test_a_file_name_that_is_not_utf8_is_listed_as_its_file_uri_and_read_back(tmp_path, corpus):

@@ -6,7 +6,7 @@ Decodes the fixture photos' JPEG crops with Pillow, then resizes + centre-crops 
 uint8 kernel), and the same on float32 then rounded (what torchvision does with uint8 on a GPU, which has no uint8
 antialiased kernel). Prints the level differences and per-image CPU times, and writes them as JSON.
 
-    python scripts/resize_parity.py --images 300 --out /tmp/resize_parity.json
+    python benchmarks/resize_parity.py --images 300 --out /tmp/resize_parity.json
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ after reading). The cases:
   as a killed run leaves them), run again by the same command.
 - ``incremental``: the same half as a finished run, then ``--mode incremental``.
 
-    python scripts/bench_scale.py --sizes 100000,1000000,10000000 --shards 100000 --samples 100 \\
+    python benchmarks/bench_scale.py --sizes 100000,1000000,10000000 --shards 100000 --samples 100 \\
         --full-run-upto 1000000 --work /tmp/bench_scale --markdown docs/benchmarks.md
 """
 
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         results += cases(name, inputs, args.shards * args.samples, half, finished, args.samples, args, weights)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results, "python scripts/bench_scale.py " + " ".join(argv))
+    table = markdown(results, "python benchmarks/bench_scale.py " + " ".join(argv))
     print(table)
     if args.markdown:
         with open(args.markdown, "a") as f:

@@ -5,7 +5,7 @@ restored and ``--mode retry-errors`` runs; then 10 images are rewritten and ``--
 runs as users run it (its own local Ray); the script prints each one's wall time and, from the job's own log
 lines, its phases: start to the run's plan (listing, weights, table scan, source stats), labeling, and the commit.
 
-    python scripts/bench_table.py --images 2000 --dir /tmp/bench_table --json bench_table.json
+    python benchmarks/bench_table.py --images 2000 --dir /tmp/bench_table --json bench_table.json
 """
 
 from __future__ import annotations

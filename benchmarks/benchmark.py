@@ -15,7 +15,7 @@ engine), the CPU time per image of each stage (decoding, the model on each engin
 start to the first written row, and, in one more run of the large set, the peak memory of all of a command's
 processes.
 
-    .venv/bin/python scripts/benchmark.py --workdir /tmp/bench --models mnasnet0_5 mnasnet1_0
+    .venv/bin/python benchmarks/benchmark.py --workdir /tmp/bench --models mnasnet0_5 mnasnet1_0
 """
 
 from __future__ import annotations

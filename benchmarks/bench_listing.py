@@ -6,7 +6,8 @@ preprocessed batch leaving a decode task (labeling has started), with the decode
 With ``--compare-ray`` it also times Ray Data's own path expansion (``read_binary_files``) to its first row
 on the same objects.
 
-    python scripts/bench_listing.py --objects 100000 --backends local,s3 --compare-ray local --json bench_listing.json
+    python benchmarks/bench_listing.py --objects 100000 --backends local,s3 --compare-ray local \
+        --json bench_listing.json
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The reference opens each file with PIL, applies ``weights.transforms()`` and run
 the job runs its own pipeline on Ray. Without network access there are no published weights, so both use
 the test suite's fixture checkpoint (confident, well-separated predictions), or --weights if given.
 
-    .venv/bin/python scripts/reference_check.py --images 300 --workdir /tmp/reference-check
+    .venv/bin/python benchmarks/reference_check.py --images 300 --workdir /tmp/reference-check
 """
 
 import argparse
