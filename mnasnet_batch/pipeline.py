@@ -536,8 +536,9 @@ def write(dataset: ray.data.Dataset, config: JobConfig, run_uri: str, storage: S
     """
     writes = PartWrites(run_uri, storage)
     cutter = PartCutter(writes.launch, config.output.rows_per_file, config.output.part_interval_s)
-    bundles = dataset.iter_internal_ref_bundles()
     try:
+        # Runs the dataset up to its first rows.
+        bundles = dataset.iter_internal_ref_bundles()
         for bundle in bundles:
             rows = bundle.num_rows()
             if rows != 0:
@@ -547,7 +548,7 @@ def write(dataset: ray.data.Dataset, config: JobConfig, run_uri: str, storage: S
     except BaseException:
         # Ray Data's executor stops with its iterator (here, or in Ray Data if it was waiting for rows): it starts
         # no more tasks while the last parts are written.
-        del bundles
+        bundles = None
         # The error that stopped the run is the one to report; a second stop signal ends the wait.
         with contextlib.suppress(Exception):
             cutter.close()
