@@ -125,7 +125,7 @@ def run_ceiling(input_dir: Path, output: Path, model_name: str, weights: Path) -
     import numpy as np
     import pyarrow.parquet as pq
 
-    from mnasnet_batch.output import write_part
+    from mnasnet_batch.outputs.folder import write_part
     from mnasnet_batch.predictor import Predictor
     from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
     from mnasnet_batch.sources import encoded_batch
@@ -173,7 +173,7 @@ def stage_cpu_ms(model_name: str, weights: Path, paths: list[Path], workdir: Pat
     """
     import numpy as np
 
-    from mnasnet_batch.output import write_part
+    from mnasnet_batch.outputs.folder import write_part
     from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
     from mnasnet_batch.sources import encoded_batch
 

@@ -95,7 +95,7 @@ def run(directory: Path, out: Path, images: int, budget_s: float, device_name: s
     import torch
 
     from mnasnet_batch.device_preprocess import decode_batch_on_device, decode_crops, resize_crops
-    from mnasnet_batch.output import write_part
+    from mnasnet_batch.outputs.folder import write_part
     from mnasnet_batch.postprocess import output_table
     from mnasnet_batch.predictor import Predictor
     from mnasnet_batch.preprocess import decodable_on_device, preprocess_image
@@ -326,7 +326,7 @@ def _actor_process(directory, device_name, precision, count, batch_size, barrier
     """One model actor: decodes (on the device), classifies and writes ``count`` images after the barrier."""
     import pyarrow as pa
 
-    from mnasnet_batch.output import write_part
+    from mnasnet_batch.outputs.folder import write_part
     from mnasnet_batch.predictor import Predictor
     from mnasnet_batch.preprocess import PreprocessSpec
     from mnasnet_batch.weights import resolve_checkpoint

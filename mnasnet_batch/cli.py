@@ -27,7 +27,7 @@ from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConf
 from mnasnet_batch.storage import Storage, StorageError, absolute_location, scheme
 
 if TYPE_CHECKING:
-    from mnasnet_batch.output import OutputTarget, RunPlan, Summary
+    from mnasnet_batch.outputs.run import OutputTarget, RunPlan, Summary
     from mnasnet_batch.sources import InputPlan
     from mnasnet_batch.weights import Checkpoint
 
@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     # Importing torch and Ray costs seconds; the configuration is checked before either is needed.
     try:
         config = config_from_args(args)
-        from mnasnet_batch import output
+        from mnasnet_batch.outputs import targets
 
-        target = output.target_for(config)  # the Parquet folder or a table, decided once
+        target = targets.target_for(config)  # the Parquet folder or a table, decided once
         # The job's one storage handle: the weights, the input and the output (its parts and records) go through it.
         storage = Storage(config.storage)
         # What a moment tells is told before Ray starts, and before the output is touched.
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals():
             # Every module the driver runs is imported before Ray starts, so none is imported from a working
             # directory that Ray replaces (below).
-            from mnasnet_batch import output, pipeline, sources  # noqa: F401
+            from mnasnet_batch import pipeline, sources  # noqa: F401
+            from mnasnet_batch.outputs import folder, run  # noqa: F401
 
             joining = bool(address) and not ray_initialized()
             with ThreadPoolExecutor(max_workers=1) as pool:
@@ -357,7 +358,7 @@ def prepare(
 ) -> tuple[Checkpoint, InputPlan, RunPlan]:
     """Verifies the weights, plans the input and opens the run: everything that can fail before any image is read.
 
-    ``target``: the output target (``output.target_for``), chosen from ``config`` when None. ``storage``: the job's
+    ``target``: the output target (``targets.target_for``), chosen from ``config`` when None. ``storage``: the job's
     storage handle, built from ``config.storage`` when None.
 
     Raises:
@@ -365,9 +366,9 @@ def prepare(
         StorageError: the input or the output cannot be used.
         ConfigError: the configured engine is not installed.
     """
-    from mnasnet_batch import output
+    from mnasnet_batch.outputs import targets
 
-    target = target or output.target_for(config)
+    target = target or targets.target_for(config)
     storage = storage or Storage(config.storage)
     checkpoint, inputs = prepare_input(config, storage, spool=True)
     try:
@@ -456,9 +457,9 @@ def label_remaining(
     Returns:
         What the run holds, over all its attempts.
     """
-    from mnasnet_batch import output
+    from mnasnet_batch.outputs.folder import ParquetFolder
 
-    target = plan.target or output.ParquetFolder()
+    target = plan.target or ParquetFolder()
     start = time.monotonic()
     labeling_images, labeling_s = 0, 0.0
     try:

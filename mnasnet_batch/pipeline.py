@@ -20,7 +20,7 @@ from ray.data.block import BlockAccessor
 
 from mnasnet_batch import sources
 from mnasnet_batch.config import ConfigError, JobConfig
-from mnasnet_batch.output import write_part
+from mnasnet_batch.outputs.folder import write_part
 from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.progress import ProgressCounter, ProgressReporter
 from mnasnet_batch.sources import InputPlan

@@ -26,7 +26,7 @@ from mnasnet_batch.spool import Spool, SpooledURIs, first_occurrences, read_spoo
 from mnasnet_batch.storage import LISTING_THREADS, READ_CHUNK, OverByteLimit, Storage, StorageError, has_extension
 
 if TYPE_CHECKING:
-    from mnasnet_batch.output import Labeled
+    from mnasnet_batch.outputs.folder import Labeled
 
 log = logging.getLogger(__name__)
 
@@ -522,7 +522,7 @@ class InputPlan:
         return pc.sum(self.images).as_py() or 0 if self.images is not None else 0
 
     def remaining(self, done: Labeled | pa.Array) -> InputPlan:
-        """What is left to read after earlier attempts wrote the rows of ``done`` (``output.Labeled``).
+        """What is left to read after earlier attempts wrote the rows of ``done`` (``folder.Labeled``).
 
         Where each URI is one image, the URIs without a row, in their order (those labeled are not even read).
         Otherwise (shards, Parquet files) an input is skipped without reading it when all its images have a row:
@@ -791,7 +791,7 @@ def _not_done(uris: pa.Array, done: pa.Array) -> pa.Array:
 
 @dataclass(frozen=True)
 class _Written:
-    """Written URIs given as an array, asked like ``output.Labeled`` (no shard records: ``uri`` is empty)."""
+    """Written URIs given as an array, asked like ``folder.Labeled`` (no shard records: ``uri`` is empty)."""
 
     written: pa.Array
     uri: str = ""
