@@ -64,7 +64,7 @@ def measure(uri: str, storage: dict, compare_ray: bool) -> dict[str, float]:
 
     from mnasnet_batch import pipeline, sources
     from mnasnet_batch.config import load_config
-    from mnasnet_batch.preprocess import PreprocessSpec
+    from mnasnet_batch.decode.preprocess import PreprocessSpec
     from mnasnet_batch.storage import Storage
 
     config = load_config(overrides=[{"input": {"uri": uri}, "output": {"uri": "unused"}, "storage": storage}])

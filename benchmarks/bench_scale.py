@@ -207,7 +207,7 @@ def write_labeled_half(output: Path, uris: list[str], finished_inputs: list[str]
     import pyarrow.parquet as pq
 
     from mnasnet_batch import sources
-    from mnasnet_batch.postprocess import OUTPUT_SCHEMA
+    from mnasnet_batch.model.postprocess import OUTPUT_SCHEMA
 
     (run,) = output.glob("run=*")
     for i in range(0, len(uris), PART_ROWS):

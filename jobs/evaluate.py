@@ -55,9 +55,9 @@ def main(argv=None) -> int:
     )
 
     from mnasnet_batch.evaluation import ground_truth, metrics
+    from mnasnet_batch.model.weights import WeightsError, torchvision_weights
     from mnasnet_batch.outputs import folder
     from mnasnet_batch.storage import Storage, StorageError
-    from mnasnet_batch.weights import WeightsError, torchvision_weights
 
     storage = Storage(config.storage)
     try:

@@ -27,9 +27,9 @@ from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConf
 from mnasnet_batch.storage import Storage, StorageError, absolute_location, scheme
 
 if TYPE_CHECKING:
+    from mnasnet_batch.model.weights import Checkpoint
     from mnasnet_batch.outputs.run import OutputTarget, RunPlan, Summary
     from mnasnet_batch.sources import InputPlan
-    from mnasnet_batch.weights import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     # the thread that starts them.
                     started_ray = not ray_initialized()
                     start_ray(config)
-                from mnasnet_batch.weights import WeightsError  # waits for prepare's import of torch
+                from mnasnet_batch.model.weights import WeightsError  # waits for prepare's import of torch
 
                 try:
                     checkpoint, inputs, plan = prepared.result()
@@ -403,9 +403,9 @@ def prepare_input(config: JobConfig, storage: Storage, spool: bool = False) -> t
             # predictor is the model actors' module, which the pipeline hands to Ray: imported here (off the main
             # thread, beside Ray's start) so that the driver imports nothing once Ray may replace its working
             # directory (see main).
-            from mnasnet_batch import predictor  # noqa: F401
-            from mnasnet_batch.engine import export_ahead
-            from mnasnet_batch.weights import resolve_checkpoint
+            from mnasnet_batch.model import predictor  # noqa: F401
+            from mnasnet_batch.model.engine import export_ahead
+            from mnasnet_batch.model.weights import resolve_checkpoint
 
             checkpoint = resolve_checkpoint(
                 config.model.name, config.model.weights, config.model.sha256, config.model.download, storage

@@ -20,14 +20,14 @@ from ray.data.block import BlockAccessor
 
 from mnasnet_batch import sources
 from mnasnet_batch.config import ConfigError, JobConfig
+from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.outputs.folder import write_part
-from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.progress import ProgressCounter, ProgressReporter
 from mnasnet_batch.sources import InputPlan
 from mnasnet_batch.storage import Storage
 
 if TYPE_CHECKING:  # torch stays out of this module's imports: write tasks unpickle PartSink from it
-    from mnasnet_batch.weights import Checkpoint
+    from mnasnet_batch.model.weights import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -319,8 +319,8 @@ def predict(
     as it ships the checkpoint.
     """
     # The actors import torch; nothing else in the graph does.
-    from mnasnet_batch.engine import choose_engine, export_onnx
-    from mnasnet_batch.predictor import Predictor
+    from mnasnet_batch.model.engine import choose_engine, export_onnx
+    from mnasnet_batch.model.predictor import Predictor
 
     gpu_actors = "num_gpus" in pool.resources
     engine = choose_engine(config.compute.engine, gpu_actors, config.compute.precision)

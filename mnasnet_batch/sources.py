@@ -21,7 +21,7 @@ from fsspec.core import split_protocol
 
 from mnasnet_batch import spool
 from mnasnet_batch.config import InputConfig
-from mnasnet_batch.preprocess import error_message
+from mnasnet_batch.decode.preprocess import error_message
 from mnasnet_batch.spool import Spool, SpooledURIs, first_occurrences, read_spooled
 from mnasnet_batch.storage import LISTING_THREADS, READ_CHUNK, OverByteLimit, Storage, StorageError, has_extension
 

@@ -110,7 +110,7 @@ def test_bad_inputs_become_error_rows_and_the_job_succeeds(local_ray, photos, tm
 def test_file_deleted_between_listing_and_reading(local_ray, corpus, tmp_path, checkpoint_path):
     from mnasnet_batch import pipeline, sources
     from mnasnet_batch.config import load_config, parse_override
-    from mnasnet_batch.weights import resolve_checkpoint
+    from mnasnet_batch.model.weights import resolve_checkpoint
 
     gone = tmp_path / "listed_then_deleted.jpg"
     config = load_config(overrides=[parse_override(f"output.uri={tmp_path / 'out'}")])
@@ -362,7 +362,7 @@ def test_incremental_labels_only_new_images_and_modes_guard_the_output(
 
 
 def test_exif_orientation_option_rotates_before_cropping(photos):
-    from mnasnet_batch.preprocess import PreprocessSpec, preprocess_image
+    from mnasnet_batch.decode.preprocess import PreprocessSpec, preprocess_image
 
     exif = Image.Exif()
     exif[0x0112] = 6

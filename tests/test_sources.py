@@ -17,8 +17,8 @@ import yaml
 
 from mnasnet_batch import sources, spool, storage
 from mnasnet_batch.config import REDACTED, StorageConfig, load_config, parse_override, to_dict
+from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.outputs import folder as output
-from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.sources import plan_input, shard_images
 from mnasnet_batch.storage import Storage, StorageError
 

@@ -19,8 +19,8 @@ from jobs.report import main as report_main
 from jobs.runs import main as runs_main
 from mnasnet_batch.cli import main
 from mnasnet_batch.config import load_config
+from mnasnet_batch.model.postprocess import output_table
 from mnasnet_batch.outputs import folder as output
-from mnasnet_batch.postprocess import output_table
 from mnasnet_batch.sources import FilesLayout, InputPlan
 from mnasnet_batch.storage import Storage, StorageError
 from tests import support

@@ -31,7 +31,7 @@ def table_schema() -> pa.Schema:
 
     A function, so that choosing the output (in the command's main thread) does not import torch (``postprocess``).
     """
-    from mnasnet_batch.postprocess import OUTPUT_SCHEMA
+    from mnasnet_batch.model.postprocess import OUTPUT_SCHEMA
 
     return pa.schema(
         [

@@ -35,7 +35,7 @@ class PreprocessSpec:
         """Reads resize, crop and interpolation from the model's torchvision weights, never by hand."""
         from torchvision.transforms.functional import pil_modes_mapping
 
-        from mnasnet_batch.weights import torchvision_weights
+        from mnasnet_batch.model.weights import torchvision_weights
 
         transforms = torchvision_weights(model_name).transforms()
         return cls(
