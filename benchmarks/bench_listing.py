@@ -62,7 +62,8 @@ def serve_moto(names: list[str], data: bytes, ready) -> None:
 def measure(uri: str, storage: dict, compare_ray: bool) -> dict[str, float]:
     import ray
 
-    from mnasnet_batch import pipeline, sources
+    from mnasnet_batch import job as pipeline
+    from mnasnet_batch import sources
     from mnasnet_batch.config import load_config
     from mnasnet_batch.decode.preprocess import PreprocessSpec
     from mnasnet_batch.storage import Storage

@@ -50,7 +50,8 @@ SETTINGS = ("--set", "progress.interval_s=60")
 
 def driver(report: Path, stop_at_execution: bool, argv: list[str]) -> int:
     """Runs the job's ``main(argv)``; writes what it measured to ``report`` (JSON)."""
-    from mnasnet_batch import cli, pipeline
+    from mnasnet_batch import cli
+    from mnasnet_batch import job as pipeline
 
     started = float(os.environ["BENCH_T0"])
     figures: dict[str, object] = {}

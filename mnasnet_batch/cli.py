@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals():
             # Every module the driver runs is imported before Ray starts, so none is imported from a working
             # directory that Ray replaces (below).
-            from mnasnet_batch import pipeline, sources  # noqa: F401
+            from mnasnet_batch import job, sources  # noqa: F401
             from mnasnet_batch.outputs import folder, run  # noqa: F401
 
             joining = bool(address) and not ray_initialized()
@@ -475,10 +475,10 @@ def label_remaining(
             plan.run_id,
         )
         if len(todo.uris):
-            from mnasnet_batch import pipeline
+            from mnasnet_batch import job
 
             start_ray(config)
-            labeling_images, labeling_s = pipeline.run(config, plan.storage, checkpoint, todo, plan.run_uri)
+            labeling_images, labeling_s = job.run(config, plan.storage, checkpoint, todo, plan.run_uri)
     except BaseException as exc:
         hold_stops()  # the run is recorded as what stopped it, whatever arrives meanwhile
         if own_ray:

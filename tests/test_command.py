@@ -265,7 +265,7 @@ STEPS = ["before the record", "during the record", "after the record", "during R
 def test_a_stop_while_the_run_closes_gives_its_true_outcome(
     local_ray, corpus, tmp_path, checkpoint_path, capsys, monkeypatch, step
 ):
-    from mnasnet_batch import pipeline
+    from mnasnet_batch import job as pipeline
 
     images = tmp_path / "images"
     images.mkdir()

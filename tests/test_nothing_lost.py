@@ -108,7 +108,8 @@ def test_bad_inputs_become_error_rows_and_the_job_succeeds(local_ray, photos, tm
 
 
 def test_file_deleted_between_listing_and_reading(local_ray, corpus, tmp_path, checkpoint_path):
-    from mnasnet_batch import pipeline, sources
+    from mnasnet_batch import job as pipeline
+    from mnasnet_batch import sources
     from mnasnet_batch.config import load_config, parse_override
     from mnasnet_batch.model.weights import resolve_checkpoint
 

@@ -108,7 +108,7 @@ def test_decode_and_write_tasks_do_not_import_torch(tmp_path):
     import subprocess
     import sys
 
-    from mnasnet_batch.pipeline import PartSink
+    from mnasnet_batch.job import PartSink
 
     spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9)
     layout = FilesLayout(InputConfig(uri=str(tmp_path)), Storage())

@@ -47,7 +47,7 @@ class Summary:
     # Of ``images``, rows that other jobs' commits replaced since (a table written by two jobs at once).
     replaced_by_other_jobs: int = 0
     # Images labeled after this attempt's first batch, and the seconds from its first batch to its last
-    # (``pipeline.run``): the labeling rate, which ``seconds`` (Ray's and the model's start-up included) is not.
+    # (``job.run``): the labeling rate, which ``seconds`` (Ray's and the model's start-up included) is not.
     labeling_images: int = 0
     labeling_s: float = 0.0
 

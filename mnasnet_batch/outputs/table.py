@@ -10,7 +10,7 @@ parts and what it committed; the same command commits the rest and labels only w
 Ray Data's ``Dataset.write_iceberg`` (Ray 2.60) is not used: it commits once, when the whole dataset is written,
 so a killed run loses everything it labeled; its write tasks open the catalog themselves, which an embedded SQLite
 catalog on the driver's disk does not allow on a cluster; and its upsert knows nothing of this job's runs, modes,
-errors or resume. Its per-task Parquet writing is what ``pipeline.PartSink`` already does.
+errors or resume. Its per-task Parquet writing is what ``job.PartSink`` already does.
 
 Layout under ``output.uri`` (an embedded catalog only when ``output.catalog`` is empty)::
 
