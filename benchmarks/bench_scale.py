@@ -207,7 +207,7 @@ def write_labeled_half(output: Path, uris: list[str], finished_inputs: list[str]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mnasnet_batch import sources
+    from mnasnet_batch.inputs import webdataset
     from mnasnet_batch.model.postprocess import OUTPUT_SCHEMA
 
     (run,) = output.glob("run=*")
@@ -216,7 +216,7 @@ def write_labeled_half(output: Path, uris: list[str], finished_inputs: list[str]
         columns = {"uri": chunk, "status": ["error"] * len(chunk), "error": ["FileNotFoundError: bench"] * len(chunk)}
         table = pa.table({f.name: columns.get(f.name, [None] * len(chunk)) for f in OUTPUT_SCHEMA}, OUTPUT_SCHEMA)
         pq.write_table(table, run / f"part-bench{i // PART_ROWS:06d}.parquet")
-    record_finished = getattr(sources, "record_finished", None)
+    record_finished = getattr(webdataset, "record_finished", None)
     if record_finished is not None:
         from mnasnet_batch.storage import Storage
 

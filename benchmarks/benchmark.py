@@ -126,10 +126,10 @@ def run_ceiling(input_dir: Path, output: Path, model_name: str, weights: Path) -
     import pyarrow.parquet as pq
 
     from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
+    from mnasnet_batch.inputs.layout import encoded_batch
     from mnasnet_batch.model.predictor import Predictor
     from mnasnet_batch.model.weights import resolve_checkpoint
     from mnasnet_batch.outputs.folder import write_part
-    from mnasnet_batch.sources import encoded_batch
 
     predictor = Predictor(resolve_checkpoint(model_name, str(weights)), top_k=5, num_threads=os.cpu_count())
     spec = PreprocessSpec.for_model(model_name, max_pixels=89_478_485)
@@ -174,8 +174,8 @@ def stage_cpu_ms(model_name: str, weights: Path, paths: list[Path], workdir: Pat
     import numpy as np
 
     from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
+    from mnasnet_batch.inputs.layout import encoded_batch
     from mnasnet_batch.outputs.folder import write_part
-    from mnasnet_batch.sources import encoded_batch
 
     spec = PreprocessSpec.for_model(model_name, max_pixels=89_478_485)
     uris = np.asarray([str(p) for p in paths], dtype=object)

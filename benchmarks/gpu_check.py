@@ -47,7 +47,7 @@ def prepare(directory: Path, images: int) -> None:
 def _preprocess_chunk(args):
     """What the CPU tasks hand the model actor: read batches, decoded unless the actor decodes them."""
     from mnasnet_batch.decode.preprocess import decode_batch
-    from mnasnet_batch.sources import encoded_batch
+    from mnasnet_batch.inputs.layout import encoded_batch
 
     uris, contents, spec = args
     batch = encoded_batch(uris, contents)

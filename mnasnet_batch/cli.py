@@ -27,9 +27,9 @@ from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConf
 from mnasnet_batch.storage import Storage, StorageError, absolute_location, scheme
 
 if TYPE_CHECKING:
+    from mnasnet_batch.inputs.layout import InputPlan
     from mnasnet_batch.model.weights import Checkpoint
     from mnasnet_batch.outputs.run import OutputTarget, RunPlan, Summary
-    from mnasnet_batch.sources import InputPlan
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals():
             # Every module the driver runs is imported before Ray starts, so none is imported from a working
             # directory that Ray replaces (below).
-            from mnasnet_batch import job, sources  # noqa: F401
+            from mnasnet_batch import job  # noqa: F401
+            from mnasnet_batch.inputs import listing  # noqa: F401
             from mnasnet_batch.outputs import folder, run  # noqa: F401
 
             joining = bool(address) and not ray_initialized()
@@ -389,16 +390,16 @@ def prepare_input(config: JobConfig, storage: Storage, spool: bool = False) -> t
         StorageError: the input cannot be used.
         ConfigError: the configured engine is not installed.
     """
-    from mnasnet_batch import sources
     from mnasnet_batch.config import require_installed
-    from mnasnet_batch.spool import spool_folder
+    from mnasnet_batch.inputs.listing import plan_input
+    from mnasnet_batch.inputs.spool import spool_folder
 
     require_installed(config.compute.engine)
     folder = spool_folder(config.output.uri) if spool else ""
     # The input is listed while torch loads and the weights are verified: a listing of millions of objects is mostly
     # waiting. A weights error still comes first, once the listing ended (its written lists removed).
     with ThreadPoolExecutor(max_workers=1) as pool:
-        planned = pool.submit(sources.plan_input, config.input, storage, folder)
+        planned = pool.submit(plan_input, config.input, storage, folder)
         try:
             # predictor is the model actors' module, which the pipeline hands to Ray: imported here (off the main
             # thread, beside Ray's start) so that the driver imports nothing once Ray may replace its working

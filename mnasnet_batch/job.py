@@ -18,12 +18,11 @@ import ray
 import ray.autoscaler.sdk
 from ray.data.block import BlockAccessor
 
-from mnasnet_batch import sources
 from mnasnet_batch.config import ConfigError, JobConfig
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
+from mnasnet_batch.inputs.layout import InputPlan, drop_done
 from mnasnet_batch.outputs.folder import write_part
 from mnasnet_batch.progress import ProgressCounter, ProgressReporter
-from mnasnet_batch.sources import InputPlan
 from mnasnet_batch.storage import Storage
 
 if TYPE_CHECKING:  # torch stays out of this module's imports: write tasks unpickle PartSink from it
@@ -91,7 +90,7 @@ def read(config: JobConfig, inputs: InputPlan, run_uri: str | None = None) -> ra
     )
     if inputs.skip is not None and len(inputs.skip):
         dataset = dataset.map_batches(
-            sources.drop_done,
+            drop_done,
             fn_kwargs={"done": inputs.skip},
             batch_size=None,
             batch_format="numpy",

@@ -10,9 +10,9 @@ from PIL import Image
 
 from mnasnet_batch.decode.device_preprocess import decode_batch_on_device, decode_crops, resize_crops
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decodable_on_device, decode_batch, preprocess_image
+from mnasnet_batch.inputs.layout import encoded_batch
 from mnasnet_batch.model.predictor import Predictor
 from mnasnet_batch.model.weights import resolve_checkpoint
-from mnasnet_batch.sources import encoded_batch
 from tests import support
 
 SPEC = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**8)

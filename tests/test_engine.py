@@ -10,10 +10,10 @@ import pytest
 from mnasnet_batch.cli import main
 from mnasnet_batch.config import MODEL_NAMES, ConfigError
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
+from mnasnet_batch.inputs.layout import encoded_batch
 from mnasnet_batch.model.engine import ONNXRUNTIME_MICRO_BATCH, choose_engine, export_onnx
 from mnasnet_batch.model.predictor import Predictor
 from mnasnet_batch.model.weights import Checkpoint
-from mnasnet_batch.sources import encoded_batch
 from tests import support
 from tests.test_nothing_lost import rows_by_uri
 

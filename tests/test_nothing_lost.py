@@ -109,8 +109,9 @@ def test_bad_inputs_become_error_rows_and_the_job_succeeds(local_ray, photos, tm
 
 def test_file_deleted_between_listing_and_reading(local_ray, corpus, tmp_path, checkpoint_path):
     from mnasnet_batch import job as pipeline
-    from mnasnet_batch import sources
     from mnasnet_batch.config import load_config, parse_override
+    from mnasnet_batch.inputs.files import FilesLayout
+    from mnasnet_batch.inputs.layout import InputPlan
     from mnasnet_batch.model.weights import resolve_checkpoint
 
     gone = tmp_path / "listed_then_deleted.jpg"
@@ -118,7 +119,7 @@ def test_file_deleted_between_listing_and_reading(local_ray, corpus, tmp_path, c
     run_uri = str(tmp_path / "out" / "run=x")
     os.makedirs(run_uri)
     storage = Storage(config.storage)
-    inputs = sources.InputPlan(sources.FilesLayout(config.input, storage), [str(corpus[0]), str(gone)])
+    inputs = InputPlan(FilesLayout(config.input, storage), [str(corpus[0]), str(gone)])
     pipeline.run(config, storage, resolve_checkpoint("mnasnet0_5", str(checkpoint_path)), inputs, run_uri)
     rows = rows_by_uri(Path(run_uri))
     assert rows[str(corpus[0])]["status"] == "ok"

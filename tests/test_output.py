@@ -19,8 +19,8 @@ import yaml
 from fsspec.implementations.local import LocalFileSystem
 
 from mnasnet_batch import config as config_module
-from mnasnet_batch import spool
 from mnasnet_batch.config import StorageConfig, load_config
+from mnasnet_batch.inputs import spool
 from mnasnet_batch.outputs import files as files_module
 from mnasnet_batch.outputs import folder as output
 from mnasnet_batch.outputs import lease as lease_module

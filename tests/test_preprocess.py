@@ -9,7 +9,8 @@ from PIL import Image
 
 from mnasnet_batch.config import InputConfig
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch, preprocess_image
-from mnasnet_batch.sources import FilesLayout, encoded_batch
+from mnasnet_batch.inputs.files import FilesLayout
+from mnasnet_batch.inputs.layout import encoded_batch
 from mnasnet_batch.storage import Storage
 from tests import support
 

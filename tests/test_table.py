@@ -19,9 +19,10 @@ from jobs.report import main as report_main
 from jobs.runs import main as runs_main
 from mnasnet_batch.cli import main
 from mnasnet_batch.config import load_config
+from mnasnet_batch.inputs.files import FilesLayout
+from mnasnet_batch.inputs.layout import InputPlan
 from mnasnet_batch.model.postprocess import output_table
 from mnasnet_batch.outputs import folder as output
-from mnasnet_batch.sources import FilesLayout, InputPlan
 from mnasnet_batch.storage import Storage, StorageError
 from tests import support
 from tests.test_nothing_lost import ROOT, SMALL_BATCHES, kill_session, many_images, poll, start_job

@@ -130,7 +130,7 @@ def decode_batch(
     other.
 
     Args:
-        batch: as read (``sources.encoded_batch``): ``uri``, ``data`` and ``error``.
+        batch: as read (``inputs.layout.encoded_batch``): ``uri``, ``data`` and ``error``.
 
     Returns:
         ``uri``; ``image`` (N, crop, crop, 3) uint8, zeros where the image failed; ``error``, "" where the image

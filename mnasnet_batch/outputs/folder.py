@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from mnasnet_batch.config import JobConfig
+from mnasnet_batch.inputs.spool import SPOOL_FOLDER
 from mnasnet_batch.outputs import files
 from mnasnet_batch.outputs.files import join, named, now, read_json, stale_temporaries
 from mnasnet_batch.outputs.run import (
@@ -48,7 +49,6 @@ from mnasnet_batch.outputs.run import (
     versions,
     write_record,
 )
-from mnasnet_batch.spool import SPOOL_FOLDER
 from mnasnet_batch.storage import Storage, StorageError
 
 

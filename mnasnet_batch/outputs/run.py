@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mnasnet_batch import spool
 from mnasnet_batch.config import JobConfig, to_dict
+from mnasnet_batch.inputs import spool
 from mnasnet_batch.outputs import files
 from mnasnet_batch.outputs.files import first_line, join, now, one_line
 from mnasnet_batch.outputs.lease import LEASE_STALE_S, Lease
