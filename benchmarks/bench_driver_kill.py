@@ -23,19 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def session_members(session_id: int) -> list[int]:
-    """The live (not zombie) processes of a session."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[3]) == session_id and fields[0] != "Z":
-                    members.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return members
+from tests.cluster import session_members  # noqa: E402
 
 
 def watchdogs(session_id: int) -> list[int]:

@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 from fsspec.implementations.local import LocalFileSystem
 
 import mnasnet_batch
+from mnasnet_batch.cluster import keep_ray_chatter_out, reach_cluster
 from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConfig, load_config, parse_override
 from mnasnet_batch.storage import Storage, StorageError, absolute_location, scheme
 
@@ -326,34 +326,6 @@ def check_locations(config: JobConfig, storage: Storage) -> None:
             raise StorageError(f"output {config.output.uri} cannot be written: {folder} {problem}")
 
 
-def reach_cluster(address: str, timeout_s: float, named_by: str) -> None:
-    """Checks that the Ray cluster at ``address`` accepts connections, within ``timeout_s``.
-
-    ``ray.init`` waits on an address that nothing answers for minutes, logging only Ray's own warnings; this fails
-    in the timeout with one line, before the output is touched. ``auto`` and ``local`` are Ray's to resolve.
-
-    Raises:
-        ConfigError: nothing accepted a connection at ``address`` (named by ``named_by``) in ``timeout_s``.
-    """
-    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
-    if not host or not port.isdigit():
-        return
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, deadline - time.monotonic())):
-                return
-        except OSError as exc:
-            if time.monotonic() >= deadline:
-                raise ConfigError(
-                    f"the Ray cluster at {address} ({named_by}) did not answer within {timeout_s:g} s "
-                    f"({type(exc).__name__}: {exc}); check that it is running (ray status --address {address}) and "
-                    f"that {named_by} names its head node's GCS port (6379 unless set), or unset {named_by} to run "
-                    f"on a local Ray; ray.connect_timeout_s sets the wait"
-                ) from None
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))  # a head node may still be starting
-
-
 def prepare(
     config: JobConfig, target: OutputTarget | None = None, storage: Storage | None = None
 ) -> tuple[Checkpoint, InputPlan, RunPlan]:
@@ -436,6 +408,10 @@ def start_ray(config: JobConfig) -> None:
         options = {"logging_level": logging.WARNING}
         if not sys.stderr.isatty():
             os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in workers' lines written to files
+        # Set on a node (containers often do, for `kubectl logs`), it would send the driver's C++ core worker's
+        # every line (liveness notices, lease retries) into the job's log; the driver's own file is in the Ray
+        # session's logs folder. Read by ray.init only: the cluster's processes keep their own environment.
+        os.environ.pop("RAY_LOG_TO_STDERR", None)
         if address:
             ray.init(address=address, **options)
         else:
@@ -443,6 +419,7 @@ def start_ray(config: JobConfig) -> None:
 
             watch_local_ray()  # this Ray ends with this process, however it ends
             ray.init(include_dashboard=False, **options)
+        keep_ray_chatter_out()
         install_stop_handlers()
 
 

@@ -16,50 +16,27 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.autoscaler.sdk
-from ray.data.block import BlockAccessor
 
 from mnasnet_batch.config import ConfigError, JobConfig
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.inputs.layout import InputPlan, drop_done
-from mnasnet_batch.outputs.folder import write_part
+from mnasnet_batch.parts import driver_node, write
 from mnasnet_batch.progress import ProgressCounter, ProgressReporter
 from mnasnet_batch.storage import Storage
 
-if TYPE_CHECKING:  # torch stays out of this module's imports: write tasks unpickle PartSink from it
+if TYPE_CHECKING:  # torch stays out of the graph's modules: Ray's tasks unpickle functions from them
     from mnasnet_batch.model.weights import Checkpoint
 
 log = logging.getLogger(__name__)
 
 # Share of a CPU-only cluster's CPUs that model actors reserve by default; decoding gets the rest.
 MODEL_CPU_SHARE = 0.75
-# Writing a part (serialising and uploading a few MB) is light; a full CPU per write task would leave
-# none for it while actors and decode tasks hold them all, stalling the pipeline.
-WRITE_TASK_CPUS = 0.1
-
 # Model batches of decoded crops buffered per model actor, and the least object store memory Ray Data may use.
 BUFFERED_BATCHES = 16
 MIN_BUFFER_BYTES = 256 * 2**20
 
 # Seconds between looks at the cluster's nodes while waiting for one that can hold a model actor.
 NODE_POLL_S = 5.0
-
-
-class PartSink(ray.data.Datasink):
-    """Writes each bundle of at least ``rows_per_file`` rows as one atomic Parquet part of the run."""
-
-    def __init__(self, run_uri: str, rows_per_file: int, storage: Storage):
-        self.run_uri = run_uri
-        self.rows_per_file = rows_per_file
-        self.storage = storage
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
-
-    def write(self, blocks, ctx) -> list[str]:
-        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
-        tables = [t for t in tables if t.num_rows]
-        return [write_part(pa.concat_tables(tables), self.run_uri, self.storage)] if tables else []
 
 
 def from_uri_blocks(blocks: list[pa.Table]) -> ray.data.Dataset:
@@ -253,20 +230,57 @@ class CountProgress:
             self.counter.add.remote(table.num_rows, errors)
 
 
+class NodeWatch:
+    """Says once, in the job's log, when a node of the cluster is lost.
+
+    Ray notices a lost node by its missed health checks, restarts the model actors that ran there on other nodes
+    and retries their batches and the tasks that ran there; that is Ray's to do, and Ray's own messages about it
+    stay out of the job's log (``cluster.keep_ray_chatter_out``). This line tells people what happened instead.
+    """
+
+    def __init__(self, nodes: list[dict]):
+        self.alive = self.alive_nodes(nodes)
+
+    @staticmethod
+    def alive_nodes(nodes: list[dict]) -> dict[str, str]:
+        """``{node id: its address}`` of the alive ones among ``ray.nodes()``."""
+        return {node["NodeID"]: node.get("NodeManagerAddress", "?") for node in nodes if node.get("Alive")}
+
+    def update(self, nodes: list[dict]) -> list[str]:
+        """Takes ``ray.nodes()`` now; logs and returns a line for each node alive before and not now."""
+        alive = self.alive_nodes(nodes)
+        lines = [
+            f"node {node_id[:12]} ({address}) lost: its work is retried on the remaining nodes"
+            for node_id, address in self.alive.items()
+            if node_id not in alive
+        ]
+        for line in lines:
+            log.warning("%s", line)
+        self.alive = alive  # nodes added since (an autoscaler's) are watched too
+        return lines
+
+
 @contextlib.contextmanager
 def reporting_progress(counter: ray.actor.ActorHandle, total: int, interval_s: float) -> Iterator[None]:
-    """Polls ``counter`` from a driver thread while the body runs: a bar at a terminal, else log lines."""
+    """Polls ``counter`` from a driver thread while the body runs: a bar at a terminal, else log lines; and says
+    when a node is lost (``NodeWatch``)."""
     reporter = ProgressReporter(total, interval_s, terminal=sys.stderr if sys.stderr.isatty() else None)
     stop = threading.Event()
+    nodes = NodeWatch(ray.nodes())
 
     def poll() -> None:
+        reporting = True
         while not stop.wait(min(1.0, interval_s)):
-            try:
-                reporter.update(*ray.get(counter.counts.remote(), timeout=30))
-            except Exception as exc:
-                # Progress is for people; losing it must not disturb the job, which reports its own errors.
-                log.warning("progress reporting stopped: %s: %s", type(exc).__name__, exc)
-                return
+            # Like progress, the line is for people: a failed look at the nodes is tried again at the next tick.
+            with contextlib.suppress(Exception):
+                nodes.update(ray.nodes())
+            if reporting:
+                try:
+                    reporter.update(*ray.get(counter.counts.remote(), timeout=30))
+                except Exception as exc:
+                    # Progress is for people; losing it must not disturb the job, which reports its own errors.
+                    log.warning("progress reporting stopped: %s: %s", type(exc).__name__, exc)
+                    reporting = False
 
     thread = threading.Thread(target=poll, name="progress", daemon=True)
     thread.start()
@@ -290,7 +304,11 @@ def configure_context(config: JobConfig, spec: PreprocessSpec, pool: ActorPool) 
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setLevel(logging.CRITICAL)
-    log.info("Ray Data's log, with the traceback of any failed task: %s", ray_data_log_directory())
+    log.info(
+        "Ray Data's log, with the traceback of any failed task: %s; Ray's own messages (node health, retries) are in "
+        "the folder above it, on each node",
+        ray_data_log_directory(),
+    )
     batch_bytes = config.compute.batch_size * spec.crop_size**2 * 3  # one model batch of uint8 crops
     # A decode task hands on each batch as soon as it is done. Left at Ray Data's 128 MiB, its yields gather into
     # blocks of hundreds of crops, and the model waited for each: decoding and the model took turns instead of
@@ -350,14 +368,6 @@ def predict(
     )
 
 
-def write(dataset: ray.data.Dataset, config: JobConfig, run_uri: str, storage: Storage) -> None:
-    """Runs the dataset, writing its rows as Parquet parts under ``run_uri``."""
-    dataset.write_datasink(
-        PartSink(run_uri, config.output.rows_per_file, storage),
-        ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
-    )
-
-
 def run(
     config: JobConfig,
     storage: Storage,
@@ -392,8 +402,9 @@ def run(
         pool.initial_size,
         pool.resources,
     )
-    # No CPU: it only adds numbers, and must not take a slot from decoding or the model.
-    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    # No CPU: it only adds numbers, and must not take a slot from decoding or the model. On the driver's node: on
+    # another, the counts would be lost with that node (the driver's node lost ends the job anyway).
+    counter = ray.remote(num_cpus=0, scheduling_strategy=driver_node())(ProgressCounter).remote()
     dataset = read(config, inputs, run_uri)
     dataset = decode(dataset, config, spec)
     dataset = predict(dataset, config, checkpoint, spec, pool, counter)

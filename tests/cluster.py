@@ -30,6 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 300
 
 
+def profile_health_checks() -> dict[str, str]:
+    """The ``RAY_health_check_*`` settings that conf/kuberay's head node runs with, for a test cluster's head."""
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "conf" / "kuberay" / "raycluster.yaml").read_text())["spec"]
+    (head,) = spec["headGroupSpec"]["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in head.get("env", []) if e["name"].startswith("RAY_health_check_")}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -106,7 +115,10 @@ def isolated_environment(root: Path) -> Path:
 
 
 class Cluster:
-    """A head node (dashboard on 127.0.0.1) and one worker node, each in its own process group and temp dir."""
+    """A head node (dashboard on 127.0.0.1) and worker nodes, each in its own session, process group and temp dir.
+
+    Each node needs its own ``--temp-dir``: two nodes of one host sharing one time out at start.
+    """
 
     def __init__(self, root: Path, bin_dir: Path, token: str):
         self.root = root
@@ -124,22 +136,28 @@ class Cluster:
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         self.url = f"http://127.0.0.1:{self.dashboard_port}"
-        self.processes: list[subprocess.Popen] = []
+        # Each node's `ray start --block`, by name: the head, worker1, worker2, ...
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.killed: set[str] = set()
 
-    def start_node(self, name: str, *args: str) -> None:
+    def start_node(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
         temp_dir = self.root / name
         temp_dir.mkdir()
         command = ["ray", "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp_dir)]
         command += ["--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats", *args]
         with open(self.root / f"{name}.log", "w") as log:
-            self.processes.append(
-                subprocess.Popen(
-                    command, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                )
+            self.nodes[name] = subprocess.Popen(
+                command,
+                env={**self.env, **(env or {})},
+                cwd=self.root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
-    def start(self, head_cpus: int, *worker_args: str) -> None:
-        """Starts the head (dashboard on 127.0.0.1, ``head_cpus`` CPUs), then one worker node with ``worker_args``."""
+    def start(self, head_cpus: int, *worker_args: str, workers: int = 1, head_env: dict[str, str] | None = None):
+        """Starts the head (dashboard on 127.0.0.1, ``head_cpus`` CPUs, ``head_env`` added to its environment: its
+        GCS reads ``RAY_*`` settings from it), then ``workers`` worker nodes with ``worker_args``."""
         self.start_node(
             "head",
             "--head",
@@ -155,19 +173,34 @@ class Cluster:
             str(free_port()),
             "--num-cpus",
             str(head_cpus),
+            env=head_env,
         )
-        # The worker node only needs the GCS; the dashboard starts meanwhile.
+        # Worker nodes only need the GCS; the dashboard starts meanwhile.
         poll(lambda: self.alive() and listening(self.gcs_port), 120, "the head's GCS")
-        self.start_node("worker", "--address", f"127.0.0.1:{self.gcs_port}", *worker_args)
+        for number in range(1, workers + 1):
+            self.start_node(f"worker{number}", "--address", f"127.0.0.1:{self.gcs_port}", *worker_args)
         poll(lambda: self.alive() and self.get("/api/version", allow_errors=True), 120, "the head's dashboard")
-        poll(lambda: self.alive() and len(self.state("nodes", state="ALIVE")) == 2, 120, "two alive nodes")
+        nodes = workers + 1
+        poll(lambda: self.alive() and len(self.state("nodes", state="ALIVE")) == nodes, 180, f"{nodes} alive nodes")
 
     def alive(self) -> bool:
-        for process in self.processes:
-            if process.poll() is not None:
-                logs = "".join((self.root / f"{n}.log").read_text()[-3000:] for n in ("head", "worker"))
-                pytest.fail(f"`ray start` exited with {process.returncode}:\n{logs}")
+        """Fails if a node's `ray start` exited (other than one ``kill_node`` killed), with the nodes' logs."""
+        for name, process in self.nodes.items():
+            if name not in self.killed and process.poll() is not None:
+                logs = "".join((self.root / f"{n}.log").read_text()[-3000:] for n in self.nodes)
+                pytest.fail(f"`ray start` of {name} exited with {process.returncode}:\n{logs}")
         return True
+
+    def node_of(self, pid: int) -> str:
+        """The name of the node that process ``pid`` belongs to (a node's processes share its session)."""
+        session_id = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
+        return next(name for name, process in self.nodes.items() if process.pid == session_id)
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILLs every process of node ``name`` at once, as when its machine is lost."""
+        self.killed.add(name)
+        end_session(self.nodes[name].pid)
+        self.nodes[name].wait()
 
     def get(self, path: str, allow_errors: bool = False, **query):
         """GETs the dashboard's JSON with the token, as `ray job` and `ray list` do."""
@@ -192,11 +225,11 @@ class Cluster:
 
     def stop(self) -> None:
         """SIGTERM to each node's process group, SIGKILL after 5 s of draining (the job is over by then)."""
-        for process in self.processes:
+        for process in self.nodes.values():
             with _ignoring(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + 5
-        for process in self.processes:
+        for process in self.nodes.values():
             with _ignoring(subprocess.TimeoutExpired):
                 process.wait(max(0.1, deadline - time.monotonic()))
             with _ignoring(ProcessLookupError):
@@ -217,14 +250,14 @@ class _ignoring:
 
 
 @contextlib.contextmanager
-def running_cluster(head_cpus: int, *worker_args: str):
-    """A started two-node cluster under a fresh short temp dir, stopped and removed afterwards."""
+def running_cluster(head_cpus: int, *worker_args: str, workers: int = 1, head_env: dict[str, str] | None = None):
+    """A started cluster (``Cluster.start``) under a fresh short temp dir, stopped and removed afterwards."""
     # Short: Ray's Unix socket paths under the temp dir must stay under 107 characters.
     root = Path(tempfile.mkdtemp(prefix="mnb-", dir="/tmp"))
     bin_dir = isolated_environment(root / "env")
     cluster = Cluster(root, bin_dir, secrets.token_hex(32))
     try:
-        cluster.start(head_cpus, *worker_args)
+        cluster.start(head_cpus, *worker_args, workers=workers, head_env=head_env)
         yield cluster
     finally:
         cluster.stop()
@@ -244,15 +277,13 @@ def checkout_copy(cluster: Cluster) -> Path:
     return checkout
 
 
-def run_job(cluster: Cluster, checkout: Path, *command: str) -> tuple[dict, str]:
-    """``ray job submit --no-wait --working-dir . [command]`` from ``checkout`` with the cluster's token, then polls
-    the job until it ends and checks that it succeeded.
+def submit_job(cluster: Cluster, checkout: Path, *command: str) -> str:
+    """``ray job submit --no-wait --working-dir . [command]`` from ``checkout`` with the cluster's token.
 
     Returns:
-        The job's status record and its driver's log.
+        The job's submission id.
     """
     submission_id = f"mnasnet-test-{secrets.token_hex(4)}"
-    started = time.monotonic()
     result = subprocess.run(
         ["ray", "job", "submit", "--address", cluster.url, "--submission-id", submission_id, "--no-wait"]
         + ["--working-dir", ".", *command],
@@ -263,14 +294,35 @@ def run_job(cluster: Cluster, checkout: Path, *command: str) -> tuple[dict, str]
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    return submission_id
+
+
+def wait_job(cluster: Cluster, submission_id: str, timeout_s: float = JOB_TIMEOUT_S) -> tuple[dict, str]:
+    """Polls the job until it ends and checks that it succeeded.
+
+    Returns:
+        The job's status record and its driver's log.
+    """
 
     def finished():
         cluster.alive()
         job = cluster.get(f"/api/jobs/{submission_id}")
         return job if job["status"] in ("SUCCEEDED", "FAILED", "STOPPED") else None
 
-    job = poll(finished, JOB_TIMEOUT_S, f"job {submission_id} to finish", interval_s=1)
+    job = poll(finished, timeout_s, f"job {submission_id} to finish", interval_s=1)
     logs = cluster.get(f"/api/jobs/{submission_id}/logs")["logs"]
     assert job["status"] == "SUCCEEDED", f"{job['status']}: {job.get('message')}\n{logs[-6000:]}"
+    return job, logs
+
+
+def run_job(cluster: Cluster, checkout: Path, *command: str) -> tuple[dict, str]:
+    """``submit_job``, then ``wait_job``.
+
+    Returns:
+        The job's status record and its driver's log.
+    """
+    started = time.monotonic()
+    submission_id = submit_job(cluster, checkout, *command)
+    job, logs = wait_job(cluster, submission_id)
     print(f"{submission_id}: {time.monotonic() - started:.1f} s from submission to SUCCEEDED")
     return job, logs

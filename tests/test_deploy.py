@@ -18,6 +18,7 @@ from packaging.specifiers import SpecifierSet
 
 from mnasnet_batch.cli import build_parser
 from mnasnet_batch.config import load_config
+from tests.cluster import profile_health_checks
 
 # Python 3.11+ (the image's Python, which test_base_image... requires the suite to run on anyway).
 tomllib = pytest.importorskip("tomllib")
@@ -202,6 +203,14 @@ def test_worker_groups_cpu_for_decoding_gpu_for_the_model():
     assert compute.max_actors == gpu["maxReplicas"] * gpus_per_pod
     assert compute.actor_cpus <= float(limits["cpu"]) / gpus_per_pod
     assert compute.actor_memory_gb <= memory_gib(limits["memory"]) / gpus_per_pod
+
+
+def test_the_head_notices_a_lost_node_within_seconds():
+    # tests/test_node_loss.py runs its head with these; their effect is measured in docs/benchmarks.md.
+    checks = profile_health_checks()
+    assert set(checks) == {"RAY_health_check_period_ms", "RAY_health_check_timeout_ms"}
+    # Ray's defaults are 3000 and 10000: 5 failed checks in a row take 15 to 50 s.
+    assert int(checks["RAY_health_check_period_ms"]) < 3000 and int(checks["RAY_health_check_timeout_ms"]) < 10000
 
 
 @pytest.mark.parametrize("manifest", ["rayjob.yaml", "raycronjob.yaml"])

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 from PIL import Image
 
 from mnasnet_batch.cli import main
+from mnasnet_batch.inputs import layout as sources
 from mnasnet_batch.storage import Storage
 from tests import support
 from tests.cluster import end_session, session_members
+from tests.test_node_loss import GatedImages
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small parts and batches, so a run of a few hundred images writes as it goes and can be interrupted.
@@ -318,6 +321,119 @@ def test_driver_killed_while_a_part_is_being_written(local_ray, corpus, tmp_path
     rows = rows_by_uri(output)
     assert set(rows) == {str(p) for p in images.iterdir()}
     assert not list(output.glob("run=*/_inprogress-*"))
+
+
+@contextlib.contextmanager
+def served_in_part(folder: Path, at_once: set[str]):
+    """Serves ``folder``'s files over HTTP on loopback: those named in ``at_once`` at once, the others only once the
+    yielded event is set, so a job's rows stop coming after those images, however long it waits.
+
+    Yields:
+        (the base URL, the event that serves the rest)
+    """
+    server = GatedImages(folder, at_once)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", server.opened
+    finally:
+        server.opened.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def written_rows(output: Path) -> int:
+    """Rows in the parts published under ``output`` (none while a part is being written)."""
+    return sum(pq.read_metadata(part).num_rows for part in output.glob("run=*/part-*.parquet"))
+
+
+def manifest_of(images, url: str, path: Path) -> Path:
+    path.write_text("".join(f"{url}/{image.name}\n" for image in images))
+    return path
+
+
+# One image per model call, and parts far larger than the run. The held-back images answer only when the test lets
+# them, which may take minutes on a loaded machine.
+ONE_BY_ONE = (
+    "compute.batch_size=1",
+    "preprocess.batch_size=1",
+    "output.rows_per_file=10000",
+    "storage.http_timeout_s=600",
+)
+
+
+def first_read_tasks(images: list[Path]) -> set[str]:
+    """The names of the images the first two read tasks read (blocks of 1 and 2 images with ONE_BY_ONE): served
+    alone, they become 3 rows, as a read task that waits for an image holds back those it read before it."""
+    _, end_of_second = sources.input_block_bounds(len(images), 1)[1]
+    return {image.name for image in images[:end_of_second]}
+
+
+def test_a_run_slower_than_its_parts_writes_them_on_time_and_a_stop_keeps_them(
+    local_ray, corpus, tmp_path, checkpoint_path, capsys
+):
+    output = tmp_path / "out"
+    with served_in_part(corpus[0].parent, first_read_tasks(corpus)) as (url, rest):
+        manifest = manifest_of(corpus, url, tmp_path / "images.txt")
+        argv = support.job_argv(manifest, output, checkpoint_path, *ONE_BY_ONE, "output.part_interval_s=1")
+        stopped = []
+
+        def stop_once_a_part_is_written():
+            # Only 3 of 10,000 rows come: they are written because a part's first row waited 1 s.
+            try:
+                poll(lambda: written_rows(output) == 3, 120, "parts holding the 3 rows served")
+                stopped.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+            finally:
+                if not stopped:
+                    rest.set()  # the job ends, and the test fails below
+
+        stopper = threading.Thread(target=stop_once_a_part_is_written)
+        stopper.start()
+        status = main(argv)
+        stopper.join()
+        assert stopped, "the rows held back were not written"
+        assert status == 130
+        record = json.loads((output / "_run.json").read_text())
+        assert record["status"] == "interrupted" and record["counts"]["labeled_this_attempt"] == 3
+        before = {p.name: p.stat().st_mtime_ns for p in output.glob("run=*/part-*.parquet")}
+        assert len(rows_by_uri(output)) == 3
+        capsys.readouterr()
+
+        rest.set()
+        assert main(argv) == 0
+    rows = rows_by_uri(output)
+    assert set(rows) == {f"{url}/{p.name}" for p in corpus} and all(r["status"] == "ok" for r in rows.values())
+    # The parts written before the stop were kept as they were; the resumed run labeled only the rest.
+    assert {p.name: p.stat().st_mtime_ns for p in output.glob("run=*/part-*.parquet") if p.name in before} == before
+    assert "3 from before the resume" in capsys.readouterr().out
+    assert json.loads((output / "_run.json").read_text())["counts"]["labeled_this_attempt"] == 21
+
+
+def test_a_stopped_run_writes_the_rows_it_labeled_before_a_part_is_due(
+    local_ray, corpus, tmp_path, checkpoint_path, monkeypatch
+):
+    from mnasnet_batch import parts
+
+    held = []
+    add = parts.PartCutter.add
+
+    def add_then_stop_at_three_rows(self, blocks, rows):
+        add(self, blocks, rows)
+        held.append(rows)
+        if sum(held) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(parts.PartCutter, "add", add_then_stop_at_three_rows)
+    output = tmp_path / "out"
+    with served_in_part(corpus[0].parent, first_read_tasks(corpus)) as (url, _):
+        manifest = manifest_of(corpus, url, tmp_path / "images.txt")
+        argv = support.job_argv(manifest, output, checkpoint_path, *ONE_BY_ONE, "output.part_interval_s=3600")
+        assert main(argv) == 130
+    record = json.loads((output / "_run.json").read_text())
+    assert record["status"] == "interrupted" and record["counts"]["labeled_this_attempt"] == 3
+    assert len(rows_by_uri(output)) == 3
 
 
 def test_incremental_labels_only_new_images_and_modes_guard_the_output(

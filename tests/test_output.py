@@ -81,6 +81,59 @@ def test_a_part_that_cannot_be_written_leaves_no_temporary(tmp_path, disk):
     assert list(run.iterdir()) == []
 
 
+def test_parts_are_cut_at_rows_per_file_and_each_block_goes_into_one_part():
+    from mnasnet_batch.parts import PartCutter
+
+    parts = []
+    cutter = PartCutter(parts.append, rows_per_file=5, interval_s=3600)
+    for block in ("a", "b", "c"):
+        cutter.add([block], 2)
+    assert parts == [["a", "b", "c"]]  # 6 rows: full
+    cutter.add(["d", "e"], 3)
+    assert parts == [["a", "b", "c"]]
+    cutter.close()
+    assert parts == [["a", "b", "c"], ["d", "e"]]  # the rest, when the rows end
+
+
+def test_a_part_is_cut_once_its_oldest_row_waited_the_interval_though_no_rows_come():
+    from mnasnet_batch.parts import PartCutter
+
+    parts, cut_at = [], []
+    cutter = PartCutter(lambda blocks: (parts.append(blocks), cut_at.append(time.monotonic())), 10_000, 0.5)
+    try:
+        started = time.monotonic()
+        cutter.add(["a"], 1)
+        cutter.add(["b"], 1)
+        deadline = time.monotonic() + 30
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert parts == [["a", "b"]] and cut_at[0] - started >= 0.5
+        cutter.add(["c"], 1)  # the next part's interval starts with its own first row
+        while len(parts) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert parts == [["a", "b"], ["c"]]
+    finally:
+        cutter.close()
+    assert parts == [["a", "b"], ["c"]]
+
+
+def test_a_part_the_timer_could_not_launch_fails_the_run():
+    from mnasnet_batch.parts import PartCutter
+
+    def launch(blocks):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cutter = PartCutter(launch, 10_000, 0.1)
+    cutter.add(["a"], 1)
+    deadline = time.monotonic() + 30
+    with pytest.raises(OSError, match="No space left"):
+        while time.monotonic() < deadline:  # the timer's failure is raised by the next add
+            cutter.add(["b"], 1)
+            time.sleep(0.05)
+    with pytest.raises(OSError, match="No space left"):
+        cutter.close()
+
+
 def test_a_record_that_cannot_be_written_keeps_the_error_and_the_run_resumable(tmp_path, disk):
     out = tmp_path / "labels"
     config = job_config(out, run_id="night")

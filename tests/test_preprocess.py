@@ -109,14 +109,14 @@ def test_decode_and_write_tasks_do_not_import_torch(tmp_path):
     import subprocess
     import sys
 
-    from mnasnet_batch.job import PartSink
+    from mnasnet_batch.parts import PartWriter
 
     spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9)
     layout = FilesLayout(InputConfig(uri=str(tmp_path)), Storage())
     payload = tmp_path / "task.pickle"
-    payload.write_bytes(pickle.dumps((layout.read, decode_batch, spec, PartSink(str(tmp_path), 10, Storage()))))
+    payload.write_bytes(pickle.dumps((layout.read, decode_batch, spec, PartWriter(str(tmp_path), Storage()))))
     code = (
-        "import pickle, sys; read, decode, spec, sink = pickle.load(open(sys.argv[1], 'rb'));"
+        "import pickle, sys; read, decode, spec, writer = pickle.load(open(sys.argv[1], 'rb'));"
         "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code, str(payload)], capture_output=True, text=True, check=True)

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mnasnet_batch import spool
 from mnasnet_batch.cli import main
+from mnasnet_batch.inputs import spool
 from mnasnet_batch.inputs.webdataset import FINISHED_INPUTS
 from tests import support
 from tests.test_nothing_lost import ROOT, kill_session, poll, rows_by_uri, start_job
