@@ -1,6 +1,6 @@
 """Listing and planning at corpus scale: N small images on local disk and on a moto S3 server.
 
-For each backend it times the job's own steps on the driver: listing (``sources.plan_input``), planning
+For each backend it times the job's own steps on the driver: listing (``plan_input``), planning
 (``pipeline.read`` + ``decode``: the Ray Data graph up to preprocessing), and the time from there to the first
 preprocessed batch leaving a decode task (labeling has started), with the decode workers already started.
 With ``--compare-ray`` it also times Ray Data's own path expansion (``read_binary_files``) to its first row
@@ -62,20 +62,22 @@ def serve_moto(names: list[str], data: bytes, ready) -> None:
 def measure(uri: str, storage: dict, compare_ray: bool) -> dict[str, float]:
     import ray
 
-    from mnasnet_batch import pipeline, sources
+    from mnasnet_batch import job as pipeline
     from mnasnet_batch.config import load_config
-    from mnasnet_batch.preprocess import PreprocessSpec
+    from mnasnet_batch.decode.preprocess import PreprocessSpec
+    from mnasnet_batch.inputs.layout import InputPlan
+    from mnasnet_batch.inputs.listing import plan_input
     from mnasnet_batch.storage import Storage
 
     config = load_config(overrides=[{"input": {"uri": uri}, "output": {"uri": "unused"}, "storage": storage}])
     spec = PreprocessSpec.for_model(config.model.name, config.preprocess.max_pixels)
     storage_handle = Storage(config.storage)
     t0 = time.perf_counter()
-    plan = sources.plan_input(config.input, storage_handle)
+    plan = plan_input(config.input, storage_handle)
     t1 = time.perf_counter()
     # Start-up of the decode workers (Python, torch, torchvision imports) is paid once per worker whatever
     # the input; a warm-up over one image, not timed, takes it out of the figures, which are about the input.
-    first = sources.InputPlan(plan.layout, plan.uris[:1])
+    first = InputPlan(plan.layout, plan.uris[:1])
     pipeline.decode(pipeline.read(config, first, None), config, spec).take_all()
     t2 = time.perf_counter()
     dataset = pipeline.decode(pipeline.read(config, plan, None), config, spec)

@@ -50,7 +50,8 @@ SETTINGS = ("--set", "progress.interval_s=60")
 
 def driver(report: Path, stop_at_execution: bool, argv: list[str]) -> int:
     """Runs the job's ``main(argv)``; writes what it measured to ``report`` (JSON)."""
-    from mnasnet_batch import cli, pipeline
+    from mnasnet_batch import cli
+    from mnasnet_batch import job as pipeline
 
     started = float(os.environ["BENCH_T0"])
     figures: dict[str, object] = {}
@@ -206,8 +207,8 @@ def write_labeled_half(output: Path, uris: list[str], finished_inputs: list[str]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mnasnet_batch import sources
-    from mnasnet_batch.postprocess import OUTPUT_SCHEMA
+    from mnasnet_batch.inputs import webdataset
+    from mnasnet_batch.model.postprocess import OUTPUT_SCHEMA
 
     (run,) = output.glob("run=*")
     for i in range(0, len(uris), PART_ROWS):
@@ -215,7 +216,7 @@ def write_labeled_half(output: Path, uris: list[str], finished_inputs: list[str]
         columns = {"uri": chunk, "status": ["error"] * len(chunk), "error": ["FileNotFoundError: bench"] * len(chunk)}
         table = pa.table({f.name: columns.get(f.name, [None] * len(chunk)) for f in OUTPUT_SCHEMA}, OUTPUT_SCHEMA)
         pq.write_table(table, run / f"part-bench{i // PART_ROWS:06d}.parquet")
-    record_finished = getattr(sources, "record_finished", None)
+    record_finished = getattr(webdataset, "record_finished", None)
     if record_finished is not None:
         from mnasnet_batch.storage import Storage
 

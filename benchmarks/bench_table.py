@@ -64,9 +64,9 @@ def planning(images: Path, output: Path) -> dict[str, float]:
     """The table's own share of planning a run, in this process: listing the input, scanning the table's current
     rows, examining every listed file (what ``changed`` compares), and choosing what each mode labels."""
     from mnasnet_batch.config import InputConfig, OutputConfig
-    from mnasnet_batch.sources import plan_input
+    from mnasnet_batch.inputs.listing import plan_input
+    from mnasnet_batch.outputs.iceberg import current_rows, load_table, source_stats, to_label
     from mnasnet_batch.storage import Storage
-    from mnasnet_batch.table import current_rows, load_table, source_stats, to_label
 
     storage = Storage()
     timings = {"mode": "planning (in-process)"}

@@ -125,11 +125,11 @@ def run_ceiling(input_dir: Path, output: Path, model_name: str, weights: Path) -
     import numpy as np
     import pyarrow.parquet as pq
 
-    from mnasnet_batch.output import write_part
-    from mnasnet_batch.predictor import Predictor
-    from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
-    from mnasnet_batch.sources import encoded_batch
-    from mnasnet_batch.weights import resolve_checkpoint
+    from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
+    from mnasnet_batch.inputs.layout import encoded_batch
+    from mnasnet_batch.model.predictor import Predictor
+    from mnasnet_batch.model.weights import resolve_checkpoint
+    from mnasnet_batch.outputs.folder import write_part
 
     predictor = Predictor(resolve_checkpoint(model_name, str(weights)), top_k=5, num_threads=os.cpu_count())
     spec = PreprocessSpec.for_model(model_name, max_pixels=89_478_485)
@@ -143,9 +143,9 @@ def run_ceiling(input_dir: Path, output: Path, model_name: str, weights: Path) -
 
 def job_predictor(model_name: str, weights: Path, engine: str):
     """The job's predictor on ``engine``, with as many threads as the machine has cores."""
-    from mnasnet_batch.engine import export_onnx
-    from mnasnet_batch.predictor import Predictor
-    from mnasnet_batch.weights import resolve_checkpoint
+    from mnasnet_batch.model.engine import export_onnx
+    from mnasnet_batch.model.predictor import Predictor
+    from mnasnet_batch.model.weights import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(model_name, str(weights))
     graph = export_onnx(checkpoint) if engine == "onnxruntime" else None
@@ -173,9 +173,9 @@ def stage_cpu_ms(model_name: str, weights: Path, paths: list[Path], workdir: Pat
     """
     import numpy as np
 
-    from mnasnet_batch.output import write_part
-    from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
-    from mnasnet_batch.sources import encoded_batch
+    from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
+    from mnasnet_batch.inputs.layout import encoded_batch
+    from mnasnet_batch.outputs.folder import write_part
 
     spec = PreprocessSpec.for_model(model_name, max_pixels=89_478_485)
     uris = np.asarray([str(p) for p in paths], dtype=object)

@@ -46,8 +46,8 @@ def prepare(directory: Path, images: int) -> None:
 
 def _preprocess_chunk(args):
     """What the CPU tasks hand the model actor: read batches, decoded unless the actor decodes them."""
-    from mnasnet_batch.preprocess import decode_batch
-    from mnasnet_batch.sources import encoded_batch
+    from mnasnet_batch.decode.preprocess import decode_batch
+    from mnasnet_batch.inputs.layout import encoded_batch
 
     uris, contents, spec = args
     batch = encoded_batch(uris, contents)
@@ -75,7 +75,7 @@ def chunks(contents: list[bytes], size: int, spec):
 def run(directory: Path, out: Path, images: int, budget_s: float, device_name: str, skip: tuple[str, ...] = ()) -> dict:
     import numpy as np
 
-    from mnasnet_batch.preprocess import PreprocessSpec
+    from mnasnet_batch.decode.preprocess import PreprocessSpec
 
     started = time.monotonic()
     results: dict = {"python": platform.python_version(), "cpus": os.cpu_count()}
@@ -94,12 +94,12 @@ def run(directory: Path, out: Path, images: int, budget_s: float, device_name: s
     import pyarrow as pa
     import torch
 
-    from mnasnet_batch.device_preprocess import decode_batch_on_device, decode_crops, resize_crops
-    from mnasnet_batch.output import write_part
-    from mnasnet_batch.postprocess import output_table
-    from mnasnet_batch.predictor import Predictor
-    from mnasnet_batch.preprocess import decodable_on_device, preprocess_image
-    from mnasnet_batch.weights import resolve_checkpoint
+    from mnasnet_batch.decode.device_preprocess import decode_batch_on_device, decode_crops, resize_crops
+    from mnasnet_batch.decode.preprocess import decodable_on_device, preprocess_image
+    from mnasnet_batch.model.postprocess import output_table
+    from mnasnet_batch.model.predictor import Predictor
+    from mnasnet_batch.model.weights import resolve_checkpoint
+    from mnasnet_batch.outputs.folder import write_part
 
     cuda = torch.device(device_name)  # "cpu" only to try the script out on a machine without a GPU
     on_gpu = cuda.type == "cuda"
@@ -326,10 +326,10 @@ def _actor_process(directory, device_name, precision, count, batch_size, barrier
     """One model actor: decodes (on the device), classifies and writes ``count`` images after the barrier."""
     import pyarrow as pa
 
-    from mnasnet_batch.output import write_part
-    from mnasnet_batch.predictor import Predictor
-    from mnasnet_batch.preprocess import PreprocessSpec
-    from mnasnet_batch.weights import resolve_checkpoint
+    from mnasnet_batch.decode.preprocess import PreprocessSpec
+    from mnasnet_batch.model.predictor import Predictor
+    from mnasnet_batch.model.weights import resolve_checkpoint
+    from mnasnet_batch.outputs.folder import write_part
 
     spec = PreprocessSpec.for_model("mnasnet1_0", max_pixels=10**9, decode_on="actor")
     contents = cycle([p.read_bytes() for p in sorted((directory / "corpus").glob("*.jpg"))], count)
@@ -364,7 +364,7 @@ def pillow_on(image, spec):
     import numpy as np
     from PIL import Image
 
-    from mnasnet_batch.preprocess import preprocess_image
+    from mnasnet_batch.decode.preprocess import preprocess_image
 
     buffer = io.BytesIO()
     Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(buffer, "PNG")

@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mnasnet_batch.cli import main as label  # noqa: E402
-from mnasnet_batch.weights import build_model, resolve_checkpoint  # noqa: E402
+from mnasnet_batch.model.weights import build_model, resolve_checkpoint  # noqa: E402
 from tests import support  # noqa: E402
 
 

@@ -30,8 +30,8 @@ from PIL import Image  # noqa: E402
 from torchvision.transforms.v2 import InterpolationMode  # noqa: E402
 from torchvision.transforms.v2 import functional as F  # noqa: E402
 
-from mnasnet_batch.device_preprocess import resize_crops  # noqa: E402
-from mnasnet_batch.preprocess import PreprocessSpec, preprocess_image, resize_geometry  # noqa: E402
+from mnasnet_batch.decode.device_preprocess import resize_crops  # noqa: E402
+from mnasnet_batch.decode.preprocess import PreprocessSpec, preprocess_image, resize_geometry  # noqa: E402
 from tests import support  # noqa: E402
 
 

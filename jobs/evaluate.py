@@ -54,10 +54,10 @@ def main(argv=None) -> int:
         model=dataclasses.replace(config.model, top_k=max(5, config.model.top_k)),
     )
 
-    from mnasnet_batch import output
     from mnasnet_batch.evaluation import ground_truth, metrics
+    from mnasnet_batch.model.weights import WeightsError, torchvision_weights
+    from mnasnet_batch.outputs import folder
     from mnasnet_batch.storage import Storage, StorageError
-    from mnasnet_batch.weights import WeightsError, torchvision_weights
 
     storage = Storage(config.storage)
     try:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         truth = ground_truth.load_ground_truth(images, args.labels or "", args.synsets or "", storage)
         # The labeling job's run rules apply: a finished evaluation is refused (--mode overwrite redoes it),
         # an interrupted one resumes.
-        plan = output.plan_run(run_config, checkpoint.weights_id, storage)
+        plan = folder.plan_run(run_config, checkpoint.weights_id, storage)
     except (ConfigError, WeightsError, StorageError, ground_truth.GroundTruthError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

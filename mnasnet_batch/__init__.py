@@ -1,17 +1,18 @@
 """Batch image labeling with torchvision's MnasNet on Ray Data.
 
-The data's path, one module per stage (docs/architecture.md says more):
+The package shows the job's stages (docs/architecture.md opens with the tree):
 
-- ``config`` (settings from a YAML profile and ``--set``), ``storage`` (one handle for every read and write),
-  ``sources`` (the input's layout, chosen once: files, manifest, WebDataset, Parquet; one class each says
-  how its inputs become blocks and how a block is read; ``spool`` writes a list of URIs too long to hold
-  under the output, by hash partition), ``weights`` (checkpoints).
-- reading -> decoding (``preprocess``: Pillow, resize + crop to uint8; ``device_preprocess``: the same on the
-  model's device) -> model actors (``predictor``; ``engine``: torch, or ONNX Runtime on CPU; ``postprocess`` makes
-  the top-k rows) -> Parquet parts and run records (``output``; ``progress`` counts). The output target is chosen
-  once (``output.target_for``): the Parquet folder, or an Iceberg table (``table``) into which the driver commits
-  each run's parts.
-- ``pipeline`` is the only module that builds the Ray Data graph; ``cli`` is the command.
+- ``cli`` (the command), ``config`` (settings from a YAML profile and ``--set``), ``storage`` and ``reads`` (one
+  handle for every read and write), ``progress``, ``watchdog``.
+- ``job``: the only module that builds the Ray Data graph: read -> decode -> predict -> write.
+- ``inputs``: what a job reads, its layout chosen once (files, manifests, WebDataset, Parquet; one module each),
+  and ``inputs.spool`` for lists of URIs too long for the driver's memory.
+- ``decode``: bytes to the model's uint8 crops, on CPU tasks (``preprocess``) or on the actor's device
+  (``device_preprocess``).
+- ``model``: the checkpoint (``weights``), what runs it (``engine``), the actor (``predictor``), its rows
+  (``postprocess``).
+- ``outputs``: the run lifecycle every target shares (``run``, ``lease``), the Parquet folder (``folder``), the
+  Iceberg table (``table``, ``iceberg``), chosen once (``targets.target_for``).
 - ``evaluation``: around the job (ground truth and accuracy, model costs, run reports, run listings).
 """
 

@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -23,13 +22,14 @@ from typing import TYPE_CHECKING
 from fsspec.implementations.local import LocalFileSystem
 
 import mnasnet_batch
+from mnasnet_batch.cluster import keep_ray_chatter_out, reach_cluster
 from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConfig, load_config, parse_override
 from mnasnet_batch.storage import Storage, StorageError, absolute_location, scheme
 
 if TYPE_CHECKING:
-    from mnasnet_batch.output import OutputTarget, RunPlan, Summary
-    from mnasnet_batch.sources import InputPlan
-    from mnasnet_batch.weights import Checkpoint
+    from mnasnet_batch.inputs.layout import InputPlan
+    from mnasnet_batch.model.weights import Checkpoint
+    from mnasnet_batch.outputs.run import OutputTarget, RunPlan, Summary
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     # Importing torch and Ray costs seconds; the configuration is checked before either is needed.
     try:
         config = config_from_args(args)
-        from mnasnet_batch import output
+        from mnasnet_batch.outputs import targets
 
-        target = output.target_for(config)  # the Parquet folder or a table, decided once
+        target = targets.target_for(config)  # the Parquet folder or a table, decided once
         # The job's one storage handle: the weights, the input and the output (its parts and records) go through it.
         storage = Storage(config.storage)
         # What a moment tells is told before Ray starts, and before the output is touched.
@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals():
             # Every module the driver runs is imported before Ray starts, so none is imported from a working
             # directory that Ray replaces (below).
-            from mnasnet_batch import output, pipeline, sources  # noqa: F401
+            from mnasnet_batch import job  # noqa: F401
+            from mnasnet_batch.inputs import listing  # noqa: F401
+            from mnasnet_batch.outputs import folder, run  # noqa: F401
 
             joining = bool(address) and not ray_initialized()
             with ThreadPoolExecutor(max_workers=1) as pool:
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                     # the thread that starts them.
                     started_ray = not ray_initialized()
                     start_ray(config)
-                from mnasnet_batch.weights import WeightsError  # waits for prepare's import of torch
+                from mnasnet_batch.model.weights import WeightsError  # waits for prepare's import of torch
 
                 try:
                     checkpoint, inputs, plan = prepared.result()
@@ -324,40 +326,12 @@ def check_locations(config: JobConfig, storage: Storage) -> None:
             raise StorageError(f"output {config.output.uri} cannot be written: {folder} {problem}")
 
 
-def reach_cluster(address: str, timeout_s: float, named_by: str) -> None:
-    """Checks that the Ray cluster at ``address`` accepts connections, within ``timeout_s``.
-
-    ``ray.init`` waits on an address that nothing answers for minutes, logging only Ray's own warnings; this fails
-    in the timeout with one line, before the output is touched. ``auto`` and ``local`` are Ray's to resolve.
-
-    Raises:
-        ConfigError: nothing accepted a connection at ``address`` (named by ``named_by``) in ``timeout_s``.
-    """
-    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
-    if not host or not port.isdigit():
-        return
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, deadline - time.monotonic())):
-                return
-        except OSError as exc:
-            if time.monotonic() >= deadline:
-                raise ConfigError(
-                    f"the Ray cluster at {address} ({named_by}) did not answer within {timeout_s:g} s "
-                    f"({type(exc).__name__}: {exc}); check that it is running (ray status --address {address}) and "
-                    f"that {named_by} names its head node's GCS port (6379 unless set), or unset {named_by} to run "
-                    f"on a local Ray; ray.connect_timeout_s sets the wait"
-                ) from None
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))  # a head node may still be starting
-
-
 def prepare(
     config: JobConfig, target: OutputTarget | None = None, storage: Storage | None = None
 ) -> tuple[Checkpoint, InputPlan, RunPlan]:
     """Verifies the weights, plans the input and opens the run: everything that can fail before any image is read.
 
-    ``target``: the output target (``output.target_for``), chosen from ``config`` when None. ``storage``: the job's
+    ``target``: the output target (``targets.target_for``), chosen from ``config`` when None. ``storage``: the job's
     storage handle, built from ``config.storage`` when None.
 
     Raises:
@@ -365,9 +339,9 @@ def prepare(
         StorageError: the input or the output cannot be used.
         ConfigError: the configured engine is not installed.
     """
-    from mnasnet_batch import output
+    from mnasnet_batch.outputs import targets
 
-    target = target or output.target_for(config)
+    target = target or targets.target_for(config)
     storage = storage or Storage(config.storage)
     checkpoint, inputs = prepare_input(config, storage, spool=True)
     try:
@@ -388,23 +362,23 @@ def prepare_input(config: JobConfig, storage: Storage, spool: bool = False) -> t
         StorageError: the input cannot be used.
         ConfigError: the configured engine is not installed.
     """
-    from mnasnet_batch import sources
     from mnasnet_batch.config import require_installed
-    from mnasnet_batch.spool import spool_folder
+    from mnasnet_batch.inputs.listing import plan_input
+    from mnasnet_batch.inputs.spool import spool_folder
 
     require_installed(config.compute.engine)
     folder = spool_folder(config.output.uri) if spool else ""
     # The input is listed while torch loads and the weights are verified: a listing of millions of objects is mostly
     # waiting. A weights error still comes first, once the listing ended (its written lists removed).
     with ThreadPoolExecutor(max_workers=1) as pool:
-        planned = pool.submit(sources.plan_input, config.input, storage, folder)
+        planned = pool.submit(plan_input, config.input, storage, folder)
         try:
             # predictor is the model actors' module, which the pipeline hands to Ray: imported here (off the main
             # thread, beside Ray's start) so that the driver imports nothing once Ray may replace its working
             # directory (see main).
-            from mnasnet_batch import predictor  # noqa: F401
-            from mnasnet_batch.engine import export_ahead
-            from mnasnet_batch.weights import resolve_checkpoint
+            from mnasnet_batch.model import predictor  # noqa: F401
+            from mnasnet_batch.model.engine import export_ahead
+            from mnasnet_batch.model.weights import resolve_checkpoint
 
             checkpoint = resolve_checkpoint(
                 config.model.name, config.model.weights, config.model.sha256, config.model.download, storage
@@ -449,55 +423,6 @@ def start_ray(config: JobConfig) -> None:
         install_stop_handlers()
 
 
-# A line of Ray's C++ log (raylet, GCS, core worker), as a worker's stderr carries it to the driver where a node
-# sets RAY_LOG_TO_STDERR: "[2026-12-03 19:25:43,052 I 30000 30000] worker_pool.cc:564: ...".
-RAY_CPP_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] \d+ \d+\] ")
-# What Ray tells the driver while it recovers from a lost node or worker: the node's missed health checks and
-# each retried task, once per attempt. The job says it once, in its own words (``pipeline.NodeWatch``).
-RAY_RECOVERY_MESSAGES = ("has been marked dead", "will be retried", "liveness")
-
-
-def is_ray_chatter(source: str, line: str) -> bool:
-    """Whether a line that Ray forwards to the driver stays out of the job's log: a line of Ray's C++ logging, or
-    Ray's (``source`` ``raylet``, ``gcs_server``) report of a recovery in progress. Workers' own output (prints,
-    Python warnings and tracebacks) and Ray's other messages (a worker killed for memory) are kept."""
-    if RAY_CPP_LOG_LINE.match(line):
-        return True
-    return source in ("raylet", "gcs_server") and any(message in line for message in RAY_RECOVERY_MESSAGES)
-
-
-def keep_ray_chatter_out() -> None:
-    """Filters what Ray prints on the driver's stdout and stderr for it (``is_ray_chatter``).
-
-    Ray 2.60 has no setting for this: ``log_to_driver=False`` would drop workers' own output too, and Ray's
-    messages to the driver (the node health and retry notices) are printed whatever it says. Both pass through
-    ``ray._private.worker.print_to_stdstream``: messages look it up when printed, and workers' output through a
-    handler that ``ray.init`` registered, which is registered again here with the filter. The lines dropped are
-    in the Ray log files of the nodes (the session's ``logs`` folder).
-    """
-    import functools
-
-    from ray._private import worker as ray_worker
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
-    original = ray_worker.print_to_stdstream
-    if getattr(original, "keeps_ray_chatter_out", False):
-        return
-
-    def print_kept(data: dict, ignore_prefix: bool) -> None:
-        source = str(data.get("pid", ""))
-        lines = [line for line in data.get("lines", []) if not is_ray_chatter(source, line)]
-        if lines:
-            original({**data, "lines": lines}, ignore_prefix)
-
-    print_kept.keeps_ray_chatter_out = True
-    ray_worker.print_to_stdstream = print_kept
-    if any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
-        ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
-        dispatcher.remove_handler("ray_print_logs")
-        dispatcher.add_handler("ray_print_logs", functools.partial(print_kept, ignore_prefix=ignore_prefix))
-
-
 def label_remaining(
     config: JobConfig, checkpoint: Checkpoint, inputs: InputPlan, plan: RunPlan, own_ray: bool = False
 ) -> Summary:
@@ -510,9 +435,9 @@ def label_remaining(
     Returns:
         What the run holds, over all its attempts.
     """
-    from mnasnet_batch import output
+    from mnasnet_batch.outputs.folder import ParquetFolder
 
-    target = plan.target or output.ParquetFolder()
+    target = plan.target or ParquetFolder()
     start = time.monotonic()
     labeling_images, labeling_s = 0, 0.0
     try:
@@ -528,10 +453,10 @@ def label_remaining(
             plan.run_id,
         )
         if len(todo.uris):
-            from mnasnet_batch import pipeline
+            from mnasnet_batch import job
 
             start_ray(config)
-            labeling_images, labeling_s = pipeline.run(config, plan.storage, checkpoint, todo, plan.run_uri)
+            labeling_images, labeling_s = job.run(config, plan.storage, checkpoint, todo, plan.run_uri)
     except BaseException as exc:
         hold_stops()  # the run is recorded as what stopped it, whatever arrives meanwhile
         if own_ray:

@@ -90,7 +90,7 @@ class OutputConfig:
     # Empty: the Ray job submission id when there is one, else a UTC timestamp.
     run_id: str = ""
     # Empty: the Parquet folder. "namespace.name": an Apache Iceberg table with one current row per image; the
-    # runs stage their parts under output.uri and commit them to it (mnasnet_batch/table.py).
+    # runs stage their parts under output.uri and commit them to it (mnasnet_batch/outputs/table.py).
     table: str = ""
     # Empty: an embedded SQLite catalog under output.uri, which runs anywhere without a service. Otherwise passed
     # to pyiceberg's load_catalog (type: rest, glue, hive, sql; uri; warehouse; ...), "name" as its name.

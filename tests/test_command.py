@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from mnasnet_batch import cli
-from mnasnet_batch import output as output_module
 from mnasnet_batch.cli import main
+from mnasnet_batch.outputs import files as files_module
+from mnasnet_batch.outputs import run as output_module
 from tests import support
 from tests.test_nothing_lost import SMALL_BATCHES, kill_session, many_images, poll, rows_by_uri
 
@@ -264,7 +265,7 @@ STEPS = ["before the record", "during the record", "after the record", "during R
 def test_a_stop_while_the_run_closes_gives_its_true_outcome(
     local_ray, corpus, tmp_path, checkpoint_path, capsys, monkeypatch, step
 ):
-    from mnasnet_batch import pipeline
+    from mnasnet_batch import job as pipeline
 
     images = tmp_path / "images"
     images.mkdir()
@@ -275,10 +276,10 @@ def test_a_stop_while_the_run_closes_gives_its_true_outcome(
     if step == "before the record":  # the last image labeled, closing not begun
         monkeypatch.setattr(pipeline, "run", signal_after(pipeline.run))
     elif step == "during the record":  # between the run folder's record and the output's
-        monkeypatch.setattr(output_module, "_write_bytes", signal_after(output_module._write_bytes, run_record_written))
+        monkeypatch.setattr(files_module, "write_bytes", signal_after(files_module.write_bytes, run_record_written))
     elif step == "after the record":  # the run recorded as succeeded and marked complete
         marker = lambda fs, path, data: path.endswith(output_module.SUCCESS_MARKER)  # noqa: E731
-        monkeypatch.setattr(output_module, "_write_bytes", signal_after(output_module._write_bytes, marker))
+        monkeypatch.setattr(files_module, "write_bytes", signal_after(files_module.write_bytes, marker))
     else:  # the job's own local Ray (here the tests' Ray, which stays up) shutting down
         monkeypatch.setattr(cli, "ray_initialized", lambda: False)
         monkeypatch.setattr(cli, "start_ray", lambda config: None)

@@ -86,7 +86,7 @@ def test_job_script_reports_bad_config_and_exits_non_zero(tmp_path):
 
 def test_derived_model_resources_leave_room_for_decoding():
     pytest.importorskip("ray")
-    from mnasnet_batch.pipeline import model_actor_pool
+    from mnasnet_batch.job import model_actor_pool
 
     config = load_config()
     for cpus in (1, 2, 8, 16, 64):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mnasnet_batch.device_preprocess import decode_batch_on_device, decode_crops, resize_crops
-from mnasnet_batch.predictor import Predictor
-from mnasnet_batch.preprocess import PreprocessSpec, decodable_on_device, decode_batch, preprocess_image
-from mnasnet_batch.sources import encoded_batch
-from mnasnet_batch.weights import resolve_checkpoint
+from mnasnet_batch.decode.device_preprocess import decode_batch_on_device, decode_crops, resize_crops
+from mnasnet_batch.decode.preprocess import PreprocessSpec, decodable_on_device, decode_batch, preprocess_image
+from mnasnet_batch.inputs.layout import encoded_batch
+from mnasnet_batch.model.predictor import Predictor
+from mnasnet_batch.model.weights import resolve_checkpoint
 from tests import support
 
 SPEC = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**8)
@@ -42,7 +42,7 @@ def test_resize_crops_equal_pillow_to_the_bit(photos):
 
 
 def test_resize_crops_in_chunks(photos, monkeypatch):
-    from mnasnet_batch import device_preprocess
+    from mnasnet_batch.decode import device_preprocess
 
     monkeypatch.setattr(device_preprocess, "CHUNK_PIXELS", 300 * 600)  # a few images per chunk
     images = [photos["coffee"].resize(size, Image.BICUBIC) for size in SIZES]

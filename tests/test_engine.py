@@ -9,11 +9,11 @@ import pytest
 
 from mnasnet_batch.cli import main
 from mnasnet_batch.config import MODEL_NAMES, ConfigError
-from mnasnet_batch.engine import ONNXRUNTIME_MICRO_BATCH, choose_engine, export_onnx
-from mnasnet_batch.predictor import Predictor
-from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
-from mnasnet_batch.sources import encoded_batch
-from mnasnet_batch.weights import Checkpoint
+from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
+from mnasnet_batch.inputs.layout import encoded_batch
+from mnasnet_batch.model.engine import ONNXRUNTIME_MICRO_BATCH, choose_engine, export_onnx
+from mnasnet_batch.model.predictor import Predictor
+from mnasnet_batch.model.weights import Checkpoint
 from tests import support
 from tests.test_nothing_lost import rows_by_uri
 
@@ -86,9 +86,9 @@ def test_auto_is_onnxruntime_on_cpu_actors_in_fp32_and_torch_elsewhere():
 def test_without_onnxruntime_auto_says_it_runs_torch(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import onnxruntime` finds where it is absent
     # The handler on the module's own logger: Ray Data, once imported, reconfigures how records reach the root.
-    logger = logging.getLogger("mnasnet_batch.engine")
+    logger = logging.getLogger("mnasnet_batch.model.engine")
     monkeypatch.setattr(logger, "handlers", [caplog.handler])
-    with caplog.at_level(logging.INFO, logger="mnasnet_batch.engine"):
+    with caplog.at_level(logging.INFO, logger="mnasnet_batch.model.engine"):
         assert choose_engine("auto", gpu_actors=False) == "torch"
     assert "ONNX Runtime is not installed, so the model runs on torch" in caplog.text
     with pytest.raises(ConfigError, match=r"pip install 'mnasnet-batch\[onnx\]'"):

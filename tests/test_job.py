@@ -9,7 +9,7 @@ import yaml
 
 from mnasnet_batch.cli import main
 from mnasnet_batch.config import load_config
-from mnasnet_batch.postprocess import OUTPUT_SCHEMA
+from mnasnet_batch.model.postprocess import OUTPUT_SCHEMA
 from tests import support
 
 

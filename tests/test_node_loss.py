@@ -11,8 +11,8 @@ import pyarrow.dataset as pads
 import pytest
 from ray._private import worker as ray_worker
 
-from mnasnet_batch.cli import RAY_CPP_LOG_LINE, is_ray_chatter, keep_ray_chatter_out
-from mnasnet_batch.pipeline import NodeWatch
+from mnasnet_batch.cluster import RAY_CPP_LOG_LINE, is_ray_chatter, keep_ray_chatter_out
+from mnasnet_batch.job import NodeWatch
 from tests import support
 from tests.cluster import checkout_copy, poll, profile_health_checks, running_cluster, submit_job, wait_job
 

@@ -20,8 +20,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from PIL import Image
 
-from mnasnet_batch import sources
 from mnasnet_batch.cli import main
+from mnasnet_batch.inputs import layout as sources
 from mnasnet_batch.storage import Storage
 from tests import support
 from tests.cluster import end_session, session_members
@@ -111,16 +111,18 @@ def test_bad_inputs_become_error_rows_and_the_job_succeeds(local_ray, photos, tm
 
 
 def test_file_deleted_between_listing_and_reading(local_ray, corpus, tmp_path, checkpoint_path):
-    from mnasnet_batch import pipeline, sources
+    from mnasnet_batch import job as pipeline
     from mnasnet_batch.config import load_config, parse_override
-    from mnasnet_batch.weights import resolve_checkpoint
+    from mnasnet_batch.inputs.files import FilesLayout
+    from mnasnet_batch.inputs.layout import InputPlan
+    from mnasnet_batch.model.weights import resolve_checkpoint
 
     gone = tmp_path / "listed_then_deleted.jpg"
     config = load_config(overrides=[parse_override(f"output.uri={tmp_path / 'out'}")])
     run_uri = str(tmp_path / "out" / "run=x")
     os.makedirs(run_uri)
     storage = Storage(config.storage)
-    inputs = sources.InputPlan(sources.FilesLayout(config.input, storage), [str(corpus[0]), str(gone)])
+    inputs = InputPlan(FilesLayout(config.input, storage), [str(corpus[0]), str(gone)])
     pipeline.run(config, storage, resolve_checkpoint("mnasnet0_5", str(checkpoint_path)), inputs, run_uri)
     rows = rows_by_uri(Path(run_uri))
     assert rows[str(corpus[0])]["status"] == "ok"
@@ -412,10 +414,10 @@ def test_a_run_slower_than_its_parts_writes_them_on_time_and_a_stop_keeps_them(
 def test_a_stopped_run_writes_the_rows_it_labeled_before_a_part_is_due(
     local_ray, corpus, tmp_path, checkpoint_path, monkeypatch
 ):
-    from mnasnet_batch import pipeline
+    from mnasnet_batch import parts
 
     held = []
-    add = pipeline.PartCutter.add
+    add = parts.PartCutter.add
 
     def add_then_stop_at_three_rows(self, blocks, rows):
         add(self, blocks, rows)
@@ -423,7 +425,7 @@ def test_a_stopped_run_writes_the_rows_it_labeled_before_a_part_is_due(
         if sum(held) == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(pipeline.PartCutter, "add", add_then_stop_at_three_rows)
+    monkeypatch.setattr(parts.PartCutter, "add", add_then_stop_at_three_rows)
     output = tmp_path / "out"
     with served_in_part(corpus[0].parent, first_read_tasks(corpus)) as (url, _):
         manifest = manifest_of(corpus, url, tmp_path / "images.txt")
@@ -478,7 +480,7 @@ def test_incremental_labels_only_new_images_and_modes_guard_the_output(
 
 
 def test_exif_orientation_option_rotates_before_cropping(photos):
-    from mnasnet_batch.preprocess import PreprocessSpec, preprocess_image
+    from mnasnet_batch.decode.preprocess import PreprocessSpec, preprocess_image
 
     exif = Image.Exif()
     exif[0x0112] = 6

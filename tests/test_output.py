@@ -19,8 +19,12 @@ import yaml
 from fsspec.implementations.local import LocalFileSystem
 
 from mnasnet_batch import config as config_module
-from mnasnet_batch import output, spool
 from mnasnet_batch.config import StorageConfig, load_config
+from mnasnet_batch.inputs import spool
+from mnasnet_batch.outputs import files as files_module
+from mnasnet_batch.outputs import folder as output
+from mnasnet_batch.outputs import lease as lease_module
+from mnasnet_batch.outputs import run as run_module
 from mnasnet_batch.storage import Storage, StorageError
 
 
@@ -78,7 +82,7 @@ def test_a_part_that_cannot_be_written_leaves_no_temporary(tmp_path, disk):
 
 
 def test_parts_are_cut_at_rows_per_file_and_each_block_goes_into_one_part():
-    from mnasnet_batch.pipeline import PartCutter
+    from mnasnet_batch.parts import PartCutter
 
     parts = []
     cutter = PartCutter(parts.append, rows_per_file=5, interval_s=3600)
@@ -92,7 +96,7 @@ def test_parts_are_cut_at_rows_per_file_and_each_block_goes_into_one_part():
 
 
 def test_a_part_is_cut_once_its_oldest_row_waited_the_interval_though_no_rows_come():
-    from mnasnet_batch.pipeline import PartCutter
+    from mnasnet_batch.parts import PartCutter
 
     parts, cut_at = [], []
     cutter = PartCutter(lambda blocks: (parts.append(blocks), cut_at.append(time.monotonic())), 10_000, 0.5)
@@ -114,7 +118,7 @@ def test_a_part_is_cut_once_its_oldest_row_waited_the_interval_though_no_rows_co
 
 
 def test_a_part_the_timer_could_not_launch_fails_the_run():
-    from mnasnet_batch.pipeline import PartCutter
+    from mnasnet_batch.parts import PartCutter
 
     def launch(blocks):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -143,7 +147,7 @@ def test_a_record_that_cannot_be_written_keeps_the_error_and_the_run_resumable(t
     assert "\n" not in message
     assert "RuntimeError: the model actor died" in message and "No space left on device" in message
     assert "run night stays resumable" in message
-    assert not list(out.rglob(f"{output.TEMP_PREFIX}*")) and not (out / output.LEASE_FILE).exists()
+    assert not list(out.rglob(f"{files_module.TEMP_PREFIX}*")) and not (out / lease_module.LEASE_FILE).exists()
     assert json.loads((out / "_run.json").read_text())["status"] == "running"
     # Space freed: the same command resumes the run and keeps what it wrote.
     again = output.plan_run(config, "IMAGENET1K_V1")
@@ -187,7 +191,7 @@ def test_a_different_configuration_is_refused_with_both_values(tmp_path):
     assert "different configuration (input, top_k differ): " in message
     assert "input: /other (this run) vs /images (run night)" in message
     assert "top_k: 3 (this run) vs 5 (run night)" in message
-    assert not (out / output.LEASE_FILE).exists()  # a refusal releases the lease
+    assert not (out / lease_module.LEASE_FILE).exists()  # a refusal releases the lease
 
 
 def test_no_credential_in_the_written_configuration_and_one_redaction_marker(tmp_path):
@@ -217,28 +221,28 @@ def test_a_second_job_on_a_held_output_stops_naming_the_running_run(tmp_path):
     out = tmp_path / "labels"
     config = job_config(out, run_id="first")
     plan = output.plan_run(config, "IMAGENET1K_V1")
-    lease = json.loads((out / output.LEASE_FILE).read_text())
+    lease = json.loads((out / lease_module.LEASE_FILE).read_text())
     assert lease["run_id"] == "first" and lease["token"]
     with pytest.raises(StorageError, match=r"in use by run first \(host .*, pid \d+\), last heartbeat \d+ s ago"):
         output.plan_run(job_config(out, run_id="second"), "IMAGENET1K_V1")
     assert not (out / "run=second").exists()
     assert json.loads((out / "_run.json").read_text())["run_id"] == "first"
     output.finish_run(config, plan, 1.0, 0)
-    assert not (out / output.LEASE_FILE).exists()
+    assert not (out / lease_module.LEASE_FILE).exists()
     plan = output.plan_run(job_config(out, run_id="second", mode="incremental"), "IMAGENET1K_V1")
     assert plan.run_id == "second"
     plan.lease.release()
 
 
 def test_the_lease_beats_while_the_run_is_open(tmp_path, monkeypatch):
-    monkeypatch.setattr(output, "LEASE_HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(lease_module, "LEASE_HEARTBEAT_S", 0.05)
     out = tmp_path / "labels"
     config = job_config(out, run_id="first")
     plan = output.plan_run(config, "IMAGENET1K_V1")
-    first = json.loads((out / output.LEASE_FILE).read_text())["heartbeat_at"]
-    poll(lambda: json.loads((out / output.LEASE_FILE).read_text())["heartbeat_at"] != first, 10, "a heartbeat")
+    first = json.loads((out / lease_module.LEASE_FILE).read_text())["heartbeat_at"]
+    poll(lambda: json.loads((out / lease_module.LEASE_FILE).read_text())["heartbeat_at"] != first, 10, "a heartbeat")
     output.finish_run(config, plan, 1.0, 0)
-    assert not (out / output.LEASE_FILE).exists()
+    assert not (out / lease_module.LEASE_FILE).exists()
     assert not any(t.name == "lease-first" for t in threading.enumerate())
 
 
@@ -252,7 +256,7 @@ def dead_pid() -> int:
     "holder",
     [
         # Another machine's job that stopped beating longer ago than the staleness bound.
-        {"host": "elsewhere", "pid": 1, "seconds_ago": output.LEASE_STALE_S + 5},
+        {"host": "elsewhere", "pid": 1, "seconds_ago": lease_module.LEASE_STALE_S + 5},
         # A job on this machine whose process is gone (killed), however fresh its last beat.
         {"host": "here", "pid": "dead", "seconds_ago": 1},
     ],
@@ -268,30 +272,30 @@ def test_a_stale_lease_is_taken_over(tmp_path, holder):
         "run_id": "crashed",
         "host": socket.gethostname() if holder["host"] == "here" else holder["host"],
         "pid": dead_pid() if holder["pid"] == "dead" else holder["pid"],
-        "pid_namespace": output._pid_namespace(),
+        "pid_namespace": lease_module._pid_namespace(),
         "token": "theirs",
         "heartbeat_at": beat.isoformat(),
     }
-    (out / output.LEASE_FILE).write_text(json.dumps(lease))
+    (out / lease_module.LEASE_FILE).write_text(json.dumps(lease))
     plan = output.plan_run(job_config(out, run_id="next"), "IMAGENET1K_V1")
-    assert json.loads((out / output.LEASE_FILE).read_text())["run_id"] == "next"
+    assert json.loads((out / lease_module.LEASE_FILE).read_text())["run_id"] == "next"
     plan.lease.release()
 
 
 def test_a_fresh_lease_of_another_machine_is_respected(tmp_path):
     out = tmp_path / "labels"
     out.mkdir()
-    beat = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=output.LEASE_STALE_S - 30)
+    beat = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=lease_module.LEASE_STALE_S - 30)
     lease = {"run_id": "busy", "host": "elsewhere", "pid": 1, "token": "theirs", "heartbeat_at": beat.isoformat()}
-    (out / output.LEASE_FILE).write_text(json.dumps(lease))
+    (out / lease_module.LEASE_FILE).write_text(json.dumps(lease))
     with pytest.raises(StorageError, match=r"in use by run busy \(host elsewhere, pid 1\), last heartbeat 9\d s ago"):
         output.plan_run(job_config(out, run_id="next"), "IMAGENET1K_V1")
-    assert json.loads((out / output.LEASE_FILE).read_text())["token"] == "theirs"
+    assert json.loads((out / lease_module.LEASE_FILE).read_text())["token"] == "theirs"
 
 
 def race(configs, barrier_around_create, monkeypatch, exclusive=True):
     """Runs plan_run for each config in its own thread, all creating the lease at once; returns plans and errors."""
-    create = output._create_exclusively
+    create = lease_module._create_exclusively
     barrier = threading.Barrier(len(configs), timeout=30)
 
     def creating_together(fs, path, data):
@@ -302,7 +306,7 @@ def race(configs, barrier_around_create, monkeypatch, exclusive=True):
             if barrier_around_create:
                 barrier.wait()  # every job has written before any reads back
 
-    monkeypatch.setattr(output, "_create_exclusively", creating_together)
+    monkeypatch.setattr(lease_module, "_create_exclusively", creating_together)
     results = [None] * len(configs)
 
     def plan(i):
@@ -316,7 +320,7 @@ def race(configs, barrier_around_create, monkeypatch, exclusive=True):
         thread.start()
     for thread in threads:
         thread.join(60)
-    plans = [r for r in results if isinstance(r, output.RunPlan)]
+    plans = [r for r in results if isinstance(r, run_module.RunPlan)]
     errors = [r for r in results if isinstance(r, StorageError)]
     return plans, errors
 
@@ -365,9 +369,9 @@ def test_an_output_path_with_glob_characters_is_taken_as_it_is(tmp_path):
     plan = output.plan_run(job_config(out, run_id="first"), "w")
     output.write_part(rows(["/images/a.jpg"]), plan.run_uri)
     output.finish_run(job_config(out, run_id="first"), plan, seconds=1.0)
-    (out / f"{output.TEMP_PREFIX}{uuid.uuid4().hex}").write_bytes(b"")  # left by a killed writer
+    (out / f"{files_module.TEMP_PREFIX}{uuid.uuid4().hex}").write_bytes(b"")  # left by a killed writer
     plan = output.plan_run(job_config(out, mode="incremental", run_id="second"), "w")
-    assert not list(out.glob(f"{output.TEMP_PREFIX}*")), "a killed writer's temporary stays"
+    assert not list(out.glob(f"{files_module.TEMP_PREFIX}*")), "a killed writer's temporary stays"
     assert plan.done.uris().to_pylist() == ["/images/a.jpg"]
     output.finish_run(job_config(out, mode="incremental", run_id="second"), plan, seconds=1.0)
     assert [r["run_id"] for r in list_runs(str(out))] == ["first", "second"]
@@ -390,14 +394,14 @@ def test_the_summary_counts_error_kinds_over_every_part_of_the_run(tmp_path):
 
 def test_a_new_output_holding_other_parquet_files_is_refused_but_not_for_the_jobs_own_lists(tmp_path):
     out = tmp_path / "out"
-    listed = out / output.SPOOL_FOLDER / "job" / "listed"
+    listed = out / spool.SPOOL_FOLDER / "job" / "listed"
     listed.mkdir(parents=True)
     pq.write_table(pa.table({"uri": ["/images/a.jpg"]}), listed / "000-000000.parquet")
     plan = output.plan_run(job_config(out, run_id="first"), "w")
     plan.lease.release()
     (out / "run=first").rename(tmp_path / "gone")
     pq.write_table(pa.table({"uri": ["/images/a.jpg"]}), out / "labels.parquet")
-    (out / output.RUN_RECORD).unlink()
+    (out / run_module.RUN_RECORD).unlink()
     with pytest.raises(StorageError, match="holds Parquet files that no run of this job wrote"):
         output.plan_run(job_config(out, run_id="second"), "w")
 
@@ -413,7 +417,7 @@ def test_lists_a_killed_job_left_are_removed_by_the_next_job_only_once_abandoned
         (folder / "000000.parquet").write_bytes(b"x")
     (mixed / "notes.txt").write_text("a user's file")
     # The killed job's last file is older than a lease goes stale; the other job is still listing into its own.
-    old = time.time() - output.LEASE_STALE_S - 60
+    old = time.time() - lease_module.LEASE_STALE_S - 60
     for path in (abandoned / "000000.parquet", users / "000000.parquet", mixed / "000000.parquet", mixed / "notes.txt"):
         os.utime(path, (old, old))
     plan = output.plan_run(job_config(out), "IMAGENET1K_V1")
@@ -431,7 +435,7 @@ def test_overwrite_refuses_a_users_hive_dataset_before_removing_anything(tmp_pat
         with pytest.raises(StorageError, match="holds Parquet files that no run of this job wrote"):
             output.plan_run(job_config(out, mode=mode), "w")
     assert sorted(p.name for p in out.glob("run=*/*")) == ["data.parquet", "data.parquet"]
-    assert not (out / output.LEASE_FILE).exists()
+    assert not (out / lease_module.LEASE_FILE).exists()
 
 
 def test_overwrite_removes_only_the_runs_this_job_recorded(tmp_path):
@@ -444,12 +448,12 @@ def test_overwrite_removes_only_the_runs_this_job_recorded(tmp_path):
     (keep / "photo.jpg").write_bytes(b"a user's photo")
     fake = out / "run=notes"
     fake.mkdir()
-    (fake / output.RUN_RECORD).write_text('{"run_id": "other", "fingerprint": {}}')  # not this folder's run
-    (out / f"{output.TEMP_PREFIX}notes.txt").write_text("a user's file that starts like a temporary")
+    (fake / run_module.RUN_RECORD).write_text('{"run_id": "other", "fingerprint": {}}')  # not this folder's run
+    (out / f"{files_module.TEMP_PREFIX}notes.txt").write_text("a user's file that starts like a temporary")
 
     plan = output.plan_run(job_config(out, run_id="second", mode="overwrite"), "w")
     plan.lease.release()
-    assert not (out / "run=first").exists() and (out / "run=second" / output.RUN_RECORD).exists()
-    assert (keep / "photo.jpg").read_bytes() == b"a user's photo" and (fake / output.RUN_RECORD).exists()
-    assert (out / f"{output.TEMP_PREFIX}notes.txt").exists() and not (out / output.SUCCESS_MARKER).exists()
-    assert json.loads((out / output.RUN_RECORD).read_text())["run_id"] == "second"
+    assert not (out / "run=first").exists() and (out / "run=second" / run_module.RUN_RECORD).exists()
+    assert (keep / "photo.jpg").read_bytes() == b"a user's photo" and (fake / run_module.RUN_RECORD).exists()
+    assert (out / f"{files_module.TEMP_PREFIX}notes.txt").exists() and not (out / run_module.SUCCESS_MARKER).exists()
+    assert json.loads((out / run_module.RUN_RECORD).read_text())["run_id"] == "second"

@@ -5,11 +5,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from mnasnet_batch.postprocess import OUTPUT_SCHEMA
-from mnasnet_batch.predictor import Predictor
-from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
-from mnasnet_batch.sources import encoded_batch
-from mnasnet_batch.weights import resolve_checkpoint
+from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
+from mnasnet_batch.inputs.layout import encoded_batch
+from mnasnet_batch.model.postprocess import OUTPUT_SCHEMA
+from mnasnet_batch.model.predictor import Predictor
+from mnasnet_batch.model.weights import resolve_checkpoint
 from tests import support
 
 

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from mnasnet_batch.config import InputConfig
-from mnasnet_batch.preprocess import PreprocessSpec, decode_batch, preprocess_image
-from mnasnet_batch.sources import FilesLayout, encoded_batch
+from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch, preprocess_image
+from mnasnet_batch.inputs.files import FilesLayout
+from mnasnet_batch.inputs.layout import encoded_batch
 from mnasnet_batch.storage import Storage
 from tests import support
 
@@ -108,7 +109,7 @@ def test_decode_and_write_tasks_do_not_import_torch(tmp_path):
     import subprocess
     import sys
 
-    from mnasnet_batch.pipeline import PartWriter
+    from mnasnet_batch.parts import PartWriter
 
     spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9)
     layout = FilesLayout(InputConfig(uri=str(tmp_path)), Storage())

@@ -74,9 +74,9 @@ def test_the_model_actor_reports_each_output_batch(checkpoint_path, photos):
 
     import numpy as np
 
-    from mnasnet_batch.pipeline import CountProgress
-    from mnasnet_batch.predictor import Predictor
-    from mnasnet_batch.weights import resolve_checkpoint
+    from mnasnet_batch.job import CountProgress
+    from mnasnet_batch.model.predictor import Predictor
+    from mnasnet_batch.model.weights import resolve_checkpoint
 
     sent = []
     counter = SimpleNamespace(add=SimpleNamespace(remote=lambda images, errors: sent.append((images, errors))))

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from mnasnet_batch.config import ConfigError, StorageConfig, load_config, parse_override
-from mnasnet_batch.sources import encoded_batch, shard_images
+from mnasnet_batch.inputs.layout import encoded_batch
+from mnasnet_batch.inputs.webdataset import shard_images
 from mnasnet_batch.storage import Storage
 from tests.support import ImageServer, unblock_fifo_readers
 
@@ -64,7 +65,7 @@ def test_a_silent_url_costs_its_batch_the_timeout_and_transient_failures_are_ret
 
 def test_a_silent_url_does_not_hold_the_rest_of_its_batch(server, tmp_path):
     from mnasnet_batch.config import InputConfig
-    from mnasnet_batch.sources import FilesLayout
+    from mnasnet_batch.inputs.files import FilesLayout
 
     paths = ["/good0.jpg", "/hang.jpg", "/good1.jpg", "/missing.jpg"]
     uris = [server.url(p) for p in paths]
@@ -109,7 +110,7 @@ READ_SCRIPT = """
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_DATA, (2**30, 2**30))
 from mnasnet_batch.config import load_config, parse_override
-from mnasnet_batch.sources import plan_input
+from mnasnet_batch.inputs.listing import plan_input
 from mnasnet_batch.storage import Storage
 
 config = load_config(overrides=[parse_override(f"input.uri={sys.argv[1]}")])

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mnasnet_batch import sources, spool
 from mnasnet_batch.cli import main
+from mnasnet_batch.inputs import spool
+from mnasnet_batch.inputs.webdataset import FINISHED_INPUTS
 from tests import support
 from tests.test_nothing_lost import ROOT, kill_session, poll, rows_by_uri, start_job
 from tests.test_storage_job import make_shard
@@ -100,12 +101,12 @@ ONE_URI_PER_IMAGE = ("manifest", "files")
 
 def finished_inputs(layout: str, inputs: Path, output: Path, written: set[str]) -> list[str]:
     """The inputs a resumed run need not read: all their rows are written and, for shards, the run recorded the
-    shard as read to its end (``sources.record_finished``; a Parquet file's rows are known before reading)."""
+    shard as read to its end (``record_finished``; a Parquet file's rows are known before reading)."""
     files = sorted(str(p) for p in inputs.iterdir())
     if layout in ONE_URI_PER_IMAGE:
         return sorted(written)
     if layout == "webdataset":
-        recorded = {p.name.split(".")[0] for p in output.glob(f"run=*/{sources.FINISHED_INPUTS}/*")}
+        recorded = {p.name.split(".")[0] for p in output.glob(f"run=*/{FINISHED_INPUTS}/*")}
         files = [f for f in files if hashlib.sha256(f.encode()).hexdigest()[:32] in recorded]
     return [f for f in files if sum(uri.startswith(f"{f}#") for uri in written) == IMAGES_PER_INPUT]
 

@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from jobs.runs import main as runs_main
-from mnasnet_batch import output
 from mnasnet_batch.config import StorageConfig, load_config
+from mnasnet_batch.outputs import folder as output
+from mnasnet_batch.outputs import run as run_module
 from mnasnet_batch.storage import Storage
 
 
@@ -79,9 +80,9 @@ def test_the_run_id_defaults_to_the_ray_job_submission_id(monkeypatch):
     # What Ray's job supervisor sets for the driver of `ray job submit --submission-id raysubmit_X`.
     job_config = {"runtime_env": {}, "metadata": {"job_submission_id": "raysubmit_X", "job_name": "raysubmit_X"}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job_config))
-    assert output.submission_id() == "raysubmit_X"
+    assert run_module.submission_id() == "raysubmit_X"
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    assert output.submission_id() == ""
+    assert run_module.submission_id() == ""
 
 
 def storage_flags(s3_server) -> list[str]:

@@ -3,7 +3,7 @@
 import pytest
 
 from mnasnet_batch.config import ConfigError, load_config, parse_override
-from mnasnet_batch.pipeline import ActorPool, model_actor_pool
+from mnasnet_batch.job import ActorPool, model_actor_pool
 
 GPU_CLUSTER = {"CPU": 96.0, "GPU": 4.0, "memory": 4e11}
 CPU_CLUSTER = {"CPU": 64.0, "memory": 2e11}

@@ -15,10 +15,17 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from mnasnet_batch import output, sources, spool, storage
+from mnasnet_batch import storage
 from mnasnet_batch.config import REDACTED, StorageConfig, load_config, parse_override, to_dict
-from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
-from mnasnet_batch.sources import plan_input, shard_images
+from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
+from mnasnet_batch.inputs import manifests, spool
+from mnasnet_batch.inputs.files import FilesLayout
+from mnasnet_batch.inputs.layout import InputPlan
+from mnasnet_batch.inputs.listing import plan_input
+from mnasnet_batch.inputs.manifests import ManifestLayout, manifest_chunks, resolve_relative
+from mnasnet_batch.inputs.parquet import ParquetLayout, parquet_batch
+from mnasnet_batch.inputs.webdataset import WebDatasetLayout, record_finished, recorded_images, sample_key, shard_images
+from mnasnet_batch.outputs import folder as output
 from mnasnet_batch.storage import Storage, StorageError
 
 EXTENSIONS = ("jpg", "png")
@@ -98,9 +105,9 @@ def test_a_missing_shard_is_one_error_naming_it(tmp_path):
 
 
 def test_sample_keys_follow_webdataset():
-    assert sources.sample_key("a/b/img_01.seg.png") == "a/b/img_01"
-    assert sources.sample_key("img_01.jpg") == "img_01"
-    assert sources.sample_key("README") is None
+    assert sample_key("a/b/img_01.seg.png") == "a/b/img_01"
+    assert sample_key("img_01.jpg") == "img_01"
+    assert sample_key("README") is None
 
 
 @pytest.fixture()
@@ -129,18 +136,18 @@ def config(uri, **values):
 def test_each_layout_makes_its_own_blocks(tmp_path):
     uris = [f"/x/{i}.jpg" for i in range(10)]
     # Loose files double from one batch, even of one image; shards and Parquet files are one block (task) each.
-    assert [b.num_rows for b in sources.FilesLayout(config(tmp_path).input, NO_STORAGE).blocks(pa.array(uris), 1)] == [
+    assert [b.num_rows for b in FilesLayout(config(tmp_path).input, NO_STORAGE).blocks(pa.array(uris), 1)] == [
         1,
         2,
         4,
         3,
     ]
     assert [
-        b.num_rows for b in sources.ManifestLayout(config(tmp_path).input, NO_STORAGE).blocks(pa.array(uris), 3)
+        b.num_rows for b in ManifestLayout(config(tmp_path).input, NO_STORAGE).blocks(pa.array(uris), 3)
     ] == [3, 6, 1]
-    shards = sources.WebDatasetLayout(config(tmp_path).input, NO_STORAGE).blocks(pa.array(["/x/a.tar", "/x/b.tar"]), 64)
+    shards = WebDatasetLayout(config(tmp_path).input, NO_STORAGE).blocks(pa.array(["/x/a.tar", "/x/b.tar"]), 64)
     assert [b.column("uri").to_pylist() for b in shards] == [["/x/a.tar"], ["/x/b.tar"]]
-    many = sources.ParquetLayout(config(tmp_path).input, NO_STORAGE).blocks(
+    many = ParquetLayout(config(tmp_path).input, NO_STORAGE).blocks(
         pa.array([f"/p/{i}" for i in range(2050)]), 64
     )
     assert [b.num_rows for b in many] == [3] * 683 + [1]
@@ -176,7 +183,7 @@ def test_plans_that_cannot_run_are_refused_with_what_to_set(layouts, tmp_path):
 
 def manifest_uris(uri: str, column: str, storage: Storage) -> pa.ChunkedArray:
     """Every URI a manifest lists, in the chunks the job reads it in."""
-    return pa.chunked_array(list(sources.manifest_chunks(uri, column, storage)), pa.large_string())
+    return pa.chunked_array(list(manifest_chunks(uri, column, storage)), pa.large_string())
 
 
 def test_manifests_of_each_kind_list_their_uris(tmp_path):
@@ -198,7 +205,7 @@ def test_manifests_of_each_kind_list_their_uris(tmp_path):
 def test_image_reads_report_what_does_not_exist(corpus, tmp_path):
     spec = PreprocessSpec.for_model("mnasnet0_5", 10**8)
     uris = [str(corpus[0]), str(tmp_path / "missing.jpg"), "nope://bucket/x.jpg", f"file://{corpus[1]}"]
-    layout = sources.FilesLayout(config(tmp_path).input, NO_STORAGE)
+    layout = FilesLayout(config(tmp_path).input, NO_STORAGE)
     [read] = layout.read({"uri": np.asarray(uris, dtype=object)}, batch_size=len(uris))
     batch = decode_batch(read, spec)
     assert list(batch["uri"]) == uris
@@ -210,7 +217,7 @@ def test_image_reads_report_what_does_not_exist(corpus, tmp_path):
 def test_parquet_rows_are_file_hash_id_and_a_null_image_is_an_error(corpus):
     spec = PreprocessSpec.for_model("mnasnet0_5", 10**8)
     batch = {"key": pa.array([7, 8]).to_numpy(), "jpg": pa.array([corpus[0].read_bytes(), None]).to_numpy(False)}
-    out = decode_batch(sources.parquet_batch(batch, "key", "jpg", "s3://b/t/part-0.parquet"), spec)
+    out = decode_batch(parquet_batch(batch, "key", "jpg", "s3://b/t/part-0.parquet"), spec)
     assert list(out["uri"]) == ["s3://b/t/part-0.parquet#7", "s3://b/t/part-0.parquet#8"]
     assert out["error"][0] == "" and out["error"][1] == "ValueError: jpg is null"
 
@@ -365,14 +372,14 @@ def test_image_members_a_webdataset_sample_drops_are_counted_and_logged(tmp_path
             ("other.png", b"D"),
         ]
     )
-    with caplog.at_level("WARNING", logger="mnasnet_batch.sources"):
+    with caplog.at_level("WARNING", logger="mnasnet_batch.inputs"):
         items = read(tmp_path / "s.tar", shard)
     assert items == [("photo.2024.jpg", b"A"), ("other.png", b"D")]
     assert f"shard {tmp_path}/s.tar: 2 image members not labeled (photo.2025.jpg, a/.hidden.jpg)" in caplog.text
 
 
 def test_files_a_layout_ignores_are_counted_and_logged(layouts, caplog):
-    with caplog.at_level("INFO", logger="mnasnet_batch.sources"):
+    with caplog.at_level("INFO", logger="mnasnet_batch.inputs"):
         plan_input(config(layouts / "images").input, NO_STORAGE)
     assert f"input {layouts}/images: ignoring 1 other files (not images): notes.txt" in caplog.text
 
@@ -393,19 +400,19 @@ def test_manifests_skip_comments_resolve_relative_paths_and_decode_file_uris(tmp
     assert manifest_uris(str(lists / "m.csv"), "uri", NO_STORAGE).to_pylist() == [resolved[0], "s3://b/x.jpg"]
     pq.write_table(pa.table({"uri": ["img/1.jpg"]}), lists / "m.parquet")
     assert manifest_uris(str(lists / "m.parquet"), "uri", NO_STORAGE).to_pylist() == [resolved[0]]
-    assert sources.resolve_relative("img/1.jpg", "s3://b/lists/m.txt") == "s3://b/lists/img/1.jpg"
-    assert sources.resolve_relative("../1.jpg", "gs://b/lists/m.txt") == "gs://b/1.jpg"
+    assert resolve_relative("img/1.jpg", "s3://b/lists/m.txt") == "s3://b/lists/img/1.jpg"
+    assert resolve_relative("../1.jpg", "gs://b/lists/m.txt") == "gs://b/1.jpg"
     # A percent-encoded file:// URI (Path.as_uri()) reads the file it names.
     assert NO_STORAGE.read_many([spaced.as_uri()]) == [spaced.read_bytes()]
     # The same image listed twice is one input.
-    with caplog.at_level("WARNING", logger="mnasnet_batch.sources"):
+    with caplog.at_level("WARNING", logger="mnasnet_batch.inputs"):
         plan = plan_input(config(lists / "m.txt").input, NO_STORAGE)
     assert plan.uris.to_pylist() == resolved and "1 URIs are listed more than once" in caplog.text
 
 
 def test_text_manifests_in_arrow_keep_order_and_line_ends_across_chunks(tmp_path, monkeypatch):
     # Chunks of 16 bytes: lines, a CRLF and a multi-byte character are cut across chunk boundaries.
-    monkeypatch.setattr(sources, "TEXT_CHUNK_BYTES", 16)
+    monkeypatch.setattr(manifests, "TEXT_CHUNK_BYTES", 16)
     lines = [f"/data/d{i % 3}/ïmg_{i:04d}.jpg" for i in range(50)]
     (tmp_path / "m.txt").write_bytes(("\r\n".join(lines[:25]) + "\n# a comment\n\n" + "\n".join(lines[25:])).encode())
     uris = manifest_uris(str(tmp_path / "m.txt"), "uri", NO_STORAGE)
@@ -422,7 +429,7 @@ def test_a_manifest_line_that_is_not_utf8_is_an_error_row_naming_it_and_the_othe
     lists.mkdir()
     good = [str(corpus[0]), str(corpus[1])]
     (lists / "m.txt").write_bytes(f"{good[0]}\n".encode() + b"/photos/caf\xe9.jpg\n" + f"{good[1]}\n".encode())
-    with caplog.at_level("WARNING", logger="mnasnet_batch.sources"):
+    with caplog.at_level("WARNING", logger="mnasnet_batch.inputs"):
         plan = plan_input(config(lists / "m.txt").input, NO_STORAGE)
     manifest = str(lists / "m.txt")
     assert sorted(plan.uris.to_pylist()) == sorted([*good, f"{manifest}#line=2"])
@@ -534,13 +541,13 @@ def test_a_shard_read_to_its_end_is_recorded_with_its_sample_count(tmp_path):
     members = [(f"s{i}.jpg", b"x") for i in range(3)]
     for name in ("a.tar", "b.tar"):
         (shards / name).write_bytes(make_tar(members))
-    layout = sources.WebDatasetLayout(config(shards).input, NO_STORAGE)
+    layout = WebDatasetLayout(config(shards).input, NO_STORAGE)
     run = tmp_path / "out" / "run=r"
     batches = list(layout.read({"uri": np.array([str(shards / "a.tar")], dtype=object)}, 2, str(run)))
     assert [len(b["uri"]) for b in batches] == [2, 1]
     uris = pa.array([str(shards / "a.tar"), str(shards / "b.tar")])
     # The run's folder, and the output's (every run's, for incremental runs): a.tar holds 3 samples, b.tar unknown.
-    assert sources.recorded_images(uris, str(run), NO_STORAGE).to_pylist() == [3, None]
+    assert recorded_images(uris, str(run), NO_STORAGE).to_pylist() == [3, None]
     assert layout.recorded_images(uris, str(tmp_path / "out")).to_pylist() == [3, None]
     assert layout.recorded_images(uris, str(tmp_path / "nothing")).to_pylist() == [None, None]
 
@@ -556,11 +563,11 @@ def written(folder: str, uris: list[str]) -> output.Labeled:
 
 def test_remaining_skips_the_inputs_whose_rows_are_all_written_and_filters_only_the_others(tmp_path):
     run = str(tmp_path / "out" / "run=r")
-    layout = sources.WebDatasetLayout(config(tmp_path).input, NO_STORAGE)
-    plan = sources.InputPlan(layout, ["/s/a.tar", "/s/b.tar", "/s/c.tar", "/s/d.tar"])
+    layout = WebDatasetLayout(config(tmp_path).input, NO_STORAGE)
+    plan = InputPlan(layout, ["/s/a.tar", "/s/b.tar", "/s/c.tar", "/s/d.tar"])
     # a: 2 of 2 written; b: 1 of 2; c: read to its end (recorded) but none written; d: never read to its end.
     for shard in ("/s/a.tar", "/s/b.tar", "/s/c.tar"):
-        sources.record_finished(run, shard, 2, NO_STORAGE)
+        record_finished(run, shard, 2, NO_STORAGE)
     done = written(run, ["/s/a.tar#1.jpg", "/s/b.tar#1.jpg", "/s/a.tar#2.jpg", "/s/d.tar#1.jpg", "/other.tar#1.jpg"])
     todo = plan.remaining(done)
     assert todo.uris.to_pylist() == ["/s/b.tar", "/s/c.tar", "/s/d.tar"]
@@ -569,17 +576,17 @@ def test_remaining_skips_the_inputs_whose_rows_are_all_written_and_filters_only_
     unknown = plan.remaining(written(str(tmp_path / "out" / "run=other"), done.uris().to_pylist()))
     assert len(unknown.uris) == 4 and len(unknown.skip) == 4
     # Parquet files know their rows before reading: no record needed.
-    parquet = sources.InputPlan(
-        sources.ParquetLayout(config(tmp_path).input, NO_STORAGE), ["/p/x", "/p/y"], pa.array([2, 2])
+    parquet = InputPlan(
+        ParquetLayout(config(tmp_path).input, NO_STORAGE), ["/p/x", "/p/y"], pa.array([2, 2])
     )
     todo = parquet.remaining(written(str(tmp_path / "p"), ["/p/x#0", "/p/x#1", "/p/y#1"]))
     assert todo.uris.to_pylist() == ["/p/y"] and todo.skip.to_pylist() == ["/p/y#1"] and todo.image_count == 2
     # A '#' in an input's own URI: rows cannot be told apart by input, so nothing is skipped before reading.
-    hashed = sources.InputPlan(layout, ["/s/#a.tar"]).remaining(written(str(tmp_path / "h"), ["/s/#a.tar#1.jpg"]))
+    hashed = InputPlan(layout, ["/s/#a.tar"]).remaining(written(str(tmp_path / "h"), ["/s/#a.tar#1.jpg"]))
     assert hashed.uris.to_pylist() == ["/s/#a.tar"] and hashed.skip.to_pylist() == ["/s/#a.tar#1.jpg"]
     # One URI per image: those written are left out, the order kept, nothing dropped after reading.
-    files = sources.InputPlan(
-        sources.FilesLayout(config(tmp_path).input, NO_STORAGE), ["/i/3.jpg", "/i/1.jpg", "/i/2.jpg"]
+    files = InputPlan(
+        FilesLayout(config(tmp_path).input, NO_STORAGE), ["/i/3.jpg", "/i/1.jpg", "/i/2.jpg"]
     )
     todo = files.remaining(written(str(tmp_path / "i"), ["/i/1.jpg"]))
     assert todo.uris.to_pylist() == ["/i/3.jpg", "/i/2.jpg"] and todo.skip is None
@@ -596,7 +603,7 @@ def test_a_list_longer_than_the_driver_holds_is_written_and_read_back_exactly_on
     (lists / "a.txt").write_text("\n".join(listed[:150]) + "\n")
     pq.write_table(pa.table({"uri": listed[150:]}), lists / "b.parquet")
     folder = spool.spool_folder(str(tmp_path / "out"))
-    with caplog.at_level("WARNING", logger="mnasnet_batch.sources"):
+    with caplog.at_level("WARNING", logger="mnasnet_batch.inputs"):
         plan = plan_input(config(lists).input, NO_STORAGE, folder)
     assert isinstance(plan.uris, spool.SpooledURIs) and len(plan.uris) == 200 and plan.image_count == 200
     assert sorted(plan.listed().to_pylist()) == sorted(set(listed))

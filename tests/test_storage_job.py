@@ -19,7 +19,7 @@ import yaml
 
 from mnasnet_batch.cli import main
 from mnasnet_batch.config import StorageConfig
-from mnasnet_batch.postprocess import OUTPUT_SCHEMA
+from mnasnet_batch.model.postprocess import OUTPUT_SCHEMA
 from mnasnet_batch.storage import Storage
 from tests import support
 

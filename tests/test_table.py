@@ -17,11 +17,12 @@ from fsspec.implementations.local import LocalFileSystem
 
 from jobs.report import main as report_main
 from jobs.runs import main as runs_main
-from mnasnet_batch import output
 from mnasnet_batch.cli import main
 from mnasnet_batch.config import load_config
-from mnasnet_batch.postprocess import output_table
-from mnasnet_batch.sources import FilesLayout, InputPlan
+from mnasnet_batch.inputs.files import FilesLayout
+from mnasnet_batch.inputs.layout import InputPlan
+from mnasnet_batch.model.postprocess import output_table
+from mnasnet_batch.outputs import folder as output
 from mnasnet_batch.storage import Storage, StorageError
 from tests import support
 from tests.test_nothing_lost import ROOT, SMALL_BATCHES, kill_session, many_images, poll, start_job
@@ -187,7 +188,7 @@ def test_a_table_without_pyiceberg_or_on_an_object_store_without_catalog_stops_e
 
 
 def test_which_images_each_mode_labels():
-    from mnasnet_batch.table import SOURCE_SCHEMA, to_label
+    from mnasnet_batch.outputs.iceberg import SOURCE_SCHEMA, to_label
 
     rows = pa.table(
         {
@@ -253,7 +254,7 @@ def test_a_killed_driver_then_the_same_command_labels_each_image_once_and_nothin
 
 def table_job(tmp_path, name: str, uris: list[str], catalog: dict, **output_settings):
     """A table target planned as the job plans it, for a job writing ``uris`` through its own staging output."""
-    from mnasnet_batch.table import IcebergTable
+    from mnasnet_batch.outputs.table import IcebergTable
 
     settings = {"uri": str(tmp_path / name), "table": TABLE, "catalog": catalog, "run_id": name, **output_settings}
     config = load_config(overrides=[{"input": {"uri": "/images"}, "output": settings}])
@@ -401,7 +402,7 @@ def test_a_commit_that_conflicts_is_rebuilt_on_the_refreshed_table(tmp_path):
 
 
 def test_a_run_whose_commits_keep_conflicting_fails_clearly_and_the_same_command_commits_it(tmp_path, monkeypatch):
-    from mnasnet_batch import table as table_module
+    from mnasnet_batch.outputs import table as table_module
 
     monkeypatch.setattr(table_module, "COMMIT_BACKOFF_S", 0.0)
     catalog = shared_catalog(tmp_path)

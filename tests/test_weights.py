@@ -10,9 +10,8 @@ import torch.distributed as dist
 import torchvision
 
 from mnasnet_batch.config import StorageConfig
-from mnasnet_batch.engine import NormalisedModel
-from mnasnet_batch.storage import Storage
-from mnasnet_batch.weights import (
+from mnasnet_batch.model.engine import NormalisedModel
+from mnasnet_batch.model.weights import (
     Checkpoint,
     WeightsError,
     build_model,
@@ -20,6 +19,7 @@ from mnasnet_batch.weights import (
     resolve_checkpoint,
     torchvision_weights,
 )
+from mnasnet_batch.storage import Storage
 from tests import support
 
 
@@ -108,10 +108,10 @@ def test_training_loop_checkpoint_loads_as_its_state_dict(tmp_path, caplog, fixt
     make, adaptations = TRAINING_SHAPES[shape]
     path = tmp_path / "trained.pth"
     torch.save(make(fixture_model, ddp_state_dict), path)
-    with caplog.at_level(logging.INFO, logger="mnasnet_batch.weights"):
+    with caplog.at_level(logging.INFO, logger="mnasnet_batch.model.weights"):
         checkpoint = resolve_checkpoint("mnasnet0_5", str(path))
     assert checkpoint.weights_id == hashlib.sha256(path.read_bytes()).hexdigest()
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "mnasnet_batch.weights"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "mnasnet_batch.model.weights"]
     assert line.startswith(f"weights {path} adapted to load into mnasnet0_5: ")
     assert all(adaptation in line for adaptation in adaptations), line
     assert line.count(";") == len(adaptations) - 1, line
@@ -132,9 +132,9 @@ def test_training_loop_checkpoint_loads_as_its_state_dict(tmp_path, caplog, fixt
 
 
 def test_plain_state_dict_loads_without_a_log_line(caplog, checkpoint_path):
-    with caplog.at_level(logging.INFO, logger="mnasnet_batch.weights"):
+    with caplog.at_level(logging.INFO, logger="mnasnet_batch.model.weights"):
         resolve_checkpoint("mnasnet0_5", str(checkpoint_path))
-    assert not [r for r in caplog.records if r.name == "mnasnet_batch.weights"]
+    assert not [r for r in caplog.records if r.name == "mnasnet_batch.model.weights"]
 
 
 def test_training_checkpoint_takes_the_weights_not_their_ema(tmp_path, fixture_model):

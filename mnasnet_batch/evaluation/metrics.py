@@ -10,7 +10,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from mnasnet_batch.evaluation.imagenet import wnids
-from mnasnet_batch.output import read_parts
+from mnasnet_batch.outputs.folder import read_parts
 from mnasnet_batch.storage import Storage
 
 METRICS_FILE = "metrics.json"

@@ -10,7 +10,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 from mnasnet_batch.config import MODEL_NAMES
-from mnasnet_batch.weights import hub_path, torchvision_weights
+from mnasnet_batch.model.weights import hub_path, torchvision_weights
 
 # The eval crop every MnasNet weights' transforms() produce, and the resolution published figures refer to.
 INPUT_SIZE = 224

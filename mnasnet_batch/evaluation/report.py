@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow.dataset as pads
 
 from mnasnet_batch.config import OutputConfig
-from mnasnet_batch.output import RUN_RECORD, error_kinds, read_parts
+from mnasnet_batch.outputs.folder import read_parts
+from mnasnet_batch.outputs.run import RUN_RECORD, error_kinds
 from mnasnet_batch.storage import Storage
 
 # Underscore-prefixed like _config.yaml, so pyarrow, pandas and Spark still read the directory as one table.
@@ -69,7 +70,7 @@ def read_table(output_config: OutputConfig, low_confidence: float = 0.5, storage
     Raises:
         StorageError: the catalog cannot be reached, or holds no such table.
     """
-    from mnasnet_batch.table import STAGING, current_rows, load_table
+    from mnasnet_batch.outputs.iceberg import STAGING, current_rows, load_table
 
     storage = storage or Storage()
     rows = current_rows(load_table(output_config, storage), COLUMNS)

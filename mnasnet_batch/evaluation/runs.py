@@ -8,7 +8,7 @@ import json
 import posixpath
 
 from mnasnet_batch.config import ConfigError, OutputConfig, load_config, parse_override
-from mnasnet_batch.output import RUN_RECORD, SUCCESS_MARKER
+from mnasnet_batch.outputs.run import RUN_RECORD, SUCCESS_MARKER
 from mnasnet_batch.storage import Storage
 
 COLUMNS = ("run", "status", "mode", "started (UTC)", "ended (UTC)", "images", "ok", "errors", "images/s", "seconds")
@@ -163,7 +163,7 @@ def list_table_runs(output_config: OutputConfig, storage: Storage) -> list[dict]
     Raises:
         StorageError: the catalog cannot be reached, or holds no such table.
     """
-    from mnasnet_batch.table import PROPERTY, current_rows, load_table
+    from mnasnet_batch.outputs.iceberg import PROPERTY, current_rows, load_table
 
     table = load_table(output_config, storage)
     runs: dict[str, dict] = {}
@@ -187,7 +187,7 @@ def list_table_runs(output_config: OutputConfig, storage: Storage) -> list[dict]
             state="complete" if properties.get(PROPERTY + "run.final") == "true" else "partial",
             snapshot_id=snapshot.snapshot_id,
         )
-        run["commits"] += 1  # each commit is one snapshot (table.replace_rows)
+        run["commits"] += 1  # each commit is one snapshot (iceberg.replace_rows)
     current = current_rows(table, ("run_id",))["run_id"].value_counts().to_pylist()
     counts = {entry["values"]: entry["counts"] for entry in current}
     for run in runs.values():

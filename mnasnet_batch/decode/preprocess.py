@@ -35,7 +35,7 @@ class PreprocessSpec:
         """Reads resize, crop and interpolation from the model's torchvision weights, never by hand."""
         from torchvision.transforms.functional import pil_modes_mapping
 
-        from mnasnet_batch.weights import torchvision_weights
+        from mnasnet_batch.model.weights import torchvision_weights
 
         transforms = torchvision_weights(model_name).transforms()
         return cls(
@@ -130,7 +130,7 @@ def decode_batch(
     other.
 
     Args:
-        batch: as read (``sources.encoded_batch``): ``uri``, ``data`` and ``error``.
+        batch: as read (``inputs.layout.encoded_batch``): ``uri``, ``data`` and ``error``.
 
     Returns:
         ``uri``; ``image`` (N, crop, crop, 3) uint8, zeros where the image failed; ``error``, "" where the image

@@ -10,11 +10,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mnasnet_batch.device_preprocess import decode_batch_on_device
-from mnasnet_batch.engine import OnnxRuntimeModel, TorchModel
-from mnasnet_batch.postprocess import output_table, top_k
-from mnasnet_batch.preprocess import PreprocessSpec, decode_batch
-from mnasnet_batch.weights import Checkpoint, torchvision_weights
+from mnasnet_batch.decode.device_preprocess import decode_batch_on_device
+from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
+from mnasnet_batch.model.engine import OnnxRuntimeModel, TorchModel
+from mnasnet_batch.model.postprocess import output_table, top_k
+from mnasnet_batch.model.weights import Checkpoint, torchvision_weights
 
 
 def decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from mnasnet_batch.config import ONNXRUNTIME_EXTRA, ComputeConfig, ConfigError, onnxruntime_installed, require_installed
-from mnasnet_batch.weights import Checkpoint, build_model, torchvision_weights
+from mnasnet_batch.model.weights import Checkpoint, build_model, torchvision_weights
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torchvision.io
 
-from mnasnet_batch.preprocess import (
+from mnasnet_batch.decode.preprocess import (
     PreprocessSpec,
     decodable_on_device,
     error_message,

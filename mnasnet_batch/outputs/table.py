@@ -1,0 +1,438 @@
+"""The Apache Iceberg table output: one current row per image, each run staged as Parquet parts, then committed.
+
+A run goes through the lifecycle every target shares (``run``: lease, run record, closing) and writes its rows as
+the Parquet folder does (``folder``: atomic parts named by their URIs), under ``<output.uri>/_staging/run=<id>/``;
+the driver commits the staged parts into the table (at the end, or every ``output.commit_interval_s``), each commit
+one snapshot that replaces the rows of the committed URIs (``replace_rows``: every snapshot holds a whole table),
+then deletes those parts. A killed run keeps its staged
+parts and what it committed; the same command commits the rest and labels only what neither holds.
+
+Ray Data's ``Dataset.write_iceberg`` (Ray 2.60) is not used: it commits once, when the whole dataset is written,
+so a killed run loses everything it labeled; its write tasks open the catalog themselves, which an embedded SQLite
+catalog on the driver's disk does not allow on a cluster; and its upsert knows nothing of this job's runs, modes,
+errors or resume. Its per-task Parquet writing is what ``job.PartSink`` already does.
+
+Layout under ``output.uri`` (an embedded catalog only when ``output.catalog`` is empty)::
+
+    _catalog.db                     the embedded SQLite catalog (pyiceberg's SqlCatalog, catalog name "default")
+    warehouse/                      its tables' data and metadata
+    _staging/run=<id>/part-*.parquet   rows of a run not yet committed
+    _staging/run=<id>/_run.json     that run's record; _staging/_run.json the latest run's
+    _lease.json                     present while a job writes here
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mnasnet_batch.config import ConfigError, JobConfig
+from mnasnet_batch.outputs import files, folder, run
+from mnasnet_batch.outputs.iceberg import (
+    LABEL_SETTINGS,
+    PROPERTY,
+    SOURCE_SCHEMA,
+    STAGING,
+    catalog_properties,
+    current_rows,
+    label_settings,
+    latest_labels,
+    open_catalog,
+    replace_rows,
+    run_filter,
+    run_snapshots,
+    source_key,
+    source_stats,
+    table_schema,
+    to_label,
+)
+from mnasnet_batch.outputs.run import OutputTarget, RunPlan, Summary
+from mnasnet_batch.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+# Commits that conflict with another job's are rebuilt on the refreshed table this many times: replacing the
+# rows of given URIs is right whatever the table holds, so a rebuilt commit is as correct as the first.
+COMMIT_ATTEMPTS = 5
+COMMIT_BACKOFF_S = 0.5
+
+
+class IcebergTable(OutputTarget):
+    """The output as an Iceberg table (``output.table``), one current row per image; see the module docstring.
+
+    One object per job: it holds the open run's catalog, source stats and committer thread between ``plan_run``
+    and ``finish_run``.
+    """
+
+    def __init__(self, config: JobConfig):
+        self.identifier = config.output.table
+        self.catalog = None
+        self.table = None
+        self.snapshot_id: int | None = None
+        self.run_id = ""
+        self.mode = config.output.mode
+        self.labels: dict[str, str] = {}
+        self.sources = SOURCE_SCHEMA.empty_table()
+        self.uri_per_image = True
+        self.fs, self.staging, self.run_root = None, "", ""
+        self.lock = threading.Lock()  # one commit at a time: the committer thread's and finish_run's
+        self._stopped = threading.Event()
+        self._committer: threading.Thread | None = None
+
+    @classmethod
+    def for_config(cls, config: JobConfig) -> IcebergTable:
+        """The table target, once its configuration is checked (nothing is read yet).
+
+        Raises:
+            ConfigError: pyiceberg is not installed, or an object-store output without ``output.catalog``.
+        """
+        try:
+            import pyiceberg  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "output.table needs the optional package pyiceberg; "
+                "install it with: pip install 'mnasnet-batch[iceberg]'"
+            ) from None
+        catalog_properties(config.output, config.storage)
+        return cls(config)
+
+    # -- opening a run --------------------------------------------------------------------------------------------
+
+    def describe(self, config: JobConfig) -> str:
+        return f"output {config.output.uri} (table {self.identifier})"
+
+    def open_run(self, config: JobConfig, weights_id: str, inputs, storage: Storage, fs, root: str) -> RunPlan:
+        """Opens (or resumes) the run in staging, and decides what it labels.
+
+        Raises:
+            StorageError: the mode does not fit the table or the input; the catalog cannot be used. The message
+                says what to do.
+        """
+        self.fs, self.staging = fs, files.join(root, STAGING)
+        self.fs.makedirs(self.staging, exist_ok=True)
+        return self._open_run(config, weights_id, inputs, storage)
+
+    def opened(self, config: JobConfig) -> None:
+        """Starts committing the staged parts every ``output.commit_interval_s``, when set."""
+        if config.output.commit_interval_s > 0:
+            self._committer = threading.Thread(
+                target=self._commit_every, args=(config.output.commit_interval_s,), name="table-commits", daemon=True
+            )
+            self._committer.start()
+
+    def _open_run(self, config: JobConfig, weights_id: str, inputs, storage: Storage) -> RunPlan:
+        from pyiceberg.exceptions import NamespaceAlreadyExistsError
+
+        fs, mode = self.fs, config.output.mode
+        self.labels = label_settings(config, weights_id)
+        self.uri_per_image = inputs.layout.uri_per_image
+        if not self.uri_per_image and mode in ("retry-errors", "changed"):
+            raise StorageError(
+                f"--mode {mode} needs an input whose every URI is one image (loose files or a manifest); "
+                f"{inputs.layout.noun} are read whole: use --mode incremental or relabel"
+            )
+        self.catalog = open_catalog(config.output, storage)
+        namespace = self.identifier.rsplit(".", 1)[0]
+        try:
+            self.catalog.create_namespace_if_not_exists(namespace)
+        except NamespaceAlreadyExistsError:  # created by another job since the check
+            pass
+        self.table = self._create_or_load()
+        latest = files.read_json(fs, files.join(self.staging, run.RUN_RECORD))
+        unfinished = latest is not None and latest.get("status") != "succeeded"
+        if unfinished and mode == "overwrite" and latest.get("mode") != "overwrite":
+            log.warning("overwrite: discarding the staged rows of the unfinished run %s", latest["run_id"])
+            for part in self._staged_parts(files.join(self.staging, f"run={latest['run_id']}")):
+                fs.rm(part)
+            unfinished = False
+        if unfinished and (latest.get("mode") != mode or latest.get("labels") != self.labels):
+            raise StorageError(
+                f"output {config.output.uri} holds the unfinished run {latest['run_id']} (--mode {latest.get('mode')}, "
+                f"{_settings_text(latest.get('labels') or {})}) of table {self.identifier}; run its command again "
+                f"to finish it, or use --mode overwrite"
+            )
+        before = latest_labels(self.table)
+        rows = current_rows(self.table, ("uri", "status", "run_id", "source_size", "source_version"))
+        if not unfinished:
+            if mode == "auto" and rows.num_rows:
+                raise StorageError(
+                    f"table {self.identifier} already holds {rows.num_rows} labels; use --mode incremental (new "
+                    f"images), changed, retry-errors, relabel (every image again) or overwrite"
+                )
+            if mode in ("incremental", "retry-errors", "changed") and before and before != self.labels:
+                differing = sorted(k for k in LABEL_SETTINGS if before.get(k) != self.labels[k])
+                raise StorageError(
+                    f"table {self.identifier} holds labels of other settings ({', '.join(differing)}: "
+                    f"{_settings_text({k: before[k] for k in differing})} in the table, "
+                    f"{_settings_text({k: self.labels[k] for k in differing})} here); use --mode relabel to label "
+                    f"every image again with these, or the table's settings"
+                )
+        if unfinished:
+            self.run_id = latest["run_id"]
+        else:
+            self.run_id = config.output.run_id or run.submission_id() or run.default_run_id()
+        self.mode = mode
+        self.run_root = files.join(self.staging, f"run={self.run_id}")
+        if not unfinished and (fs.exists(self.run_root) or pc.any(pc.equal(rows["run_id"], self.run_id)).as_py()):
+            raise StorageError(f"table {self.identifier} already has a run {self.run_id}; pass another --run-id")
+        fs.makedirs(self.run_root, exist_ok=True)
+        for stale in files.stale_temporaries(fs, self.run_root):
+            fs.rm(stale)  # left by a writer that was killed; its rows were never visible
+        # What this run holds already (committed, or staged by an attempt that was stopped): never labeled again.
+        # What other jobs replaced of it since counts too: the run labeled it, and another job's label is newer.
+        mine = rows.filter(pc.equal(rows["run_id"], self.run_id))["uri"].combine_chunks()
+        staged = folder.Labeled(fs, self.run_root, self.run_root).uris().combine_chunks()
+        held = pa.concat_arrays([mine, staged.filter(pc.invert(pc.is_in(staged, value_set=mine)))])
+        held = pa.concat_arrays([held, self._replaced(self.table, held)["uri"].combine_chunks()])
+        # The table's modes need every listed URI as Python strings (stats per file): a table run holds them.
+        uris = inputs.listed().to_pylist()
+        if self.uri_per_image:
+            if mode == "changed":
+                self.sources = source_stats(uris, storage)
+            wanted = to_label(mode, uris, rows, self.sources)
+            wanted = wanted.filter(pc.invert(pc.is_in(wanted, value_set=held)))
+            if mode != "changed":
+                # Committed rows hold their stats already; staged ones get theirs when committed, like the rest.
+                uncommitted = staged.filter(pc.invert(pc.is_in(staged, value_set=mine)))
+                self.sources = source_stats(pa.concat_arrays([wanted, uncommitted]).to_pylist(), storage)
+            listed = pa.array(uris, pa.string())
+            done = pa.concat_arrays([listed.filter(pc.invert(pc.is_in(listed, value_set=wanted))), held])
+        else:
+            self.sources = source_stats(uris, storage)
+            done = pa.concat_arrays([rows["uri"].combine_chunks(), held]) if mode == "incremental" else held
+        record = {
+            "run_id": self.run_id,
+            "status": "running",
+            "mode": mode,
+            "table": self.identifier,
+            "labels": self.labels,
+            "started_at": latest.get("started_at") if unfinished else files.now(),
+            "attempt_started_at": files.now(),
+            "ended_at": None,
+            "config": run.public_config(config),
+            "versions": run.versions(),
+        }
+        run.write_record(fs, self.staging, self.run_id, record)
+        run_uri = files.join(config.output.uri, STAGING, f"run={self.run_id}")
+        return RunPlan(run_id=self.run_id, run_uri=run_uri, resumed=unfinished, done=done, rows_before=len(held))
+
+    def _create_or_load(self):
+        """The table, created with ``table_schema()`` and ``uri`` as its identifier field when it does not exist."""
+        from pyiceberg.exceptions import NoSuchTableError, TableAlreadyExistsError
+
+        try:
+            return self.catalog.load_table(self.identifier)
+        except NoSuchTableError:
+            pass
+        try:
+            with self.catalog.create_table_transaction(self.identifier, schema=table_schema()) as transaction:
+                with transaction.update_schema() as update:
+                    update.set_identifier_fields("uri")
+        except TableAlreadyExistsError:  # created by another job since the load
+            pass
+        return self.catalog.load_table(self.identifier)
+
+    # -- committing -----------------------------------------------------------------------------------------------
+
+    def _staged_parts(self, run_root: str) -> list[str]:
+        found = self.fs.find(run_root) if self.fs.exists(run_root) else []
+        return sorted(p for p in found if os.path.basename(p).startswith("part-") and p.endswith(".parquet"))
+
+    def _commit_every(self, interval_s: float) -> None:
+        while not self._stopped.wait(interval_s):
+            try:
+                self.commit(final=False)
+            except Exception as exc:  # the next interval, or the final commit, tries again
+                log.warning("table %s: interval commit failed: %s", self.identifier, files.one_line(exc))
+
+    def commit(self, final: bool) -> int:
+        """Commits the run's staged parts into the table in one transaction, then deletes them.
+
+        The transaction replaces the rows of the staged URIs (and, on an overwrite run's final commit, every row
+        of another run), so committing a part twice (a kill between the commit and the deletion) changes nothing.
+        Each commit is one snapshot (``replace_rows``).
+
+        Returns:
+            The rows committed.
+
+        Raises:
+            StorageError: ``COMMIT_ATTEMPTS`` commits in a row conflicted with other jobs' commits.
+        """
+        from pyiceberg.exceptions import CommitFailedException, ValidationException
+        from pyiceberg.expressions import AlwaysFalse, EqualTo, In, Not, Or
+
+        started = time.monotonic()
+        with self.lock:
+            # Other processes wrote the parts: this one's cached listings (s3fs, gcsfs) have not seen them.
+            self.fs.invalidate_cache()
+            parts = self._staged_parts(self.run_root)
+            rows = self._rows(parts)
+            overwrite = final and self.mode == "overwrite"
+            if not rows.num_rows and not overwrite:
+                return 0
+            uris = rows["uri"].to_pylist()
+            condition = In("uri", uris) if uris else AlwaysFalse()
+            if overwrite:
+                condition = Or(condition, Not(EqualTo("run_id", self.run_id)))
+            for attempt in range(1, COMMIT_ATTEMPTS + 1):
+                table = self.catalog.load_table(self.identifier)
+                properties = self._properties(table, rows, final)
+                try:
+                    self.snapshot_id = replace_rows(table, rows, condition, properties)
+                    break
+                except (CommitFailedException, ValidationException) as exc:
+                    if attempt == COMMIT_ATTEMPTS:
+                        raise StorageError(
+                            f"table {self.identifier}: {COMMIT_ATTEMPTS} commits in a row conflicted with other jobs "
+                            f"writing it ({files.one_line(exc)}); nothing is lost: run the same command again and "
+                            f"run {self.run_id} commits its staged rows"
+                        ) from None
+                    log.warning(
+                        "table %s: commit conflicted with another job's (%s); retrying on the refreshed table",
+                        self.identifier,
+                        files.one_line(exc),
+                    )
+                    time.sleep(COMMIT_BACKOFF_S * attempt)
+            for part in parts:
+                files.remove_quietly(self.fs, part)
+            log.info(
+                "table %s: committed %d rows of run %s in %.2f s",
+                self.identifier,
+                rows.num_rows,
+                self.run_id,
+                time.monotonic() - started,
+            )
+            return rows.num_rows
+
+    def _rows(self, parts: list[str]) -> pa.Table:
+        """The staged parts' rows in the table's schema: ``run_id`` and the source's stats added, one row per URI."""
+        tables = []
+        for part in parts:
+            with self.fs.open(part, "rb") as f:
+                tables.append(pq.read_table(f))
+        staged = pa.concat_tables(tables) if tables else table_schema().empty_table().select(table_schema().names[:8])
+        # A part rewritten by a retried write task may repeat URIs of another: the last row of each is kept.
+        if pc.count_distinct(staged["uri"]).as_py() < staged.num_rows:
+            positions = pa.table({"uri": staged["uri"], "at": pa.array(range(staged.num_rows), pa.int64())})
+            staged = staged.take(positions.group_by("uri").aggregate([("at", "max")])["at_max"])
+        # Each row's source stats, looked up by position (Arrow's joins take no list columns).
+        found = pc.index_in(source_key(staged["uri"].combine_chunks(), self.uri_per_image), self.sources["source"])
+        return (
+            pa.table(
+                [
+                    *staged.columns,
+                    pa.array([self.run_id] * staged.num_rows, pa.string()),
+                    self.sources["source_size"].take(found),
+                    self.sources["source_version"].take(found),
+                ],
+                names=[*staged.column_names, "run_id", "source_size", "source_version"],
+            )
+            .select(table_schema().names)
+            .cast(table_schema())
+        )
+
+    def _properties(self, table, rows: pa.Table, final: bool) -> dict[str, str]:
+        """The snapshot summary: run, mode, label settings, this commit's counts and the run's totals after it.
+
+        The run's totals are what it committed, over all its commits and attempts: its previous commit's totals
+        plus this commit's images it does not hold already (a part committed twice counts once). Rows that
+        another job's commit replaced since stay counted: the run labeled them.
+        """
+        mine = run_snapshots(table, self.run_id)
+        before = mine[-1].summary.additional_properties if mine else {}
+        committed = current_rows(table, ("uri", "status"), row_filter=run_filter(self.run_id))
+        again = committed.filter(pc.is_in(committed["uri"], value_set=rows["uri"]))
+        errors = _errors(rows["status"])
+        values = {
+            "run_id": self.run_id,
+            "mode": self.mode,
+            **self.labels,
+            "commit.images": rows.num_rows,
+            "commit.errors": errors,
+            "run.images": int(before.get(PROPERTY + "run.images", 0)) + rows.num_rows - again.num_rows,
+            "run.errors": int(before.get(PROPERTY + "run.errors", 0)) + errors - _errors(again["status"]),
+            "run.final": str(final).lower(),
+        }
+        return {PROPERTY + k: str(v) for k, v in values.items()}
+
+    def _replaced(self, table, held: pa.Array) -> pa.Table:
+        """The rows (``uri``, ``error``) this run committed that other jobs' commits replaced since, but ``held``.
+
+        Each of the run's snapshots holds every row the run had committed by then; one that the run's next commit
+        followed directly (no other job's between) holds none that the next lacks, and is not read back. So a run
+        no other job wrote beside reads nothing here.
+        """
+        found = [pa.table({"uri": pa.array([], pa.string()), "error": pa.array([], pa.string())})]
+        follower = table.metadata.current_snapshot_id
+        for snapshot in reversed(run_snapshots(table, self.run_id)):
+            if follower != snapshot.snapshot_id:
+                rows = table.scan(
+                    run_filter(self.run_id), selected_fields=("uri", "error"), snapshot_id=snapshot.snapshot_id
+                ).to_arrow()
+                rows = rows.filter(pc.invert(pc.is_in(rows["uri"], value_set=held))).cast(found[0].schema)
+                found.append(rows)
+                held = pa.concat_arrays([held, rows["uri"].combine_chunks()])
+            follower = snapshot.parent_snapshot_id
+        return pa.concat_tables(found)
+
+    # -- closing a run --------------------------------------------------------------------------------------------
+
+    def close_run(self, config, plan, seconds, labeled_now, error, interrupted) -> Summary:
+        """Commits what the run staged (unless it failed or was stopped: the same command commits it then), and
+        closes its record."""
+        self._stopped.set()
+        if self._committer is not None:
+            self._committer.join()
+        if not error:
+            self.commit(final=True)
+        record = files.read_json(self.fs, files.join(self.run_root, run.RUN_RECORD)) or {}
+        summary = run.close_record(record, self._summary(seconds), plan, labeled_now, error, interrupted)
+        record["counts"]["replaced_by_other_jobs"] = summary.replaced_by_other_jobs
+        record["snapshot_id"] = self.snapshot_id  # of the run's last commit (this attempt's): for time travel
+        run.write_record(self.fs, self.staging, self.run_id, record)
+        return summary
+
+    def cannot_close(self, config: JobConfig, plan: RunPlan, exc: Exception) -> str:
+        cause = str(exc) if isinstance(exc, StorageError) else files.one_line(exc)
+        return (
+            f"table {self.identifier} cannot be written: {cause}; run {self.run_id} stays resumable: "
+            f"run the same command again"
+        )
+
+    def _summary(self, seconds: float) -> Summary:
+        """What the run labeled: its committed rows, those still staged, and those other jobs replaced since."""
+        table = self.catalog.load_table(self.identifier)
+        committed = current_rows(table, ("uri", "error"), row_filter=run_filter(self.run_id))
+        staged = folder.read_parts(self.fs, self.run_root)
+        if staged is not None:
+            staged = staged.to_table(columns=["uri", "error"])
+            committed = pa.concat_tables(
+                [
+                    committed.cast(staged.schema),
+                    staged.filter(pc.invert(pc.is_in(staged["uri"], value_set=committed["uri"]))),
+                ]
+            )
+        replaced = self._replaced(table, committed["uri"].combine_chunks())
+        labeled = pa.concat_tables([committed, replaced.cast(committed.schema)])
+        kinds = run.error_kinds(labeled["error"])
+        return Summary(
+            images=labeled.num_rows,
+            errors=sum(kinds.values()),
+            seconds=seconds,
+            error_kinds=kinds,
+            replaced_by_other_jobs=replaced.num_rows,
+        )
+
+
+def _errors(status: pa.Array | pa.ChunkedArray) -> int:
+    return pc.sum(pc.equal(status, "error")).as_py() or 0
+
+
+def _settings_text(settings: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in settings.items())
