@@ -43,7 +43,7 @@ class PartWriter:
         self.storage = storage
 
     def write(self, *blocks: Block) -> str | None:
-        """The rows of ``blocks`` as one atomic Parquet part of the run (``output.write_part``).
+        """The rows of ``blocks`` as one atomic Parquet part of the run (``outputs.folder.write_part``).
 
         Returns:
             The part's path; None when the blocks hold no rows.

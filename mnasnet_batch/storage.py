@@ -289,11 +289,11 @@ class Storage:
         ready: list[tuple[int, bytes | Exception]] = unresolved
         http = []
         for fs, items in by_fs.values():
-            paths = [path for _, path in items]
             if is_http(fs):
                 http += [(i, asyncio.run_coroutine_threadsafe(http_get(fs, path, self.config, limit), fs.loop))
                          for i, path in items]
                 continue
+            paths = [path for _, path in items]
             try:
                 if isinstance(fs, LocalFileSystem):
                     contents = [returned(read_local, path, limit) for path in paths]
