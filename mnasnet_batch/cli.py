@@ -24,7 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 import mnasnet_batch
 from mnasnet_batch.cluster import keep_ray_chatter_out, reach_cluster
 from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConfig, load_config, parse_override
-from mnasnet_batch.storage import Storage, StorageError, absolute_location, scheme
+from mnasnet_batch.storage import GLOB_CHARACTERS, Storage, StorageError, absolute_location, scheme
 
 if TYPE_CHECKING:
     from mnasnet_batch.inputs.layout import InputPlan
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         storage = Storage(config.storage)
         # What a moment tells is told before Ray starts, and before the output is touched.
         check_locations(config, storage)
-        address = config.ray.address or os.environ.get("RAY_ADDRESS", "")
+        address = cluster_address(config)
         if address:
             reach_cluster(address, config.ray.connect_timeout_s, "ray.address" if config.ray.address else "RAY_ADDRESS")
     except (ConfigError, StorageError) as exc:
@@ -314,7 +314,7 @@ def check_locations(config: JobConfig, storage: Storage) -> None:
             raise
         except Exception as exc:
             raise StorageError(f"{what} {uri} cannot be reached: {root_cause(exc)}") from None
-        if not found and not (what == "input" and any(c in path for c in "*?[")):  # a glob is matched later
+        if not found and not (what == "input" and any(c in path for c in GLOB_CHARACTERS)):  # matched later
             raise StorageError(f"{what} {uri} does not exist")
     fs, path = storage.filesystem(config.output.uri)
     if isinstance(fs, LocalFileSystem):  # an object store's prefix is writable only as far as a write says
@@ -397,12 +397,17 @@ def ray_initialized() -> bool:
     return ray.is_initialized()
 
 
+def cluster_address(config: JobConfig) -> str:
+    """The cluster to join: ``ray.address``, else ``RAY_ADDRESS`` (as ``ray job submit`` sets it); empty: none."""
+    return config.ray.address or os.environ.get("RAY_ADDRESS", "")
+
+
 def start_ray(config: JobConfig) -> None:
     """Joins the configured cluster (``ray.address``, else ``RAY_ADDRESS``) or starts a local Ray in-process."""
     import ray
 
     if not ray.is_initialized():
-        address = config.ray.address or os.environ.get("RAY_ADDRESS")
+        address = cluster_address(config)
         # A local Ray started here needs no dashboard; one we connect to keeps its own settings.
         # Ray's own INFO lines ("Started a local Ray instance") are not the job's; its warnings and errors are.
         options = {"logging_level": logging.WARNING}
