@@ -17,7 +17,9 @@ DEVICES = ("auto", "cpu", "gpu")
 DECODE_PLACES = ("workers", "actor")
 PRECISIONS = ("fp32", "fp16", "bf16")
 ENGINES = ("auto", "torch", "onnxruntime")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+# HEIC / HEIF are read with the `heif` extra, and AVIF by a Pillow built with libavif; where they cannot be, the
+# input listing counts their files and leaves them out (mnasnet_batch/decode/formats.py).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "avif", "heic", "heif")
 INPUT_FORMATS = ("auto", "files", "webdataset", "parquet", "manifest")
 # Option names whose values are credentials: never logged or written (matched as substrings, lower case).
 SECRET_NAMES = ("key", "secret", "token", "password", "credential", "sas", "sig", "connection_string")
@@ -32,7 +34,8 @@ class ConfigError(ValueError):
 class InputConfig:
     # Required: a local path or fsspec URI; there is no sensible corpus to default to.
     uri: str = ""
-    # The image formats Pillow decodes that appear in web-scale corpora; matched case-insensitively.
+    # The image formats Pillow decodes that appear in web-scale corpora and photo libraries (phones save HEIC);
+    # matched case-insensitively.
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     # auto: read the layout from what the URI holds (images, then *.tar shards, then *.parquet whose
     # schema has image_column, else a manifest); set it when a location holds more than one layout.

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mnasnet_batch.decode.formats import register_openers
+
 if TYPE_CHECKING:
     from mnasnet_batch.config import PreprocessConfig
 
@@ -83,6 +85,7 @@ def open_image(data: bytes, spec: PreprocessSpec) -> Iterator[Image.Image]:
     """Opens an image from its header only, refusing more than ``spec.max_pixels`` before anything is decoded."""
     # Pillow's own bomb guard warns and raises at fixed thresholds; ours (max_pixels) replaces it.
     Image.MAX_IMAGE_PIXELS = None
+    register_openers()  # HEIC / HEIF where pillow-heif is installed; once per process
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
         if width * height > spec.max_pixels:
