@@ -6,6 +6,7 @@ at build or schedule time: versions, paths, image names, entrypoints and the act
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 import shlex
@@ -144,7 +145,7 @@ def test_copied_paths_exist_and_the_dockerignore_keeps_them():
 # Profiles
 
 
-@pytest.mark.parametrize("profile", ["local.yaml", "cpu-cluster.yaml", "gpu-cluster.yaml"])
+@pytest.mark.parametrize("profile", ["local.yaml", "cpu-cluster.yaml", "gpu-cluster.yaml", "photos.yaml"])
 def test_profiles_load_and_comment_every_value(profile):
     path = ROOT / "conf" / profile
     load_config(path)
@@ -152,6 +153,15 @@ def test_profiles_load_and_comment_every_value(profile):
         # A value line (`  key: value`) needs a comment saying why; section headers (`compute:`) do not.
         if re.match(r"^\s+\w+:\s*\S", line):
             assert "#" in line, f"{profile}:{number} has no comment: {line.strip()}"
+
+
+def test_photos_profile_turns_portraits_upright_and_decodes_fast():
+    photos = load_config(ROOT / "conf" / "photos.yaml")
+    assert photos.preprocess.apply_exif_orientation and photos.preprocess.fast_decode
+    # Otherwise the local profile: what differs is only what the photo profile is for.
+    local = load_config(ROOT / "conf" / "local.yaml")
+    assert dataclasses.replace(photos.preprocess, apply_exif_orientation=False, fast_decode=False) == local.preprocess
+    assert dataclasses.replace(photos, preprocess=local.preprocess) == local
 
 
 def test_cluster_profiles_pick_their_devices():
