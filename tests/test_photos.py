@@ -1,5 +1,6 @@
-"""Phone photos: the 12 MP corpus the benchmarks use, HEIC / HEIF and AVIF files."""
+"""Phone photos: the 12 MP corpus the benchmarks use, HEIC / HEIF and AVIF files, fast decoding on a CPU actor."""
 
+import dataclasses
 import io
 import logging
 import posixpath
@@ -16,8 +17,11 @@ from PIL import Image, ImageOps
 from mnasnet_batch.cli import main
 from mnasnet_batch.config import InputConfig
 from mnasnet_batch.decode import formats
-from mnasnet_batch.decode.preprocess import PreprocessSpec, preprocess_image, reduce_factor
+from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch, preprocess_image, reduce_factor
+from mnasnet_batch.inputs.layout import encoded_batch
 from mnasnet_batch.inputs.listing import plan_input
+from mnasnet_batch.model.predictor import Predictor
+from mnasnet_batch.model.weights import resolve_checkpoint
 from mnasnet_batch.storage import Storage
 from tests import support
 
@@ -137,3 +141,14 @@ def test_a_heic_photo_is_labeled_as_the_reference_labels_pillow_heifs_image(
         scores, ids = torch.topk(torch.softmax(fixture_model.eval()(reference[None]), dim=1), 5)
     assert row["top_k_ids"] == ids[0].tolist()
     np.testing.assert_allclose(row["top_k_scores"], scores[0].numpy(), atol=1e-4)
+
+
+def test_a_cpu_model_actor_decoding_itself_decodes_fast_too(tmp_path, checkpoint_path):
+    paths = support.write_photo_corpus(tmp_path, 2, size=(2000, 1500))
+    batch = encoded_batch([str(p) for p in paths], [p.read_bytes() for p in paths])
+    spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9, decode_on="actor", fast_decode=True)
+    checkpoint = resolve_checkpoint("mnasnet0_5", str(checkpoint_path))
+    actor = Predictor(checkpoint, top_k=5, device="cpu", num_threads=2, spec=spec)
+    fast = decode_batch(batch, spec)["image"]
+    exact = decode_batch(batch, dataclasses.replace(spec, fast_decode=False))["image"]
+    assert np.array_equal(actor.decode(batch)["image"], fast) and not np.array_equal(fast, exact)
