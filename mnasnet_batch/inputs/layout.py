@@ -154,6 +154,38 @@ class Layout:
         """
         return pa.nulls(len(uris), pa.int64())
 
+    def row_input(self, uri: str) -> str:
+        """The input file a row's ``uri`` was read from: the shard of ``SHARD#MEMBER``, the file of ``FILE#ID``.
+
+        The input ends where one of its file extensions is followed by ``#`` (``a#1.tar#b.jpg`` is of ``a#1.tar``),
+        else at the first ``#``; a row naming a whole input (a shard that could not be read) is that input.
+        """
+        lower = uri.lower()
+        ends = [lower.find(f".{extension}#") for extension in self.file_extensions]
+        found = [(end, extension) for end, extension in zip(ends, self.file_extensions, strict=True) if end >= 0]
+        if found:
+            end, extension = min(found)
+            return uri[: end + 1 + len(extension)]
+        return uri.split("#", 1)[0]
+
+    def row_inputs(self, uris: Iterable[str]) -> dict[str, list[str]]:
+        """Rows' ``uri`` grouped by the input file each was read from (``row_input``), in first-seen order, so that
+        ``read_rows`` reads each input once for all of them."""
+        grouped: dict[str, list[str]] = {}
+        for uri in uris:
+            grouped.setdefault(self.row_input(uri), []).append(uri)
+        return grouped
+
+    def read_rows(self, input_uri: str, uris: Sequence[str]) -> dict[str, bytes | Exception]:
+        """The encoded images that the output rows ``uris``, all of ``input_uri``, were labeled from, read again as
+        the job read them (for a report's thumbnails): the input is read once, for all of them.
+
+        Returns:
+            For each of ``uris``, its bytes or what reading it raised; ``FileNotFoundError`` for an image the input
+            no longer holds.
+        """
+        raise NotImplementedError
+
 
 class ImageURILayout(Layout):
     """Inputs that are image URIs, each one image, read a batch at a time by ``Storage.read_waves``."""
@@ -201,6 +233,15 @@ class ImageURILayout(Layout):
     def read_waves(self, uris: list[str]) -> Iterator[list[tuple[int, bytes | Exception]]]:
         """Each image's bytes or what reading it raised, by index in ``uris``, in waves (``Storage.read_waves``)."""
         return self.storage.read_waves(uris)
+
+    def row_input(self, uri: str) -> str:
+        """Each row's ``uri`` is its own input: the image's URI."""
+        return uri
+
+    def read_rows(self, input_uri: str, uris: Sequence[str]) -> dict[str, bytes | Exception]:
+        """The images' bytes within ``storage.max_image_bytes``, as the job reads them (``read_waves``)."""
+        uris = list(uris)
+        return {uris[i]: content for wave in self.read_waves(uris) for i, content in wave}
 
 
 @dataclass(frozen=True)
