@@ -23,6 +23,10 @@ SAMPLE_IMAGES = 12
 # CPU seconds the driver decodes the sample for at most (it stops after the image that passes it, having decoded
 # at least two): a 12 MP JPEG costs ~0.13 s, so a sample of phone photos stops near 8 images.
 SAMPLE_DECODE_S = 1.0
+# Seconds of decoding a read task's block of image URIs holds at most: long enough that the driver puts few blocks
+# into the object store, short enough that 10^5 phone photos (~0.13 s each) make enough tasks for every CPU of a
+# cluster, and the last tasks of a run end close together.
+TASK_DECODE_S = 10.0
 # CPUs decoding keeps however cheap it is: reading goes on beside the model however costly that is.
 MIN_DECODE_CPUS = 0.25
 # Crops the model is timed on, once after a warm-up: its cost per image hardly depends on the content.
@@ -49,6 +53,11 @@ class StageCosts:
         """Images a read task hands to decoding at a time: ``batch_size``, fewer where that many would hold more
         than ``layout.READ_BATCH_BYTES`` of encoded images (32 phone photos are ~100 MB)."""
         return max(1, min(batch_size, READ_BATCH_BYTES // max(1, self.image_bytes)))
+
+    def block_images(self, batch_size: int) -> int:
+        """The most image URIs a read task gets (``ImageURILayout.blocks``): ``TASK_DECODE_S`` of decoding, at
+        least one batch."""
+        return max(batch_size, int(TASK_DECODE_S * 1000 / max(self.decode_ms, 1e-3)))
 
     def describe(self) -> str:
         return (

@@ -20,7 +20,7 @@ import ray.autoscaler.sdk
 from mnasnet_batch.config import ConfigError, JobConfig
 from mnasnet_batch.costs import StageCosts, split_cpus
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
-from mnasnet_batch.inputs.layout import InputPlan, drop_done
+from mnasnet_batch.inputs.layout import MAX_INPUT_BLOCK, InputPlan, drop_done
 from mnasnet_batch.parts import driver_node, write
 from mnasnet_batch.progress import ProgressCounter, ProgressReporter
 from mnasnet_batch.storage import Storage
@@ -52,19 +52,22 @@ def from_uri_blocks(blocks: list[pa.Table]) -> ray.data.Dataset:
     return ray.data.from_blocks(blocks)
 
 
-def read(inputs: InputPlan, batch_size: int, decode_cpus: float, run_uri: str | None = None) -> ray.data.Dataset:
+def read(
+    inputs: InputPlan, batch_size: int, block_images: int, decode_cpus: float, run_uri: str | None = None
+) -> ray.data.Dataset:
     """The input's images as read, not decoded (``uri``, ``data``, ``error``), on CPU tasks.
 
     The driver listed the input (one recursive listing, not Ray's per-path expansion, which takes minutes on
     millions of paths) and hands it to the read tasks as blocks of URIs that its layout chose, so nothing but URIs
     is held by the driver and reading starts as soon as the dataset executes. The rows of ``inputs.skip``, written
     by an earlier attempt, are dropped after reading (``InputPlan.remaining`` left out what it could before).
-    ``batch_size``: images a task reads, then decodes, at a time (``StageCosts.read_batch``); ``decode_cpus``: each
+    ``batch_size``: images a task reads, then decodes, at a time (``StageCosts.read_batch``); ``block_images``: the
+    most image URIs one task gets (``StageCosts.block_images``); ``decode_cpus``: each
     task's CPUs (``decode_task_cpus``); ``run_uri``: the run being written, where layouts record the inputs they
     read to their end.
     """
     layout = inputs.layout
-    dataset = from_uri_blocks(layout.blocks(inputs.uris, batch_size)).map_batches(
+    dataset = from_uri_blocks(layout.blocks(inputs.uris, batch_size, block_images)).map_batches(
         layout.read,
         fn_kwargs={"batch_size": batch_size, "run_uri": run_uri},
         batch_size=None,
@@ -442,8 +445,10 @@ def run(
     # No CPU: it only adds numbers, and must not take a slot from decoding or the model. On the driver's node: on
     # another, the counts would be lost with that node (the driver's node lost ends the job anyway).
     counter = ray.remote(num_cpus=0, scheduling_strategy=driver_node())(ProgressCounter).remote()
-    batch_size = config.preprocess.batch_size if costs is None else costs.read_batch(config.preprocess.batch_size)
-    dataset = read(inputs, batch_size, decode_cpus, run_uri)
+    batch_size, block_images = config.preprocess.batch_size, MAX_INPUT_BLOCK
+    if costs is not None:
+        batch_size, block_images = costs.read_batch(batch_size), costs.block_images(batch_size)
+    dataset = read(inputs, batch_size, block_images, decode_cpus, run_uri)
     dataset = decode(dataset, spec, decode_cpus)
     dataset = predict(dataset, config, checkpoint, spec, pool, counter)
     stages = {

@@ -4,12 +4,14 @@ import dataclasses
 import io
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from mnasnet_batch.config import InputConfig, StorageConfig
-from mnasnet_batch.costs import CPUSplit, StageCosts, decode_ms, measure, split_cpus
+from mnasnet_batch.costs import TASK_DECODE_S, CPUSplit, StageCosts, decode_ms, measure, split_cpus
 from mnasnet_batch.decode.preprocess import PreprocessSpec
+from mnasnet_batch.inputs.files import FilesLayout
 from mnasnet_batch.inputs.layout import READ_BATCH_BYTES, encoded_batch
 from mnasnet_batch.inputs.listing import plan_input
 from mnasnet_batch.storage import Storage
@@ -99,3 +101,14 @@ def test_read_tasks_hold_no_more_bytes_than_the_bound_once_they_see_the_sizes(tm
     sizes = [sum(len(data) for data in batch["data"]) for batch in batches]
     assert len(batches[0]["uri"]) == 8  # planned for small images
     assert all(size <= 100_000 for size in sizes[1:]) and sum(len(b["uri"]) for b in batches) == 20
+
+
+def test_costly_images_make_smaller_read_tasks():
+    phone = StageCosts(130.0, 5.0, 8, image_bytes=3 * 2**20, engine="torch", host="h")
+    small = dataclasses.replace(phone, decode_ms=3.0, image_bytes=70_000)
+    assert phone.block_images(10) == int(TASK_DECODE_S * 1000 / 130.0) < small.block_images(32)
+    assert dataclasses.replace(phone, decode_ms=10_000.0).block_images(10) == 10  # at least one batch
+    uris = pa.array([f"/p/{i}.jpg" for i in range(1000)])
+    layout = FilesLayout(InputConfig(uri="/p"), Storage(StorageConfig()))
+    blocks = [block.num_rows for block in layout.blocks(uris, 10, phone.block_images(10))]
+    assert sum(blocks) == 1000 and blocks[0] == 10 and max(blocks) == phone.block_images(10)

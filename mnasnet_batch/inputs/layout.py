@@ -61,12 +61,14 @@ def has_extensions(files: pa.Array, extensions: tuple[str, ...]) -> pa.BooleanAr
     return matched
 
 
-def input_block_bounds(count: int, first: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of the URI blocks handed to Ray: doubling from ``first`` to MAX_INPUT_BLOCK."""
+def input_block_bounds(count: int, first: int, largest: int = MAX_INPUT_BLOCK) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the URI blocks handed to Ray: doubling from ``first`` to ``largest`` (at most
+    MAX_INPUT_BLOCK)."""
+    largest = min(largest, MAX_INPUT_BLOCK)
     bounds, start, size = [], 0, first
     while start < count:
         bounds.append((start, min(count, start + size)))
-        start, size = start + size, max(first, min(2 * size, MAX_INPUT_BLOCK))
+        start, size = start + size, max(first, min(2 * size, largest))
     return bounds
 
 
@@ -135,9 +137,10 @@ class Layout:
         """
         return InputPlan(self, uris)
 
-    def blocks(self, uris: pa.Array, batch_size: int) -> list[pa.Table]:
+    def blocks(self, uris: pa.Array, batch_size: int, largest: int = MAX_INPUT_BLOCK) -> list[pa.Table]:
         """The blocks of ``uris`` handed to Ray's read tasks, each read file after file, streaming out batches:
-        one file each, or as many as make ``MAX_FILE_BLOCKS`` blocks."""
+        one file each, or as many as make ``MAX_FILE_BLOCKS`` blocks. ``largest``: the most images a block of
+        image URIs holds (``ImageURILayout``)."""
         table = pa.table({"uri": uris})
         size = -(-len(uris) // MAX_FILE_BLOCKS)
         return [table.slice(i, size) for i in range(0, len(uris), size)]
@@ -179,21 +182,26 @@ class ImageURILayout(Layout):
         listing.extend(chunks)
         return listing.finish()
 
-    def blocks(self, uris: pa.Array | SpooledURIs, batch_size: int) -> list[pa.Table]:
+    def blocks(
+        self, uris: pa.Array | SpooledURIs, batch_size: int, largest: int = MAX_INPUT_BLOCK
+    ) -> list[pa.Table]:
         """Blocks of URIs doubling from one batch (``input_block_bounds``); of a written list, blocks of its row
         groups (``SpooledURIs.units``), at most ``MAX_FILE_BLOCKS``.
 
         The first blocks are small so reading and decoding start on every CPU at once; later ones are large
         because the driver puts each block into the object store one by one, and one block per batch would keep
-        it putting for a long time on millions of images. Ray Data's streaming repartition, which cuts big blocks
-        on the workers, stalled the job on 2 CPUs (model actor 1.5, decode tasks 0.5 each).
+        it putting for a long time on millions of images. Images costly to decode make smaller blocks
+        (``largest``, ``StageCosts.block_images``): a task of 4,096 phone photos would decode for ten minutes on
+        one CPU, and a cluster would run fewer tasks than it has CPUs. Ray Data's streaming repartition, which
+        cuts big blocks on the workers, stalled the job on 2 CPUs (model actor 1.5, decode tasks 0.5 each).
         """
         if isinstance(uris, SpooledURIs):
             units = uris.units()
             size = max(1, -(-len(units) // MAX_FILE_BLOCKS))
             return [units.slice(i, size) for i in range(0, len(units), size)]
         table = pa.table({"uri": uris})
-        return [table.slice(start, stop - start) for start, stop in input_block_bounds(len(uris), batch_size)]
+        bounds = input_block_bounds(len(uris), batch_size, largest)
+        return [table.slice(start, stop - start) for start, stop in bounds]
 
     def read(
         self, batch: dict[str, np.ndarray], batch_size: int, run_uri: str | None = None
