@@ -88,6 +88,87 @@ def write_corpus(
     return sorted(paths)
 
 
+# What a phone camera saves: 12 MP (4032x3024), landscape or portrait.
+PHONE_SIZE = (4032, 3024)
+# EXIF's orientation tag, and the value a phone writes for a portrait it stores sideways ("rotate 90 CW to show").
+ORIENTATION_TAG = 0x0112
+SIDEWAYS = 6
+# HEIC copies: quality 60 with x265's fastest preset gives files of a phone's size (1-3 MB at 12 MP) in seconds;
+# the default preset takes over 10 s an image.
+HEIC_QUALITY = 60
+HEIC_ENCODER = {"preset": "ultrafast"}
+
+
+def write_photo_corpus(
+    directory: Path,
+    count: int,
+    seed: int = 0,
+    heic_every: int = 0,
+    size: tuple[int, int] = PHONE_SIZE,
+    grain: float = 4.5,
+) -> list[Path]:
+    """Writes ``count`` phone-like photos: ``size`` (12 MP) JPEGs made from the scikit-image photos.
+
+    Each is a random crop of a scikit-image photo scaled up to ``size``, with sensor grain (Gaussian noise of std
+    ``grain`` grey levels, which makes the files about 2-4 MB at 12 MP as a phone's are), saved once at a quality
+    drawn from 88 to 95. Photo ``i`` is, by ``i % 4``: 0 and 1 landscape; 2 a portrait stored upright;
+    3 a portrait stored sideways (landscape pixels) with EXIF orientation 6, as phones save portraits, so that only
+    ``ImageOps.exif_transpose`` shows it upright. Every ``heic_every``-th photo (0: none) is also written as
+    ``.heic`` through pillow_heif (which must then be installed), upright (a HEIF reader applies the container's
+    rotation itself), under the same name.
+
+    Returns:
+        The written paths (the JPEGs and the HEIC copies), sorted.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    photos = load_photos()
+    names = list(photos)
+    long_side, short_side = max(size), min(size)
+    # One field of grain, drawn once, and each photo takes a window of it at a random offset: drawing 36 M normal
+    # values per photo would cost more than the rest of its making.
+    margin = 64
+    bank = np.rint(rng.standard_normal((long_side + margin,) * 2 + (3,), dtype=np.float32) * grain).astype(np.int8)
+    paths = []
+    for i in range(count):
+        # Each next round of the names starts one further, so that every photo comes in every kind.
+        name = names[(i + i // len(names)) % len(names)]
+        kind = i % 4
+        width, height = (short_side, long_side) if kind >= 2 else (long_side, short_side)
+        top, left = rng.integers(0, margin + long_side - np.array([height, width]) + 1)
+        pixels = np.asarray(_phone_crop(photos[name], rng, width, height), np.int16)
+        pixels += bank[top : top + height, left : left + width]
+        upright = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        exif = Image.Exif()
+        stored = upright
+        if kind == 3:
+            # Orientation 6 shows the stored pixels turned 90 degrees clockwise: store them turned counter-clockwise.
+            stored = upright.transpose(Image.Transpose.ROTATE_90)
+            exif[ORIENTATION_TAG] = SIDEWAYS
+        path = directory / f"{name}_{i:05d}.jpg"
+        stored.save(path, format="JPEG", quality=int(rng.integers(88, 96)), exif=exif)
+        paths.append(path)
+        if heic_every and i % heic_every == heic_every - 1:
+            import pillow_heif
+
+            heic = path.with_suffix(".heic")
+            pillow_heif.from_pillow(upright).save(heic, quality=HEIC_QUALITY, enc_params=HEIC_ENCODER)
+            paths.append(heic)
+    return sorted(paths)
+
+
+def _phone_crop(photo: Image.Image, rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A crop of ``photo`` in the aspect of ``width`` x ``height``, 50-100 % as wide as the widest, scaled to it."""
+    aspect = width / height
+    full_w, full_h = photo.size
+    most_w = min(full_w, full_h * aspect)
+    crop_w = most_w * rng.uniform(0.5, 1.0)
+    crop_h = crop_w / aspect
+    left = rng.uniform(0, full_w - crop_w)
+    top = rng.uniform(0, full_h - crop_h)
+    return photo.resize((width, height), Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
+
+
 def reference_tensor(image: Image.Image, model_name: str) -> torch.Tensor:
     """torchvision's reference preprocessing: ``weights.transforms()`` on the RGB PIL image."""
     weights = torchvision.models.get_model_weights(model_name).IMAGENET1K_V1

@@ -116,3 +116,17 @@ def test_decoding_on_the_model_actor_gives_the_reference_predictions(
         row = rows[str(images / path.name)]
         assert row["top_k_ids"] == ids.tolist(), path.name
         np.testing.assert_allclose(row["top_k_scores"], scores, atol=1e-4)
+
+
+def test_the_run_record_keeps_what_an_image_cost_each_stage_and_where_each_ran(labeled):
+    import json
+
+    _, _, output = labeled
+    costs = json.loads((output / "_run.json").read_text())["stage_costs"]
+    assert costs["decode_ms"] > 0 and costs["model_ms"] > 0 and costs["images"] >= 2
+    assert costs["engine"] in ("torch", "onnxruntime") and costs["image_bytes"] > 0
+    # On the 2-CPU test Ray: CPU actors, and decode tasks with what they leave.
+    assert costs["model_on"].startswith("1-") and costs["model_on"].endswith(" CPU")
+    actor_cpus = float(costs["model_on"].split(" of ")[1].split()[0])
+    decode_cpus = float(costs["decode_on"].split(" of ")[1].split()[0])
+    assert 0 < decode_cpus and actor_cpus + decode_cpus <= 2.0 + 1e-6

@@ -29,6 +29,14 @@ class PreprocessSpec:
     decode_on: str = "workers"
 
     @classmethod
+    def for_job(cls, config) -> PreprocessSpec:
+        """``for_model`` with a job's settings (``config.JobConfig``)."""
+        preprocess = config.preprocess
+        return cls.for_model(
+            config.model.name, preprocess.max_pixels, preprocess.apply_exif_orientation, preprocess.decode_on
+        )
+
+    @classmethod
     def for_model(
         cls, model_name: str, max_pixels: int, apply_exif_orientation: bool = False, decode_on: str = "workers"
     ) -> PreprocessSpec:

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from mnasnet_batch.inputs.layout import SHOWN_MEMBERS, Layout, encoded_batch
+from mnasnet_batch.inputs.layout import READ_BATCH_BYTES, SHOWN_MEMBERS, Layout, encoded_batch
 from mnasnet_batch.reads import READ_CHUNK, OverByteLimit
 from mnasnet_batch.storage import Storage, has_extension
 
@@ -43,14 +43,15 @@ class WebDatasetLayout(Layout):
         for shard in batch["uri"]:
             uris: list[str] = []
             contents: list[bytes | Exception] = []
-            images = 0
+            images = held = 0
             for uri, content in shard_images(str(shard), self.image_extensions, self.storage):
                 uris.append(uri)
                 contents.append(content)
                 images += 1
-                if len(uris) == batch_size:
+                held += len(content) if isinstance(content, bytes) else 0
+                if len(uris) == batch_size or held >= READ_BATCH_BYTES:
                     yield encoded_batch(uris, contents)
-                    uris, contents = [], []
+                    uris, contents, held = [], [], 0
             if uris:
                 yield encoded_batch(uris, contents)
             if run_uri is not None:

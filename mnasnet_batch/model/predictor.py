@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -113,3 +114,19 @@ class Predictor:
         if self.on_batch is not None:
             self.on_batch(table)
         return table
+
+
+def model_ms(checkpoint: Checkpoint, onnx_graph: bytes | None, crop_size: int, images: int = 16) -> float:
+    """CPU milliseconds per image of the model on one thread (torch, or ONNX Runtime given ``onnx_graph``), timed
+    once after a warm-up on ``images`` crops, as the job's split of CPUs between the stages needs it
+    (``costs.split_cpus``). The process's torch threads are as before afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        predictor = Predictor(checkpoint, top_k=1, device="cpu", num_threads=1, onnx_graph=onnx_graph)
+        crops = np.random.default_rng(0).integers(0, 256, (images, crop_size, crop_size, 3), dtype=np.uint8)
+        predictor.predict(crops)  # warm-up: first calls allocate and pick kernels
+        start = time.thread_time()
+        predictor.predict(crops)
+        return (time.thread_time() - start) * 1000 / images
+    finally:
+        torch.set_num_threads(threads)

@@ -83,6 +83,9 @@ class RunPlan:
     storage: Storage = field(default_factory=Storage, compare=False, repr=False)
     # The output target that opened the run, and closes it (``target.finish_run``).
     target: OutputTarget | None = field(default=None, compare=False, repr=False)
+    # What an image cost each stage in this attempt and where each ran (``costs.StageCosts.as_record``, completed
+    # by ``job.run``), written into the run's record; None: not measured.
+    stage_costs: dict[str, object] | None = None
 
 
 class OutputTarget:
@@ -268,6 +271,8 @@ def close_record(
         seconds=round(seconds, 3),
         images_per_s=round(summary.labeled_now / seconds, 2) if seconds > 0 else None,
     )
+    if plan.stage_costs is not None:
+        record["stage_costs"] = plan.stage_costs
     return summary
 
 
