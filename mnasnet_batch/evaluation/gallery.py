@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
-from mnasnet_batch.config import ConfigError, PreprocessConfig, load_config
+from mnasnet_batch.config import ConfigError, JobConfig, PreprocessConfig, load_config
 from mnasnet_batch.decode.preprocess import error_message
 from mnasnet_batch.evaluation.rows import OutputRows, least_confident
 from mnasnet_batch.inputs.listing import layout_of_rows
@@ -178,7 +178,7 @@ def look(rows: pa.Table, output: OutputRows, storage: Storage) -> dict[str, Pict
     return pictures
 
 
-def _recorded(record: dict):
+def _recorded(record: dict) -> JobConfig:
     """The input and preprocessing settings a run recorded; the defaults where it recorded none."""
     recorded = record.get("config") or {}
     sections = {name: recorded[name] for name in ("input", "preprocess") if isinstance(recorded.get(name), dict)}
@@ -307,6 +307,7 @@ def thumbnail(data: bytes, preprocess: PreprocessConfig | None = None) -> bytes:
 
 
 def data_uri(jpeg: bytes) -> str:
+    """A JPEG as a ``data:`` URI, which the page holds inline (one offline file)."""
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
