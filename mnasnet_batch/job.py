@@ -420,7 +420,7 @@ def run(
     Returns:
         The labeling rate and where the stages ran (``Labeling``).
     """
-    spec = PreprocessSpec.for_job(config)
+    spec = PreprocessSpec.for_config(config.model.name, config.preprocess)
     nodes = alive_nodes()
     cluster = ray.cluster_resources()
     # Actors that decode too (decode_on=actor) leave the read tasks little to do, whatever decoding costs.
