@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--local-root",
         metavar="DIR",
-        help="local images: the folder Label Studio serves them from (its LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT); "
-        "default: the common parent of the local images under the threshold",
+        help="local images: Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, a folder above theirs; default: "
+        "the folder above the one that holds every local image under the threshold",
     )
     parser.add_argument(
         "--import",
@@ -107,7 +107,10 @@ def summary(result, args, config_path: str) -> str:
         + f"; labeling config {config_path}"
     )
     if result.local_root is not None:
-        line += f"; local images need LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={result.local_root}"
+        line += (
+            f"; local images: LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={result.local_root} and a Local Files storage "
+            f"for {', '.join(result.local_folders)}"
+        )
     return line
 
 

@@ -66,9 +66,11 @@ def test_the_least_confident_ok_rows_become_tasks_most_uncertain_first(run_outpu
     tasks = json.loads(destination.read_text())
     assert [t["data"]["uri"] for t in tasks] == [r["uri"] for r in ok[:3]]
     assert [t["predictions"][0]["score"] for t in tasks] == scores[:3]  # ascending: most uncertain first
-    # The default document root: the folder of the photos (the common parent of the local images).
-    root = re.search(r"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=(\S+)", line).group(1)
-    assert os.path.basename(root) == "photos" and all(r["uri"].startswith(root + "/") for r in ok)
+    # The default document root is the folder above the photos' (Label Studio refuses a Local Files storage at the
+    # root itself), and the photos' folder is the storage.
+    root = re.search(r"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=(\S+) ", line).group(1)
+    photos = os.path.join(root, "photos")
+    assert f"a Local Files storage for {photos}" in line and all(r["uri"].startswith(photos + "/") for r in ok)
     for t, row in zip(tasks, ok, strict=False):
         assert t["data"]["image"].startswith("/data/local-files/?d=")
         assert local_path(t["data"]["image"], root) == row["uri"]
@@ -101,18 +103,31 @@ def test_every_ok_row_under_one_and_the_limit_and_never_an_error_row(run_output,
     assert "2 of 5 ok images" in line and "(3 over --limit 2 left out)" in line
 
 
-def test_a_local_root_makes_paths_relative_to_it(run_output, tmp_path, capsys):
+def test_a_local_root_makes_paths_relative_to_it_and_leaves_out_images_directly_in_it(run_output, tmp_path, capsys):
     ok, _ = job_rows(run_output)
     photos = os.path.commonpath([os.path.dirname(r["uri"]) for r in ok])
     assert os.path.basename(photos) == "photos"
-    root = os.path.dirname(photos)  # the folder above the photos
+    root = os.path.dirname(os.path.dirname(photos))  # two folders above the photos
     destination = tmp_path / "review.json"
     argv = ["--output", str(run_output), "--to", str(destination), "--below", "1.01", "--local-root", root]
     assert review_main(argv) == 0
-    assert f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={root}" in capsys.readouterr().out
-    for t in json.loads(destination.read_text()):
-        assert parse_qs(urlsplit(t["data"]["image"]).query)["d"][0].startswith("photos/")
+    line = capsys.readouterr().out
+    assert f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={root} " in line
+    assert f"a Local Files storage for {os.path.dirname(photos)}" in line
+    tasks = json.loads(destination.read_text())
+    assert len(tasks) == 5
+    for t in tasks:
+        d = parse_qs(urlsplit(t["data"]["image"]).query)["d"][0]
+        assert d.startswith(os.path.relpath(photos, root) + "/")
         assert local_path(t["data"]["image"], root) == t["data"]["uri"]
+
+    # With the photos' folder as the root, only the one in a subfolder can be served: no storage may be the root.
+    assert review_main([*argv[:-1], photos]) == 0
+    line = capsys.readouterr().out
+    assert "1 of 5 ok images" in line and f"(4 {review.AT_ROOT} left out)" in line
+    [t] = json.loads(destination.read_text())
+    assert t["data"]["image"] == "/data/local-files/?d=more/c.jpg"
+    assert f"a Local Files storage for {photos}/more" in line
 
 
 def test_the_labeling_config_holds_every_class_and_the_predictions_names(run_output, tmp_path):
@@ -168,10 +183,11 @@ def test_object_and_web_urls_pass_through_and_shard_members_are_left_out():
     assert review.image_url("memory://photos/a.jpg", None) == (None, review.NO_URL)
     for uri in ("s3://b/shards/000.tar#0001.jpg", "/data/shards/000.TAR.GZ#k.png", "/data/images.parquet#17"):
         assert review.image_url(uri, "/data") == (None, review.IN_CONTAINER)
-    assert review.image_url("/data/photo #1.jpg", "/data") == ("/data/local-files/?d=photo%20%231.jpg", "")
+    assert review.image_url("/data/photos/a #1.jpg", "/data") == ("/data/local-files/?d=photos/a%20%231.jpg", "")
     assert review.image_url("/elsewhere/a.jpg", "/data") == (None, review.OUTSIDE_ROOT)
-    assert review.image_url("file:///data/caf%E9.jpg", "/data") == (None, review.NO_URL)  # not UTF-8
-    assert review.image_url("file:///data/caf%C3%A9.jpg", "/data") == ("/data/local-files/?d=caf%C3%A9.jpg", "")
+    assert review.image_url("/data/a.jpg", "/data") == (None, review.AT_ROOT)
+    assert review.image_url("file:///data/x/caf%E9.jpg", "/data") == (None, review.NO_URL)  # not UTF-8
+    assert review.image_url("file:///data/x/caf%C3%A9.jpg", "/data") == ("/data/local-files/?d=x/caf%C3%A9.jpg", "")
 
 
 def test_tasks_from_rows_built_directly_count_what_they_leave_out():

@@ -51,6 +51,7 @@ CLOUD_SCHEMES = {
 IN_CONTAINER = "inside a tar shard or Parquet file"
 NO_URL = "no URL Label Studio can open"
 OUTSIDE_ROOT = "outside --local-root"
+AT_ROOT = "directly in --local-root (Label Studio serves only from a folder under it)"
 
 # Where the labeling config goes beside the tasks file: review.json -> review.labeling.xml.
 CONFIG_SUFFIX = ".labeling.xml"
@@ -74,9 +75,14 @@ def local_path(uri: str) -> str | None:
 
 
 def default_local_root(uris: Iterable[str]) -> str | None:
-    """The deepest folder holding every local image of ``uris`` (their common parent), None when none is local."""
+    """The folder above the deepest one holding every local image of ``uris``; None when none is local.
+
+    Label Studio serves a local file only under a Local Files storage whose path is a folder *below* its document
+    root (it refuses a storage at the root itself), so the root is one level above the images' folder, which
+    becomes the storage.
+    """
     folders = [os.path.dirname(path) for path in map(local_path, uris) if path is not None]
-    return os.path.commonpath(folders) if folders else None
+    return os.path.dirname(os.path.commonpath(folders)) if folders else None
 
 
 def cloud_url(uri: str) -> str | None:
@@ -113,6 +119,8 @@ def image_url(uri: str, local_root: str | None) -> tuple[str | None, str]:
     relative = os.path.relpath(path, local_root) if local_root is not None else os.pardir
     if relative == os.pardir or relative.startswith(os.pardir + os.sep):
         return None, OUTSIDE_ROOT
+    if os.sep not in relative:  # no Local Files storage can hold it: its path may not be the root
+        return None, AT_ROOT
     try:
         relative.encode()
     except UnicodeEncodeError:  # the server decodes ``d`` as UTF-8: a name that is not cannot be asked for
@@ -205,10 +213,12 @@ class ReviewTasks:
     tasks: list[dict]
     # Rows under the threshold (ok rows only); tasks are these, less skipped ones, up to the limit.
     candidates: int
-    # Rows under the threshold that are not tasks, by why (IN_CONTAINER, NO_URL, OUTSIDE_ROOT).
+    # Rows under the threshold that are not tasks, by why (IN_CONTAINER, NO_URL, OUTSIDE_ROOT, AT_ROOT).
     skipped: dict[str, int] = field(default_factory=dict)
     # LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT for the local-files URLs; None when no task is a local file.
     local_root: str | None = None
+    # The folders under local_root that hold the local tasks' images: a Local Files storage each.
+    local_folders: tuple[str, ...] = ()
 
 
 def build_tasks(rows: list[dict], local_root: str | None = None, limit: int | None = None) -> ReviewTasks:
@@ -216,7 +226,7 @@ def build_tasks(rows: list[dict], local_root: str | None = None, limit: int | No
 
     Args:
         rows: the rows to review, most uncertain first.
-        local_root: the folder local paths are relative to; None: the common parent of the local images.
+        local_root: the folder local paths are relative to; None: ``default_local_root`` of the rows.
         limit: at most this many tasks; None: all.
     """
     if local_root is None:
@@ -230,8 +240,13 @@ def build_tasks(rows: list[dict], local_root: str | None = None, limit: int | No
             skipped[why] += 1
         else:
             tasks.append(task(row, url, len(tasks)))
-    uses_root = any(t["data"][TO_NAME].startswith(LOCAL_FILES_URL) for t in tasks)
-    return ReviewTasks(tasks, len(rows), dict(skipped), local_root if uses_root else None)
+    local = [local_path(t["data"]["uri"]) for t in tasks if t["data"][TO_NAME].startswith(LOCAL_FILES_URL)]
+    if not local:
+        return ReviewTasks(tasks, len(rows), dict(skipped))
+    folders = sorted(
+        {os.path.join(local_root, os.path.relpath(path, local_root).split(os.sep, 1)[0]) for path in local}
+    )
+    return ReviewTasks(tasks, len(rows), dict(skipped), local_root, tuple(folders))
 
 
 def labeling_config(categories: list[str]) -> str:
