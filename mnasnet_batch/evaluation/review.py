@@ -254,7 +254,9 @@ def labeling_config(categories: list[str]) -> str:
     class name (XML-escaped by ElementTree).
 
     ``layout="select"`` shows the 1,000 names as one drop-down list rather than 1,000 radio buttons (docs:
-    tags/choices.html, ``layout``); the result stays a ``choices`` region, which the predictions pre-fill.
+    tags/choices.html, ``layout``); the result stays a ``choices`` region, which the predictions pre-fill. A
+    Taxonomy would be searchable (the drop-down is not, in Label Studio 1.23.2), but its results are ``taxonomy``
+    regions: docs/review.md.
     """
     view = ET.Element("View")
     ET.SubElement(view, "Image", name=TO_NAME, value="$image")
