@@ -16,9 +16,10 @@ import torchvision
 
 from jobs.review import main as review_main
 from mnasnet_batch.cli import main as label_main
-from mnasnet_batch.config import load_config
+from mnasnet_batch.config import StorageConfig, load_config
 from mnasnet_batch.evaluation import review
 from mnasnet_batch.outputs import folder as output
+from mnasnet_batch.storage import Storage
 
 CATEGORIES = torchvision.models.MNASNet0_5_Weights.IMAGENET1K_V1.meta["categories"]
 
@@ -155,6 +156,23 @@ def test_a_location_without_a_run_or_a_folder_that_is_not_there_stops_with_one_l
     assert err.startswith(f"error: cannot write {tmp_path / 'nowhere' / 'r.json'}") and err.count("\n") == 1
 
 
+def test_an_output_on_s3_is_read_and_the_files_written_through_the_storage_settings(run_output, s3_server, capsys):
+    fs, _ = Storage(StorageConfig(**s3_server)).filesystem("s3://review-bucket")
+    fs.mkdir("review-bucket")
+    fs.put(str(run_output), "review-bucket/labels", recursive=True)
+    flags = []
+    for key, value in s3_server.items():
+        flags += ["--set", f"storage.{key}={json.dumps(value)}"]
+    argv = ["--output", "s3://review-bucket/labels", "--to", "s3://review-bucket/review.json", "--below", "1.01"]
+    assert review_main([*argv, *flags]) == 0
+    assert "5 of 5 ok images" in capsys.readouterr().out
+    ok, _ = job_rows(run_output)
+    tasks = json.loads(fs.cat_file("review-bucket/review.json"))
+    assert [t["data"]["uri"] for t in tasks] == [r["uri"] for r in ok]  # the rows' local paths, as written
+    view = ET.fromstring(fs.cat_file("review-bucket/review.labeling.xml"))
+    assert len(view.find("Choices").findall("Choice")) == 1000
+
+
 def row(uri: str, score: float, status: str = "ok") -> dict:
     ok = status == "ok"
     return {
@@ -211,7 +229,6 @@ def test_an_iceberg_tables_current_rows_become_tasks(tmp_path, capsys):
     from mnasnet_batch.inputs.files import FilesLayout
     from mnasnet_batch.inputs.layout import InputPlan
     from mnasnet_batch.outputs.table import IcebergTable
-    from mnasnet_batch.storage import Storage
 
     uris = [f"{tmp_path}/images/{i}.jpg" for i in range(4)]
     settings = {"uri": str(tmp_path / "labels"), "table": "labels.photos", "run_id": "r1"}
