@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -172,7 +173,7 @@ def top_k_text(labels: list[str], scores: list[float]) -> str:
     return " | ".join(f"{label} {score:.3f}" for label, score in zip(labels, scores, strict=True))
 
 
-def task(row: dict, url: str, index: int) -> dict:
+def task(row: dict, url: str) -> dict:
     """One Label Studio task: the image and the model's top-k in ``data``, and its top-1 as the prediction.
 
     The prediction follows Label Studio's pre-annotation format (docs: guide/predictions.html, "JSON format for
@@ -194,7 +195,9 @@ def task(row: dict, url: str, index: int) -> dict:
                 "score": row["top1_score"],
                 "result": [
                     {
-                        "id": f"top1-{index}",  # result ids are unique across the file, as the docs ask
+                        # A region id per image, the same in every file written for it: Label Studio's
+                        # predictions guide asks for distinct result ids.
+                        "id": "top1-" + hashlib.sha1(row["uri"].encode()).hexdigest()[:12],
                         "from_name": FROM_NAME,
                         "to_name": TO_NAME,
                         "type": "choices",
@@ -239,7 +242,7 @@ def build_tasks(rows: list[dict], local_root: str | None = None, limit: int | No
         if url is None:
             skipped[why] += 1
         else:
-            tasks.append(task(row, url, len(tasks)))
+            tasks.append(task(row, url))
     local = [local_path(t["data"]["uri"]) for t in tasks if t["data"][TO_NAME].startswith(LOCAL_FILES_URL)]
     if not local:
         return ReviewTasks(tasks, len(rows), dict(skipped))
