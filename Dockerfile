@@ -9,7 +9,7 @@ COPY --chown=ray:users mnasnet_batch ./mnasnet_batch
 COPY --chown=ray:users jobs ./jobs
 COPY --chown=ray:users conf ./conf
 RUN pip install --no-cache-dir "torch==2.14.1" "torchvision==0.29.1" \
-    && pip install --no-cache-dir ".[s3,gcs,azure,onnx,iceberg]"
+    && pip install --no-cache-dir ".[s3,gcs,azure,onnx,iceberg,heif]"
 
 # The official image's non-root user.
 USER ray

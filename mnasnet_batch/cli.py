@@ -365,7 +365,7 @@ def measure_costs(config: JobConfig, checkpoint: Checkpoint, inputs: InputPlan) 
     from mnasnet_batch.model.engine import export_ahead
     from mnasnet_batch.model.predictor import model_ms
 
-    spec = PreprocessSpec.for_job(config)
+    spec = PreprocessSpec.for_config(config.model.name, config.preprocess)
     graph = export_ahead(config.compute, checkpoint)  # the graph exported before, if any
     per_image = model_ms(checkpoint, graph, spec.crop_size)
     costs = measure(inputs, spec, per_image, "onnxruntime" if graph is not None else "torch")

@@ -17,7 +17,9 @@ DEVICES = ("auto", "cpu", "gpu")
 DECODE_PLACES = ("workers", "actor")
 PRECISIONS = ("fp32", "fp16", "bf16")
 ENGINES = ("auto", "torch", "onnxruntime")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+# HEIC / HEIF are read with the `heif` extra, and AVIF by a Pillow built with libavif; where they cannot be, the
+# input listing counts their files and leaves them out (mnasnet_batch/decode/formats.py).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "avif", "heic", "heif")
 INPUT_FORMATS = ("auto", "files", "webdataset", "parquet", "manifest")
 # Option names whose values are credentials: never logged or written (matched as substrings, lower case).
 SECRET_NAMES = ("key", "secret", "token", "password", "credential", "sas", "sig", "connection_string")
@@ -32,7 +34,8 @@ class ConfigError(ValueError):
 class InputConfig:
     # Required: a local path or fsspec URI; there is no sensible corpus to default to.
     uri: str = ""
-    # The image formats Pillow decodes that appear in web-scale corpora; matched case-insensitively.
+    # The image formats Pillow decodes that appear in web-scale corpora and photo libraries (phones save HEIC);
+    # matched case-insensitively.
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     # auto: read the layout from what the URI holds (images, then *.tar shards, then *.parquet whose
     # schema has image_column, else a manifest); set it when a location holds more than one layout.
@@ -134,6 +137,14 @@ class PreprocessConfig:
     # nodes whose CPUs cannot decode as fast as the GPU classifies; on a CPU, with Pillow on the actor's threads
     # (at par with workers on a 2-core machine, docs/benchmarks.md).
     decode_on: str = "workers"
+    # False: decode every pixel, as the reference does, so predictions match it. True: a large image is decoded at
+    # a reduced size whose short side stays at least twice the resize target (512 px for Resize 256): a JPEG at
+    # libjpeg's DCT scale 1/2, 1/4 or 1/8 (Image.draft), other formats reduced by an integer factor (Image.reduce),
+    # then resized and cropped as before. A phone photo (12 MP) decodes several times faster; the crops differ from
+    # the reference's by a fraction of a grey level on average (contract: under 1 level), which can move a
+    # prediction near a tie (measured in docs/benchmarks.md). Pillow's paths only: nvJPEG on a GPU actor
+    # (decode_on=actor) stays exact.
+    fast_decode: bool = False
 
 
 @dataclass(frozen=True)

@@ -234,7 +234,7 @@ def wait_for_room(
     if requested:
         ray.autoscaler.sdk.request_resources(bundles=[])  # the pending actors now ask for what they need
     cpus = sum(node.get("CPU", 0.0) for node in current)
-    if cpus - pool.min_size * demand["CPU"] < decode_cpus:
+    if cpus - pool.min_size * demand["CPU"] < decode_cpus - 1e-6:  # Ray counts CPUs in 1e-4 steps
         raise ConfigError(
             f"{pool.min_size} model actor(s) of {demand['CPU']:g} CPUs leave the cluster's {cpus:g} CPUs no room for "
             f"a decode task of {decode_cpus:g} CPUs (preprocess.num_cpus): lower compute.actor_cpus or "
@@ -250,17 +250,18 @@ def ray_data_log_directory() -> str:
 
 
 class CountProgress:
-    """The model actors' ``on_batch``: sends each output table's image and error counts to a ``ProgressCounter``."""
+    """The model actors' ``on_batch``: sends each output table's image and error counts, and the CPU time its
+    images took to decode and in the model, to a ``ProgressCounter``."""
 
     def __init__(self, counter: ray.actor.ActorHandle):
         self.counter = counter
 
-    def __call__(self, table: pa.Table) -> None:
+    def __call__(self, table: pa.Table, decode_ms: float = 0.0, model_ms: float = 0.0) -> None:
         errors = pc.sum(pc.equal(table["status"], "error")).as_py() or 0
         # Fire and forget: the count is for people watching, not worth a round trip per batch, and a
         # counter that is gone (its driver died) must not fail a batch whose rows are fine.
         with contextlib.suppress(Exception):
-            self.counter.add.remote(table.num_rows, errors)
+            self.counter.add.remote(table.num_rows, errors, decode_ms, model_ms)
 
 
 class NodeWatch:
@@ -419,7 +420,7 @@ def run(
     Returns:
         The labeling rate and where the stages ran (``Labeling``).
     """
-    spec = PreprocessSpec.for_job(config)
+    spec = PreprocessSpec.for_config(config.model.name, config.preprocess)
     nodes = alive_nodes()
     cluster = ray.cluster_resources()
     # Actors that decode too (decode_on=actor) leave the read tasks little to do, whatever decoding costs.
@@ -459,8 +460,18 @@ def run(
     with reporting_progress(counter, inputs.image_count, config.progress.interval_s):
         write(dataset, config, run_uri, storage)
         try:
-            images, seconds = ray.get(counter.labeling_span.remote(), timeout=30)
+            asked = [counter.labeling_span.remote(), counter.stage_costs.remote()]
+            (images, seconds), in_job = ray.get(asked, timeout=30)
         except Exception as exc:  # the rate is for people; the rows are written
             log.warning("the labeling rate is unknown: %s: %s", type(exc).__name__, exc)
-            images, seconds = 0, 0.0
+            (images, seconds), in_job = (0, 0.0), None
+    if in_job is not None:
+        # What the stages took in the job itself, each on the CPUs it held: beside the sample's, where a mixed
+        # corpus, other nodes' CPUs or threads contending for cores show.
+        stages["in_job"] = in_job
+        log.info(
+            "in the job, an image took %.1f ms to decode and %.1f ms in the model (CPU time)",
+            in_job["decode_ms"],
+            in_job["model_ms"],
+        )
     return Labeling(images, seconds, stages)

@@ -1,8 +1,24 @@
 """Phone photos: the 12 MP corpus the benchmarks use, HEIC / HEIF and AVIF files."""
 
+import io
+import logging
+import posixpath
+
 import numpy as np
+import pillow_heif
+import pyarrow.dataset as pads
+import pytest
+import torch
+import torchvision
+import torchvision.transforms.functional as F
 from PIL import Image, ImageOps
 
+from mnasnet_batch.cli import main
+from mnasnet_batch.config import InputConfig
+from mnasnet_batch.decode import formats
+from mnasnet_batch.decode.preprocess import PreprocessSpec, preprocess_image, reduce_factor
+from mnasnet_batch.inputs.listing import plan_input
+from mnasnet_batch.storage import Storage
 from tests import support
 
 
@@ -24,8 +40,100 @@ def test_photo_corpus_holds_landscapes_portraits_and_sideways_portraits(tmp_path
     # The HEIC copy is the sideways photo's upright picture, near its JPEG (two lossy codecs apart).
     heic = next(p for p in paths if p.suffix == ".heic")
     assert heic.stem == jpegs[3].stem
-    import pillow_heif
-
     upright = np.asarray(ImageOps.exif_transpose(Image.open(jpegs[3])).convert("RGB"), np.float32)
     copy = np.asarray(pillow_heif.open_heif(heic).to_pillow().convert("RGB"), np.float32)
     assert copy.shape == upright.shape and np.abs(copy - upright).mean() < 8
+
+
+def heic_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    pillow_heif.from_pillow(image).save(buffer, quality=90)
+    return buffer.getvalue()
+
+
+def reference_crop(image: Image.Image, model_name: str) -> np.ndarray:
+    """torchvision's own Resize and CenterCrop of the model's weights on a PIL image, as uint8."""
+    transforms = torchvision.models.get_model_weights(model_name).IMAGENET1K_V1.transforms()
+    resized = F.resize(image.convert("RGB"), transforms.resize_size, interpolation=transforms.interpolation)
+    return np.asarray(F.center_crop(resized, transforms.crop_size))
+
+
+@pytest.mark.parametrize("fast_decode", [False, True])
+def test_heic_decodes_as_pillow_heif_reads_it(photos, fast_decode):
+    spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9, fast_decode=fast_decode)
+    rng = np.random.default_rng(3)
+    # Landscape and portrait; with fast_decode a HEIC is decoded whole (no DCT scale) and then reduced, so one
+    # large enough to be reduced is compared through the same reduction.
+    images = [support.random_crop(photos["chelsea"], rng), support.random_crop(photos["coffee"], rng)]
+    if fast_decode:
+        images.append(photos["retina"].resize((1100, 1030)))
+    for image in images:
+        data = heic_bytes(image)
+        theirs = pillow_heif.open_heif(io.BytesIO(data)).to_pillow()
+        factor = reduce_factor(*theirs.size, spec) if fast_decode else 1
+        if factor > 1:
+            theirs = theirs.convert("RGB").reduce(factor)
+        assert np.array_equal(preprocess_image(data, spec), reference_crop(theirs, "mnasnet0_5")), image.size
+    assert not fast_decode or factor == 2  # the large one was reduced
+
+
+def test_avif_decodes_as_pillow_reads_it(photos):
+    spec = PreprocessSpec.for_model("mnasnet0_75", max_pixels=10**9)  # Resize 232
+    buffer = io.BytesIO()
+    support.random_crop(photos["astronaut"], np.random.default_rng(4)).save(buffer, format="AVIF", quality=80)
+    data = buffer.getvalue()
+    with Image.open(io.BytesIO(data)) as theirs:
+        assert theirs.format == "AVIF"
+        assert np.array_equal(preprocess_image(data, spec), reference_crop(theirs, "mnasnet0_75"))
+
+
+def write_folder(folder, photos) -> None:
+    folder.mkdir()
+    photo = photos["chelsea"].resize((200, 150))
+    photo.save(folder / "a.jpg")
+    photo.save(folder / "b.avif", format="AVIF")
+    for name in ("c.heic", "d.HEIC", "e.heif"):
+        (folder / name).write_bytes(heic_bytes(photo))
+
+
+def listed(folder) -> list[str]:
+    plan = plan_input(InputConfig(uri=str(folder)), Storage())
+    return sorted(posixpath.basename(uri) for uri in plan.uris.to_pylist())
+
+
+def test_heic_heif_and_avif_are_listed_where_they_can_be_decoded(tmp_path, photos, caplog):
+    write_folder(tmp_path / "photos", photos)
+    with caplog.at_level(logging.INFO, logger="mnasnet_batch"):
+        assert listed(tmp_path / "photos") == ["a.jpg", "b.avif", "c.heic", "d.HEIC", "e.heif"]
+    assert "skipped" not in caplog.text
+
+
+def test_heic_files_without_pillow_heif_are_counted_in_the_log_and_left_out(tmp_path, photos, caplog, monkeypatch):
+    write_folder(tmp_path / "photos", photos)
+    # pillow-heif is installed here (the test extra), and a package cannot be uninstalled cleanly from a running
+    # test session; formats.heif_installed is the one place that asks whether it is, so it stands in for its absence.
+    monkeypatch.setattr(formats, "heif_installed", lambda: False)
+    with caplog.at_level(logging.INFO, logger="mnasnet_batch"):
+        assert listed(tmp_path / "photos") == ["a.jpg", "b.avif"]
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skipped == ["skipped 3 .heic/.heif files: pip install 'mnasnet-batch[heif]' to label them"]
+    assert "ignoring" not in caplog.text  # counted once, as skipped, not also as other files
+
+
+def test_a_heic_photo_is_labeled_as_the_reference_labels_pillow_heifs_image(
+    tmp_path, local_ray, photos, checkpoint_path, fixture_model
+):
+    images = tmp_path / "images"
+    images.mkdir()
+    photo = support.random_crop(photos["stereo_motorcycle"], np.random.default_rng(5))
+    (images / "phone.heic").write_bytes(heic_bytes(photo))
+    output = tmp_path / "labels"
+    assert main(support.job_argv(images, output, checkpoint_path, "preprocess.batch_size=4")) == 0
+    (row,) = pads.dataset(output, format="parquet").to_table().to_pylist()
+    assert row["uri"] == str(images / "phone.heic") and row["status"] == "ok", row["error"]
+    decoded = pillow_heif.open_heif(images / "phone.heic").to_pillow()
+    reference = support.reference_tensor(decoded, "mnasnet0_5")
+    with torch.no_grad():
+        scores, ids = torch.topk(torch.softmax(fixture_model.eval()(reference[None]), dim=1), 5)
+    assert row["top_k_ids"] == ids[0].tolist()
+    np.testing.assert_allclose(row["top_k_scores"], scores[0].numpy(), atol=1e-4)

@@ -1,5 +1,6 @@
-"""Preprocessing parity with torchvision's reference transform, and bad images as error values."""
+"""Preprocessing parity with torchvision's reference transform, fast decoding, and bad images as error values."""
 
+import dataclasses
 import io
 
 import numpy as np
@@ -8,7 +9,15 @@ import torch
 from PIL import Image
 
 from mnasnet_batch.config import InputConfig
-from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch, preprocess_image
+from mnasnet_batch.decode.preprocess import (
+    PreprocessSpec,
+    decode_batch,
+    decoded_image,
+    draft_scale,
+    open_image,
+    preprocess_image,
+    reduce_factor,
+)
 from mnasnet_batch.inputs.files import FilesLayout
 from mnasnet_batch.inputs.layout import encoded_batch
 from mnasnet_batch.storage import Storage
@@ -121,3 +130,83 @@ def test_decode_and_write_tasks_do_not_import_torch(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code, str(payload)], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def large_photos(tmp_path_factory):
+    """Four 3 MP photos (landscape, landscape, portrait, portrait stored sideways with EXIF orientation 6): large
+    enough that fast decoding drafts them at DCT scale 1/2 (short side 1500 >= 2 x 2 x 256), and quick to make."""
+    return support.write_photo_corpus(tmp_path_factory.mktemp("large"), 4, size=(2000, 1500))
+
+
+def decoded_size(data: bytes, spec: PreprocessSpec) -> tuple[int, int]:
+    with open_image(data, spec) as image:
+        return decoded_image(image, spec).size
+
+
+@pytest.mark.parametrize("apply_exif_orientation", [False, True])
+def test_fast_decode_drafts_large_jpegs_and_stays_within_a_level_on_average(large_photos, apply_exif_orientation):
+    exact = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9, apply_exif_orientation=apply_exif_orientation)
+    fast = dataclasses.replace(exact, fast_decode=True)
+    assert [draft_scale(*size, fast) for size in ((2000, 1500), (4032, 3024), (1000, 750))] == [2, 4, 1]
+    for path in large_photos:
+        data = path.read_bytes()
+        upright = apply_exif_orientation and path == large_photos[3]  # the sideways one, turned
+        portrait = path == large_photos[2] or upright
+        assert decoded_size(data, exact) == ((1500, 2000) if portrait else (2000, 1500))
+        assert decoded_size(data, fast) == ((750, 1000) if portrait else (1000, 750)), path.name  # drafted at 1/2
+        difference = np.abs(preprocess_image(data, fast).astype(int) - preprocess_image(data, exact).astype(int))
+        # The contract (config.PreprocessConfig.fast_decode): under one grey level on average.
+        assert 0 < difference.mean() < 1.0, path.name
+
+
+def test_fast_decode_turns_sideways_portraits_as_the_exact_path_does(large_photos):
+    sideways = large_photos[3].read_bytes()
+    with Image.open(io.BytesIO(sideways)) as image:
+        assert image.size == (2000, 1500) and image.getexif()[support.ORIENTATION_TAG] == support.SIDEWAYS
+    turned = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9, apply_exif_orientation=True)
+    exact = preprocess_image(sideways, turned).astype(int)
+    fast = preprocess_image(sideways, dataclasses.replace(turned, fast_decode=True)).astype(int)
+    as_stored = preprocess_image(sideways, dataclasses.replace(turned, apply_exif_orientation=False)).astype(int)
+    # Within the contract of the same orientation, and far from any other: the crop stored sideways, or turned
+    # the other way (180 degrees from the right one).
+    assert np.abs(fast - exact).mean() < 1.0
+    for wrong in (as_stored, np.rot90(exact, 2)):
+        assert np.abs(fast - wrong).mean() > 10 * np.abs(fast - exact).mean()
+
+
+def test_fast_decode_reduces_other_formats_and_leaves_small_images_exact(large_photos, photos):
+    exact = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9)
+    fast = dataclasses.replace(exact, fast_decode=True)
+    with Image.open(large_photos[0]) as image:
+        png = encode(image, "PNG", compress_level=1)  # level 1: quick to write
+    assert [reduce_factor(*size, fast) for size in ((2000, 1500), (1000, 750))] == [2, 1]
+    assert decoded_size(png, fast) == (1000, 750)
+    difference = np.abs(preprocess_image(png, fast).astype(int) - preprocess_image(png, exact).astype(int))
+    assert 0 < difference.mean() < 1.0
+    # A short side under 2 x 2 x 256 px, which no DCT scale or reduce factor of 2 keeps at 512: decoded exactly, the
+    # reference's crop to the bit.
+    assert draft_scale(1024, 1024, fast) == reduce_factor(1024, 1024, fast) == 2
+    assert draft_scale(1023, 1400, fast) == reduce_factor(1023, 1400, fast) == 1
+    for image in varied_crops(photos, 4) + [photos["retina"].resize((1400, 1023))]:
+        for data in (encode(image, "JPEG", quality=90), encode(image, "PNG", compress_level=1)):
+            assert np.array_equal(preprocess_image(data, fast), preprocess_image(data, exact))
+
+
+def test_fast_decode_refuses_by_the_full_size(large_photos):
+    # Drafting shrinks the image Pillow reports; the cap must still see the size in the header.
+    spec = PreprocessSpec.for_model("mnasnet0_5", max_pixels=2000 * 1500 - 1, fast_decode=True)
+    batch = decode_batch(encoded_batch(np.asarray(["big"], dtype=object), [large_photos[0].read_bytes()]), spec)
+    assert batch["error"][0] == "ValueError: image is 2000x1500 = 3000000 pixels, over preprocess.max_pixels=2999999"
+
+
+def test_spec_takes_every_decoding_setting_of_the_config():
+    from mnasnet_batch.config import load_config, parse_override
+
+    settings = ("fast_decode=true", "apply_exif_orientation=true", "decode_on=actor", "max_pixels=1000")
+    config = load_config(overrides=[parse_override(f"preprocess.{setting}") for setting in settings])
+    spec = PreprocessSpec.for_config("mnasnet0_75", config.preprocess)
+    assert spec == PreprocessSpec.for_model(
+        "mnasnet0_75", 1000, apply_exif_orientation=True, decode_on="actor", fast_decode=True
+    )
+    assert PreprocessSpec.for_config("mnasnet0_75", load_config().preprocess).fast_decode is False

@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import contextlib
 import io
+import time
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mnasnet_batch.decode.formats import register_openers
+
+if TYPE_CHECKING:
+    from mnasnet_batch.config import PreprocessConfig
+
 # Decode tasks import this module, and nothing here imports torch: a worker process that loads torch spends
 # seconds of CPU on it, which on a small machine are taken from the model. The driver reads the geometry from
 # torchvision (``PreprocessSpec.for_model``) and ships it as plain numbers.
+
+# With fast decoding, an image is decoded or reduced to a short side of at least this many times the resize target
+# (512 px for Resize 256): the antialiased resize after it still averages two or more decoded pixels into each of
+# its own, so what the reduction leaves out is detail the resize would have averaged away anyway.
+FAST_DECODE_MARGIN = 2
+# The scales at which libjpeg decodes in the DCT domain (Pillow's ``Image.draft``), largest first.
+DRAFT_SCALES = (8, 4, 2)
 
 
 @dataclass(frozen=True)
@@ -27,18 +41,17 @@ class PreprocessSpec:
     apply_exif_orientation: bool = False
     # "workers": the pipeline's decode stage decodes; "actor": the model actor does (``Predictor``).
     decode_on: str = "workers"
-
-    @classmethod
-    def for_job(cls, config) -> PreprocessSpec:
-        """``for_model`` with a job's settings (``config.JobConfig``)."""
-        preprocess = config.preprocess
-        return cls.for_model(
-            config.model.name, preprocess.max_pixels, preprocess.apply_exif_orientation, preprocess.decode_on
-        )
+    # Decode large images at a reduced size first (``decoded_image``); Pillow's paths only, nvJPEG stays exact.
+    fast_decode: bool = False
 
     @classmethod
     def for_model(
-        cls, model_name: str, max_pixels: int, apply_exif_orientation: bool = False, decode_on: str = "workers"
+        cls,
+        model_name: str,
+        max_pixels: int,
+        apply_exif_orientation: bool = False,
+        decode_on: str = "workers",
+        fast_decode: bool = False,
     ) -> PreprocessSpec:
         """Reads resize, crop and interpolation from the model's torchvision weights, never by hand."""
         from torchvision.transforms.functional import pil_modes_mapping
@@ -53,6 +66,18 @@ class PreprocessSpec:
             max_pixels=max_pixels,
             apply_exif_orientation=apply_exif_orientation,
             decode_on=decode_on,
+            fast_decode=fast_decode,
+        )
+
+    @classmethod
+    def for_config(cls, model_name: str, preprocess: PreprocessConfig) -> PreprocessSpec:
+        """``for_model`` with every setting of the ``preprocess`` section that decides how an image is decoded."""
+        return cls.for_model(
+            model_name,
+            preprocess.max_pixels,
+            apply_exif_orientation=preprocess.apply_exif_orientation,
+            decode_on=preprocess.decode_on,
+            fast_decode=preprocess.fast_decode,
         )
 
 
@@ -61,6 +86,7 @@ def open_image(data: bytes, spec: PreprocessSpec) -> Iterator[Image.Image]:
     """Opens an image from its header only, refusing more than ``spec.max_pixels`` before anything is decoded."""
     # Pillow's own bomb guard warns and raises at fixed thresholds; ours (max_pixels) replaces it.
     Image.MAX_IMAGE_PIXELS = None
+    register_openers()  # HEIC / HEIF where pillow-heif is installed; once per process
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
         if width * height > spec.max_pixels:
@@ -73,8 +99,7 @@ def open_image(data: bytes, spec: PreprocessSpec) -> Iterator[Image.Image]:
 def preprocess_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     """Decodes one image and applies torchvision's eval geometry exactly as its PIL path does.
 
-    Pillow decodes; ``convert("RGB")`` handles L, P, RGBA, CMYK and 16-bit modes as torchvision's
-    ImageFolder loader does; the short side is resized with antialiased bilinear (Pillow's) and the
+    Pillow decodes (``decoded_image``); the short side is resized with antialiased bilinear (Pillow's) and the
     centre cropped. Normalisation happens later, on the model's device.
 
     Returns:
@@ -84,12 +109,50 @@ def preprocess_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
         Exception: whatever makes the image unusable; callers turn it into an error row.
     """
     with open_image(data, spec) as image:
-        rgb = (ImageOps.exif_transpose(image) if spec.apply_exif_orientation else image).convert("RGB")
+        rgb = decoded_image(image, spec)
     height, width, top, left = resize_geometry(rgb.height, rgb.width, spec)
     # What torchvision's resize and center_crop do with a PIL image: Image.resize (antialiased), Image.crop.
     resized = rgb.resize((width, height), resample=spec.resample)
     cropped = resized.crop((left, top, left + spec.crop_size, top + spec.crop_size))
     return np.asarray(cropped, dtype=np.uint8)
+
+
+def decoded_image(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """An opened image (``open_image``) decoded as the resize takes it: turned upright by its EXIF orientation if
+    ``spec.apply_exif_orientation``, in RGB (``convert("RGB")`` handles L, P, RGBA, CMYK and 16-bit modes as
+    torchvision's ImageFolder loader does).
+
+    With ``spec.fast_decode``, at a reduced size whose short side stays at least ``FAST_DECODE_MARGIN`` times the
+    resize target: a JPEG is decoded at the smallest DCT scale that keeps it (``Image.draft``, ``draft_scale``),
+    and what is still larger, of any format, is reduced by the largest integer factor that keeps it
+    (``Image.reduce``, a box filter, ``reduce_factor``); smaller images are decoded exactly.
+    """
+    if spec.fast_decode and image.format == "JPEG":
+        scale = draft_scale(*image.size, spec)
+        if scale > 1:
+            # Requesting the scaled size makes Pillow pick exactly this scale (it picks the largest DCT scale whose
+            # image is at least the size asked); the image is then decoded at ceil(side / scale).
+            image.draft(image.mode, (image.width // scale, image.height // scale))
+    oriented = ImageOps.exif_transpose(image) if spec.apply_exif_orientation else image
+    rgb = oriented.convert("RGB")
+    if spec.fast_decode:
+        factor = reduce_factor(*rgb.size, spec)
+        if factor > 1:
+            rgb = rgb.reduce(factor)
+    return rgb
+
+
+def draft_scale(width: int, height: int, spec: PreprocessSpec) -> int:
+    """The DCT scale (8, 4, 2, or 1: none) fast decoding decodes a JPEG of this size at: the largest whose short
+    side is still at least ``FAST_DECODE_MARGIN`` times ``spec.resize_size``."""
+    least = FAST_DECODE_MARGIN * spec.resize_size
+    return next((scale for scale in DRAFT_SCALES if min(width, height) >= least * scale), 1)
+
+
+def reduce_factor(width: int, height: int, spec: PreprocessSpec) -> int:
+    """The factor (1: none) fast decoding reduces a decoded image of this size by: the largest whose short side is
+    still at least ``FAST_DECODE_MARGIN`` times ``spec.resize_size``."""
+    return max(1, min(width, height) // (FAST_DECODE_MARGIN * spec.resize_size))
 
 
 def resize_geometry(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:
@@ -142,19 +205,28 @@ def decode_batch(
 
     Returns:
         ``uri``; ``image`` (N, crop, crop, 3) uint8, zeros where the image failed; ``error``, "" where the image
-        is usable, else the read's error or ``"<ExceptionType>: <message>"`` of the decode.
+        is usable, else the read's error or ``"<ExceptionType>: <message>"`` of the decode; ``decode_ms``, the CPU
+        milliseconds each usable image took (0 for the others), which the job records (``ProgressCounter``).
     """
     images = np.zeros((len(batch["uri"]), spec.crop_size, spec.crop_size, 3), dtype=np.uint8)
+    spent = np.zeros(len(images), dtype=np.float32)
 
     def decode(i: int) -> str:
         if batch["error"][i]:  # the read failed
             return batch["error"][i]
         try:
+            start = time.thread_time()
             images[i] = preprocess_image(batch["data"][i], spec)
+            spent[i] = (time.thread_time() - start) * 1000
             return ""
         except Exception as exc:
             return error_message(exc)
 
     indices = range(len(images))
     errors = list(threads.map(decode, indices) if threads is not None else map(decode, indices))
-    return {"uri": np.asarray(batch["uri"], dtype=object), "image": images, "error": np.asarray(errors, dtype=object)}
+    return {
+        "uri": np.asarray(batch["uri"], dtype=object),
+        "image": images,
+        "error": np.asarray(errors, dtype=object),
+        "decode_ms": spent,
+    }

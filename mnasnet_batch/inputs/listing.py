@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import posixpath
 from collections.abc import Iterable
@@ -10,9 +11,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mnasnet_batch.config import InputConfig
+from mnasnet_batch.decode.formats import unreadable_formats
 from mnasnet_batch.inputs import spool
 from mnasnet_batch.inputs.files import FilesLayout
-from mnasnet_batch.inputs.layout import SHOWN_MEMBERS, InputPlan, Layout
+from mnasnet_batch.inputs.layout import SHOWN_MEMBERS, InputPlan, Layout, has_extensions
 from mnasnet_batch.inputs.manifests import ManifestLayout
 from mnasnet_batch.inputs.parquet import ParquetLayout
 from mnasnet_batch.inputs.spool import SpooledURIs
@@ -52,6 +54,44 @@ class _Selection:
         return inputs.take(pc.sort_indices(inputs)) if len(inputs) else inputs
 
 
+class _Unreadable:
+    """The image files of a listing in formats this installation cannot decode (``formats.unreadable_formats``),
+    taken out of each chunk before the layouts see it, and counted per format for one line of the log each."""
+
+    def __init__(self, config: InputConfig):
+        wanted = {extension.lower().lstrip(".") for extension in config.extensions}
+        self.formats = [f for f in unreadable_formats() if wanted.intersection(f.extensions)]
+        self.counts = dict.fromkeys(self.formats, 0)
+        # Files of a layout other than loose images (shards, Parquet, manifests) are taken whatever their name.
+        self.applies = config.format in ("auto", "files")
+
+    def readable(self, config: InputConfig) -> InputConfig:
+        """``config`` with only the extensions that can be decoded here: what the layouts select, and read in shards."""
+        left_out = {extension for f in self.formats for extension in f.extensions}
+        return dataclasses.replace(
+            config, extensions=tuple(e for e in config.extensions if e.lower().lstrip(".") not in left_out)
+        )
+
+    def take_out(self, files: pa.Array) -> pa.Array:
+        """``files`` without those in unreadable formats, which are counted."""
+        if not self.applies:
+            return files
+        for image_format in self.formats:
+            unreadable = has_extensions(files, image_format.extensions)
+            count = pc.sum(unreadable).as_py() if len(files) else 0
+            if count:
+                self.counts[image_format] += count
+                files = files.filter(pc.invert(unreadable))
+        return files
+
+    def log(self) -> None:
+        """One line per format with files left out: how many, and what to install to label them."""
+        for image_format, count in self.counts.items():
+            if count:
+                described, install = image_format.describe(), image_format.install
+                log.warning("skipped %d %s files: %s to label them", count, described, install)
+
+
 def select_inputs(
     config: InputConfig, storage: Storage, spool_folder: str = ""
 ) -> tuple[Layout, pa.ChunkedArray | SpooledURIs]:
@@ -60,7 +100,9 @@ def select_inputs(
 
     Detection takes image files, then tar shards, then Parquet files with ``input.image_column`` (else those
     Parquet files are a manifest), then text or CSV manifests. A single file named explicitly is taken whatever
-    its extension when the format is set (and is not ``files``).
+    its extension when the format is set (and is not ``files``). Image files in a format this installation cannot
+    decode (HEIC without the ``heif`` extra, ``formats.unreadable_formats``) are left out, and counted in the log
+    with what to install.
 
     ``spool_folder``: where a long list of image files is written (``Layout.spool_folder``).
 
@@ -68,17 +110,20 @@ def select_inputs(
         StorageError: the input does not exist, or holds nothing of its layout (of any layout, with ``auto``).
     """
     chunks, single = storage.list_files(config.uri)
+    unreadable = _Unreadable(config)
+    config = unreadable.readable(config)
     layouts = [layout(config, storage, spool_folder) for layout in LAYOUTS]
     if config.format != "auto":
         layouts = [layout for layout in layouts if layout.name == config.format]
     selections = [_Selection(layout) for layout in layouts]
     for chunk in chunks:
-        files = pa.array(chunk, pa.large_string())
+        files = unreadable.take_out(pa.array(chunk, pa.large_string()))
         for selection in selections:
             selection.add(files, single)
         if len(selections[0].inputs):
             # Image files come first: once one is listed, the other layouts need not collect their inputs.
             selections = selections[:1]
+    unreadable.log()
     found = {id(selection.layout): selection for selection in selections}
     for layout in layouts:
         selection = found.get(id(layout))
@@ -108,6 +153,7 @@ def select_inputs(
     if not len(inputs):
         raise StorageError(f"input {config.uri} holds no {layout.wanted()}")
     return layout, inputs
+
 
 def plan_input(config: InputConfig, storage: Storage, spool_folder: str = "") -> InputPlan:
     """Lists the input once, decides its layout and selects its inputs (``select_inputs``), and plans them.

@@ -196,6 +196,8 @@ def fingerprint(config: JobConfig, weights_id: str) -> dict[str, object]:
         "top_k": config.model.top_k,
         "max_pixels": config.preprocess.max_pixels,
         "apply_exif_orientation": config.preprocess.apply_exif_orientation,
+        # Only when on: the outputs of runs from before the setting existed (exact, all of them) still match.
+        **({"fast_decode": True} if config.preprocess.fast_decode else {}),
     }
 
 
