@@ -25,6 +25,7 @@ from mnasnet_batch.evaluation.rows import OutputRows
 from mnasnet_batch.inputs.parquet import ParquetLayout
 from mnasnet_batch.inputs.webdataset import WebDatasetLayout
 from mnasnet_batch.storage import Storage
+from tests import support
 from tests.test_sources import make_tar
 
 
@@ -405,3 +406,27 @@ def test_the_gallery_keeps_the_page_under_its_budget():
     html = "".join(sections)
     assert len(html) < gallery.GALLERY_BYTES + 100_000 and "not shown, to keep the page under 5 MB: label " in html
     assert "label 0" in html and html.count("<figure>") < 40 * 8
+
+
+def test_a_manifests_http_urls_are_read_back_with_its_storage_settings(corpus, tmp_path):
+    with support.ImageServer({"/good.jpg": corpus[0].read_bytes()}) as server:
+        uris = [server.url("/good.jpg"), server.url("/missing.jpg"), server.url("/page.jpg"), str(corpus[1])]
+        rows = pa.table(
+            {
+                "uri": uris,
+                "status": ["ok", "ok", "ok", "ok"],
+                "error": pa.nulls(4, pa.string()),
+                "top_k_scores": [[0.9]] * 4,
+                "top_k_labels": [["tabby"]] * 4,
+                "run_id": ["m"] * 4,
+                "source_size": pa.nulls(4, pa.int64()),
+                "source_version": pa.nulls(4, pa.string()),
+            }
+        )
+        record = {"run_id": "m", "config": {"input": {"uri": str(tmp_path / "list.txt"), "format": "manifest"}}}
+        found = gallery.look(rows, OutputRows(rows, [record]), Storage(StorageConfig(http_timeout_s=2)))
+    assert found[uris[0]].jpeg == gallery.thumbnail(corpus[0].read_bytes())
+    assert found[uris[1]].missing == "gone" and found[uris[1]].reason.startswith("FileNotFoundError")
+    # An HTML page where the run read an image: the bytes it serves now no longer decode.
+    assert found[uris[2]].missing == "changed" and "no longer decode" in found[uris[2]].reason
+    assert found[uris[3]].jpeg == gallery.thumbnail(corpus[1].read_bytes())
