@@ -331,7 +331,7 @@ def prepare(
     config: JobConfig, target: OutputTarget | None = None, storage: Storage | None = None
 ) -> tuple[Checkpoint, InputPlan, RunPlan, StageCosts | None]:
     """Verifies the weights, plans the input and opens the run: everything that can fail before any image is read;
-    then measures what an image of the input costs each stage (``measure_costs``).
+    then measures what an image of the input costs each stage (``costs.job_costs``).
 
     ``target``: the output target (``targets.target_for``), chosen from ``config`` when None. ``storage``: the job's
     storage handle, built from ``config.storage`` when None.
@@ -341,6 +341,7 @@ def prepare(
         StorageError: the input or the output cannot be used.
         ConfigError: the configured engine is not installed.
     """
+    from mnasnet_batch.costs import job_costs
     from mnasnet_batch.outputs import targets
 
     target = target or targets.target_for(config)
@@ -351,27 +352,10 @@ def prepare(
     except BaseException:
         inputs.release()
         raise
-    costs = measure_costs(config, checkpoint, inputs)
+    costs = job_costs(config, checkpoint, inputs)
     if costs is not None:
         plan = dataclasses.replace(plan, stage_costs=costs.as_record())
     return checkpoint, inputs, plan, costs
-
-
-def measure_costs(config: JobConfig, checkpoint: Checkpoint, inputs: InputPlan) -> StageCosts | None:
-    """What an image of ``inputs`` costs decoding and the model on one core (``costs.measure``), by which the job
-    divides a cluster's CPUs between them; None where the sample tells nothing."""
-    from mnasnet_batch.costs import measure
-    from mnasnet_batch.decode.preprocess import PreprocessSpec
-    from mnasnet_batch.model.engine import export_ahead
-    from mnasnet_batch.model.predictor import model_ms
-
-    spec = PreprocessSpec.for_config(config.model.name, config.preprocess)
-    graph = export_ahead(config.compute, checkpoint)  # the graph exported before, if any
-    per_image = model_ms(checkpoint, graph, spec.crop_size)
-    costs = measure(inputs, spec, per_image, "onnxruntime" if graph is not None else "torch")
-    if costs is None:
-        log.info("no image of the input's sample decoded: its CPUs are divided as for ImageNet-sized JPEGs")
-    return costs
 
 
 def prepare_input(config: JobConfig, storage: Storage, spool: bool = False) -> tuple[Checkpoint, InputPlan]:

@@ -9,11 +9,17 @@ import math
 import socket
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.inputs.layout import READ_BATCH_BYTES
+
+if TYPE_CHECKING:  # the model's modules import torch, which read and decode tasks never load
+    from mnasnet_batch.config import JobConfig
+    from mnasnet_batch.inputs.layout import InputPlan
+    from mnasnet_batch.model.weights import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +97,8 @@ def decode_ms(batch: dict[str, np.ndarray], spec: PreprocessSpec) -> tuple[float
     return spent * 1000 / decoded, decoded, size // decoded
 
 
-def measure(inputs, spec: PreprocessSpec, model_ms: float, engine: str) -> StageCosts | None:
-    """The stage costs of ``inputs`` (an ``InputPlan``): decoding measured on its ``Layout.sample``, beside the
+def measure(inputs: InputPlan, spec: PreprocessSpec, model_ms: float, engine: str) -> StageCosts | None:
+    """The stage costs of ``inputs``: decoding measured on its ``Layout.sample``, beside the
     model's ``model_ms`` (``predictor.model_ms``). None when no image of the sample decodes, or it cannot be read:
     the labeling reports those images' errors itself."""
     try:
@@ -104,6 +110,21 @@ def measure(inputs, spec: PreprocessSpec, model_ms: float, engine: str) -> Stage
     if not decoded:
         return None
     return StageCosts(per_image, model_ms, decoded, size, engine, socket.gethostname())
+
+
+def job_costs(config: JobConfig, checkpoint: Checkpoint, inputs: InputPlan) -> StageCosts | None:
+    """What an image of ``inputs`` costs decoding and the model on one core (``measure``) with the job's settings,
+    the model on the engine the driver prepared for its actors; None where the sample tells nothing."""
+    from mnasnet_batch.model.engine import export_ahead
+    from mnasnet_batch.model.predictor import model_ms
+
+    spec = PreprocessSpec.for_config(config.model.name, config.preprocess)
+    graph = export_ahead(config.compute, checkpoint)  # the graph exported before, if any
+    per_image = model_ms(checkpoint, graph, spec.crop_size)
+    costs = measure(inputs, spec, per_image, "onnxruntime" if graph is not None else "torch")
+    if costs is None:
+        log.info("no image of the input's sample decoded: its CPUs are divided as for ImageNet-sized JPEGs")
+    return costs
 
 
 @dataclass(frozen=True)
