@@ -16,6 +16,13 @@ start to the first written row, and, in one more run of the large set, the peak 
 processes.
 
     .venv/bin/python benchmarks/benchmark.py --workdir /tmp/bench --models mnasnet0_5 mnasnet1_0
+
+With ``--photos SMALL LARGE``, also a corpus of 12 MP phone photos (``tests.support.write_photo_corpus``), side by
+side with the above in one invocation: this machine's exact-decode ceiling (cores x images/s of one core's plain
+Pillow decode, Resize and crop), the job's steady state on the photos exact and with ``preprocess.fast_decode``, and
+the peak PSS of the job on LARGE photos against LARGE images of the 500-px corpus:
+
+    .venv/bin/python benchmarks/benchmark.py --models mnasnet0_5 --contenders job torch raydoc --photos 40 160
 """
 
 from __future__ import annotations
@@ -227,13 +234,20 @@ def first_row_seen(output: Path) -> bool:
 
 
 def time_command(
-    contender: str, input_dir: Path, output: Path, model: str, weights: Path, sample_memory: bool = False
+    contender: str,
+    input_dir: Path,
+    output: Path,
+    model: str,
+    weights: Path,
+    sample_memory: bool = False,
+    settings: tuple[str, ...] = (),
 ) -> dict:
     """Runs one contender as a whole command: its wall time, when its first row was written, and whether it spilled.
 
     With ``sample_memory``, also the peak PSS of its processes. Timed runs do not sample: reading the PSS of a
     Ray job's processes costs ~0.25 CPU-s per sample here (the kernel walks every process's mapping of the
-    object store), which on two cores slowed the Ray contenders by a fifth.
+    object store), which on two cores slowed the Ray contenders by a fifth. ``settings``: more ``--set`` overrides
+    of a job.
     """
     shutil.rmtree(output, ignore_errors=True)
     output.mkdir(parents=True)
@@ -251,6 +265,7 @@ def time_command(
             str(weights),
             "--set",
             f"compute.engine={JOB_ENGINES[contender]}",
+            *(item for setting in settings for item in ("--set", setting)),
         ]
     else:
         command = [
@@ -333,6 +348,67 @@ def subset(corpus: list[Path], count: int) -> Path:
     return directory
 
 
+def make_photo_corpus(workdir: Path, count: int) -> list[Path]:
+    """At least ``count`` 12 MP phone photos (JPEG) under ``workdir``, written once and reused by later invocations."""
+    from tests import support
+
+    directory = workdir / "photos-12mp"
+    existing = sorted(directory.glob("*.jpg")) if directory.exists() else []
+    if len(existing) >= count:
+        return existing[:count]
+    shutil.rmtree(directory, ignore_errors=True)
+    return support.write_photo_corpus(directory, count, seed=7)
+
+
+def one_core_decode_rate(paths: list[Path], model: str) -> float:
+    """Images/s of plain Pillow on one core: read, decode, Resize and centre crop as the reference does (the job's
+    exact path, ``preprocess_image``), one image after the other in this process."""
+    from mnasnet_batch.decode.preprocess import PreprocessSpec, preprocess_image
+
+    spec = PreprocessSpec.for_model(model, max_pixels=89_478_485)
+    preprocess_image(paths[0].read_bytes(), spec)  # warm-up
+    start = time.thread_time()
+    for path in paths:
+        preprocess_image(path.read_bytes(), spec)
+    return len(paths) / (time.thread_time() - start)
+
+
+def photo_rows(args: argparse.Namespace, model: str, weights: Path, corpus: list[Path]) -> dict:
+    """The phone-photo section: the exact-decode ceiling, the job exact and fast on the photos, and peak PSS."""
+    small, large = args.photos
+    photos = make_photo_corpus(args.workdir, large)
+    sizes_mb = sorted(p.stat().st_size / 2**20 for p in photos)
+    one_core = one_core_decode_rate(photos[:24], model)
+    rows = {
+        "photos": large,
+        "mb_p10_p50_p90": [round(sizes_mb[len(sizes_mb) * q // 10], 2) for q in (1, 5, 9)],
+        "one_core_exact_images_per_s": round(one_core, 2),
+        "ceiling_images_per_s": round(one_core * os.cpu_count(), 2),
+    }
+    print(f"{model} photos: {rows}", flush=True)
+    for name, settings in (("job exact", ()), ("job fast_decode", ("preprocess.fast_decode=true",))):
+        timings = {}
+        for count in (small, large):
+            timings[count] = time_command(
+                "job", subset(photos, count), args.workdir / "out", model, weights, settings=settings
+            )
+            print(f"{model} photos {name} {count}: {timings[count]}", flush=True)
+        rows[name] = {
+            "whole_s": timings[large]["seconds"],
+            "steady_images_per_s": round((large - small) / (timings[large]["seconds"] - timings[small]["seconds"]), 2),
+        }
+    rows["job exact"]["of_ceiling"] = round(rows["job exact"]["steady_images_per_s"] / rows["ceiling_images_per_s"], 2)
+    rows["job fast_decode"]["of_exact"] = round(
+        rows["job fast_decode"]["steady_images_per_s"] / rows["job exact"]["steady_images_per_s"], 2
+    )
+    for name, folder in (("photos", subset(photos, large)), ("500px", subset(corpus, large))):
+        sampled = time_command("job", folder, args.workdir / "out", model, weights, sample_memory=True)
+        rows.setdefault("peak_pss_gb", {})[name] = sampled["peak_pss_gb"]
+        print(f"{model} job on {large} {name} images, memory sampled: {sampled}", flush=True)
+    rows["peak_pss_gb"]["ratio"] = round(rows["peak_pss_gb"]["photos"] / rows["peak_pss_gb"]["500px"], 2)
+    return rows
+
+
 def machine() -> str:
     cpu = next(
         (
@@ -352,7 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mnasnet-bench"))
     parser.add_argument("--models", nargs="+", default=["mnasnet0_5", "mnasnet1_0"])
-    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--contenders", nargs="*", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument(
+        "--photos",
+        nargs=2,
+        type=int,
+        metavar=("SMALL", "LARGE"),
+        help="also the 12 MP phone-photo section, on these numbers of photos, e.g. 40 160",
+    )
     parser.add_argument("--sizes", nargs=2, type=int, default=[500, 2000], metavar=("SMALL", "LARGE"))
     parser.add_argument(
         "--memory-sizes",
@@ -379,7 +462,7 @@ def main(argv=None) -> int:
     from tests import support
 
     small, large = args.sizes
-    corpus = make_corpus(args.workdir, max([large, *args.memory_sizes]))
+    corpus = make_corpus(args.workdir, max([large, *args.memory_sizes, *(args.photos or [])]))
     sizes_kb = sorted(p.stat().st_size / 1024 for p in corpus[:large])
     results = {
         "machine": machine(),
@@ -418,6 +501,8 @@ def main(argv=None) -> int:
         rows["model_alone_images_per_s"] = {engine: round(model_alone(model, weights, engine), 1) for engine in ENGINES}
         rows["cpu_ms_per_image"] = stage_cpu_ms(model, weights, corpus[:256], args.workdir)
         print(f"{model} model alone: {rows['model_alone_images_per_s']}; CPU ms per image: {rows['cpu_ms_per_image']}")
+        if args.photos:
+            rows["photos"] = photo_rows(args, model, weights, corpus)
         for count in args.memory_sizes:
             folder = subset(corpus, count)
             rows.setdefault("job_memory", {})[count] = time_command(
@@ -460,6 +545,22 @@ def table(results: dict) -> str:
         if "cpu_ms_per_image" in rows:
             costs = rows["cpu_ms_per_image"]
             lines.append(f"| {model} | " + " | ".join(str(costs.get(stage, "")) for stage in STAGES) + " |")
+    for model, rows in results["models"].items():
+        if "photos" in rows:
+            photos = rows["photos"]
+            pss = photos["peak_pss_gb"]
+            lines += [
+                "",
+                f"{model}, {photos['photos']} 12 MP photos (MB p10/p50/p90 {photos['mb_p10_p50_p90']}):",
+                f"- exact-decode ceiling: {photos['ceiling_images_per_s']} images/s "
+                f"({photos['one_core_exact_images_per_s']} on one core)",
+                f"- job exact: {photos['job exact']['steady_images_per_s']} images/s steady "
+                f"({photos['job exact']['of_ceiling']} of the ceiling)",
+                f"- job fast_decode: {photos['job fast_decode']['steady_images_per_s']} images/s steady "
+                f"({photos['job fast_decode']['of_exact']}x exact)",
+                f"- peak PSS: {pss['photos']} GB on the photos, {pss['500px']} GB on as many 500-px images "
+                f"({pss['ratio']}x)",
+            ]
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConf
 from mnasnet_batch.storage import GLOB_CHARACTERS, Storage, StorageError, absolute_location, scheme
 
 if TYPE_CHECKING:
+    from mnasnet_batch.costs import StageCosts
     from mnasnet_batch.inputs.layout import InputPlan
     from mnasnet_batch.model.weights import Checkpoint
     from mnasnet_batch.outputs.run import OutputTarget, RunPlan, Summary
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 from mnasnet_batch.model.weights import WeightsError  # waits for prepare's import of torch
 
                 try:
-                    checkpoint, inputs, plan = prepared.result()
+                    checkpoint, inputs, plan, costs = prepared.result()
                 except (WeightsError, StorageError) as exc:
                     print(f"error: {exc}", file=sys.stderr)
                     return 2
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 # directory this process is in no longer exists, and os.getcwd() fails. Every path is absolute by
                 # now and every import done, so the driver leaves for a directory nothing replaces (then joins).
                 os.chdir(tempfile.gettempdir())
-            summary = label_remaining(config, checkpoint, inputs, plan, own_ray=started_ray)
+            summary = label_remaining(config, checkpoint, inputs, plan, costs, own_ray=started_ray)
             # Stops are held from here on (``hold_stops``): the run is closed, and a signal now stops nothing.
             if started_ray:
                 import ray
@@ -328,8 +329,9 @@ def check_locations(config: JobConfig, storage: Storage) -> None:
 
 def prepare(
     config: JobConfig, target: OutputTarget | None = None, storage: Storage | None = None
-) -> tuple[Checkpoint, InputPlan, RunPlan]:
-    """Verifies the weights, plans the input and opens the run: everything that can fail before any image is read.
+) -> tuple[Checkpoint, InputPlan, RunPlan, StageCosts | None]:
+    """Verifies the weights, plans the input and opens the run: everything that can fail before any image is read;
+    then measures what an image of the input costs each stage (``costs.job_costs``).
 
     ``target``: the output target (``targets.target_for``), chosen from ``config`` when None. ``storage``: the job's
     storage handle, built from ``config.storage`` when None.
@@ -339,16 +341,21 @@ def prepare(
         StorageError: the input or the output cannot be used.
         ConfigError: the configured engine is not installed.
     """
+    from mnasnet_batch.costs import job_costs
     from mnasnet_batch.outputs import targets
 
     target = target or targets.target_for(config)
     storage = storage or Storage(config.storage)
     checkpoint, inputs = prepare_input(config, storage, spool=True)
     try:
-        return checkpoint, inputs, target.plan_run(config, checkpoint.weights_id, inputs, storage)
+        plan = target.plan_run(config, checkpoint.weights_id, inputs, storage)
     except BaseException:
         inputs.release()
         raise
+    costs = job_costs(config, checkpoint, inputs)
+    if costs is not None:
+        plan = dataclasses.replace(plan, stage_costs=costs.as_record())
+    return checkpoint, inputs, plan, costs
 
 
 def prepare_input(config: JobConfig, storage: Storage, spool: bool = False) -> tuple[Checkpoint, InputPlan]:
@@ -429,7 +436,12 @@ def start_ray(config: JobConfig) -> None:
 
 
 def label_remaining(
-    config: JobConfig, checkpoint: Checkpoint, inputs: InputPlan, plan: RunPlan, own_ray: bool = False
+    config: JobConfig,
+    checkpoint: Checkpoint,
+    inputs: InputPlan,
+    plan: RunPlan,
+    costs: StageCosts | None = None,
+    own_ray: bool = False,
 ) -> Summary:
     """Labels what of ``inputs`` ``plan``'s run still lacks (``InputPlan.remaining``) on Ray and closes the run's
     record.
@@ -461,7 +473,9 @@ def label_remaining(
             from mnasnet_batch import job
 
             start_ray(config)
-            labeling_images, labeling_s = job.run(config, plan.storage, checkpoint, todo, plan.run_uri)
+            labeling = job.run(config, plan.storage, checkpoint, todo, plan.run_uri, costs)
+            labeling_images, labeling_s = labeling.images, labeling.seconds
+            plan = dataclasses.replace(plan, stage_costs={**(plan.stage_costs or {}), **labeling.stages})
     except BaseException as exc:
         hold_stops()  # the run is recorded as what stopped it, whatever arrives meanwhile
         if own_ray:

@@ -124,9 +124,12 @@ class PreprocessConfig:
     batch_size: int = 32
     # Pillow's own decompression-bomb threshold (89.5 Mpx, ~ a 9500x9500 image): refused before decoding.
     max_pixels: int = 89_478_485
-    # CPUs per decode task: Pillow decodes on one thread, but decoding costs ~2/5 of inference per image on
-    # CPU, so half a CPU lets a 2-CPU machine give the model actor 1.5 and still decode alongside it.
-    num_cpus: float = 0.5
+    # 0: derived when the job starts. The driver measures what an image of the input costs decoding and the model
+    # (a sample of ~12 images, costs.measure), and on a cluster without GPUs the model actors hold the model's share
+    # of the CPUs; decode tasks fill the rest, about one CPU each (Pillow decodes on one thread). 500-px JPEGs
+    # cost about as much to decode as the model, a 12 MP photo 30x more (docs/benchmarks.md): no fixed value fits
+    # both. Set it to insist on one (with compute.actor_cpus for the actors).
+    num_cpus: float = 0.0
     # False: the reference pipeline (PIL open + transforms) ignores EXIF orientation, so predictions match it.
     apply_exif_orientation: bool = False
     # workers: Pillow on the CPU decode tasks, the reference's own code. actor: images travel as bytes and the
@@ -329,7 +332,7 @@ def validate(config: JobConfig) -> None:
         ),
         (config.preprocess.batch_size >= 1, "preprocess.batch_size: must be at least 1"),
         (config.preprocess.max_pixels >= 1, "preprocess.max_pixels: must be at least 1"),
-        (config.preprocess.num_cpus > 0, "preprocess.num_cpus: must be more than 0"),
+        (config.preprocess.num_cpus >= 0, "preprocess.num_cpus: must be 0 (derived) or more"),
         _one_of("output.mode", config.output.mode, OUTPUT_MODES),
         (
             all(c.isalnum() or c in "-_." for c in config.output.run_id),

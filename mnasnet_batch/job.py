@@ -18,8 +18,9 @@ import ray
 import ray.autoscaler.sdk
 
 from mnasnet_batch.config import ConfigError, JobConfig
+from mnasnet_batch.costs import StageCosts, split_cpus
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
-from mnasnet_batch.inputs.layout import InputPlan, drop_done
+from mnasnet_batch.inputs.layout import MAX_INPUT_BLOCK, InputPlan, drop_done
 from mnasnet_batch.parts import driver_node, write
 from mnasnet_batch.progress import ProgressCounter, ProgressReporter
 from mnasnet_batch.storage import Storage
@@ -29,7 +30,10 @@ if TYPE_CHECKING:  # torch stays out of the graph's modules: Ray's tasks unpickl
 
 log = logging.getLogger(__name__)
 
-# Share of a CPU-only cluster's CPUs that model actors reserve by default; decoding gets the rest.
+# Share of a CPU-only cluster's CPUs that model actors reserve when the stages' costs are not known (no image of
+# the sample decoded), or the actors decode too (``preprocess.decode_on=actor``): the model costs more per image
+# than decoding ImageNet-sized JPEGs (docs/benchmarks.md), the corpus the job was first tuned for; reading gets the
+# rest.
 MODEL_CPU_SHARE = 0.75
 # Model batches of decoded crops buffered per model actor, and the least object store memory Ray Data may use.
 BUFFERED_BATCHES = 16
@@ -48,22 +52,27 @@ def from_uri_blocks(blocks: list[pa.Table]) -> ray.data.Dataset:
     return ray.data.from_blocks(blocks)
 
 
-def read(config: JobConfig, inputs: InputPlan, run_uri: str | None = None) -> ray.data.Dataset:
+def read(
+    inputs: InputPlan, batch_size: int, block_images: int, decode_cpus: float, run_uri: str | None = None
+) -> ray.data.Dataset:
     """The input's images as read, not decoded (``uri``, ``data``, ``error``), on CPU tasks.
 
     The driver listed the input (one recursive listing, not Ray's per-path expansion, which takes minutes on
     millions of paths) and hands it to the read tasks as blocks of URIs that its layout chose, so nothing but URIs
     is held by the driver and reading starts as soon as the dataset executes. The rows of ``inputs.skip``, written
     by an earlier attempt, are dropped after reading (``InputPlan.remaining`` left out what it could before).
-    ``run_uri``: the run being written, where layouts record the inputs they read to their end.
+    ``batch_size``: images a task reads, then decodes, at a time (``StageCosts.read_batch``); ``block_images``: the
+    most image URIs one task gets (``StageCosts.block_images``); ``decode_cpus``: each
+    task's CPUs (``decode_task_cpus``); ``run_uri``: the run being written, where layouts record the inputs they
+    read to their end.
     """
     layout = inputs.layout
-    dataset = from_uri_blocks(layout.blocks(inputs.uris, config.preprocess.batch_size)).map_batches(
+    dataset = from_uri_blocks(layout.blocks(inputs.uris, batch_size, block_images)).map_batches(
         layout.read,
-        fn_kwargs={"batch_size": config.preprocess.batch_size, "run_uri": run_uri},
+        fn_kwargs={"batch_size": batch_size, "run_uri": run_uri},
         batch_size=None,
         batch_format="numpy",
-        num_cpus=config.preprocess.num_cpus,
+        num_cpus=decode_cpus,
     )
     if inputs.skip is not None and len(inputs.skip):
         dataset = dataset.map_batches(
@@ -71,12 +80,12 @@ def read(config: JobConfig, inputs: InputPlan, run_uri: str | None = None) -> ra
             fn_kwargs={"done": inputs.skip},
             batch_size=None,
             batch_format="numpy",
-            num_cpus=config.preprocess.num_cpus,
+            num_cpus=decode_cpus,
         )
     return dataset
 
 
-def decode(dataset: ray.data.Dataset, config: JobConfig, spec: PreprocessSpec) -> ray.data.Dataset:
+def decode(dataset: ray.data.Dataset, spec: PreprocessSpec, decode_cpus: float) -> ray.data.Dataset:
     """Decoded images (``uri``, ``image``, ``error``), on the CPU tasks that read them.
 
     With ``preprocess.decode_on=actor`` there is no decode stage: the model actors decode (``Predictor``).
@@ -89,8 +98,18 @@ def decode(dataset: ray.data.Dataset, config: JobConfig, spec: PreprocessSpec) -
         fn_kwargs={"spec": spec},
         batch_size=None,
         batch_format="numpy",
-        num_cpus=config.preprocess.num_cpus,
+        num_cpus=decode_cpus,
     )
+
+
+@dataclass(frozen=True)
+class Labeling:
+    """What ``run`` did: images labeled after the first batch and the seconds from the first batch to the last
+    (``ProgressCounter.labeling_span``), and where each stage ran (for the run's record)."""
+
+    images: int
+    seconds: float
+    stages: dict[str, object]
 
 
 @dataclass(frozen=True)
@@ -108,20 +127,21 @@ class ActorPool:
         )
 
 
-def model_actor_pool(config: JobConfig, cluster: dict[str, float], node_cpus: float | None = None) -> ActorPool:
+def model_actor_pool(
+    config: JobConfig, cluster: dict[str, float], node_cpus: float | None = None, model_share: float = MODEL_CPU_SHARE
+) -> ActorPool:
     """Chooses the model actors' resources and pool bounds from the configuration and the cluster.
 
     ``compute.actor_gpus`` GPUs per actor where the cluster has GPUs (or ``compute.device`` is ``gpu``, for GPU
-    nodes that autoscale from zero), as many actors as the GPUs hold. Otherwise CPU actors share three quarters of the
-    cluster's CPUs, up to 4 each (MnasNet's small convolutions gain little from more threads): on CPU
-    the model costs several times more per image than decoding.
-    Values set in the configuration win over derived ones.
+    nodes that autoscale from zero), as many actors as the GPUs hold. Otherwise CPU actors share ``model_share`` of
+    the cluster's CPUs (``costs.split_cpus``), up to 4 each. Values set in the configuration win over derived ones.
 
     Args:
         config: the job's configuration.
         cluster: ``ray.cluster_resources()`` when the job starts.
         node_cpus: the CPUs of the cluster's largest node, which bound a derived actor's (an actor runs on
             one node); None when the cluster is one node.
+        model_share: the model's share of an image's CPU time (``StageCosts.model_share``).
     """
     compute = config.compute
     gpus = int(cluster.get("GPU", 0))
@@ -130,19 +150,30 @@ def model_actor_pool(config: JobConfig, cluster: dict[str, float], node_cpus: fl
         resources = {"num_gpus": compute.actor_gpus, "num_cpus": compute.actor_cpus or 1.0}
         derived_max = int(gpus / compute.actor_gpus)
     else:
+        split = split_cpus(cpus, cpus if node_cpus is None else node_cpus, model_share)
         # Never all of them: decode tasks need room beside the actors, or the pipeline cannot start.
-        largest = cpus if node_cpus is None else node_cpus
-        actor_cpus = compute.actor_cpus or min(4.0, MODEL_CPU_SHARE * cpus, cpus - config.preprocess.num_cpus, largest)
+        actor_cpus = compute.actor_cpus or min(split.actor_cpus, cpus - (config.preprocess.num_cpus or 0.01))
         if actor_cpus <= 0:
             raise ConfigError(f"the cluster has {cpus} CPUs: too few for a model actor beside a decode task")
         if compute.precision == "fp16":
             raise ConfigError("compute.precision: fp16 needs GPU actors and the cluster has no GPU; use bf16 or fp32")
         resources = {"num_cpus": actor_cpus}
-        derived_max = int(MODEL_CPU_SHARE * cpus // actor_cpus)
+        derived_max = split.actors if not compute.actor_cpus else int(model_share * cpus // actor_cpus)
     max_size = compute.max_actors or max(compute.min_actors, derived_max)
     # A derived maximum can be below a configured initial size (a smaller cluster than planned).
     initial_size = min(compute.initial_actors or compute.min_actors, max_size)
     return ActorPool(resources, compute.min_actors, max_size, initial_size)
+
+
+def decode_task_cpus(config: JobConfig, cluster: dict[str, float], pool: ActorPool) -> float:
+    """Each decode (and read) task's CPUs: ``preprocess.num_cpus`` where set, else what the model actors leave,
+    in tasks of about one CPU (Pillow decodes on one thread), as many as fill it (``costs.split_cpus``)."""
+    if config.preprocess.num_cpus:
+        return config.preprocess.num_cpus
+    free = cluster.get("CPU", 1) - pool.max_size * pool.resources["num_cpus"]
+    if free <= 0:  # GPU actors on nodes that are not there yet (an autoscaler adds them): one CPU a task
+        return 1.0
+    return round(min(1.0, free / max(1, round(free))), 4)
 
 
 def alive_nodes() -> list[dict[str, float]]:
@@ -169,7 +200,9 @@ def describe_resources(resources: dict[str, float]) -> str:
     return ", ".join([*parts, f"{resources.get('memory', 0.0) / 2**30:.1f} GB memory"])
 
 
-def wait_for_room(config: JobConfig, pool: ActorPool, nodes: Callable[[], list[dict[str, float]]]) -> None:
+def wait_for_room(
+    config: JobConfig, pool: ActorPool, nodes: Callable[[], list[dict[str, float]]], decode_cpus: float
+) -> None:
     """Returns once a node of the cluster can hold a model actor beside the decode tasks' CPUs.
 
     Ray keeps a task or actor that no node can hold pending forever, so a job that asks for more than any node
@@ -201,10 +234,10 @@ def wait_for_room(config: JobConfig, pool: ActorPool, nodes: Callable[[], list[d
     if requested:
         ray.autoscaler.sdk.request_resources(bundles=[])  # the pending actors now ask for what they need
     cpus = sum(node.get("CPU", 0.0) for node in current)
-    if cpus - pool.min_size * demand["CPU"] < config.preprocess.num_cpus:
+    if cpus - pool.min_size * demand["CPU"] < decode_cpus - 1e-6:  # Ray counts CPUs in 1e-4 steps
         raise ConfigError(
             f"{pool.min_size} model actor(s) of {demand['CPU']:g} CPUs leave the cluster's {cpus:g} CPUs no room for "
-            f"a decode task of preprocess.num_cpus={config.preprocess.num_cpus:g}: lower compute.actor_cpus or "
+            f"a decode task of {decode_cpus:g} CPUs (preprocess.num_cpus): lower compute.actor_cpus or "
             "compute.min_actors"
         )
 
@@ -217,17 +250,18 @@ def ray_data_log_directory() -> str:
 
 
 class CountProgress:
-    """The model actors' ``on_batch``: sends each output table's image and error counts to a ``ProgressCounter``."""
+    """The model actors' ``on_batch``: sends each output table's image and error counts, and the CPU time its
+    images took to decode and in the model, to a ``ProgressCounter``."""
 
     def __init__(self, counter: ray.actor.ActorHandle):
         self.counter = counter
 
-    def __call__(self, table: pa.Table) -> None:
+    def __call__(self, table: pa.Table, decode_ms: float = 0.0, model_ms: float = 0.0) -> None:
         errors = pc.sum(pc.equal(table["status"], "error")).as_py() or 0
         # Fire and forget: the count is for people watching, not worth a round trip per batch, and a
         # counter that is gone (its driver died) must not fail a batch whose rows are fine.
         with contextlib.suppress(Exception):
-            self.counter.add.remote(table.num_rows, errors)
+            self.counter.add.remote(table.num_rows, errors, decode_ms, model_ms)
 
 
 class NodeWatch:
@@ -343,8 +377,9 @@ def predict(
     engine = choose_engine(config.compute.engine, gpu_actors, config.compute.precision)
     onnx_graph = export_onnx(checkpoint) if engine == "onnxruntime" else None
     log.info("the model runs on %s", {"torch": "torch", "onnxruntime": "ONNX Runtime"}[engine])
-    # CPU actors run as many threads as the CPUs they hold, rounded half up (1.5 CPUs -> 2 threads).
-    num_threads = 0 if gpu_actors else max(1, math.floor(pool.resources["num_cpus"] + 0.5))
+    # CPU actors run as many threads as the CPUs they hold, rounded up (1.2 CPUs -> 2 threads): a thread more than
+    # the CPUs shares a core with a decode task, where one fewer would leave the actor's part of a core unused.
+    num_threads = 0 if gpu_actors else max(1, math.ceil(pool.resources["num_cpus"] - 1e-6))
     return dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={
@@ -374,26 +409,30 @@ def run(
     checkpoint: Checkpoint,
     inputs: InputPlan,
     run_uri: str,
-) -> tuple[int, float]:
+    costs: StageCosts | None = None,
+) -> Labeling:
     """Labels the planned input and writes its rows as Parquet parts under ``run_uri``; Ray must be initialised.
 
     Rows an earlier attempt labeled are not labeled again when ``inputs`` is what ``InputPlan.remaining`` left.
+    ``costs``: what an image costs each stage (``costs.measure``), by which a cluster's CPUs are divided between
+    them; None: by ``MODEL_CPU_SHARE``.
 
     Returns:
-        ``ProgressCounter.labeling_span``: images labeled after the first batch, and the seconds they took.
+        The labeling rate and where the stages ran (``Labeling``).
     """
-    spec = PreprocessSpec.for_model(
-        config.model.name,
-        config.preprocess.max_pixels,
-        config.preprocess.apply_exif_orientation,
-        config.preprocess.decode_on,
-    )
+    spec = PreprocessSpec.for_config(config.model.name, config.preprocess)
     nodes = alive_nodes()
-    pool = model_actor_pool(config, ray.cluster_resources(), max(node.get("CPU", 0.0) for node in nodes))
-    wait_for_room(config, pool, alive_nodes)
+    cluster = ray.cluster_resources()
+    # Actors that decode too (decode_on=actor) leave the read tasks little to do, whatever decoding costs.
+    share = costs.model_share if costs is not None and spec.decode_on == "workers" else MODEL_CPU_SHARE
+    pool = model_actor_pool(config, cluster, max(node.get("CPU", 0.0) for node in nodes), share)
+    decode_cpus = decode_task_cpus(config, cluster, pool)
+    wait_for_room(config, pool, alive_nodes, decode_cpus)
     configure_context(config, spec, pool)
+    if costs is not None:
+        log.info("%s", costs.describe())
     log.info(
-        "labeling %s (%s) with %s: %d-%d model actors (%d at start) with %s",
+        "labeling %s (%s) with %s: %d-%d model actors (%d at start) with %s, %s tasks of %g CPUs",
         inputs.describe(),
         inputs.layout.name,
         config.model.name,
@@ -401,17 +440,38 @@ def run(
         pool.max_size,
         pool.initial_size,
         pool.resources,
+        "read" if spec.decode_on == "actor" else "decode",
+        decode_cpus,
     )
     # No CPU: it only adds numbers, and must not take a slot from decoding or the model. On the driver's node: on
     # another, the counts would be lost with that node (the driver's node lost ends the job anyway).
     counter = ray.remote(num_cpus=0, scheduling_strategy=driver_node())(ProgressCounter).remote()
-    dataset = read(config, inputs, run_uri)
-    dataset = decode(dataset, config, spec)
+    batch_size, block_images = config.preprocess.batch_size, MAX_INPUT_BLOCK
+    if costs is not None:
+        batch_size, block_images = costs.read_batch(batch_size), costs.block_images(batch_size)
+    dataset = read(inputs, batch_size, block_images, decode_cpus, run_uri)
+    dataset = decode(dataset, spec, decode_cpus)
     dataset = predict(dataset, config, checkpoint, spec, pool, counter)
+    stages = {
+        "decode_on": f"tasks of {decode_cpus:g} CPUs" if spec.decode_on == "workers" else "the model actors",
+        "model_on": f"{pool.min_size}-{pool.max_size} actors of "
+        + ", ".join(f"{amount:g} {name.removeprefix('num_').upper()[:-1]}" for name, amount in pool.resources.items()),
+    }
     with reporting_progress(counter, inputs.image_count, config.progress.interval_s):
         write(dataset, config, run_uri, storage)
         try:
-            return ray.get(counter.labeling_span.remote(), timeout=30)
+            asked = [counter.labeling_span.remote(), counter.stage_costs.remote()]
+            (images, seconds), in_job = ray.get(asked, timeout=30)
         except Exception as exc:  # the rate is for people; the rows are written
             log.warning("the labeling rate is unknown: %s: %s", type(exc).__name__, exc)
-            return 0, 0.0
+            (images, seconds), in_job = (0, 0.0), None
+    if in_job is not None:
+        # What the stages took in the job itself, each on the CPUs it held: beside the sample's, where a mixed
+        # corpus, other nodes' CPUs or threads contending for cores show.
+        stages["in_job"] = in_job
+        log.info(
+            "in the job, an image took %.1f ms to decode and %.1f ms in the model (CPU time)",
+            in_job["decode_ms"],
+            in_job["model_ms"],
+        )
+    return Labeling(images, seconds, stages)

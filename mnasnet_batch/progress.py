@@ -29,14 +29,23 @@ class ProgressCounter:
         # When the first and the latest batch were counted, and the first batch's images.
         self.first_at = self.last_at = 0.0
         self.first_images = 0
+        # CPU milliseconds the labeled images took to decode and in the model.
+        self.decode_ms = self.model_ms = 0.0
 
-    def add(self, images: int, errors: int) -> None:
+    def add(self, images: int, errors: int, decode_ms: float = 0.0, model_ms: float = 0.0) -> None:
         now = self.clock()
         if not self.images:
             self.first_at, self.first_images = now, images
         self.last_at = now
         self.images += images
         self.errors += errors
+        self.decode_ms += decode_ms
+        self.model_ms += model_ms
+
+    def stage_costs(self) -> dict[str, float]:
+        """CPU milliseconds per labeled image (errors left out) that decoding and the model took in the job."""
+        labeled = max(1, self.images - self.errors)
+        return {"decode_ms": round(self.decode_ms / labeled, 2), "model_ms": round(self.model_ms / labeled, 2)}
 
     def counts(self) -> tuple[int, int]:
         return self.images, self.errors

@@ -86,18 +86,20 @@ def test_job_script_reports_bad_config_and_exits_non_zero(tmp_path):
 
 def test_derived_model_resources_leave_room_for_decoding():
     pytest.importorskip("ray")
-    from mnasnet_batch.job import model_actor_pool
+    from mnasnet_batch.job import decode_task_cpus, model_actor_pool
 
     config = load_config()
     for cpus in (1, 2, 8, 16, 64):
-        pool = model_actor_pool(config, {"CPU": cpus})
-        assert pool.max_size * pool.resources["num_cpus"] + config.preprocess.num_cpus <= cpus
-        assert pool.resources["num_cpus"] <= 4 and pool.min_size == 1 <= pool.max_size
+        for model_share in (0.02, 0.5, 0.75, 0.99):
+            pool = model_actor_pool(config, {"CPU": cpus}, None, model_share)
+            decode_cpus = decode_task_cpus(config, {"CPU": cpus}, pool)
+            assert pool.max_size * pool.resources["num_cpus"] + decode_cpus <= cpus + 1e-6
+            assert decode_cpus >= 0.25 and pool.resources["num_cpus"] <= 4 and pool.min_size == 1 <= pool.max_size
     assert model_actor_pool(config, {"CPU": 2}).resources == {"num_cpus": 1.5}
     assert model_actor_pool(config, {"CPU": 64, "GPU": 8}).resources == {"num_gpus": 1, "num_cpus": 1}
     assert model_actor_pool(config, {"CPU": 64, "GPU": 8}).max_size == 8
     with pytest.raises(ValueError, match="too few"):
-        model_actor_pool(config, {"CPU": 0.5})
+        model_actor_pool(config, {"CPU": 0.25})
 
 
 def test_one_input_however_it_is_written(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 import yaml
+from PIL import Image
 
 from mnasnet_batch.cli import main
 from mnasnet_batch.config import load_config
@@ -116,3 +117,37 @@ def test_decoding_on_the_model_actor_gives_the_reference_predictions(
         row = rows[str(images / path.name)]
         assert row["top_k_ids"] == ids.tolist(), path.name
         np.testing.assert_allclose(row["top_k_scores"], scores, atol=1e-4)
+
+
+def test_the_run_record_keeps_what_an_image_cost_each_stage_and_where_each_ran(labeled):
+    import json
+
+    _, _, output = labeled
+    costs = json.loads((output / "_run.json").read_text())["stage_costs"]
+    assert costs["decode_ms"] > 0 and costs["model_ms"] > 0 and costs["images"] >= 2
+    assert costs["engine"] in ("torch", "onnxruntime") and costs["image_bytes"] > 0
+    # On the 2-CPU test Ray: CPU actors, and decode tasks with what they leave.
+    assert costs["model_on"].startswith("1-") and costs["model_on"].endswith(" CPU")
+    actor_cpus = float(costs["model_on"].split(" of ")[1].split()[0])
+    decode_cpus = float(costs["decode_on"].split(" of ")[1].split()[0])
+    assert 0 < decode_cpus and actor_cpus + decode_cpus <= 2.0 + 1e-6
+
+
+def test_photos_costly_to_decode_give_decoding_the_cpus(local_ray, tmp_path, checkpoint_path, photos):
+    """The same command, no setting: large photos (decoding costs many times the model) turn the split around."""
+    import json
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, photo in enumerate(list(photos.values())[:3]):
+        pixels = np.asarray(photo.resize((2400, 1800)), np.int16) + rng.integers(-6, 7, (1800, 2400, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(images / f"p{i}.jpg", quality=92)
+    output = tmp_path / "labels"
+    assert main(support.job_argv(images, output, checkpoint_path)) == 0
+    costs = json.loads((output / "_run.json").read_text())["stage_costs"]
+    assert costs["decode_ms"] > 4 * costs["model_ms"]
+    actor_cpus = float(costs["model_on"].split(" of ")[1].split()[0])
+    decode_cpus = float(costs["decode_on"].split(" of ")[1].split()[0])
+    assert actor_cpus < 0.5 < decode_cpus and actor_cpus + decode_cpus <= 2.0 + 1e-6
+    assert costs["in_job"]["decode_ms"] > costs["in_job"]["model_ms"] > 0

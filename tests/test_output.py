@@ -192,6 +192,11 @@ def test_a_different_configuration_is_refused_with_both_values(tmp_path):
     assert "input: /other (this run) vs /images (run night)" in message
     assert "top_k: 3 (this run) vs 5 (run night)" in message
     assert not (out / lease_module.LEASE_FILE).exists()  # a refusal releases the lease
+    # Approximate decoding moves pixels: its rows do not join an exact run's.
+    fast = job_config(out, mode="incremental", preprocess={"fast_decode": True})
+    differ = r"\(fast_decode differ\): fast_decode: True \(this run\) vs \(not recorded\)"
+    with pytest.raises(StorageError, match=differ):
+        output.plan_run(fast, "IMAGENET1K_V1")
 
 
 def test_no_credential_in_the_written_configuration_and_one_redaction_marker(tmp_path):

@@ -79,7 +79,7 @@ def test_the_model_actor_reports_each_output_batch(checkpoint_path, photos):
     from mnasnet_batch.model.weights import resolve_checkpoint
 
     sent = []
-    counter = SimpleNamespace(add=SimpleNamespace(remote=lambda images, errors: sent.append((images, errors))))
+    counter = SimpleNamespace(add=SimpleNamespace(remote=lambda *counts: sent.append(counts)))
     predictor = Predictor(
         resolve_checkpoint("mnasnet0_5", str(checkpoint_path)), top_k=5, device="cpu", on_batch=CountProgress(counter)
     )
@@ -90,7 +90,18 @@ def test_the_model_actor_reports_each_output_batch(checkpoint_path, photos):
         "error": np.asarray(["", "", "UnidentifiedImageError: no"], dtype=object),
     }
     assert predictor(batch).num_rows == 3
-    assert sent == [(3, 1)]
+    ((images, errors, decode_ms, model_ms),) = sent
+    assert (images, errors) == (3, 1) and model_ms > 0
+    assert decode_ms == 0  # the batch came decoded, without the decode stage's times
+
+
+def test_the_counter_keeps_what_an_image_took_each_stage():
+    from mnasnet_batch.progress import ProgressCounter
+
+    counter = ProgressCounter()
+    counter.add(8, 0, decode_ms=80.0, model_ms=40.0)
+    counter.add(4, 2, decode_ms=20.0, model_ms=10.0)  # two errors: neither decoded nor classified
+    assert counter.stage_costs() == {"decode_ms": 10.0, "model_ms": 5.0}
 
 
 def test_the_labeling_span_runs_from_the_first_batch_to_the_last():

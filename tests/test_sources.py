@@ -21,7 +21,7 @@ from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.inputs import manifests, spool
 from mnasnet_batch.inputs.files import FilesLayout
 from mnasnet_batch.inputs.layout import InputPlan
-from mnasnet_batch.inputs.listing import plan_input
+from mnasnet_batch.inputs.listing import layout_of_rows, plan_input
 from mnasnet_batch.inputs.manifests import ManifestLayout, manifest_chunks, resolve_relative
 from mnasnet_batch.inputs.parquet import ParquetLayout, parquet_batch
 from mnasnet_batch.inputs.webdataset import WebDatasetLayout, record_finished, recorded_images, sample_key, shard_images
@@ -151,6 +151,53 @@ def test_each_layout_makes_its_own_blocks(tmp_path):
         pa.array([f"/p/{i}" for i in range(2050)]), 64
     )
     assert [b.num_rows for b in many] == [3] * 683 + [1]
+
+
+def test_output_rows_name_their_input_and_layout(tmp_path):
+    shards = WebDatasetLayout(config(tmp_path).input, NO_STORAGE)
+    assert shards.row_input("s3://b/a#1.TAR#x#2.jpg") == "s3://b/a#1.TAR"  # the shard ends at its extension
+    assert shards.row_input("/d/s.tar.gz#k.jpg") == "/d/s.tar.gz" and shards.row_input("/d/s.tar") == "/d/s.tar"
+    assert ParquetLayout(config(tmp_path).input, NO_STORAGE).row_input("/t/p.parquet#42") == "/t/p.parquet"
+    files = FilesLayout(config(tmp_path).input, NO_STORAGE)
+    assert files.row_inputs(["/p/a#1.jpg", "/p/b.jpg"]) == {"/p/a#1.jpg": ["/p/a#1.jpg"], "/p/b.jpg": ["/p/b.jpg"]}
+    assert shards.row_inputs(["/s/0.tar#a.jpg", "/s/1.tar#b.jpg", "/s/0.tar#c.jpg"]) == {
+        "/s/0.tar": ["/s/0.tar#a.jpg", "/s/0.tar#c.jpg"],
+        "/s/1.tar": ["/s/1.tar#b.jpg"],
+    }
+    auto = config(tmp_path).input
+    assert layout_of_rows(auto, NO_STORAGE, ["/s/0.tar#a.jpg"]).name == "webdataset"
+    assert layout_of_rows(auto, NO_STORAGE, ["/t/p.parquet#1", "/t/p.parquet#2"]).name == "parquet"
+    assert layout_of_rows(auto, NO_STORAGE, ["/p/a#1.jpg", "s3://b/c.jpg"]).name == "files"
+    assert layout_of_rows(config(tmp_path, format="webdataset").input, NO_STORAGE, ["/s/data.bin#a.jpg"]).name == (
+        "webdataset"
+    )
+
+
+def test_shard_rows_are_read_back_from_one_pass_over_the_shard(tmp_path):
+    layout = WebDatasetLayout(config(tmp_path).input, NO_STORAGE)
+    shard = str(tmp_path / "s.tar")
+    (tmp_path / "s.tar").write_bytes(SHARD)
+    found = layout.read_rows(shard, [f"{shard}#a/x3.png", f"{shard}#a/x1.jpg", f"{shard}#a/gone.jpg"])
+    assert found[f"{shard}#a/x1.jpg"] == b"J" * 3000 and found[f"{shard}#a/x3.png"] == b"P" * 3000
+    assert isinstance(found[f"{shard}#a/gone.jpg"], FileNotFoundError)
+    # Cut inside a/x3.png's data: what comes before is read, the rest gets the error that stopped the read.
+    (tmp_path / "s.tar").write_bytes(SHARD[:7000])
+    found = layout.read_rows(shard, [f"{shard}#a/x1.jpg", f"{shard}#a/x4.jpg"])
+    assert found[f"{shard}#a/x1.jpg"] == b"J" * 3000
+    assert isinstance(found[f"{shard}#a/x4.jpg"], tarfile.ReadError)
+    assert all(isinstance(v, FileNotFoundError) for v in layout.read_rows(str(tmp_path / "no.tar"), ["x"]).values())
+
+
+def test_parquet_rows_are_read_back_from_their_row_groups(tmp_path):
+    path = tmp_path / "t.parquet"
+    table = pa.table({"key": [7, 8, 9, 10, 11], "jpg": [b"a", b"b", None, b"d", b"e"]})
+    pq.write_table(table, path, row_group_size=2)
+    layout = ParquetLayout(config(tmp_path, image_column="jpg", id_column="key").input, NO_STORAGE)
+    uris = [f"{path}#{i}" for i in (11, 7, 9, 12)]
+    found = layout.read_rows(str(path), uris)
+    assert found[uris[0]] == b"e" and found[uris[1]] == b"a"
+    assert isinstance(found[uris[2]], ValueError) and "jpg is null" in str(found[uris[2]])
+    assert isinstance(found[uris[3]], FileNotFoundError) and "key 12" in str(found[uris[3]])
 
 
 def test_layouts_are_detected(layouts):

@@ -163,9 +163,14 @@ def test_a_table_through_every_mode_keeps_one_current_row_per_image(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["run", "state", "mode"] and lines[-1].split()[:3] == ["r5", "complete", "relabel"]
     assert report_main(["--output", str(output), "--table", TABLE]) == 0
-    assert "10 images, 1 errors" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "10 images, 1 errors" in out
     page = (output / "_report.html").read_text()
     assert f"table {TABLE}" in page and "run r5:" in page  # the staged runs' records give the throughput
+    # The gallery of the current rows: each labeled image by label and among the least confident, read from the
+    # input as it is now, unchanged since (the rows' source size and version); the error row's does not decode.
+    assert "18 thumbnails, 1 placeholders (undecodable 1)" in out
+    assert page.count('<img src="data:image/jpeg;base64,') == 18
 
 
 def test_the_parquet_folder_refuses_the_modes_it_cannot_do_before_reading(tmp_path, capsys):

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import base64
 import collections
+import dataclasses
 import datetime
 import html
 import io
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.dataset as pads
 
 from mnasnet_batch.config import OutputConfig
-from mnasnet_batch.outputs.folder import read_parts
+from mnasnet_batch.evaluation import gallery as thumbnails_gallery
+from mnasnet_batch.evaluation import rows
 from mnasnet_batch.outputs.run import RUN_RECORD, error_kinds
 from mnasnet_batch.storage import Storage
 
@@ -36,6 +37,8 @@ class RunStats:
     low_confidence: float
     # The records (_run.json) of the runs read, oldest first; their rates are the recorded throughput.
     runs: list[dict]
+    # The thumbnails by label, least confident and errors; None: not built (``thumbnails=False``).
+    gallery: thumbnails_gallery.Gallery | None = None
 
     @property
     def low_confidence_count(self) -> int:
@@ -47,46 +50,63 @@ class RunStats:
         return 100.0 * self.low_confidence_count / len(self.top1_scores) if len(self.top1_scores) else 0.0
 
 
-def read_run(uri: str, low_confidence: float = 0.5, storage: Storage | None = None) -> RunStats:
-    """Reads the Parquet parts under ``uri`` (a labeling job's ``--output``) and its runs' records.
+# The columns the report reads.
+COLUMNS = ("status", "error", "top_k_scores", "top_k_labels", "model", "weights")
+# Labels in the frequency chart and the gallery: what fits on a page.
+TOP_LABELS = 20
+
+
+def read_run(
+    uri: str,
+    low_confidence: float = 0.5,
+    storage: Storage | None = None,
+    top_labels: int = TOP_LABELS,
+    thumbnails: bool = True,
+) -> RunStats:
+    """Reads the Parquet parts under ``uri`` (a labeling job's ``--output``), its runs' records, and with
+    ``thumbnails`` the gallery's images from the run's inputs.
 
     Args:
         uri: the run's output directory or URI prefix.
         low_confidence: top-1 scores under this count as low confidence.
         storage: the job's storage handle (its ``storage`` section); None: local files and anonymous URIs.
+        top_labels: labels in the frequency chart, and in the gallery.
+        thumbnails: build the gallery (``gallery.build``).
+
+    Raises:
+        FileNotFoundError: no Parquet parts under ``uri``.
     """
-    fs, root = (storage or Storage()).filesystem(uri)
-    root = root.rstrip("/")
-    dataset = read_parts(fs, root)
-    if dataset is None:
-        raise FileNotFoundError(f"no Parquet parts under {uri}")
-    return stats(dataset.to_table(columns=list(COLUMNS)), low_confidence, run_records(fs, root))
+    return read(OutputConfig(uri=uri), low_confidence, storage, top_labels, thumbnails)
 
 
-def read_table(output_config: OutputConfig, low_confidence: float = 0.5, storage: Storage | None = None) -> RunStats:
+def read_table(
+    output_config: OutputConfig,
+    low_confidence: float = 0.5,
+    storage: Storage | None = None,
+    top_labels: int = TOP_LABELS,
+    thumbnails: bool = True,
+) -> RunStats:
     """Reads the current rows of the Iceberg table ``output_config.table``, and the records of the runs staged
-    under ``output_config.uri`` (their throughput).
+    under ``output_config.uri`` (their throughput); see ``read_run``.
 
     Raises:
         StorageError: the catalog cannot be reached, or holds no such table.
     """
-    from mnasnet_batch.outputs.iceberg import STAGING, current_rows, load_table
+    return read(output_config, low_confidence, storage, top_labels, thumbnails)
 
+
+def read(
+    output: OutputConfig, low_confidence: float, storage: Storage | None, top_labels: int, thumbnails: bool
+) -> RunStats:
+    """What the report shows of the output ``output`` (a Parquet folder, or with ``output.table`` a table)."""
     storage = storage or Storage()
-    rows = current_rows(load_table(output_config, storage), COLUMNS)
-    fs, root = storage.filesystem(output_config.uri)
-    return stats(rows, low_confidence, run_records(fs, f"{root.rstrip('/')}/{STAGING}"))
-
-
-# The columns the report reads.
-COLUMNS = ("status", "error", "top_k_scores", "top_k_labels", "model", "weights")
-
-
-def run_records(fs, root: str) -> list[dict]:
-    """The records (``run=<id>/_run.json``) of the runs under ``root``, oldest first; ``root`` may be one run's."""
-    found = fs.find(root, maxdepth=2) if fs.exists(root) else []
-    record_paths = [p for p in found if p.endswith(f"/{RUN_RECORD}") and p.rsplit("/", 2)[-2].startswith("run=")]
-    return sorted((json.loads(fs.cat_file(p)) for p in record_paths), key=lambda r: r.get("started_at") or "")
+    columns = tuple(dict.fromkeys(COLUMNS + (thumbnails_gallery.COLUMNS if thumbnails else ())))
+    found = rows.read_rows(output, columns, storage)
+    result = stats(found.rows, low_confidence, found.runs)
+    if thumbnails:
+        labels = [label for label, _ in result.label_counts[:top_labels]]
+        result = dataclasses.replace(result, gallery=thumbnails_gallery.build(found, labels, storage))
+    return result
 
 
 def stats(table, low_confidence: float, runs: list[dict]) -> RunStats:
@@ -175,8 +195,9 @@ def _throughput_chart(runs: list[dict]) -> str:
     return _png(figure)
 
 
-def render(stats: RunStats, uri: str, top_labels: int = 20) -> str:
-    """The report as one HTML page; charts are inline PNGs (data: URIs), so the page needs no network."""
+def render(stats: RunStats, uri: str, top_labels: int = TOP_LABELS) -> str:
+    """The report as one HTML page; charts are inline PNGs and thumbnails inline JPEGs (data: URIs), so the page
+    needs no network."""
     rated = [r for r in stats.runs if r.get("images_per_s")]
     charts = [
         (
@@ -231,6 +252,8 @@ def render(stats: RunStats, uri: str, top_labels: int = 20) -> str:
             items = "".join(f"<li>{html.escape(name)}: {count}</li>" for name, count in listings[title])
             body += f"\n<ol>{items}</ol>"
         sections.append(f"<section><h2>{html.escape(title)}</h2>\n{body}\n</section>")
+    if stats.gallery is not None:
+        sections += thumbnails_gallery.render(stats.gallery, dict(stats.label_counts))
     generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -242,7 +265,7 @@ body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; color: #222;
 table {{ border-collapse: collapse; }}
 th, td {{ text-align: left; padding: 0.2em 1em 0.2em 0; vertical-align: top; }}
 img {{ max-width: 100%; }}
-</style>
+{thumbnails_gallery.STYLE}</style>
 </head>
 <body>
 <h1>Labeling run report</h1>
@@ -261,3 +284,17 @@ def write(uri: str, page: str, storage: Storage | None = None) -> None:
     fs, path = (storage or Storage()).filesystem(uri)
     with fs.open(path, "w", encoding="utf-8") as f:
         f.write(page)
+
+
+def describe_gallery(stats: RunStats) -> str:
+    """The gallery in words for the summary line: ``160 thumbnails, 2 placeholders (gone 1, changed 1), ``."""
+    if stats.gallery is None:
+        return ""
+    pictures = [p for _, shown in stats.gallery.labels for p in shown]
+    pictures += stats.gallery.least_confident + stats.gallery.errors
+    placeholders = collections.Counter(p.missing for p in pictures if not p.jpeg)
+    kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(placeholders.items()))
+    return (
+        f"{sum(1 for p in pictures if p.jpeg)} thumbnails, {placeholders.total()} placeholders"
+        f"{f' ({kinds})' if kinds else ''}, "
+    )

@@ -29,6 +29,10 @@ SHOWN_MEMBERS = 3
 # URIs per block handed from the driver to Ray: the first block holds one decode batch, each next one twice
 # as many, up to 4,096, so the first decode tasks start at once and 10^5 URIs take ~30 object puts, not 3,000.
 MAX_INPUT_BLOCK = 4_096
+# Encoded bytes a read task holds for decoding at a time, at most (beyond one image larger than this): 32 MiB is
+# a decode batch (preprocess.batch_size) of 32 ImageNet-sized JPEGs many times over, and ~10 phone photos; more
+# would only grow each task's memory, since decoding takes one image at a time.
+READ_BATCH_BYTES = 32 * 2**20
 # Blocks of files (shards, Parquet files) handed to Ray: one file each up to this many files, else as many files
 # each as spread them over this many blocks. The driver puts each block into the object store one by one: a put
 # per file of 10^5 shards delayed the first task the longest of anything (docs/benchmarks.md, corpus scale).
@@ -57,12 +61,14 @@ def has_extensions(files: pa.Array, extensions: tuple[str, ...]) -> pa.BooleanAr
     return matched
 
 
-def input_block_bounds(count: int, first: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of the URI blocks handed to Ray: doubling from ``first`` to MAX_INPUT_BLOCK."""
+def input_block_bounds(count: int, first: int, largest: int = MAX_INPUT_BLOCK) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the URI blocks handed to Ray: doubling from ``first`` to ``largest`` (at most
+    MAX_INPUT_BLOCK)."""
+    largest = min(largest, MAX_INPUT_BLOCK)
     bounds, start, size = [], 0, first
     while start < count:
         bounds.append((start, min(count, start + size)))
-        start, size = start + size, max(first, min(2 * size, MAX_INPUT_BLOCK))
+        start, size = start + size, max(first, min(2 * size, largest))
     return bounds
 
 
@@ -131,9 +137,10 @@ class Layout:
         """
         return InputPlan(self, uris)
 
-    def blocks(self, uris: pa.Array, batch_size: int) -> list[pa.Table]:
+    def blocks(self, uris: pa.Array, batch_size: int, largest: int = MAX_INPUT_BLOCK) -> list[pa.Table]:
         """The blocks of ``uris`` handed to Ray's read tasks, each read file after file, streaming out batches:
-        one file each, or as many as make ``MAX_FILE_BLOCKS`` blocks."""
+        one file each, or as many as make ``MAX_FILE_BLOCKS`` blocks. ``largest``: the most images a block of
+        image URIs holds (``ImageURILayout``)."""
         table = pa.table({"uri": uris})
         size = -(-len(uris) // MAX_FILE_BLOCKS)
         return [table.slice(i, size) for i in range(0, len(uris), size)]
@@ -147,12 +154,53 @@ class Layout:
         """
         raise NotImplementedError
 
+    def sample(self, uris: pa.ChunkedArray | SpooledURIs, count: int) -> dict[str, np.ndarray]:
+        """Up to ``count`` images of the input as read (``encoded_batch``), to measure what decoding them costs
+        (``costs.measure``): the first of its first file."""
+        reads = self.read({"uri": np.asarray(uris[:1].to_pylist(), dtype=object)}, count)
+        try:
+            return next(reads, encoded_batch([], []))
+        finally:
+            reads.close()  # the rest of the file is not read
+
     def recorded_images(self, uris: pa.Array, done_uri: str) -> pa.Array:
         """The images in each of ``uris`` as far as the runs under ``done_uri`` know (null: not known).
 
         Where a layout knows its inputs' images before reading (``InputPlan.images``), this is not asked.
         """
         return pa.nulls(len(uris), pa.int64())
+
+    def row_input(self, uri: str) -> str:
+        """The input file a row's ``uri`` was read from: the shard of ``SHARD#MEMBER``, the file of ``FILE#ID``.
+
+        The input ends where one of its file extensions is followed by ``#`` (``a#1.tar#b.jpg`` is of ``a#1.tar``),
+        else at the first ``#``; a row naming a whole input (a shard that could not be read) is that input.
+        """
+        lower = uri.lower()
+        ends = [lower.find(f".{extension}#") for extension in self.file_extensions]
+        found = [(end, extension) for end, extension in zip(ends, self.file_extensions, strict=True) if end >= 0]
+        if found:
+            end, extension = min(found)
+            return uri[: end + 1 + len(extension)]
+        return uri.split("#", 1)[0]
+
+    def row_inputs(self, uris: Iterable[str]) -> dict[str, list[str]]:
+        """Rows' ``uri`` grouped by the input file each was read from (``row_input``), in first-seen order, so that
+        ``read_rows`` reads each input once for all of them."""
+        grouped: dict[str, list[str]] = {}
+        for uri in uris:
+            grouped.setdefault(self.row_input(uri), []).append(uri)
+        return grouped
+
+    def read_rows(self, input_uri: str, uris: Sequence[str]) -> dict[str, bytes | Exception]:
+        """The encoded images that the output rows ``uris``, all of ``input_uri``, were labeled from, read again as
+        the job read them (for a report's thumbnails): the input is read once, for all of them.
+
+        Returns:
+            For each of ``uris``, its bytes or what reading it raised; ``FileNotFoundError`` for an image the input
+            no longer holds.
+        """
+        raise NotImplementedError
 
 
 class ImageURILayout(Layout):
@@ -166,21 +214,26 @@ class ImageURILayout(Layout):
         listing.extend(chunks)
         return listing.finish()
 
-    def blocks(self, uris: pa.Array | SpooledURIs, batch_size: int) -> list[pa.Table]:
+    def blocks(
+        self, uris: pa.Array | SpooledURIs, batch_size: int, largest: int = MAX_INPUT_BLOCK
+    ) -> list[pa.Table]:
         """Blocks of URIs doubling from one batch (``input_block_bounds``); of a written list, blocks of its row
         groups (``SpooledURIs.units``), at most ``MAX_FILE_BLOCKS``.
 
         The first blocks are small so reading and decoding start on every CPU at once; later ones are large
         because the driver puts each block into the object store one by one, and one block per batch would keep
-        it putting for a long time on millions of images. Ray Data's streaming repartition, which cuts big blocks
-        on the workers, stalled the job on 2 CPUs (model actor 1.5, decode tasks 0.5 each).
+        it putting for a long time on millions of images. Images costly to decode make smaller blocks
+        (``largest``, ``StageCosts.block_images``): a task of 4,096 phone photos would decode for ten minutes on
+        one CPU, and a cluster would run fewer tasks than it has CPUs. Ray Data's streaming repartition, which
+        cuts big blocks on the workers, stalled the job on 2 CPUs (model actor 1.5, decode tasks 0.5 each).
         """
         if isinstance(uris, SpooledURIs):
             units = uris.units()
             size = max(1, -(-len(units) // MAX_FILE_BLOCKS))
             return [units.slice(i, size) for i in range(0, len(units), size)]
         table = pa.table({"uri": uris})
-        return [table.slice(start, stop - start) for start, stop in input_block_bounds(len(uris), batch_size)]
+        bounds = input_block_bounds(len(uris), batch_size, largest)
+        return [table.slice(start, stop - start) for start, stop in bounds]
 
     def read(
         self, batch: dict[str, np.ndarray], batch_size: int, run_uri: str | None = None
@@ -192,15 +245,43 @@ class ImageURILayout(Layout):
             )
         else:
             lists = iter([[str(u) for u in batch["uri"]]])
+        size = batch_size
         for uris in lists:
-            for start in range(0, len(uris), batch_size):
-                chunk = uris[start : start + batch_size]
+            start = 0
+            while start < len(uris):
+                chunk = uris[start : start + size]
+                start += len(chunk)
+                read = 0
                 for wave in self.read_waves(chunk):  # a slow read does not hold the rest of its batch
+                    read += sum(len(content) for _, content in wave if isinstance(content, bytes))
                     yield encoded_batch([chunk[i] for i, _ in wave], [content for _, content in wave])
+                # Batches of images larger than the job planned for (a mixed corpus) hold READ_BATCH_BYTES at most.
+                size = max(1, min(batch_size, READ_BATCH_BYTES * len(chunk) // max(1, read)))
+
+    def sample(self, uris: pa.ChunkedArray | SpooledURIs, count: int) -> dict[str, np.ndarray]:
+        """Up to ``count`` images spread evenly over the listing, so that a mixed corpus is measured as mixed; of a
+        written list, the first of its first part."""
+        if isinstance(uris, SpooledURIs):
+            plan, groups = _first_unit(uris)
+            chosen = read_spooled(self.storage, plan, ["uri"], groups)["uri"].to_pylist()[:count]
+        else:
+            positions = np.unique(np.linspace(0, len(uris) - 1, min(count, len(uris))).astype(np.int64))
+            chosen = uris.take(pa.array(positions)).to_pylist() if len(uris) else []
+        read = [item for wave in self.read_waves(chosen) for item in wave]
+        return encoded_batch([chosen[i] for i, _ in read], [content for _, content in read])
 
     def read_waves(self, uris: list[str]) -> Iterator[list[tuple[int, bytes | Exception]]]:
         """Each image's bytes or what reading it raised, by index in ``uris``, in waves (``Storage.read_waves``)."""
         return self.storage.read_waves(uris)
+
+    def row_input(self, uri: str) -> str:
+        """Each row's ``uri`` is its own input: the image's URI."""
+        return uri
+
+    def read_rows(self, input_uri: str, uris: Sequence[str]) -> dict[str, bytes | Exception]:
+        """The images' bytes within ``storage.max_image_bytes``, as the job reads them (``read_waves``)."""
+        uris = list(uris)
+        return {uris[i]: content for wave in self.read_waves(uris) for i, content in wave}
 
 
 @dataclass(frozen=True)
@@ -285,6 +366,12 @@ class InputPlan:
         value_set = uris.cast(pa.string()).combine_chunks()
         skip = [batch.filter(pc.is_in(_input_of(batch), value_set=value_set)) for batch in done.batches()]
         return InputPlan(self.layout, uris, images, skip=pa.chunked_array(skip, pa.string()).combine_chunks())
+
+
+def _first_unit(uris: SpooledURIs) -> tuple[str, list[int]]:
+    """The written part and row group that a written list's first block starts with (``SpooledURIs.units``)."""
+    first = uris.units().slice(0, 1).to_pylist()[0]
+    return str(first["plan"]), [int(first["row_group"])]
 
 
 def _not_done(uris: pa.Array, done: pa.Array) -> pa.Array:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import posixpath
+from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,7 +19,7 @@ from mnasnet_batch.inputs.manifests import ManifestLayout
 from mnasnet_batch.inputs.parquet import ParquetLayout
 from mnasnet_batch.inputs.spool import SpooledURIs
 from mnasnet_batch.inputs.webdataset import WebDatasetLayout
-from mnasnet_batch.storage import Storage, StorageError
+from mnasnet_batch.storage import Storage, StorageError, has_extension
 
 log = logging.getLogger(__name__)
 
@@ -169,3 +170,21 @@ def plan_input(config: InputConfig, storage: Storage, spool_folder: str = "") ->
         if spool_folder:  # what was written of a list before its manifest failed, say
             spool.remove_folder(storage, spool_folder)
         raise
+
+
+def layout_of_rows(config: InputConfig, storage: Storage, uris: Iterable[str]) -> Layout:
+    """The layout that reads back the images of a run's output rows ``uris`` (a report's thumbnails), without
+    listing the input again: the one ``input.format`` named, or with ``auto`` the first whose input files the rows
+    name (tar shards in ``SHARD#MEMBER``, Parquet files in ``FILE#ID``), else image URIs (loose files and
+    manifests' URIs are read alike).
+    """
+    layouts = [layout(config, storage) for layout in LAYOUTS]
+    if config.format != "auto":
+        return next(layout for layout in layouts if layout.name == config.format)
+    uris = list(uris)
+    for layout in layouts:
+        if not layout.uri_per_image and any(
+            "#" in uri and has_extension(layout.row_input(uri), layout.file_extensions) for uri in uris
+        ):
+            return layout
+    return layouts[0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -62,6 +62,37 @@ class ParquetLayout(Layout):
                         for name in (id_column, image_column)
                     }
                     yield parquet_batch(columns, id_column, image_column, str(uri))
+
+    def read_rows(self, input_uri: str, uris: Sequence[str]) -> dict[str, bytes | Exception]:
+        """The images of the rows ``uris`` (``FILE#ID``) from the Parquet file ``input_uri``, read once: its id
+        column, then the image column of only the row groups that hold them. An id the file no longer holds is a
+        ``FileNotFoundError``."""
+        import pyarrow.parquet as pq
+
+        id_column, image_column = self.config.id_column, self.config.image_column
+        prefix = len(input_uri) + 1
+        fs, path = self.storage.filesystem(input_uri)
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            # The ids as the job wrote them into the uri (parquet_batch): str() of each numpy value.
+            ids = parquet.read(columns=[id_column]).column(id_column).to_numpy(zero_copy_only=False)
+            position = {str(value): i for i, value in enumerate(ids)}
+            wanted = {uri: position.get(uri[prefix:]) for uri in uris}
+            sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            starts = np.cumsum([0, *sizes])
+            group = {i: int(np.searchsorted(starts, i, side="right")) - 1 for i in wanted.values() if i is not None}
+            groups = sorted(set(group.values()))
+            images = parquet.read_row_groups(groups, columns=[image_column]).column(image_column) if groups else None
+        # Where each row group read starts among the rows read.
+        read_at = dict(zip(groups, np.cumsum([0, *[sizes[g] for g in groups]]).tolist(), strict=False))
+        found: dict[str, bytes | Exception] = {}
+        for uri, i in wanted.items():
+            if i is None:
+                found[uri] = FileNotFoundError(f"{input_uri} no longer holds a row of {id_column} {uri[prefix:]}")
+                continue
+            data = images[read_at[group[i]] + i - int(starts[group[i]])].as_py()
+            found[uri] = ValueError(f"{image_column} is null") if data is None else bytes(data)
+        return found
 
 def _parquet_columns(uri: str, storage: Storage) -> list[str]:
     import pyarrow.parquet as pq

@@ -7,12 +7,12 @@ import logging
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from mnasnet_batch.inputs.layout import SHOWN_MEMBERS, Layout, encoded_batch
+from mnasnet_batch.inputs.layout import READ_BATCH_BYTES, SHOWN_MEMBERS, Layout, encoded_batch
 from mnasnet_batch.reads import READ_CHUNK, OverByteLimit
 from mnasnet_batch.storage import Storage, has_extension
 
@@ -43,14 +43,15 @@ class WebDatasetLayout(Layout):
         for shard in batch["uri"]:
             uris: list[str] = []
             contents: list[bytes | Exception] = []
-            images = 0
+            images = held = 0
             for uri, content in shard_images(str(shard), self.image_extensions, self.storage):
                 uris.append(uri)
                 contents.append(content)
                 images += 1
-                if len(uris) == batch_size:
+                held += len(content) if isinstance(content, bytes) else 0
+                if len(uris) == batch_size or held >= READ_BATCH_BYTES:
                     yield encoded_batch(uris, contents)
-                    uris, contents = [], []
+                    uris, contents, held = [], [], 0
             if uris:
                 yield encoded_batch(uris, contents)
             if run_uri is not None:
@@ -59,6 +60,27 @@ class WebDatasetLayout(Layout):
     def recorded_images(self, uris: pa.Array, done_uri: str) -> pa.Array:
         """The sample counts the runs under ``done_uri`` recorded for the shards they read to their end."""
         return recorded_images(uris, done_uri, self.storage)
+
+    def read_rows(self, input_uri: str, uris: Sequence[str]) -> dict[str, bytes | Exception]:
+        """The images of the samples ``uris`` (``SHARD#MEMBER``), reading the shard front to back once
+        (``shard_images``), up to the last of them.
+
+        A sample the shard no longer holds is a ``FileNotFoundError``; where reading the shard stops, every sample
+        not found by then gets the error that stopped it.
+        """
+        wanted = set(uris)
+        found: dict[str, bytes | Exception] = {}
+        last: bytes | Exception = b""
+        for uri, last in shard_images(input_uri, self.image_extensions, self.storage):
+            if uri in wanted:
+                found[uri] = last
+                if len(found) == len(wanted):
+                    break  # the rest of the shard is not read
+        # A shard that could not be read to its end yields that error last; a sample's own errors (no image
+        # member, over the byte limit) are ValueErrors.
+        stopped = isinstance(last, Exception) and not isinstance(last, ValueError)
+        missing = last if stopped else FileNotFoundError(f"shard {input_uri} no longer holds this sample")
+        return {uri: found.get(uri, missing) for uri in uris}
 
 def sample_key(member: str) -> str | None:
     """The WebDataset sample key of a tar member (``a/img_01.seg.png`` -> ``a/img_01``), None without one."""

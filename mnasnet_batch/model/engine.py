@@ -148,14 +148,19 @@ def export_onnx(checkpoint: Checkpoint) -> bytes:
     return buffer.getvalue()
 
 
-def export_ahead(compute: ComputeConfig, checkpoint: Checkpoint) -> None:
+def export_ahead(compute: ComputeConfig, checkpoint: Checkpoint) -> bytes | None:
     """Exports the model where the actors are likely to run it on ONNX Runtime (``choose_engine`` decides once the
-    cluster is known), so that the driver does it while Ray starts, not after."""
+    cluster is known), so that the driver does it while Ray starts, not after.
+
+    Returns:
+        The graph (``export_onnx``, which keeps it), or None where the actors are likely to run torch.
+    """
     cpu_actors = compute.device == "cpu" or (compute.device == "auto" and not torch.cuda.is_available())
     if compute.engine == "onnxruntime" or (
         compute.engine == "auto" and cpu_actors and compute.precision == "fp32" and onnxruntime_installed()
     ):
-        export_onnx(checkpoint)
+        return export_onnx(checkpoint)
+    return None
 
 
 def choose_engine(engine: str, gpu_actors: bool, precision: str = "fp32") -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,7 +32,8 @@ class Predictor:
         device: ``cuda``, ``cpu``, or "" for CUDA when this process sees a GPU.
         num_threads: CPU threads of torch (and of ONNX Runtime); 0 leaves their defaults. Set it to the CPUs the actor
             holds.
-        on_batch: called with every output table, e.g. to count progress; None calls nothing.
+        on_batch: called with every output table, the CPU milliseconds its images took to decode, and those the
+            model took (all the actor's threads), e.g. to count progress; None calls nothing.
         precision: ``fp32``, or ``fp16`` / ``bf16`` to run the model under autocast (fp16 on CUDA only).
         spec: the preprocessing geometry; with ``spec.decode_on == "actor"`` the actor is called with read batches
             (``uri``, ``data``, ``error``) and decodes them, on a GPU with ``device_preprocess``, on a CPU with
@@ -49,7 +51,7 @@ class Predictor:
         top_k: int,
         device: str = "",
         num_threads: int = 0,
-        on_batch: Callable[[pa.Table], None] | None = None,
+        on_batch: Callable[[pa.Table, float, float], None] | None = None,
         precision: str = "fp32",
         spec: PreprocessSpec | None = None,
         micro_batch: int = 0,
@@ -99,8 +101,16 @@ class Predictor:
             return top_k(logits, self.top_k)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        start = time.process_time()
         with torch.inference_mode():
             batch = self.decode(batch)
+        decoded_at = time.process_time()
+        # CPU time of each image's decoding where the decode stage measured it; else this process's, where the
+        # actor's own threads decoded the batch.
+        if "decode_ms" in batch:
+            decode_ms = float(batch["decode_ms"].sum())
+        else:
+            decode_ms = (decoded_at - start) * 1000 if self.decode is not decoded else 0.0
         ok = batch["error"] == ""
         if ok.any():
             ids, scores = self.predict(batch["image"][ok])
@@ -111,5 +121,21 @@ class Predictor:
             batch["uri"], batch["error"], ids, scores, self.categories, self.model_name, self.weights_id
         )
         if self.on_batch is not None:
-            self.on_batch(table)
+            self.on_batch(table, decode_ms, (time.process_time() - decoded_at) * 1000)
         return table
+
+
+def model_ms(checkpoint: Checkpoint, onnx_graph: bytes | None, crop_size: int, images: int = 16) -> float:
+    """CPU milliseconds per image of the model on one thread (torch, or ONNX Runtime given ``onnx_graph``), timed
+    once after a warm-up on ``images`` crops, as the job's split of CPUs between the stages needs it
+    (``costs.split_cpus``). The process's torch threads are as before afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        predictor = Predictor(checkpoint, top_k=1, device="cpu", num_threads=1, onnx_graph=onnx_graph)
+        crops = np.random.default_rng(0).integers(0, 256, (images, crop_size, crop_size, 3), dtype=np.uint8)
+        predictor.predict(crops)  # warm-up: first calls allocate and pick kernels
+        start = time.thread_time()
+        predictor.predict(crops)
+        return (time.thread_time() - start) * 1000 / images
+    finally:
+        torch.set_num_threads(threads)

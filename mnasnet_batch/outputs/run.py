@@ -83,6 +83,9 @@ class RunPlan:
     storage: Storage = field(default_factory=Storage, compare=False, repr=False)
     # The output target that opened the run, and closes it (``target.finish_run``).
     target: OutputTarget | None = field(default=None, compare=False, repr=False)
+    # What an image cost each stage in this attempt and where each ran (``costs.StageCosts.as_record``, completed
+    # by ``job.run``), written into the run's record; None: not measured.
+    stage_costs: dict[str, object] | None = None
 
 
 class OutputTarget:
@@ -193,6 +196,8 @@ def fingerprint(config: JobConfig, weights_id: str) -> dict[str, object]:
         "top_k": config.model.top_k,
         "max_pixels": config.preprocess.max_pixels,
         "apply_exif_orientation": config.preprocess.apply_exif_orientation,
+        # Only when on: the outputs of runs from before the setting existed (exact, all of them) still match.
+        **({"fast_decode": True} if config.preprocess.fast_decode else {}),
     }
 
 
@@ -268,6 +273,8 @@ def close_record(
         seconds=round(seconds, 3),
         images_per_s=round(summary.labeled_now / seconds, 2) if seconds > 0 else None,
     )
+    if plan.stage_costs is not None:
+        record["stage_costs"] = plan.stage_costs
     return summary
 
 

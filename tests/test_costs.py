@@ -1,0 +1,114 @@
+"""The split of CPUs between decoding and the model, from what an image of the input costs each."""
+
+import dataclasses
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from mnasnet_batch.config import InputConfig, StorageConfig
+from mnasnet_batch.costs import TASK_DECODE_S, CPUSplit, StageCosts, decode_ms, measure, split_cpus
+from mnasnet_batch.decode.preprocess import PreprocessSpec
+from mnasnet_batch.inputs.files import FilesLayout
+from mnasnet_batch.inputs.layout import READ_BATCH_BYTES, encoded_batch
+from mnasnet_batch.inputs.listing import plan_input
+from mnasnet_batch.storage import Storage
+
+SPEC = PreprocessSpec(resize_size=256, crop_size=224, resample=Image.Resampling.BILINEAR, max_pixels=89_478_485)
+
+
+def jpeg(width: int, height: int, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_costly_decoding_gets_the_cpus_and_a_costly_model_gets_them():
+    # 12 MP photos: decoding costs ~25x the model. Two decode tasks of nearly a core each, the actor the rest.
+    photos = split_cpus(2.0, 2.0, model_share=0.04)
+    assert photos.actors == 1 and photos.actor_cpus == pytest.approx(0.08)
+    assert photos.decode_cpus == pytest.approx(0.96)
+    # ImageNet-sized JPEGs on ONNX Runtime: the model costs a little more than decoding. One decode task.
+    small = split_cpus(2.0, 2.0, model_share=0.6)
+    assert (small.actors, small.actor_cpus, small.decode_cpus) == (1, 1.2, 0.8)
+
+
+def test_a_cluster_gets_actors_of_at_most_four_cpus_and_decode_tasks_of_one():
+    assert split_cpus(64.0, 16.0, 0.75) == CPUSplit(actor_cpus=4.0, actors=12, decode_cpus=1.0)
+    # Three 16-CPU nodes on phone photos: one actor of the model's 1.92 CPUs, the rest decodes a CPU a task.
+    assert split_cpus(48.0, 16.0, 0.04) == CPUSplit(actor_cpus=1.92, actors=1, decode_cpus=1.0)
+
+
+@pytest.mark.parametrize("cpus", [1.0, 2.0, 3.0, 8.0, 96.0])
+@pytest.mark.parametrize("share", [0.001, 0.04, 0.3, 0.6, 0.9, 0.999])
+def test_the_split_never_asks_for_more_than_the_cluster_has(cpus, share):
+    split = split_cpus(cpus, cpus, share)
+    free = cpus - split.actors * split.actor_cpus
+    tasks = max(1, round(free))
+    assert free >= 0.25 - 1e-9  # reading and decoding always go on
+    assert split.actors * split.actor_cpus + min(tasks * split.decode_cpus, free) <= cpus + 1e-6
+    assert 0 < split.decode_cpus <= 1.0 and 0 < split.actor_cpus <= 4.0
+
+
+def test_decoding_costs_more_on_large_images_and_errors_are_not_counted():
+    small = encoded_batch(["a", "b"], [jpeg(500, 375, 1), jpeg(375, 500, 2)])
+    large = encoded_batch(["c", "d", "e"], [jpeg(2400, 1800, 3), b"not an image", jpeg(1800, 2400, 4)])
+    small_ms, small_count, small_bytes = decode_ms(small, SPEC)
+    large_ms, large_count, large_bytes = decode_ms(large, SPEC)
+    assert (small_count, large_count) == (2, 2)
+    assert large_ms > 4 * small_ms > 0  # 23x the pixels
+    assert large_bytes == (len(large["data"][0]) + len(large["data"][2])) // 2 > small_bytes
+    assert decode_ms(encoded_batch(["x"], [b"junk"]), SPEC) == (0.0, 0, 0)
+
+
+def test_the_sample_is_spread_over_a_mixed_listing(tmp_path):
+    # Sorted by name: the small images come first, and a sample of the first ones would see none of the large.
+    for i in range(6):
+        (tmp_path / f"a{i}.jpg").write_bytes(jpeg(400, 300, i))
+        (tmp_path / f"b{i}.jpg").write_bytes(jpeg(2000, 1500, 10 + i))
+    inputs = plan_input(InputConfig(uri=str(tmp_path)), Storage(StorageConfig()))
+    sample = inputs.layout.sample(inputs.uris, 4)
+    names = sorted(uri.rsplit("/", 1)[-1][0] for uri in sample["uri"])
+    assert names.count("a") == 2 and names.count("b") == 2
+    costs = measure(inputs, SPEC, model_ms=5.0, engine="torch")
+    assert costs.images >= 2 and costs.model_ms == 5.0 and 0 < costs.model_share < 1
+
+
+def test_no_decodable_image_in_the_sample_measures_nothing(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    inputs = plan_input(InputConfig(uri=str(tmp_path)), Storage(StorageConfig()))
+    assert measure(inputs, SPEC, model_ms=5.0, engine="torch") is None
+
+
+def test_a_read_batch_of_large_images_is_bounded_by_bytes():
+    phone = StageCosts(130.0, 5.0, 8, image_bytes=3 * 2**20, engine="torch", host="h")
+    assert phone.read_batch(32) == READ_BATCH_BYTES // (3 * 2**20) < 32
+    small = dataclasses.replace(phone, image_bytes=70_000)
+    assert small.read_batch(32) == 32
+
+
+def test_read_tasks_hold_no_more_bytes_than_the_bound_once_they_see_the_sizes(tmp_path, monkeypatch):
+    from mnasnet_batch.inputs import layout
+
+    monkeypatch.setattr(layout, "READ_BATCH_BYTES", 100_000)
+    for i in range(20):
+        (tmp_path / f"{i:02d}.jpg").write_bytes(jpeg(160, 120, i) + bytes(40_000))  # ~45 KB each
+    inputs = plan_input(InputConfig(uri=str(tmp_path)), Storage(StorageConfig()))
+    batches = list(inputs.layout.read({"uri": np.asarray(inputs.uris.to_pylist(), dtype=object)}, batch_size=8))
+    sizes = [sum(len(data) for data in batch["data"]) for batch in batches]
+    assert len(batches[0]["uri"]) == 8  # planned for small images
+    assert all(size <= 100_000 for size in sizes[1:]) and sum(len(b["uri"]) for b in batches) == 20
+
+
+def test_costly_images_make_smaller_read_tasks():
+    phone = StageCosts(130.0, 5.0, 8, image_bytes=3 * 2**20, engine="torch", host="h")
+    small = dataclasses.replace(phone, decode_ms=3.0, image_bytes=70_000)
+    assert phone.block_images(10) == int(TASK_DECODE_S * 1000 / 130.0) < small.block_images(32)
+    assert dataclasses.replace(phone, decode_ms=10_000.0).block_images(10) == 10  # at least one batch
+    uris = pa.array([f"/p/{i}.jpg" for i in range(1000)])
+    layout = FilesLayout(InputConfig(uri="/p"), Storage(StorageConfig()))
+    blocks = [block.num_rows for block in layout.blocks(uris, 10, phone.block_images(10))]
+    assert sum(blocks) == 1000 and blocks[0] == 10 and max(blocks) == phone.block_images(10)
