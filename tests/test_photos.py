@@ -4,6 +4,7 @@ import dataclasses
 import io
 import logging
 import posixpath
+from pathlib import Path
 
 import numpy as np
 import pillow_heif
@@ -15,7 +16,7 @@ import torchvision.transforms.functional as F
 from PIL import Image, ImageOps
 
 from mnasnet_batch.cli import main
-from mnasnet_batch.config import InputConfig
+from mnasnet_batch.config import InputConfig, load_config
 from mnasnet_batch.decode import formats
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch, preprocess_image, reduce_factor
 from mnasnet_batch.inputs.layout import encoded_batch
@@ -152,3 +153,28 @@ def test_a_cpu_model_actor_decoding_itself_decodes_fast_too(tmp_path, checkpoint
     fast = decode_batch(batch, spec)["image"]
     exact = decode_batch(batch, dataclasses.replace(spec, fast_decode=False))["image"]
     assert np.array_equal(actor.decode(batch)["image"], fast) and not np.array_equal(fast, exact)
+
+
+def test_the_photos_profile_labels_phone_photos_upright_from_fast_decoded_crops(
+    tmp_path, local_ray, checkpoint_path, fixture_model
+):
+    profile = Path(__file__).resolve().parents[1] / "conf" / "photos.yaml"
+    images = tmp_path / "images"
+    # Landscape, landscape, portrait, and a portrait stored sideways (EXIF 6); large enough to decode at DCT 1/2.
+    paths = support.write_photo_corpus(images, 4, size=(2000, 1500))
+    output = tmp_path / "labels"
+    assert main(support.job_argv(images, output, checkpoint_path, extra=("--config", str(profile)))) == 0
+    rows = {row["uri"]: row for row in pads.dataset(output, format="parquet").to_table().to_pylist()}
+    # What the job must have labeled: the crops as the profile decodes them (upright, fast), through the model.
+    spec = PreprocessSpec.for_config("mnasnet0_5", load_config(profile).preprocess)
+    assert spec.fast_decode and spec.apply_exif_orientation
+    crops = np.stack([preprocess_image(p.read_bytes(), spec) for p in paths])
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    with torch.no_grad():
+        scores, ids = torch.topk(torch.softmax(fixture_model.eval()(x), dim=1), 5)
+    for path, row_ids, row_scores in zip(paths, ids, scores, strict=True):
+        row = rows[str(path)]
+        assert row["status"] == "ok" and row["top_k_ids"] == row_ids.tolist(), path.name
+        np.testing.assert_allclose(row["top_k_scores"], row_scores.numpy(), atol=1e-4)
