@@ -532,3 +532,16 @@ def test_overwrite_leaves_exactly_its_rows_and_an_unfinished_run_must_be_finishe
     job.finish_run(config, plan, 1.0)
     rows = read_rows(job.catalog.load_table(TABLE))
     assert {u: r["run_id"] for u, r in rows.items()} == dict.fromkeys(kept, "o")
+
+
+def test_a_commit_from_before_fast_decode_existed_counts_as_exact():
+    from types import SimpleNamespace
+
+    from mnasnet_batch.outputs.iceberg import PROPERTY, label_settings, latest_labels
+
+    exact = label_settings(load_config(), "w1")
+    older = {PROPERTY + k: v for k, v in exact.items() if k != "fast_decode"} | {PROPERTY + "run_id": "r1"}
+    table = SimpleNamespace(snapshots=lambda: [SimpleNamespace(summary=SimpleNamespace(additional_properties=older))])
+    assert latest_labels(table) == exact  # an older exact table takes exact runs on
+    fast = label_settings(load_config(overrides=[{"preprocess": {"fast_decode": True}}]), "w1")
+    assert fast["fast_decode"] == "true" and latest_labels(table) != fast

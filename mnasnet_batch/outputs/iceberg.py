@@ -48,7 +48,9 @@ SOURCE_SCHEMA = pa.schema([("source", pa.string()), ("source_size", pa.int64()),
 # Snapshot summary properties are named with this prefix (Iceberg's own have none).
 PROPERTY = "mnasnet."
 # The settings that decide the labels; a table holds the labels of one setting, replaced by relabel or overwrite.
-LABEL_SETTINGS = ("model", "weights", "top_k", "max_pixels", "apply_exif_orientation")
+LABEL_SETTINGS = ("model", "weights", "top_k", "max_pixels", "apply_exif_orientation", "fast_decode")
+# What a commit from before a setting existed labeled with: fast_decode came later, and every earlier run was exact.
+UNRECORDED_LABELS = {"fast_decode": "false"}
 # Source files examined at once on an object store (one HEAD request each).
 STAT_THREADS = 16
 
@@ -153,6 +155,7 @@ def label_settings(config: JobConfig, weights_id: str) -> dict[str, str]:
         "top_k": config.model.top_k,
         "max_pixels": config.preprocess.max_pixels,
         "apply_exif_orientation": config.preprocess.apply_exif_orientation,
+        "fast_decode": config.preprocess.fast_decode,
     }
     return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in values.items()}
 
@@ -162,7 +165,7 @@ def latest_labels(table) -> dict[str, str]:
     for snapshot in reversed(table.snapshots()):
         summary = snapshot.summary.additional_properties if snapshot.summary else {}
         if PROPERTY + "run_id" in summary:
-            return {k: summary.get(PROPERTY + k, "") for k in LABEL_SETTINGS}
+            return {k: summary.get(PROPERTY + k, UNRECORDED_LABELS.get(k, "")) for k in LABEL_SETTINGS}
     return {}
 
 
