@@ -73,10 +73,7 @@ def main(argv=None) -> int:
         return import_labels(args, storage)
     table = settings.table
     try:
-        if table:
-            rows = review.read_table(settings, args.below, storage)
-        else:
-            rows = review.read_run(args.output, args.below, storage)
+        rows = review.read(settings, args.below, storage)
     except (FileNotFoundError, ValueError, StorageError) as exc:
         what = f"table {table}" if table else f"the run's Parquet files under {args.output}"
         print(f"error: cannot read {what}: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -33,6 +34,9 @@ SAMPLE_DECODE_S = 1.0
 # into the object store, short enough that 10^5 phone photos (~0.13 s each) make enough tasks for every CPU of a
 # cluster, and the last tasks of a run end close together.
 TASK_DECODE_S = 10.0
+# Read tasks at least for each decode task that runs at a time: the blocks of a run double in size, and with fewer,
+# its last, largest task decodes on one CPU while the others have nothing left to do.
+TASKS_PER_SLOT = 4
 # CPUs decoding keeps however cheap it is: reading goes on beside the model however costly that is.
 MIN_DECODE_CPUS = 0.25
 # Crops the model is timed on, once after a warm-up: its cost per image hardly depends on the content.
@@ -125,6 +129,14 @@ def job_costs(config: JobConfig, checkpoint: Checkpoint, inputs: InputPlan) -> S
     if costs is None:
         log.info("no image of the input's sample decoded: its CPUs are divided as for ImageNet-sized JPEGs")
     return costs
+
+
+def spread_block(images: int, slots: int, batch_size: int) -> int:
+    """The most images a read task gets so that ``images`` make ``TASKS_PER_SLOT`` tasks or more for each of the
+    ``slots`` decode tasks that run at a time (at least one batch); 0 images (not known before reading): no bound."""
+    if not images:
+        return sys.maxsize
+    return max(batch_size, -(-images // (TASKS_PER_SLOT * max(1, slots))))
 
 
 @dataclass(frozen=True)

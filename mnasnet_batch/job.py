@@ -18,7 +18,7 @@ import ray
 import ray.autoscaler.sdk
 
 from mnasnet_batch.config import ConfigError, JobConfig
-from mnasnet_batch.costs import StageCosts, split_cpus
+from mnasnet_batch.costs import StageCosts, split_cpus, spread_block
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.inputs.layout import MAX_INPUT_BLOCK, InputPlan, drop_done
 from mnasnet_batch.parts import driver_node, write
@@ -449,6 +449,8 @@ def run(
     batch_size, block_images = config.preprocess.batch_size, MAX_INPUT_BLOCK
     if costs is not None:
         batch_size, block_images = costs.read_batch(batch_size), costs.block_images(batch_size)
+    free = cluster.get("CPU", 1) - pool.max_size * pool.resources["num_cpus"]
+    block_images = min(block_images, spread_block(inputs.image_count, int(free / decode_cpus + 1e-6), batch_size))
     dataset = read(inputs, batch_size, block_images, decode_cpus, run_uri)
     dataset = decode(dataset, spec, decode_cpus)
     dataset = predict(dataset, config, checkpoint, spec, pool, counter)

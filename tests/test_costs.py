@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mnasnet_batch.config import InputConfig, StorageConfig
-from mnasnet_batch.costs import TASK_DECODE_S, CPUSplit, StageCosts, decode_ms, measure, split_cpus
+from mnasnet_batch.costs import TASK_DECODE_S, CPUSplit, StageCosts, decode_ms, measure, split_cpus, spread_block
 from mnasnet_batch.decode.preprocess import PreprocessSpec
 from mnasnet_batch.inputs.files import FilesLayout
 from mnasnet_batch.inputs.layout import READ_BATCH_BYTES, encoded_batch
@@ -112,3 +112,10 @@ def test_costly_images_make_smaller_read_tasks():
     layout = FilesLayout(InputConfig(uri="/p"), Storage(StorageConfig()))
     blocks = [block.num_rows for block in layout.blocks(uris, 10, phone.block_images(10))]
     assert sum(blocks) == 1000 and blocks[0] == 10 and max(blocks) == phone.block_images(10)
+
+
+def test_a_run_makes_several_read_tasks_for_each_decode_task_at_a_time():
+    # 400 photos, two decode tasks at a time: at least 4 tasks each, so the last ones end close together.
+    assert spread_block(400, 2, 13) == 50
+    assert spread_block(40, 2, 13) == 13  # never below a batch
+    assert spread_block(0, 2, 13) > 10**9  # not known before reading (shards): no bound

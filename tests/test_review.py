@@ -216,7 +216,7 @@ def test_tasks_from_rows_built_directly_count_what_they_leave_out():
         row("s3://bucket/bad.jpg", 0.0, "error"),
         row("s3://bucket/sure.jpg", 0.9),
     ]
-    selected = review.uncertain_rows(pa.Table.from_pylist(rows).to_batches(), 0.5)
+    selected = review.uncertain_rows(pa.Table.from_pylist(rows), 0.5)
     assert [r["uri"] for r in selected] == ["s3://bucket/shard.tar#x.jpg", "s3://bucket/a.jpg", "s3://bucket/b.jpg"]
     result = review.build_tasks(selected)
     assert [t["data"]["image"] for t in result.tasks] == ["s3://bucket/a.jpg", "s3://bucket/b.jpg"]

@@ -12,13 +12,11 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from mnasnet_batch.config import ModelConfig, OutputConfig
+from mnasnet_batch.evaluation.rows import least_confident, read_rows
 from mnasnet_batch.inputs.parquet import PARQUET_EXTENSIONS
 from mnasnet_batch.inputs.webdataset import SHARD_EXTENSIONS
-from mnasnet_batch.outputs.folder import read_parts
 from mnasnet_batch.storage import Storage, file_uri_path, has_extension, scheme
 
 # The columns review reads of the job's rows.
@@ -129,43 +127,21 @@ def image_url(uri: str, local_root: str | None) -> tuple[str | None, str]:
     return LOCAL_FILES_URL + quote(relative.replace(os.sep, "/"), safe="/"), ""
 
 
-def uncertain_rows(batches: Iterable[pa.RecordBatch], below: float) -> list[dict]:
-    """The ``ok`` rows whose top-1 score is under ``below``, most uncertain first (lowest top-1 score first, ties
-    by ``uri``), each with ``top1_score`` added. Rows are filtered a batch at a time: only those under the
-    threshold are held."""
-    kept = []
-    for batch in batches:
-        ok = batch.filter(pc.equal(batch.column("status"), "ok"))
-        top1 = pc.list_element(ok.column("top_k_scores"), 0)
-        under = pc.fill_null(pc.less(top1, below), False)
-        for row, score in zip(ok.filter(under).to_pylist(), top1.filter(under).to_pylist(), strict=True):
-            kept.append({**row, "top1_score": score})
-    return sorted(kept, key=lambda row: (row["top1_score"], row["uri"]))
+def uncertain_rows(rows: pa.Table, below: float) -> list[dict]:
+    """The ``ok`` rows whose top-1 score is under ``below``, most uncertain first (``rows.least_confident``), each
+    with ``top1_score`` added."""
+    return [{**row, "top1_score": row["top_k_scores"][0]} for row in least_confident(rows, below=below).to_pylist()]
 
 
-def read_run(uri: str, below: float, storage: Storage | None = None) -> list[dict]:
-    """``uncertain_rows`` of the Parquet parts under ``uri`` (a labeling job's ``--output``).
+def read(output: OutputConfig, below: float, storage: Storage | None = None) -> list[dict]:
+    """``uncertain_rows`` of a labeling job's output (``rows.read_rows``: its Parquet parts, or with ``output.table``
+    the Iceberg table's current rows).
 
     Raises:
-        FileNotFoundError: ``uri`` holds no Parquet parts.
+        FileNotFoundError: a Parquet folder that holds no parts.
+        StorageError: the table's catalog cannot be reached, or holds no such table.
     """
-    fs, root = (storage or Storage()).filesystem(uri)
-    dataset = read_parts(fs, root.rstrip("/"))
-    if dataset is None:
-        raise FileNotFoundError(f"no Parquet parts under {uri}")
-    return uncertain_rows(dataset.to_batches(columns=list(COLUMNS), filter=pads.field("status") == "ok"), below)
-
-
-def read_table(output_config: OutputConfig, below: float, storage: Storage | None = None) -> list[dict]:
-    """``uncertain_rows`` of the current rows of the Iceberg table ``output_config.table``.
-
-    Raises:
-        StorageError: the catalog cannot be reached, or holds no such table.
-    """
-    from mnasnet_batch.outputs.iceberg import current_rows, load_table
-
-    rows = current_rows(load_table(output_config, storage or Storage()), COLUMNS)
-    return uncertain_rows(rows.to_batches(), below)
+    return uncertain_rows(read_rows(output, COLUMNS, storage).rows, below)
 
 
 def top_k_text(labels: list[str], scores: list[float]) -> str:
