@@ -39,6 +39,8 @@ TASK_DECODE_S = 10.0
 TASKS_PER_SLOT = 4
 # CPUs decoding keeps however cheap it is: reading goes on beside the model however costly that is.
 MIN_DECODE_CPUS = 0.25
+# Ray counts a resource in steps of 1e-4.
+UNITS_PER_CPU = 10_000
 # Crops the model is timed on, once after a warm-up: its cost per image hardly depends on the content.
 MODEL_SAMPLE = 16
 
@@ -158,9 +160,20 @@ def split_cpus(cpus: float, largest: float, model_share: float) -> CPUSplit:
     """
     model = min(cpus * model_share, cpus - MIN_DECODE_CPUS)
     actor_cpus = min(4.0, model, largest)
+    actor_cpus = max(1 / UNITS_PER_CPU, floor_cpus(actor_cpus)) if actor_cpus > 0 else 0.0
     if actor_cpus <= 0:  # too few CPUs for a model actor beside a decode task
-        return CPUSplit(0.0, 0, round(min(1.0, cpus), 4))
+        return CPUSplit(0.0, 0, task_cpus(cpus))
     actors = max(1, math.floor(model / actor_cpus + 1e-9))
-    free = cpus - actors * actor_cpus
-    decode_cpus = min(1.0, free / max(1, round(free))) if free > 0 else 0.0
-    return CPUSplit(round(actor_cpus, 4), actors, round(decode_cpus, 4))
+    return CPUSplit(actor_cpus, actors, task_cpus(cpus - actors * actor_cpus))
+
+
+def task_cpus(free: float) -> float:
+    """Each decode task's CPUs in ``free`` CPUs: about one each, as many tasks as fill them (0 where none is
+    free)."""
+    return floor_cpus(min(1.0, free / max(1, round(free)))) if free > 0 else 0.0
+
+
+def floor_cpus(cpus: float) -> float:
+    """``cpus`` rounded down to Ray's unit of a resource (1e-4). Rounded up, two tasks of half of 1.9165 CPUs
+    (0.95825 -> 0.9583) asked for more than the 1.9165 there are: Ray Data then ran one where two fit."""
+    return math.floor(cpus * UNITS_PER_CPU + 1e-6) / UNITS_PER_CPU

@@ -18,7 +18,7 @@ import ray
 import ray.autoscaler.sdk
 
 from mnasnet_batch.config import ConfigError, JobConfig
-from mnasnet_batch.costs import StageCosts, split_cpus, spread_block
+from mnasnet_batch.costs import StageCosts, split_cpus, spread_block, task_cpus
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.inputs.layout import MAX_INPUT_BLOCK, InputPlan, drop_done
 from mnasnet_batch.parts import driver_node, write
@@ -173,7 +173,7 @@ def decode_task_cpus(config: JobConfig, cluster: dict[str, float], pool: ActorPo
     free = cluster.get("CPU", 1) - pool.max_size * pool.resources["num_cpus"]
     if free <= 0:  # GPU actors on nodes that are not there yet (an autoscaler adds them): one CPU a task
         return 1.0
-    return round(min(1.0, free / max(1, round(free))), 4)
+    return task_cpus(free)
 
 
 def alive_nodes() -> list[dict[str, float]]:
