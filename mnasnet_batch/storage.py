@@ -8,6 +8,7 @@ import operator
 import os
 import posixpath
 import stat
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
@@ -272,10 +273,16 @@ class Storage:
                 results[i] = content
         return results
 
-    def read_waves(self, uris: list[str]) -> Iterator[list[tuple[int, bytes | Exception]]]:
+    def read_waves(
+        self, uris: list[str], within_s: float | None = None
+    ) -> Iterator[list[tuple[int, bytes | Exception]]]:
         """``read_many`` in waves, so that a slow read does not hold the others: each wave is ``(index in uris,
         bytes or exception)`` of the reads done by then. HTTP reads come in a wave whenever ``STRAGGLER_WAIT_S``
-        passed with some of them still going; every other read, and a batch of HTTP reads done at once, in one."""
+        passed with some of them still going; every other read, and a batch of HTTP reads done at once, in one.
+
+        ``within_s``: HTTP reads still going after this many seconds are cancelled and left out (a sample of the
+        input, which must not wait on a slow server); None: every read ends in its own time.
+        """
         by_fs: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str]]]] = {}
         unresolved = []
         for i, uri in enumerate(uris):
@@ -303,12 +310,18 @@ class Storage:
                 contents = [exc] * len(items)
             ready += [(i, content) for (i, _), content in zip(items, contents, strict=True)]
         pending = dict(http)
+        deadline = None if within_s is None else time.monotonic() + within_s
         while pending:
-            futures.wait(pending.values(), timeout=STRAGGLER_WAIT_S)
+            wait = STRAGGLER_WAIT_S if deadline is None else min(STRAGGLER_WAIT_S, deadline - time.monotonic())
+            futures.wait(pending.values(), timeout=max(0.0, wait))
             for i, future in list(pending.items()):
                 if future.done():
                     ready.append((i, future.exception() or future.result()))
                     del pending[i]
+            if deadline is not None and time.monotonic() >= deadline:
+                for future in pending.values():
+                    future.cancel()  # cancels the request on fsspec's event loop
+                break
             if ready and pending:
                 yield sorted(ready, key=operator.itemgetter(0))
                 ready = []

@@ -201,3 +201,13 @@ def test_a_shard_member_over_the_limit_is_an_error_row_and_the_shard_reads_on(tm
 def test_read_settings_out_of_range_are_refused(setting, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[parse_override(setting)])
+
+
+def test_a_sample_gives_up_on_a_silent_url_and_keeps_what_came(server):
+    # The job's start must not wait on a slow server for the sample it measures decoding on.
+    storage = Storage(StorageConfig(http_timeout_s=60))
+    uris = [server.url("/good0.jpg"), server.url("/hang.jpg"), server.url("/good1.jpg")]
+    start = time.monotonic()
+    read = within(30, lambda: [item for wave in storage.read_waves(uris, within_s=1.0) for item in wave])
+    assert time.monotonic() - start < 10
+    assert [i for i, _ in read] == [0, 2] and read[0][1] == server.images["/good0.jpg"]

@@ -33,6 +33,9 @@ MAX_INPUT_BLOCK = 4_096
 # a decode batch (preprocess.batch_size) of 32 ImageNet-sized JPEGs many times over, and ~10 phone photos; more
 # would only grow each task's memory, since decoding takes one image at a time.
 READ_BATCH_BYTES = 32 * 2**20
+# Seconds a sample of image URIs (``ImageURILayout.sample``) waits for its reads: a slow server delays the job's
+# start by no more than this, and its images are left out of the sample.
+SAMPLE_READ_S = 3.0
 # Blocks of files (shards, Parquet files) handed to Ray: one file each up to this many files, else as many files
 # each as spread them over this many blocks. The driver puts each block into the object store one by one: a put
 # per file of 10^5 shards delayed the first task the longest of anything (docs/benchmarks.md, corpus scale).
@@ -267,12 +270,14 @@ class ImageURILayout(Layout):
         else:
             positions = np.unique(np.linspace(0, len(uris) - 1, min(count, len(uris))).astype(np.int64))
             chosen = uris.take(pa.array(positions)).to_pylist() if len(uris) else []
-        read = [item for wave in self.read_waves(chosen) for item in wave]
+        read = [item for wave in self.read_waves(chosen, SAMPLE_READ_S) for item in wave]
         return encoded_batch([chosen[i] for i, _ in read], [content for _, content in read])
 
-    def read_waves(self, uris: list[str]) -> Iterator[list[tuple[int, bytes | Exception]]]:
+    def read_waves(
+        self, uris: list[str], within_s: float | None = None
+    ) -> Iterator[list[tuple[int, bytes | Exception]]]:
         """Each image's bytes or what reading it raised, by index in ``uris``, in waves (``Storage.read_waves``)."""
-        return self.storage.read_waves(uris)
+        return self.storage.read_waves(uris, within_s)
 
     def row_input(self, uri: str) -> str:
         """Each row's ``uri`` is its own input: the image's URI."""

@@ -68,7 +68,9 @@ class ManifestLayout(ImageURILayout):
             )
         return InputPlan(dataclasses.replace(self, manifests=tuple(manifests)), unique)
 
-    def read_waves(self, uris: list[str]) -> Iterator[list[tuple[int, bytes | Exception]]]:
+    def read_waves(
+        self, uris: list[str], within_s: float | None = None
+    ) -> Iterator[list[tuple[int, bytes | Exception]]]:
         """Reads the images; a URI standing for a manifest line that is not UTF-8 is not read but gets an error
         naming the line (``UnicodeError: line 3 of manifest /data/m.txt is not UTF-8 ...``)."""
         manifests = set(self.manifests)
@@ -83,7 +85,7 @@ class ManifestLayout(ImageURILayout):
                 not_utf8.append((i, error))
         skipped = {i for i, _ in not_utf8}
         read = [i for i in range(len(uris)) if i not in skipped]
-        for wave in super().read_waves([uris[i] for i in read]):
+        for wave in super().read_waves([uris[i] for i in read], within_s):
             # The errors go with the first wave, in the batch's order.
             yield sorted(not_utf8 + [(read[j], content) for j, content in wave], key=lambda item: item[0])
             not_utf8 = []
