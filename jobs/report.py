@@ -51,10 +51,7 @@ def main(argv=None) -> int:
         return 2
     table = settings.table
     try:
-        if table:
-            stats = report.read_table(settings, args.low_confidence, storage, args.top_labels, args.thumbnails)
-        else:
-            stats = report.read_run(args.output, args.low_confidence, storage, args.top_labels, args.thumbnails)
+        stats = report.read(settings, args.low_confidence, storage, args.top_labels, args.thumbnails)
     except (FileNotFoundError, ValueError, StorageError) as exc:
         what = f"table {table}" if table else f"the run's Parquet files under {args.output}"
         print(f"error: cannot read {what}: {exc}", file=sys.stderr)

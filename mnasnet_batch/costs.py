@@ -126,7 +126,7 @@ def job_costs(config: JobConfig, checkpoint: Checkpoint, inputs: InputPlan) -> S
 
     spec = PreprocessSpec.for_config(config.model.name, config.preprocess)
     graph = export_ahead(config.compute, checkpoint)  # the graph exported before, if any
-    per_image = model_ms(checkpoint, graph, spec.crop_size)
+    per_image = model_ms(checkpoint, graph, spec.crop_size, MODEL_SAMPLE)
     costs = measure(inputs, spec, per_image, "onnxruntime" if graph is not None else "torch")
     if costs is None:
         log.info("no image of the input's sample decoded: its CPUs are divided as for ImageNet-sized JPEGs")

@@ -152,7 +152,7 @@ def model_actor_pool(
     else:
         split = split_cpus(cpus, cpus if node_cpus is None else node_cpus, model_share)
         # Never all of them: decode tasks need room beside the actors, or the pipeline cannot start.
-        actor_cpus = compute.actor_cpus or min(split.actor_cpus, cpus - (config.preprocess.num_cpus or 0.01))
+        actor_cpus = compute.actor_cpus or min(split.actor_cpus, cpus - config.preprocess.num_cpus)
         if actor_cpus <= 0:
             raise ConfigError(f"the cluster has {cpus} CPUs: too few for a model actor beside a decode task")
         if compute.precision == "fp16":
@@ -170,10 +170,15 @@ def decode_task_cpus(config: JobConfig, cluster: dict[str, float], pool: ActorPo
     in tasks of about one CPU (Pillow decodes on one thread), as many as fill it (``costs.split_cpus``)."""
     if config.preprocess.num_cpus:
         return config.preprocess.num_cpus
-    free = cluster.get("CPU", 1) - pool.max_size * pool.resources["num_cpus"]
+    free = free_cpus(cluster, pool)
     if free <= 0:  # GPU actors on nodes that are not there yet (an autoscaler adds them): one CPU a task
         return 1.0
     return task_cpus(free)
+
+
+def free_cpus(cluster: dict[str, float], pool: ActorPool) -> float:
+    """The cluster's CPUs that its largest pool of model actors leaves to reading and decoding."""
+    return cluster.get("CPU", 1) - pool.max_size * pool.resources["num_cpus"]
 
 
 def alive_nodes() -> list[dict[str, float]]:
@@ -449,8 +454,8 @@ def run(
     batch_size, block_images = config.preprocess.batch_size, MAX_INPUT_BLOCK
     if costs is not None:
         batch_size, block_images = costs.read_batch(batch_size), costs.block_images(batch_size)
-    free = cluster.get("CPU", 1) - pool.max_size * pool.resources["num_cpus"]
-    block_images = min(block_images, spread_block(inputs.image_count, int(free / decode_cpus + 1e-6), batch_size))
+    slots = int(free_cpus(cluster, pool) / decode_cpus + 1e-6)  # decode tasks that run at a time
+    block_images = min(block_images, spread_block(inputs.image_count, slots, batch_size))
     dataset = read(inputs, batch_size, block_images, decode_cpus, run_uri)
     dataset = decode(dataset, spec, decode_cpus)
     dataset = predict(dataset, config, checkpoint, spec, pool, counter)

@@ -56,49 +56,28 @@ COLUMNS = ("status", "error", "top_k_scores", "top_k_labels", "model", "weights"
 TOP_LABELS = 20
 
 
-def read_run(
-    uri: str,
+def read(
+    output: OutputConfig,
     low_confidence: float = 0.5,
     storage: Storage | None = None,
     top_labels: int = TOP_LABELS,
     thumbnails: bool = True,
 ) -> RunStats:
-    """Reads the Parquet parts under ``uri`` (a labeling job's ``--output``), its runs' records, and with
-    ``thumbnails`` the gallery's images from the run's inputs.
+    """What the report shows of a labeling job's output (``rows.read_rows``: the Parquet parts under ``output.uri``,
+    or with ``output.table`` the Iceberg table's current rows), its runs' records, and with ``thumbnails`` the
+    gallery's images from the run's inputs.
 
     Args:
-        uri: the run's output directory or URI prefix.
+        output: the job's output settings.
         low_confidence: top-1 scores under this count as low confidence.
         storage: the job's storage handle (its ``storage`` section); None: local files and anonymous URIs.
         top_labels: labels in the frequency chart, and in the gallery.
         thumbnails: build the gallery (``gallery.build``).
 
     Raises:
-        FileNotFoundError: no Parquet parts under ``uri``.
+        FileNotFoundError: no Parquet parts under ``output.uri``.
+        StorageError: the table's catalog cannot be reached, or holds no such table.
     """
-    return read(OutputConfig(uri=uri), low_confidence, storage, top_labels, thumbnails)
-
-
-def read_table(
-    output_config: OutputConfig,
-    low_confidence: float = 0.5,
-    storage: Storage | None = None,
-    top_labels: int = TOP_LABELS,
-    thumbnails: bool = True,
-) -> RunStats:
-    """Reads the current rows of the Iceberg table ``output_config.table``, and the records of the runs staged
-    under ``output_config.uri`` (their throughput); see ``read_run``.
-
-    Raises:
-        StorageError: the catalog cannot be reached, or holds no such table.
-    """
-    return read(output_config, low_confidence, storage, top_labels, thumbnails)
-
-
-def read(
-    output: OutputConfig, low_confidence: float, storage: Storage | None, top_labels: int, thumbnails: bool
-) -> RunStats:
-    """What the report shows of the output ``output`` (a Parquet folder, or with ``output.table`` a table)."""
     storage = storage or Storage()
     columns = tuple(dict.fromkeys(COLUMNS + (thumbnails_gallery.COLUMNS if thumbnails else ())))
     found = rows.read_rows(output, columns, storage)
