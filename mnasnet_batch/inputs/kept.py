@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Sequence
 
@@ -35,7 +36,18 @@ def pack_table(table: pa.Table | pa.RecordBatch, columns: Sequence[str]) -> np.n
 def kept_arrays(packed: np.ndarray | None, schema: pa.Schema) -> list[pa.Array]:
     """The kept columns of a batch's rows, in ``schema``'s types (null where a row carries none)."""
     rows = [pickle.loads(p) if p else {} for p in (packed if packed is not None else [])]
-    return [pa.array([row.get(field.name) for row in rows], field.type) for field in schema]
+    return [_typed([row.get(field.name) for row in rows], field.type) for field in schema]
+
+
+def _typed(values: list[object], data_type: pa.DataType) -> pa.Array:
+    """``values`` as an array of ``data_type``; into a string column (a WebDataset key typed from one sample as
+    null), values of another type go as JSON text rather than fail the batch."""
+    try:
+        return pa.array(values, data_type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        if not pa.types.is_string(data_type):
+            raise
+        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values], data_type)
 
 
 def output_fields(schema: pa.Schema) -> list[pa.Field]:

@@ -109,6 +109,8 @@ class Layout:
     uri_per_image: ClassVar[bool] = False
     # The extensions of its files (not of the images in them).
     file_extensions: ClassVar[tuple[str, ...]] = ()
+    # Its inputs have columns of their own that ``input.keep_columns`` can copy into the output rows.
+    keeps_columns: ClassVar[bool] = False
 
     @property
     def image_extensions(self) -> tuple[str, ...]:

@@ -166,6 +166,11 @@ def plan_input(config: InputConfig, storage: Storage, spool_folder: str = "") ->
     """
     try:
         layout, inputs = select_inputs(config, storage, spool_folder)
+        if config.keep_columns and not layout.keeps_columns:
+            raise StorageError(
+                f"input.keep_columns: {layout.noun} have no columns to keep; it applies to Parquet and Arrow files "
+                "and WebDataset shards"
+            )
         return layout.plan(inputs)
     except BaseException:
         if spool_folder:  # what was written of a list before its manifest failed, say

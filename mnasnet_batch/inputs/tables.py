@@ -95,6 +95,7 @@ class TableLayout(Layout):
 
     # The column of encoded images, chosen when the input is planned (``choose_image_column``); "" until then.
     image_column: str = ""
+    keeps_columns = True
 
     def schema_and_rows(self, uri: str) -> tuple[pa.Schema, int | None]:
         """A file's schema, and its row count where known without reading its rows."""

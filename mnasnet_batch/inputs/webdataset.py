@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import json
 import logging
 import posixpath
 import re
@@ -12,7 +15,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from mnasnet_batch.inputs.layout import READ_BATCH_BYTES, SHOWN_MEMBERS, Layout, encoded_batch
+from mnasnet_batch.inputs.kept import pack_rows
+from mnasnet_batch.inputs.layout import READ_BATCH_BYTES, SHOWN_MEMBERS, InputPlan, Layout, encoded_batch
 from mnasnet_batch.reads import READ_CHUNK, OverByteLimit
 from mnasnet_batch.storage import Storage, has_extension
 
@@ -26,6 +30,8 @@ _SAMPLE_KEY = re.compile(r"^((?:.*/|)[^./]+)\.[^/]*$")
 # Where a run records the inputs (WebDataset shards) it read to their end, in its folder: one empty file each,
 # named ``<sha256 of the input's URI, 32 hex digits>.<images it holds>``, so planning lists them and reads none.
 FINISHED_INPUTS = "_inputs"
+# The kept column that holds a sample's ``.txt`` member (a caption, in img2dataset's shards).
+TEXT_MEMBER = "txt"
 
 class WebDatasetLayout(Layout):
     """WebDataset tar shards, each read front to back by one task."""
@@ -34,28 +40,43 @@ class WebDatasetLayout(Layout):
     noun = "tar shards"
     kind = "tar shards"
     file_extensions = SHARD_EXTENSIONS
+    keeps_columns = True
 
     def read(
         self, batch: dict[str, np.ndarray], batch_size: int, run_uri: str | None = None
     ) -> Iterator[dict[str, np.ndarray]]:
         """Reads each shard of the block front to back; once all its samples are handed on, records the shard as
         read to its end in ``run_uri``, with its sample count (``record_finished``)."""
+        keep = self.config.keep_columns
         for shard in batch["uri"]:
             uris: list[str] = []
             contents: list[bytes | Exception] = []
+            notes: list[dict[str, object] | None] = []
             images = held = 0
-            for uri, content in shard_images(str(shard), self.image_extensions, self.storage):
+            for uri, content, kept in shard_samples(str(shard), self.image_extensions, self.storage, keep):
                 uris.append(uri)
                 contents.append(content)
+                notes.append(kept)
                 images += 1
                 held += len(content) if isinstance(content, bytes) else 0
                 if len(uris) == batch_size or held >= READ_BATCH_BYTES:
-                    yield encoded_batch(uris, contents)
-                    uris, contents, held = [], [], 0
+                    yield encoded_batch(uris, contents, pack_rows(notes) if keep else None)
+                    uris, contents, notes, held = [], [], [], 0
             if uris:
-                yield encoded_batch(uris, contents)
+                yield encoded_batch(uris, contents, pack_rows(notes) if keep else None)
             if run_uri is not None:
                 record_finished(run_uri, str(shard), images, self.storage)
+
+    def plan(self, uris: pa.Array) -> InputPlan:
+        """The shards; with ``input.keep_columns``, the kept columns typed as the first shard's first sample holds
+        them (``kept_schema``)."""
+        plan = super().plan(uris)
+        if not self.config.keep_columns:
+            return plan
+        samples = shard_samples(uris[0].as_py(), self.image_extensions, self.storage, self.config.keep_columns)
+        with contextlib.closing(samples):
+            first = next(samples, ("", b"", {}))
+        return InputPlan(dataclasses.replace(self, kept=kept_schema(self.config.keep_columns, first[2] or {})), uris)
 
     def recorded_images(self, uris: pa.Array, done_uri: str) -> pa.Array:
         """The sample counts the runs under ``done_uri`` recorded for the shards they read to their end."""
@@ -82,6 +103,17 @@ class WebDatasetLayout(Layout):
         missing = last if stopped else FileNotFoundError(f"shard {input_uri} no longer holds this sample")
         return {uri: found.get(uri, missing) for uri in uris}
 
+def kept_schema(keep: tuple[str, ...], sample: dict[str, object]) -> pa.Schema:
+    """The kept columns' types, as one sample's values have them (``txt``, and a key it lacks or holds null:
+    strings)."""
+    fields = []
+    for name in keep:
+        value = sample.get(name)
+        data_type = pa.string() if value is None else pa.array([value]).type
+        fields.append(pa.field(name, pa.string() if pa.types.is_null(data_type) else data_type))
+    return pa.schema(fields)
+
+
 def sample_key(member: str) -> str | None:
     """The WebDataset sample key of a tar member (``a/img_01.seg.png`` -> ``a/img_01``), None without one."""
     match = _SAMPLE_KEY.match(member)
@@ -89,7 +121,29 @@ def sample_key(member: str) -> str | None:
 
 
 def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> Iterator[tuple[str, bytes | Exception]]:
-    """Streams a WebDataset shard, yielding each sample's image as ``(shard#member, bytes)``.
+    """Streams a WebDataset shard, yielding each sample's image as ``(shard#member, bytes)`` (``shard_samples``)."""
+    return ((uri, content) for uri, content, _ in shard_samples(shard, extensions, storage))
+
+
+def sample_notes(name: str, data: bytes, keep: tuple[str, ...]) -> dict[str, object]:
+    """The kept values a sample's member holds: the ``keep`` keys of its ``.json`` (img2dataset's ``url``, ``key``,
+    ``caption``...), and ``txt``, its ``.txt`` member's text."""
+    if name.endswith(".json"):
+        try:
+            found = json.loads(data)
+        except ValueError:
+            return {}
+        return {k: found[k] for k in keep if isinstance(found, dict) and k in found}
+    if name.endswith(".txt") and TEXT_MEMBER in keep:
+        return {TEXT_MEMBER: data.decode("utf-8", errors="replace")}
+    return {}
+
+
+def shard_samples(
+    shard: str, extensions: tuple[str, ...], storage: Storage, keep: tuple[str, ...] = ()
+) -> Iterator[tuple[str, bytes | Exception, dict[str, object] | None]]:
+    """Streams a WebDataset shard, yielding each sample's image as ``(shard#member, bytes, kept)``, ``kept`` the
+    ``keep`` values of its ``.json`` and ``.txt`` members (``sample_notes``; None without ``keep``).
 
     A sample (consecutive members sharing a key) yields its first member with an image extension; a sample
     without one yields ``(shard#key, ValueError)``. Image members this convention drops (a sample's second
@@ -108,14 +162,16 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
     image: tuple[str, bytes | Exception] | None = None
     limit = storage.config.max_image_bytes
     members: list[str] = []
+    notes: dict[str, object] = {}
     reading: str | None = None
     dropped: list[str] = []  # image members that are not labeled
 
-    def finish() -> tuple[str, bytes | Exception]:
+    def finish() -> tuple[str, bytes | Exception, dict[str, object] | None]:
+        kept = dict(notes) if keep else None
         if image is None:
             found = ", ".join(posixpath.basename(m) for m in members)
-            return f"{shard}#{key}", ValueError(f"sample {key} has no image member (members: {found})")
-        return f"{shard}#{image[0]}", image[1]
+            return f"{shard}#{key}", ValueError(f"sample {key} has no image member (members: {found})"), kept
+        return f"{shard}#{image[0]}", image[1], kept
 
     try:
         fs, path = storage.filesystem(shard)
@@ -132,7 +188,7 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
                 if member_key != key:
                     if key is not None:
                         yield finish()
-                    key, image, members = member_key, None, []
+                    key, image, members, notes = member_key, None, [], {}
                 members.append(info.name)
                 reading = info.name
                 # Every member is read, not skipped: skipping a truncated member goes unnoticed in stream mode.
@@ -141,6 +197,8 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
                 wanted = image is None and has_extension(info.name, extensions)
                 if wanted and info.size <= limit:
                     image = (info.name, member.read())
+                elif keep and info.name.endswith((".json", ".txt")) and info.size <= limit:
+                    notes.update(sample_notes(info.name, member.read(), keep))
                 else:
                     while member.read(READ_CHUNK):
                         pass
@@ -159,11 +217,11 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
         error = _with_context(exc, f"shard cannot be read{where}: {exc}")
         if key is not None and image is not None:
             yield finish()  # the sample's image is whole; only what follows it is lost
-            yield (f"{shard}#{reading}" if reading else shard), error
+            yield (f"{shard}#{reading}" if reading else shard), error, None
         elif key is not None:
-            yield f"{shard}#{reading or key}", error
+            yield f"{shard}#{reading or key}", error, None
         else:
-            yield shard, error
+            yield shard, error, None
         _log_dropped(shard, dropped)
         return
     if key is not None:
