@@ -53,4 +53,3 @@ def _typed(values: list[object], data_type: pa.DataType) -> pa.Array:
 def output_fields(schema: pa.Schema) -> list[pa.Field]:
     """The kept columns as output columns: nullable, in the input's types (a row without them has nulls)."""
     return [pa.field(field.name, field.type, nullable=True) for field in schema]
-

@@ -64,8 +64,11 @@ def choose_image_column(schema: pa.Schema, configured: str, uri: str) -> str:
         if not holds_images(data_type):
             raise StorageError(
                 f"input {uri}: column {name} ({data_type}) cannot hold encoded images; {wanted}"
-                + ("; a column of image URIs is a manifest: set input.format=manifest and input.uri_column" if
-                   pa.types.is_string(data_type) or pa.types.is_large_string(data_type) else "")
+                + (
+                    "; a column of image URIs is a manifest: set input.format=manifest and input.uri_column"
+                    if pa.types.is_string(data_type) or pa.types.is_large_string(data_type)
+                    else ""
+                )
             )
         return name
     candidates = [field.name for field in schema if holds_images(field.type)]
@@ -285,4 +288,3 @@ def check_ids(uris: list[str], id_column: str, layout: TableLayout) -> None:
                     f"input {uri}: {found}; a row's uri is FILE#ID, so input.id_column must name each row of a "
                     "file once (or leave it unset: a row's index in its file is its id)"
                 )
-

@@ -33,6 +33,7 @@ FINISHED_INPUTS = "_inputs"
 # The kept column that holds a sample's ``.txt`` member (a caption, in img2dataset's shards).
 TEXT_MEMBER = "txt"
 
+
 class WebDatasetLayout(Layout):
     """WebDataset tar shards, each read front to back by one task."""
 
@@ -102,6 +103,7 @@ class WebDatasetLayout(Layout):
         stopped = isinstance(last, Exception) and not isinstance(last, ValueError)
         missing = last if stopped else FileNotFoundError(f"shard {input_uri} no longer holds this sample")
         return {uri: found.get(uri, missing) for uri in uris}
+
 
 def kept_schema(keep: tuple[str, ...], sample: dict[str, object]) -> pa.Schema:
     """The kept columns' types, as one sample's values have them (``txt``, and a key it lacks or holds null:
