@@ -300,3 +300,17 @@ def test_save_to_disk_and_img2dataset_output_are_labeled_with_their_columns_kept
             meta = json.load(tar.extractfile(member.replace(".jpg", ".json")))
             caption = tar.extractfile(member.replace(".jpg", ".txt")).read().decode()
         assert (row["url"], row["key"], row["txt"]) == (meta["url"], meta["key"], caption)
+
+
+def test_kept_values_pass_through_decoding_on_workers_and_on_the_actor(corpus):
+    import torch
+
+    from mnasnet_batch.decode.device_preprocess import decode_batch_on_device
+    from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
+    from mnasnet_batch.inputs.layout import encoded_batch
+
+    packed = pack_rows([{"label": 1}, {"label": 2}])
+    read = encoded_batch(["a", "b"], [corpus[0].read_bytes(), ValueError("image is null")], packed)
+    spec = PreprocessSpec.for_model("mnasnet0_5", 10**8)
+    for decoded in (decode_batch(read, spec), decode_batch_on_device(read, spec, torch.device("cpu"))):
+        assert list(decoded[KEPT]) == list(packed) and decoded["error"][1] == "ValueError: image is null"

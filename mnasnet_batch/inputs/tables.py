@@ -234,7 +234,7 @@ class TableLayout(Layout):
         """The images of the rows ``uris`` (``FILE#ID``) of file ``input_uri``, reading it front to back once, up
         to the last of them. An id the file no longer holds is a ``FileNotFoundError``."""
         prefix = len(input_uri) + 1
-        wanted = {uri[prefix:]: uri for uri in uris}
+        wanted = set(uris)
         found: dict[str, bytes | Exception] = {}
         try:
             image_column, columns = self.columns(input_uri)
@@ -243,7 +243,7 @@ class TableLayout(Layout):
                 batch = self.encoded(rows, input_uri, start, image_column)
                 start += rows.num_rows
                 for uri, data, error in zip(batch["uri"], batch["data"], batch["error"], strict=True):
-                    if uri in wanted.values():
+                    if uri in wanted:
                         found[uri] = ValueError(error) if error else data
                 if len(found) == len(wanted):
                     break
