@@ -36,9 +36,10 @@ def config(uri, **values):
     return load_config(overrides=[{"input": {"uri": str(uri)}}, *overrides])
 
 
-def read_all(layout, uris: list[str], batch_size: int = 2) -> dict[str, np.ndarray]:
-    """Every batch a layout reads of ``uris``, joined."""
-    batches = list(layout.read({"uri": np.asarray(uris, dtype=object)}, batch_size))
+def read_all(layout, uris: list[str] | dict, batch_size: int = 2) -> dict[str, np.ndarray]:
+    """Every batch a layout reads of ``uris`` (or of a block, given as a dict), joined."""
+    block = uris if isinstance(uris, dict) else {"uri": uris}
+    batches = list(layout.read({k: np.asarray(v, dtype=object) for k, v in block.items()}, batch_size))
     return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
 
 
@@ -314,3 +315,30 @@ def test_kept_values_pass_through_decoding_on_workers_and_on_the_actor(corpus):
     spec = PreprocessSpec.for_model("mnasnet0_5", 10**8)
     for decoded in (decode_batch(read, spec), decode_batch_on_device(read, spec, torch.device("cpu"))):
         assert list(decoded[KEPT]) == list(packed) and decoded["error"][1] == "ValueError: image is null"
+
+
+def test_csv_and_parquet_manifests_keep_their_rows_columns(tmp_path, corpus):
+    import pyarrow.csv as pacsv
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "pics").mkdir()
+    local = tmp_path / "pics" / "a.jpg"
+    local.write_bytes(corpus[0].read_bytes())
+    # A relative path, a URI listed twice (its first row's values are kept), a blank row.
+    (tmp_path / "m" / "list.csv").write_text(
+        f"uri,label,caption\n../pics/a.jpg,3,first\n{corpus[1]},4,\n,5,blank\n../pics/a.jpg,6,again\n"
+    )
+    plan = plan_input(config(tmp_path / "m", keep_columns="label,caption").input, STORAGE)
+    assert plan.layout.kept == pa.schema([("label", pa.int64()), ("caption", pa.string())])
+    [block] = plan.layout.blocks(plan.uris, 8)
+    read = read_all(plan.layout, block.to_pydict() | {KEPT: np.asarray(block[KEPT].to_pylist(), object)}, 8)
+    kept = {uri: pickle.loads(k) for uri, k in zip(read["uri"], read[KEPT], strict=True)}
+    assert kept == {str(local): {"label": 3, "caption": "first"}, str(corpus[1]): {"label": 4, "caption": ""}}
+    assert pickle.loads(pickle.dumps(plan.layout)).kept_rows is None  # the read tasks get theirs in the blocks
+    pq.write_table(pacsv.read_csv(tmp_path / "m" / "list.csv"), tmp_path / "m" / "list.parquet")
+    (tmp_path / "m" / "list.csv").unlink()
+    parquet = plan_input(config(tmp_path / "m", format="manifest", keep_columns="caption").input, STORAGE)
+    assert parquet.layout.kept_rows.column("uri").to_pylist() == [str(local), str(corpus[1])]
+    (tmp_path / "m" / "list.txt").write_text("../pics/a.jpg\n")
+    with pytest.raises(StorageError, match="list.txt lists one URI a line, with no columns to keep"):
+        plan_input(config(tmp_path / "m", format="manifest", keep_columns="caption").input, STORAGE)

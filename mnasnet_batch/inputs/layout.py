@@ -260,16 +260,20 @@ class ImageURILayout(Layout):
             )
         else:
             lists = iter([[str(u) for u in batch["uri"]]])
+        # A manifest's kept values come with its URIs' block (``ManifestLayout.blocks``).
+        kept = batch.get(KEPT)
         size = batch_size
         for uris in lists:
             start = 0
             while start < len(uris):
                 chunk = uris[start : start + size]
+                chunk_kept = None if kept is None else kept[start : start + size]
                 start += len(chunk)
                 read = 0
                 for wave in self.read_waves(chunk):  # a slow read does not hold the rest of its batch
                     read += sum(len(content) for _, content in wave if isinstance(content, bytes))
-                    yield encoded_batch([chunk[i] for i, _ in wave], [content for _, content in wave])
+                    wave_kept = None if chunk_kept is None else np.asarray([chunk_kept[i] for i, _ in wave], object)
+                    yield encoded_batch([chunk[i] for i, _ in wave], [content for _, content in wave], wave_kept)
                 # Batches of images larger than the job planned for (a mixed corpus) hold READ_BATCH_BYTES at most.
                 size = max(1, min(batch_size, READ_BATCH_BYTES * len(chunk) // max(1, read)))
 
