@@ -25,6 +25,9 @@ from benchmarks.benchmark import machine, make_corpus, subset, time_command  # n
 
 # The job's engine here: what benchmark.py's ``job`` contender runs (torch), so the two figures are comparable.
 CONTENDER = "job"
+# Tries of a run whose local Ray did not start in time ("The current node timed out during startup"), which on a
+# machine shared with other work happens; the figure is of the try that ran.
+TRIES = 3
 
 
 def write_parquet(images: list[Path], folder: Path, rows_per_file: int) -> Path:
@@ -70,8 +73,15 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {layout: [] for layout in inputs}
     for repeat in range(args.repeats):
         for layout, folder in inputs.items():
-            result = time_command(CONTENDER, folder, args.workdir / f"out-{layout}", args.model, weights)
-            runs[layout].append(result)
+            for attempt in range(1, TRIES + 1):
+                try:
+                    result = time_command(CONTENDER, folder, args.workdir / f"out-{layout}", args.model, weights)
+                    break
+                except RuntimeError as exc:
+                    if attempt == TRIES or "timed out during startup" not in str(exc):
+                        raise
+                    print(f"repeat {repeat + 1} {layout}: Ray did not start in time, again", flush=True)
+            runs[layout].append(result | {"load_average": os.getloadavg()[0]})
             print(f"repeat {repeat + 1} {layout}: {result}", flush=True)
     summary = {
         layout: {

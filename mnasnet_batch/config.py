@@ -51,7 +51,8 @@ class InputConfig:
     split: str = ""
     # Columns of the input copied into every output row as they were (a Hugging Face dataset's label, an
     # img2dataset shard's url and key): Parquet and Arrow rows' columns (and split, the row's split), WebDataset
-    # samples' .json keys and txt (the .txt member). None by default: the output holds the labels only.
+    # samples' .json keys and txt (the .txt member), CSV / TSV / Parquet manifests' columns. None by default: the
+    # output holds the labels only.
     keep_columns: tuple[str, ...] = ()
     # CSV and Parquet manifests: the column of image URIs ("uri", like this job's own output).
     uri_column: str = "uri"

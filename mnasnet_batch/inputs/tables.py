@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -99,6 +100,8 @@ class TableLayout(Layout):
     # The column of encoded images, chosen when the input is planned (``choose_image_column``); "" until then.
     image_column: str = ""
     keeps_columns = True
+    # Whether ``schema_and_rows`` counts a file's rows (Parquet's footer), else a run records them once read.
+    rows_known: ClassVar[bool] = True
 
     def schema_and_rows(self, uri: str) -> tuple[pa.Schema, int | None]:
         """A file's schema, and its row count where known without reading its rows."""
@@ -133,7 +136,6 @@ class TableLayout(Layout):
         with ThreadPoolExecutor(min(LISTING_THREADS, len(files))) as pool:
             found = list(pool.map(self._schema_and_rows, files))
         image_column = choose_image_column(found[0][0], self.config.image_column, files[0])
-        kept = []
         for uri, (schema, _) in zip(files, found, strict=True):
             choose_image_column(schema, image_column, uri)
             needed = [self.config.id_column] if self.config.id_column else []
@@ -144,9 +146,8 @@ class TableLayout(Layout):
                     f"input {uri} has no column {', '.join(missing)}; its columns: {describe_columns(schema)}; "
                     "set input.id_column and input.keep_columns to columns it has"
                 )
-        schema = found[0][0]
-        for name in self.config.keep_columns:
-            kept.append(schema.field(name) if name in schema.names else pa.field(name, pa.string()))
+        schema = found[0][0]  # the kept columns' types: the first file's
+        kept = [schema.field(n) if n in schema.names else pa.field(n, pa.string()) for n in self.config.keep_columns]
         if self.config.id_column:
             check_ids(files, self.config.id_column, self)
         else:
@@ -186,9 +187,6 @@ class TableLayout(Layout):
                 start += record_batch.num_rows
             if run_uri is not None and not self.rows_known:
                 record_finished(run_uri, uri, start, self.storage)
-
-    # Whether ``schema_and_rows`` counts a file's rows (Parquet's footer), else a run records them once read.
-    rows_known = True
 
     def recorded_images(self, uris: pa.Array, done_uri: str) -> pa.Array:
         """The row counts the runs under ``done_uri`` recorded for the files they read to their end."""
