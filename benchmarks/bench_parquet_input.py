@@ -7,6 +7,13 @@ checkpoint), the two layouts taking turns, ``--repeats`` times; the figure is th
 summary line: first batch to last, start-up left out), and the whole command's seconds beside it.
 
     .venv/bin/python benchmarks/bench_parquet_input.py --images 1200 --repeats 2
+
+The stages that differ between the two layouts are reading and decoding (the model's work is the same crops);
+``--stages`` measures them alone, in this process, without Ray: the CPU time per image of the layout's ``read``
+of every input and ``decode_batch`` of what it read, as the job's read tasks run them. CPU time, not wall time,
+so that a machine shared with other work still gives the figure:
+
+    .venv/bin/python benchmarks/bench_parquet_input.py --images 1200 --repeats 3 --stages
 """
 
 from __future__ import annotations
@@ -47,6 +54,31 @@ def write_parquet(images: list[Path], folder: Path, rows_per_file: int) -> Path:
     return folder
 
 
+def stage_cpu_ms(folder: Path, batch_size: int = 32) -> float:
+    """CPU milliseconds per image of reading and decoding ``folder`` as the job's read tasks do, in this process."""
+    import time
+
+    import numpy as np
+
+    from mnasnet_batch.config import load_config
+    from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
+    from mnasnet_batch.inputs.listing import plan_input
+    from mnasnet_batch.storage import Storage
+
+    config = load_config(overrides=[{"input": {"uri": str(folder)}}])
+    plan = plan_input(config.input, Storage())
+    spec = PreprocessSpec.for_config(config.model.name, config.preprocess)
+    images = 0
+    start = time.process_time()
+    for block in plan.layout.blocks(plan.uris, batch_size):
+        batch = {name: np.asarray(block[name].to_pylist(), dtype=object) for name in block.column_names}
+        for read in plan.layout.read(batch, batch_size):
+            decoded = decode_batch(read, spec)
+            assert not any(decoded["error"]), decoded["error"]
+            images += len(decoded["uri"])
+    return (time.process_time() - start) * 1000 / images
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mnasnet-bench"))
@@ -55,6 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model", default="mnasnet0_5")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "bench_parquet_input.json")
+    parser.add_argument("--stages", action="store_true", help="reading and decoding alone, CPU time, without Ray")
     args = parser.parse_args(argv)
 
     from tests import support
@@ -70,6 +103,8 @@ def main(argv=None) -> int:
             corpus, args.workdir / f"hub-parquet-{args.images}-{args.rows_per_file}", args.rows_per_file
         ),
     }
+    if args.stages:
+        return stages(args, inputs)
     runs: dict[str, list[dict]] = {layout: [] for layout in inputs}
     for repeat in range(args.repeats):
         for layout, folder in inputs.items():
@@ -101,6 +136,27 @@ def main(argv=None) -> int:
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     for layout, figures in summary.items():
         print(f"{layout}: {figures['labeling_images_per_s']} images/s labeling, {figures['seconds']} s the command")
+    return 0
+
+
+def stages(args: argparse.Namespace, inputs: dict[str, Path]) -> int:
+    """``--stages``: each layout's read and decode CPU time per image, ``--repeats`` times in turn."""
+    figures: dict[str, list[float]] = {layout: [] for layout in inputs}
+    for repeat in range(args.repeats):
+        for layout, folder in inputs.items():
+            figures[layout].append(round(stage_cpu_ms(folder), 3))
+            print(f"repeat {repeat + 1} {layout}: {figures[layout][-1]} CPU ms an image", flush=True)
+    results = {
+        "machine": machine(),
+        "load_average": os.getloadavg()[0],
+        "images": args.images,
+        "rows_per_file": args.rows_per_file,
+        "read_decode_cpu_ms_per_image": figures,
+        "median": {layout: statistics.median(values) for layout, values in figures.items()},
+    }
+    args.results.with_name(args.results.stem + "_stages.json").write_text(json.dumps(results, indent=2) + "\n")
+    for layout, value in results["median"].items():
+        print(f"{layout}: {value:.2f} CPU ms an image read and decoded ({1000 / value:.0f} images/s on one core)")
     return 0
 
 
