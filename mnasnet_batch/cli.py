@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     0: labeled; 1: the run failed (it can be resumed); 2: bad configuration or inputs, nothing labeled;
     130 / 143: stopped by SIGINT / SIGTERM, the run recorded as interrupted (it can be resumed).
+
+    Over 60 lines: each way the command ends, with its one line, in one place.
     """
     started = time.monotonic()
     args = build_parser().parse_args(argv)

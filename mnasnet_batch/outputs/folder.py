@@ -37,26 +37,32 @@ from mnasnet_batch.outputs.run import (
     CONFIG_FILE,
     RUN_RECORD,
     SUCCESS_MARKER,
+    Holdings,
     OutputTarget,
+    PriorRun,
+    ResumeRules,
     RunPlan,
     Summary,
     close_record,
+    decide_run,
     default_run_id,
     error_kinds,
     fingerprint,
+    lists_everything,
     public_config,
     submission_id,
     versions,
     write_record,
 )
-from mnasnet_batch.storage import Storage, StorageError
+from mnasnet_batch.storage import Storage
 
 
 class ParquetFolder(OutputTarget):
     """The output as a folder of runs of Parquet parts (this module's layout); readers take every run's rows."""
 
     def open_run(self, config: JobConfig, weights_id: str, inputs, storage: Storage, fs, root: str) -> RunPlan:
-        return _open_run(config, weights_id, fs, root)
+        whole = inputs.layout.noun if inputs is not None and not inputs.layout.uri_per_image else ""
+        return _open_run(config, weights_id, fs, root, whole)
 
     def close_run(self, config, plan, seconds, labeled_now, error, interrupted) -> Summary:
         """Counts what the run wrote, closes its record, and marks the output complete unless the run failed."""
@@ -120,88 +126,75 @@ class Labeled:
         return pa.chunked_array(list(self.batches()), pa.string())
 
 
-def _open_run(config: JobConfig, weights_id: str, fs, root: str) -> RunPlan:
-    """``plan_run`` once the lease is held: no other job writes the output meanwhile."""
-    uri, mode = config.output.uri, config.output.mode
-    current = fingerprint(config, weights_id)
-    latest = read_json(fs, join(root, RUN_RECORD))
-    finished = fs.exists(join(root, SUCCESS_MARKER))
-    if latest is None or mode == "overwrite":
+# How the folder opens a run (``run.decide_run``): an unfinished run resumes in any mode, since every mode skips what
+# the run wrote; overwrite removes every run of this job, the folder's rows being its runs' parts.
+FOLDER_RULES = ResumeRules(
+    modes=("auto", "incremental", "overwrite"),
+    same_settings=frozenset({"auto", "incremental"}),
+    resumes_in_any_mode=True,
+    overwrite_removes_runs=True,
+)
+
+
+def holdings(config: JobConfig, fs, root: str) -> Holdings:
+    """What the folder at ``root`` holds, as ``run.decide_run`` needs it; every file listed only when
+    ``run.lists_everything`` (a new output, or overwrite)."""
+    name = f"output {config.output.uri}"
+    latest = PriorRun.from_record(
+        read_json(fs, join(root, RUN_RECORD)), "fingerprint", fs.exists(join(root, SUCCESS_MARKER))
+    )
+    taken = frozenset(os.path.basename(p.rstrip("/"))[len("run=") :] for p in named(fs, root, "run="))
+    runs, foreign = (), ()
+    if lists_everything(latest, config.output.mode):
         # Checked before anything is removed: overwrite deletes this job's runs only, never a user's data.
-        runs = recorded_runs(fs, root)
-        stray = foreign_parquet(fs, root, runs)
-        if stray:
-            removes = "; --mode overwrite removes only this job's runs" if mode == "overwrite" else ""
-            raise StorageError(
-                f"output {uri} holds Parquet files that no run of this job wrote ({len(stray)}, e.g. {stray[0]})"
-                f"{removes}; choose a new --output"
-            )
-        if mode == "overwrite":
-            for folder in runs:
-                fs.rm(folder, recursive=True)
-            if latest is not None:
-                for name in (RUN_RECORD, SUCCESS_MARKER):
-                    with contextlib.suppress(FileNotFoundError):
-                        fs.rm(join(root, name))
-            latest, finished = None, False
-    if latest is not None and latest.get("fingerprint") != current:
-        before = latest.get("fingerprint") or {}
-        differing = sorted(k for k in current if before.get(k, "(not recorded)") != current[k])
-        values = ", ".join(
-            f"{k}: {current[k]} (this run) vs {before.get(k, '(not recorded)')} (run {latest['run_id']})"
-            for k in differing
-        )
-        raise StorageError(
-            f"output {uri} holds run {latest['run_id']} of a different configuration ({', '.join(differing)} differ): "
-            f"{values}; use the same settings, a new --output, or --mode overwrite"
-        )
-    if latest is not None and finished and mode == "auto":
-        raise StorageError(
-            f"output {uri} holds the finished run {latest['run_id']}; use --mode incremental to label only "
-            f"new images, or --mode overwrite to start over"
-        )
-    resumed = latest is not None and not finished
-    if resumed:
-        run_id = latest["run_id"]
-    else:
-        run_id = config.output.run_id or submission_id() or default_run_id()
-    run_uri = join(uri, f"run={run_id}")
-    run_root = join(root, f"run={run_id}")
-    if not resumed and fs.exists(run_root):
-        raise StorageError(f"output {uri} already has a run {run_id}; pass another --run-id")
+        paths = recorded_runs(fs, root)
+        runs = tuple(os.path.basename(p)[len("run=") :] for p in paths)
+        foreign = tuple(foreign_parquet(fs, root, paths))
+    if latest is None:
+        return Holdings(name, taken=taken, runs=runs, foreign=foreign)
+    settings_of = f"run {latest.run_id}"
+    return Holdings(name, latest, latest.settings, settings_of, taken=taken, runs=runs, foreign=foreign)
+
+
+def _open_run(config: JobConfig, weights_id: str, fs, root: str, whole: str = "") -> RunPlan:
+    """``plan_run`` once the lease is held (no other job writes the output meanwhile): what ``run.decide_run``
+    decides, done."""
+    uri = config.output.uri
+    current = fingerprint(config, weights_id)
+    new_run_id = config.output.run_id or submission_id() or default_run_id()
+    decision = decide_run(holdings(config, fs, root), config.output.mode, current, new_run_id, FOLDER_RULES, whole)
+    for run_id in decision.discard:
+        fs.rm(join(root, f"run={run_id}"), recursive=True)
+    if decision.discard:  # the latest run's record and marker go with it
+        for name in (RUN_RECORD, SUCCESS_MARKER):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(join(root, name))
+    run_id = decision.run_id
+    run_uri, run_root = join(uri, f"run={run_id}"), join(root, f"run={run_id}")
     fs.makedirs(run_root, exist_ok=True)
     for stale in stale_temporaries(fs, root) + stale_temporaries(fs, run_root):
         fs.rm(stale)  # left by a writer that was killed; its rows were never visible
-    # Incremental runs skip what any run labeled; others only what this run wrote before it was stopped.
-    incremental = mode == "incremental" or (resumed and latest.get("mode") == "incremental")
-    done = Labeled(fs, root, uri) if incremental else Labeled(fs, run_root, run_uri)
-    # Rows this run holds already; what this attempt labels is counted against the rest.
-    if not incremental:
-        rows_before = len(done)
-    else:
-        rows_before = len(Labeled(fs, run_root, run_uri)) if resumed else 0
-    if finished:
-        fs.rm(join(root, SUCCESS_MARKER))
+    # What this run holds already: what this attempt labels is counted against the rest.
+    held = Labeled(fs, run_root, run_uri)
     record = {
         "run_id": run_id,
         "status": "running",
-        "mode": latest["mode"] if resumed else mode,
-        "started_at": (latest or {}).get("started_at") if resumed else now(),
+        "mode": decision.mode,
+        "started_at": decision.started_at or now(),
         "attempt_started_at": now(),
         "ended_at": None,
         "fingerprint": current,
         "config": public_config(config),
         "versions": versions(),
     }
+    if not decision.resumed:  # the output is complete no longer; then the new run is the latest
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(join(root, SUCCESS_MARKER))
     write_record(fs, root, run_id, record)
     files.write_bytes(fs, join(run_root, CONFIG_FILE), yaml.safe_dump(public_config(config), sort_keys=False).encode())
-    return RunPlan(
-        run_id=run_id,
-        run_uri=run_uri,
-        resumed=resumed,
-        done=done,
-        rows_before=rows_before,
-    )
+    # Incremental runs skip what any run labeled; others only what this run wrote before it was stopped.
+    done = Labeled(fs, root, uri) if decision.labels == "new" else held
+    return RunPlan(run_id=run_id, run_uri=run_uri, resumed=decision.resumed, done=done, rows_before=len(held))
 
 
 def recorded_runs(fs, root: str) -> list[str]:
