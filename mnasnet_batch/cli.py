@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mode",
         choices=OUTPUT_MODES,
-        help="output.mode: auto (default: new run, or resume an unfinished one), incremental, overwrite; with a "
-        "table (output.table) also retry-errors, changed, relabel",
+        help="output.mode: auto (default: new run, or resume an unfinished one), incremental, retry-errors, "
+        "overwrite; with a table (output.table) also changed, relabel",
     )
     parser.add_argument("--run-id", help="output.run_id (default: the job submission id, else a UTC timestamp)")
     parser.add_argument(

@@ -10,8 +10,9 @@ from pathlib import Path
 import yaml
 
 OUTPUT_MODES = ("auto", "incremental", "overwrite", "retry-errors", "changed", "relabel")
-# The modes that replace an image's row: only a table (output.table) holds one current row per image.
-TABLE_ONLY_MODES = ("retry-errors", "changed", "relabel")
+# The modes that replace the rows of any images (changed, relabel): only a table (output.table) holds one current
+# row per image. A Parquet folder's retry-errors replaces its error rows in the parts that hold them.
+TABLE_ONLY_MODES = ("changed", "relabel")
 MODEL_NAMES = ("mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3")
 DEVICES = ("auto", "cpu", "gpu")
 DECODE_PLACES = ("workers", "actor")
@@ -88,7 +89,8 @@ class OutputConfig:
     # readers get at most 12 such parts an hour.
     part_interval_s: float = 300.0
     # auto: start a run, or resume the unfinished one; refuse an output that holds a finished run.
-    # incremental: label only inputs with no row under the output yet. overwrite: delete and start over.
+    # incremental: label only inputs with no row under the output yet. retry-errors: label again the images whose
+    # row is an error, replacing those rows. overwrite: delete and start over. A table also: changed, relabel.
     mode: str = "auto"
     # Empty: the Ray job submission id when there is one, else a UTC timestamp.
     run_id: str = ""

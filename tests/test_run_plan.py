@@ -87,7 +87,7 @@ FOLDER_CASES = [
         SETTINGS,
         "",
         r"output /out already holds the finished run r1; use --mode incremental to label only new images, "
-        r"overwrite to start over",
+        r"retry-errors to label error rows again, overwrite to start over",
     ),
     ("a finished run takes incremental", folder(prior()), "incremental", SETTINGS, "", new("incremental", "new")),
     (

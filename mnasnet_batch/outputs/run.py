@@ -234,7 +234,8 @@ def decide_run(
             mode=latest.mode,
             started_at=latest.started_at,
             discard=discard,
-            labels=MODE_LABELS.get("incremental" if "incremental" in (mode, latest.mode) else latest.mode, "all"),
+            # A run labels as its own mode does; one that labels every image skips every row under incremental.
+            labels=MODE_LABELS.get(latest.mode) or ("new" if mode == "incremental" else "all"),
         )
     if mode in rules.same_settings and holds.settings and dict(holds.settings) != dict(settings):
         raise StorageError(_other_settings(holds, holds.settings, settings, rules))
