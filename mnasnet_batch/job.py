@@ -8,7 +8,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,7 @@ import ray
 import ray.autoscaler.sdk
 
 from mnasnet_batch.config import ConfigError, JobConfig
-from mnasnet_batch.costs import StageCosts, split_cpus, spread_block, task_cpus
+from mnasnet_batch.costs import StageCosts, split_cpus, spread_block, survivor_cpus, task_cpus
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.inputs.layout import MAX_INPUT_BLOCK, InputPlan, drop_done
 from mnasnet_batch.parts import driver_node, write
@@ -128,7 +128,10 @@ class ActorPool:
 
 
 def model_actor_pool(
-    config: JobConfig, cluster: dict[str, float], node_cpus: float | None = None, model_share: float = MODEL_CPU_SHARE
+    config: JobConfig,
+    cluster: dict[str, float],
+    node_cpus: Sequence[float] | None = None,
+    model_share: float = MODEL_CPU_SHARE,
 ) -> ActorPool:
     """Chooses the model actors' resources and pool bounds from the configuration and the cluster.
 
@@ -139,8 +142,8 @@ def model_actor_pool(
     Args:
         config: the job's configuration.
         cluster: ``ray.cluster_resources()`` when the job starts.
-        node_cpus: the CPUs of the cluster's largest node, which bound a derived actor's (an actor runs on
-            one node); None when the cluster is one node.
+        node_cpus: the CPUs of each node of the cluster, which bound a derived actor's (an actor runs on one
+            node, and a lost node's actors are restarted on the others); None when the cluster is one node.
         model_share: the model's share of an image's CPU time (``StageCosts.model_share``).
     """
     compute = config.compute
@@ -150,7 +153,7 @@ def model_actor_pool(
         resources = {"num_gpus": compute.actor_gpus, "num_cpus": compute.actor_cpus or 1.0}
         derived_max = int(gpus / compute.actor_gpus)
     else:
-        split = split_cpus(cpus, cpus if node_cpus is None else node_cpus, model_share)
+        split = split_cpus([cpus] if node_cpus is None else node_cpus, model_share)
         # Never all of them: decode tasks need room beside the actors, or the pipeline cannot start.
         actor_cpus = compute.actor_cpus or min(split.actor_cpus, cpus - config.preprocess.num_cpus)
         if actor_cpus <= 0:
@@ -165,15 +168,22 @@ def model_actor_pool(
     return ActorPool(resources, compute.min_actors, max_size, initial_size)
 
 
-def decode_task_cpus(config: JobConfig, cluster: dict[str, float], pool: ActorPool) -> float:
+def decode_task_cpus(
+    config: JobConfig, cluster: dict[str, float], pool: ActorPool, node_cpus: Sequence[float] | None = None
+) -> float:
     """Each decode (and read) task's CPUs: ``preprocess.num_cpus`` where set, else what the model actors leave,
-    in tasks of about one CPU (Pillow decodes on one thread), as many as fill it (``costs.split_cpus``)."""
+    in tasks of about one CPU (Pillow decodes on one thread), as many as fill it (``costs.split_cpus``); beside
+    derived CPU actors, no more than an actor leaves on the node left after a loss (``node_cpus``, as for
+    ``model_actor_pool``)."""
     if config.preprocess.num_cpus:
         return config.preprocess.num_cpus
     free = free_cpus(cluster, pool)
     if free <= 0:  # GPU actors on nodes that are not there yet (an autoscaler adds them): one CPU a task
         return 1.0
-    return task_cpus(free)
+    if "num_gpus" in pool.resources or config.compute.actor_cpus:
+        return task_cpus(free)
+    room = survivor_cpus([cluster.get("CPU", 1)] if node_cpus is None else node_cpus)
+    return task_cpus(free, most=room - pool.resources["num_cpus"])
 
 
 def free_cpus(cluster: dict[str, float], pool: ActorPool) -> float:
@@ -430,8 +440,9 @@ def run(
     cluster = ray.cluster_resources()
     # Actors that decode too (decode_on=actor) leave the read tasks little to do, whatever decoding costs.
     share = costs.model_share if costs is not None and spec.decode_on == "workers" else MODEL_CPU_SHARE
-    pool = model_actor_pool(config, cluster, max(node.get("CPU", 0.0) for node in nodes), share)
-    decode_cpus = decode_task_cpus(config, cluster, pool)
+    node_cpus = [node.get("CPU", 0.0) for node in nodes]
+    pool = model_actor_pool(config, cluster, node_cpus, share)
+    decode_cpus = decode_task_cpus(config, cluster, pool, node_cpus)
     wait_for_room(config, pool, alive_nodes, decode_cpus)
     configure_context(config, spec, pool)
     if costs is not None:
