@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
 import sys
@@ -22,7 +23,7 @@ from mnasnet_batch.costs import StageCosts, split_cpus, spread_block, survivor_c
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.inputs.layout import MAX_INPUT_BLOCK, InputPlan, drop_done
 from mnasnet_batch.parts import driver_node, write
-from mnasnet_batch.progress import ProgressCounter, ProgressReporter
+from mnasnet_batch.progress import ProgressCounter, ProgressReporter, StallWatch, format_duration
 from mnasnet_batch.storage import Storage
 
 if TYPE_CHECKING:  # torch stays out of the graph's modules: Ray's tasks unpickle functions from them
@@ -309,13 +310,106 @@ class NodeWatch:
         return lines
 
 
+class Stalled(RuntimeError):
+    """No image was labeled for ``progress.stall_s``: the run ends, failed and resumable (``StallAlarm``)."""
+
+
+class StallAlarm:
+    """Ends the labeling in the thread that runs it once it has stalled.
+
+    That thread waits in Ray Data's iterator for the next block, with no bound and no way in; so the progress
+    thread raises ``Stalled`` in it (CPython's ``PyThreadState_SetAsyncExc``: the exception lands at the thread's
+    next Python instruction, and the iterator looks at its queue every 10 ms). The run is then closed as for any
+    other failure, its labeled rows written first.
+    """
+
+    def __init__(self) -> None:
+        self.thread_id = threading.get_ident()  # the thread to end: the one that made the alarm
+        self.lock = threading.Lock()
+        self.armed = True
+
+    def fire(self, line: str) -> None:
+        """Raises ``Stalled`` with ``line`` in the watched thread, once, unless it has disarmed the alarm."""
+
+        class StalledHere(Stalled):  # raised by its type, with no arguments: the line is its default
+            def __init__(self, message: str = line):
+                super().__init__(message)
+
+        StalledHere.__name__ = StalledHere.__qualname__ = Stalled.__name__
+        with self.lock:
+            if self.armed:
+                self.armed = False
+                set_async_exception(self.thread_id, StalledHere)
+
+    def disarm(self) -> None:
+        """Called by the watched thread once the labeling ended: a stall raised too late to land there is cleared."""
+        with self.lock:
+            if not self.armed:
+                set_async_exception(self.thread_id, None)
+            self.armed = False
+
+
+def set_async_exception(thread_id: int, exception: type[BaseException] | None) -> None:
+    """Raises ``exception`` in thread ``thread_id`` at its next Python instruction; None clears one not raised yet."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exception) if exception is not None else None
+    )
+
+
+def resources_text(resources: dict[str, float]) -> str:
+    """``{CPU: 1.5, memory: 1.5 GB}``: a task's or actor's resources as a person reads them."""
+    shown = (
+        f"{name}: {amount / 2**30:.1f} GB" if name == "memory" else f"{name}: {amount:g}"
+        for name, amount in sorted(resources.items())
+    )
+    return "{" + ", ".join(shown) + "}"
+
+
+def describe_waits(demands: list[tuple[dict[str, float], int]], nodes: list[tuple[str, dict, dict]]) -> str:
+    """What tasks and actors wait for against what the nodes alive have free: ``demands``, each resources asked
+    and how many ask for them; ``nodes``, each a node's name, its total resources and those free (Ray's names)."""
+    names = sorted({name for bundle, _ in demands for name in bundle if name != "memory"} | {"CPU"})
+    alive = "; ".join(
+        f"{node} " + ", ".join(f"{name} {free.get(name, 0.0):g}/{total.get(name, 0.0):g} free" for name in names)
+        for node, total, free in nodes
+    )
+    if not demands:
+        return f"no task or actor waits for resources: those running make no progress (nodes alive: {alive})"
+    waits = ", ".join(f"{count} x {resources_text(bundle)}" for bundle, count in demands)
+    return f"tasks or actors wait for {waits} (nodes alive: {alive or 'none'})"
+
+
+def cluster_waits() -> str:
+    """``describe_waits`` of the cluster now, from the state the GCS keeps for autoscaling (what `ray status`
+    shows); what went wrong asking, where it did."""
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status  # Ray's state API lists no resource demands
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=30)
+        demands = status.resource_demands.ray_task_actor_demand
+        nodes = [*status.active_nodes, *status.idle_nodes]
+        return describe_waits(
+            [(request.bundle, request.count) for demand in demands for request in demand.bundles_by_count],
+            [
+                (f"{(n.node_id or '?')[:12]} ({n.ip_address})", n.total_resources(), n.available_resources())
+                for n in nodes
+            ],
+        )
+    except Exception as exc:
+        return f"what waits is unknown: the cluster's state could not be read ({type(exc).__name__}: {exc})"
+
+
 @contextlib.contextmanager
-def reporting_progress(counter: ray.actor.ActorHandle, total: int, interval_s: float) -> Iterator[None]:
-    """Polls ``counter`` from a driver thread while the body runs: a bar at a terminal, else log lines; and says
-    when a node is lost (``NodeWatch``)."""
+def reporting_progress(
+    counter: ray.actor.ActorHandle, total: int, interval_s: float, stall_s: float = math.inf
+) -> Iterator[None]:
+    """Polls ``counter`` from a driver thread while the body runs: a bar at a terminal, else log lines; says
+    when a node is lost (``NodeWatch``); and ends the body with ``Stalled`` once no image was labeled for
+    ``stall_s`` seconds (``StallWatch``), saying what waits."""
     reporter = ProgressReporter(total, interval_s, terminal=sys.stderr if sys.stderr.isatty() else None)
     stop = threading.Event()
     nodes = NodeWatch(ray.nodes())
+    stalls, alarm = StallWatch(stall_s, total), StallAlarm()
 
     def poll() -> None:
         reporting = True
@@ -325,17 +419,24 @@ def reporting_progress(counter: ray.actor.ActorHandle, total: int, interval_s: f
                 nodes.update(ray.nodes())
             if reporting:
                 try:
-                    reporter.update(*ray.get(counter.counts.remote(), timeout=30))
+                    done, errors = ray.get(counter.counts.remote(), timeout=30)
                 except Exception as exc:
                     # Progress is for people; losing it must not disturb the job, which reports its own errors.
                     log.warning("progress reporting stopped: %s: %s", type(exc).__name__, exc)
                     reporting = False
+                    continue
+                reporter.update(done, errors)
+                waited = stalls.stalled(done)
+                if waited is not None:
+                    alarm.fire(f"no image labeled for {format_duration(waited)} (progress.stall_s): {cluster_waits()}")
+                    return
 
     thread = threading.Thread(target=poll, name="progress", daemon=True)
     thread.start()
     try:
         yield
     finally:
+        alarm.disarm()
         stop.set()
         thread.join()
         reporter.close()
@@ -475,7 +576,7 @@ def run(
         "model_on": f"{pool.min_size}-{pool.max_size} actors of "
         + ", ".join(f"{amount:g} {name.removeprefix('num_').upper()[:-1]}" for name, amount in pool.resources.items()),
     }
-    with reporting_progress(counter, inputs.image_count, config.progress.interval_s):
+    with reporting_progress(counter, inputs.image_count, config.progress.interval_s, config.progress.stall_s):
         write(dataset, config, run_uri, storage)
         try:
             asked = [counter.labeling_span.remote(), counter.stage_costs.remote()]
