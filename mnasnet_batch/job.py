@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.autoscaler.sdk
+from ray.data.exceptions import ExecutionTimeoutError
 
 from mnasnet_batch.config import ConfigError, JobConfig
 from mnasnet_batch.costs import StageCosts, split_cpus, spread_block, survivor_cpus, task_cpus
@@ -42,6 +43,9 @@ MIN_BUFFER_BYTES = 256 * 2**20
 
 # Seconds between looks at the cluster's nodes while waiting for one that can hold a model actor.
 NODE_POLL_S = 5.0
+# Seconds after which a stall is raised again in the labeling thread, should it still be labeling: a stall that
+# landed ends the labeling within parts.STOP_WRITE_WAIT_S (20 s) of writing its last parts.
+STALL_REFIRE_S = 120.0
 
 
 def from_uri_blocks(blocks: list[pa.Table]) -> ray.data.Dataset:
@@ -327,26 +331,38 @@ class StallAlarm:
         self.thread_id = threading.get_ident()  # the thread to end: the one that made the alarm
         self.lock = threading.Lock()
         self.armed = True
+        self.line = ""  # the first stall's
 
     def fire(self, line: str) -> None:
-        """Raises ``Stalled`` with ``line`` in the watched thread, once, unless it has disarmed the alarm."""
-
-        class StalledHere(Stalled):  # raised by its type, with no arguments: the line is its default
-            def __init__(self, message: str = line):
-                super().__init__(message)
-
-        StalledHere.__name__ = StalledHere.__qualname__ = Stalled.__name__
+        """Raises ``Stalled`` with ``line`` (the first one's, when fired again) in the watched thread, unless it
+        has disarmed the alarm."""
         with self.lock:
             if self.armed:
-                self.armed = False
+                self.line = self.line or line
+
+                class StalledHere(Stalled):  # raised by its type, with no arguments: the line is its default
+                    def __init__(self, message: str = self.line):
+                        super().__init__(message)
+
+                StalledHere.__name__ = StalledHere.__qualname__ = Stalled.__name__
                 set_async_exception(self.thread_id, StalledHere)
 
     def disarm(self) -> None:
         """Called by the watched thread once the labeling ended: a stall raised too late to land there is cleared."""
         with self.lock:
-            if not self.armed:
+            if self.armed and self.line:
                 set_async_exception(self.thread_id, None)
             self.armed = False
+
+    def cause(self, exc: Exception, stall_s: float) -> Stalled | None:
+        """The stall that ended the labeling with ``exc``, if one did: this alarm's, once fired (landed in Ray Data's
+        code, it comes back with a ``SystemException`` as its cause, which the job's error line would name), or
+        Ray Data's own guard's, the backstop (``configure_context``), whose lines are said in one."""
+        if self.line:
+            return Stalled(self.line)
+        if isinstance(exc, ExecutionTimeoutError):
+            return Stalled(f"Ray Data saw no progress for {format_duration(stall_s)} or more: {cluster_waits()}")
+        return None
 
 
 def set_async_exception(thread_id: int, exception: type[BaseException] | None) -> None:
@@ -428,13 +444,23 @@ def reporting_progress(
                 reporter.update(done, errors)
                 waited = stalls.stalled(done)
                 if waited is not None:
-                    alarm.fire(f"no image labeled for {format_duration(waited)} (progress.stall_s): {cluster_waits()}")
+                    line = f"no image labeled for {format_duration(waited)} (progress.stall_s): {cluster_waits()}"
+                    # Again while the labeling goes on: code of Ray's may have swallowed it.
+                    while not stop.is_set():
+                        alarm.fire(line)
+                        stop.wait(STALL_REFIRE_S)
                     return
 
     thread = threading.Thread(target=poll, name="progress", daemon=True)
     thread.start()
     try:
         yield
+    except Exception as exc:
+        stalled = alarm.cause(exc, stall_s)
+        if stalled is None:
+            raise
+        log.debug("the stall ended the labeling as %s: %s", type(exc).__name__, exc)
+        raise stalled from None  # the job's error line names the first of a chain (cli.root_cause): the stall
     finally:
         alarm.disarm()
         stop.set()
@@ -470,6 +496,10 @@ def configure_context(config: JobConfig, spec: PreprocessSpec, pool: ActorPool) 
     context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
         object_store_memory=max(MIN_BUFFER_BYTES, pool.max_size * BUFFERED_BATCHES * batch_bytes)
     )
+    # Ray Data's own guard against a run that makes no progress (30 minutes by default) ends one whose blocks stopped
+    # moving, in many lines. The job's watch (progress.stall_s, on labeled images) comes first and says what waits;
+    # the guard is kept, later, for a stall that did not land (StallAlarm).
+    context.execution_no_progress_timeout_s = config.progress.stall_s + STALL_REFIRE_S
 
 
 def predict(

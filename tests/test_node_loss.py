@@ -141,7 +141,6 @@ def test_a_stall_ends_the_waiting_thread_with_its_line_unless_it_ended_first(dis
     thread.start()
     assert result["armed"].wait(60)
     result["alarm"].fire("no image labeled for 10 min 00 s (progress.stall_s): ...")
-    result["alarm"].fire("a second time: nothing more")
     result["fired"].set()
     thread.join(60)
     assert not thread.is_alive()
@@ -151,6 +150,12 @@ def test_a_stall_ends_the_waiting_thread_with_its_line_unless_it_ended_first(dis
         error = result["error"]
         assert isinstance(error, Stalled) and type(error).__name__ == "Stalled"
         assert str(error) == "no image labeled for 10 min 00 s (progress.stall_s): ..."
+        # Landed in Ray Data's code, the stall comes back with Ray's error as its cause: the alarm says it was the
+        # stall, and only the stall.
+        wrapped = RuntimeError("SystemException")
+        stalled = result["alarm"].cause(wrapped, 600)
+        assert isinstance(stalled, Stalled) and str(stalled) == str(error) and stalled.__cause__ is None
+    assert StallAlarm().cause(RuntimeError("a task failed"), 600) is None  # not fired: not a stall
 
 
 # ---------------------------------------------------------------- on a cluster
@@ -390,10 +395,13 @@ def test_a_stalled_job_ends_resumable_with_a_line_saying_what_waits(corpus, chec
         logs = cluster.get(f"/api/jobs/{stalled}/logs")["logs"]
         assert job["status"] == "FAILED" and "exit code 1" in job["message"], logs[-6000:]
         # One line says what waits: the model actor and the decode tasks, none of which any node can start.
-        (line,) = [line for line in logs.splitlines() if "no image labeled for" in line]
+        lines = [line for line in logs.splitlines() if "no image labeled for" in line]
+        assert len(lines) == 1, logs[-6000:]
+        line = lines[0]
         assert line.startswith("error: run ") and "failed, run the same command again to resume: Stalled: " in line
         assert "(progress.stall_s): tasks or actors wait for " in line and "{CPU: " in line, line
         assert "CPU 0/2 free)" in line, line  # the one node alive, its CPUs held
+        print(f"the stalled job's line: {line}")
         record = json.loads((output / "_run.json").read_text())
         assert record["status"] == "failed" and record["error"].startswith("Stalled: no image labeled for ")
         assert not (output / "_SUCCESS").exists()
