@@ -389,10 +389,11 @@ def describe_waits(demands: list[tuple[dict[str, float], int]], nodes: list[tupl
         f"{node} " + ", ".join(f"{name} {free.get(name, 0.0):g}/{total.get(name, 0.0):g} free" for name in names)
         for node, total, free in nodes
     )
+    alive = f"nodes alive: {alive or 'none'}"
     if not demands:
-        return f"no task or actor waits for resources: those running make no progress (nodes alive: {alive})"
+        return f"no task or actor waits for resources: those running make no progress ({alive})"
     waits = ", ".join(f"{count} x {resources_text(bundle)}" for bundle, count in demands)
-    return f"tasks or actors wait for {waits} (nodes alive: {alive or 'none'})"
+    return f"tasks or actors wait for {waits} ({alive})"
 
 
 def cluster_waits() -> str:

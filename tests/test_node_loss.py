@@ -114,6 +114,7 @@ def test_what_waits_is_said_against_the_nodes_alive():
         "CPU 0/2 free)"
     )
     assert describe_waits([({"CPU": 1.0, "GPU": 1.0}, 1)], nodes).endswith("CPU 0/2 free, GPU 0/0 free)")
+    assert describe_waits([({"CPU": 1.0}, 1)], []) == "tasks or actors wait for 1 x {CPU: 1} (nodes alive: none)"
     assert describe_waits([], nodes) == (
         "no task or actor waits for resources: those running make no progress (nodes alive: a1b2c3 (10.0.0.2) "
         "CPU 0/2 free)"
