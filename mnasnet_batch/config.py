@@ -201,6 +201,12 @@ class ProgressConfig:
     # 30 s: in job logs (no terminal) a 10-minute run reads as 20 lines, and a stall shows within a minute.
     # At a terminal a progress bar is redrawn every second instead.
     interval_s: float = 30.0
+    # 600 s: no image labeled for that long means the job waits for something that will not come (decode tasks or
+    # an actor no node left can place, a read that never answers): the run ends, failed and resumable, with a line
+    # naming what waits. Far above a healthy job's longest pause: a lost node noticed and its actors restarted
+    # (under a minute), a model actor's start, or a node an autoscaler adds (a few minutes; compute.node_wait_s
+    # bounds the wait for the first).
+    stall_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -392,6 +398,7 @@ def validate(config: JobConfig) -> None:
             f"compute.engine: onnxruntime runs fp32 only (compute.precision={config.compute.precision}); use torch",
         ),
         (config.progress.interval_s > 0, "progress.interval_s: must be more than 0"),
+        (config.progress.stall_s > 0, "progress.stall_s: must be more than 0 seconds"),
         (config.ray.connect_timeout_s > 0, "ray.connect_timeout_s: must be more than 0"),
         (config.storage.max_image_bytes >= 1, "storage.max_image_bytes: must be at least 1"),
         (config.storage.http_timeout_s > 0, "storage.http_timeout_s: must be more than 0"),
