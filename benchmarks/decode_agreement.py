@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -48,6 +48,13 @@ MOST_FLIPS = 0.02
 # one is, while its features still tell the photos apart.
 BATCH_NORM_BIAS = 2.0
 DECODE_BATCH = 8
+# The other formats photos come in, as --formats saves them: (suffix, Pillow's save options). PNG and TIFF are
+# lossless (TIFF deflated, as scanners and cameras' TIFF exports store it), WebP lossy at a camera-like quality.
+FORMATS = {
+    "png": (".png", {}),
+    "tiff": (".tiff", {"compression": "tiff_adobe_deflate"}),
+    "webp": (".webp", {"quality": 90}),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fit-crops", type=int, default=96, help="augmented crops per source photo to fit on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "decode_agreement.json")
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        choices=sorted(FORMATS),
+        default=[],
+        help="also measure fast_decode on the same photos saved in these formats (pixels decoded from the JPEGs)",
+    )
     return parser
 
 
@@ -194,6 +208,56 @@ def noise_changes(
     }
 
 
+def transcoded(paths: list[Path], name: str, directory: Path) -> list[Path]:
+    """The photos' upright pixels (EXIF orientation applied, none recorded) saved in format ``name`` under
+    ``directory``; files already there are kept."""
+    suffix, options = FORMATS[name]
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in paths:
+        target = directory / (path.stem + suffix)
+        if not target.exists():
+            with Image.open(path) as image:
+                ImageOps.exif_transpose(image).convert("RGB").save(target, **options)
+        out.append(target)
+    return out
+
+
+def by_format(
+    model: torch.nn.Module, paths: list[Path], name: str, workdir: Path, exact: PreprocessSpec, model_name: str
+) -> dict:
+    """``fast_decode`` against the exact path on the photos saved as ``name``: crops, agreement, and each path's
+    decode time (both timed in the same pass, chunk by chunk, so that other load on the machine falls on both)."""
+    files = paths if name == "jpeg" else transcoded(paths, name, workdir / f"{paths[0].parent.name}-{name}")
+    fast = dataclasses.replace(exact, fast_decode=True)
+    crops = {"exact": [], "fast_decode": []}
+    seconds = {"exact": 0.0, "fast_decode": 0.0}
+    for start in range(0, len(files), DECODE_BATCH):
+        chunk = files[start : start + DECODE_BATCH]
+        batch = encoded_batch([str(p) for p in chunk], [p.read_bytes() for p in chunk])
+        for variant, spec in (("exact", exact), ("fast_decode", fast)):
+            started = time.perf_counter()
+            decoded_batch = decode_batch(batch, spec)
+            seconds[variant] += time.perf_counter() - started
+            assert not any(decoded_batch["error"]), decoded_batch["error"]
+            crops[variant].append(np.asarray(decoded_batch["image"]))
+    exact_crops, fast_crops = (np.concatenate(crops[v]) for v in ("exact", "fast_decode"))
+    difference = np.abs(fast_crops.astype(np.int16) - exact_crops.astype(np.int16))
+    megabytes = [p.stat().st_size / 2**20 for p in files]
+    return {
+        "format": name,
+        "save_options": FORMATS.get(name, ("", "as written, quality 88-95"))[1],
+        "megabytes_mean": float(np.mean(megabytes)),
+        "mean_abs_pixel_difference": float(difference.mean()),
+        "max_abs_pixel_difference": int(difference.max()),
+        "largest_per_photo_mean": float(difference.reshape(len(files), -1).mean(1).max()),
+        "decode_ms_per_image": {v: 1000 * s / len(files) for v, s in seconds.items()},
+        **agreement(
+            logits_of(model, normalise(exact_crops, model_name)), logits_of(model, normalise(fast_crops, model_name))
+        ),
+    }
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -311,6 +375,23 @@ def main(argv=None) -> int:
         "noise_test": noise,
         "variants": results,
     }
+    if args.formats:
+        # The JPEG row for the table beside the others: the same comparison, with the EXIF orientation applied (the
+        # other formats are saved upright), timed the same way.
+        report["by_format"] = [by_format(model, paths, "jpeg", args.workdir, turned, args.model)] + [
+            by_format(model, paths, name, args.workdir, turned, args.model) for name in args.formats
+        ]
+        print(
+            f"{'format':8} {'MB':>5} {'mean |d|':>9} {'max |d|':>8} {'top-1':>7} {'top-5 set':>10} {'exact ms':>9} "
+            f"{'fast ms':>8}"
+        )
+        for r in report["by_format"]:
+            ms = r["decode_ms_per_image"]
+            print(
+                f"{r['format']:8} {r['megabytes_mean']:5.1f} {r['mean_abs_pixel_difference']:9.3f} "
+                f"{r['max_abs_pixel_difference']:8} {r['top1_agreement']:7.1%} {r['top5_same_set']:10.1%} "
+                f"{ms['exact']:9.0f} {ms['fast_decode']:8.0f}"
+            )
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0
