@@ -139,13 +139,13 @@ class PreprocessConfig:
     # nodes whose CPUs cannot decode as fast as the GPU classifies; on a CPU, with Pillow on the actor's threads
     # (at par with workers on a 2-core machine, docs/benchmarks.md).
     decode_on: str = "workers"
-    # False: decode every pixel, as the reference does, so predictions match it. True: a large image is decoded at
-    # a reduced size whose short side stays at least twice the resize target (512 px for Resize 256): a JPEG at
-    # libjpeg's DCT scale 1/2, 1/4 or 1/8 (Image.draft), other formats reduced by an integer factor (Image.reduce),
-    # then resized and cropped as before. A phone photo (12 MP) decodes several times faster; the crops differ from
-    # the reference's by a fraction of a grey level on average (contract: under 1 level), which can move a
-    # prediction near a tie (measured in docs/benchmarks.md). Pillow's paths only: nvJPEG on a GPU actor
-    # (decode_on=actor) stays exact.
+    # False: decode every pixel, as the reference does, so predictions match it. True: a large JPEG is decoded at
+    # libjpeg's DCT scale 1/2, 1/4 or 1/8 (Image.draft), whose short side stays at least twice the resize target
+    # (512 px for Resize 256), then resized and cropped as before; other formats are decoded exactly (reducing them
+    # after a full decode saved little and moved pixels 4.5x as far, docs/benchmarks.md). A phone photo (12 MP)
+    # decodes several times faster; the crops differ from the reference's by a fraction of a grey level on average
+    # (contract: under 1 level), which can move a prediction near a tie (measured in docs/benchmarks.md). Pillow's
+    # paths only: nvJPEG on a GPU actor (decode_on=actor) stays exact.
     fast_decode: bool = False
 
 
