@@ -141,6 +141,11 @@ def sample_notes(name: str, data: bytes, keep: tuple[str, ...]) -> dict[str, obj
     return {}
 
 
+def holds_notes(member: str, keep: tuple[str, ...]) -> bool:
+    """Whether a member holds a sample's kept values (``sample_notes``): its ``.json`` or ``.txt``, when kept."""
+    return bool(keep) and member.endswith((".json", ".txt"))
+
+
 def shard_samples(
     shard: str, extensions: tuple[str, ...], storage: Storage, keep: tuple[str, ...] = ()
 ) -> Iterator[tuple[str, bytes | Exception, dict[str, object] | None]]:
@@ -159,6 +164,9 @@ def shard_samples(
     Ray Data's ``read_webdataset`` is not used: its tar iterator raises on a truncated or corrupt shard,
     failing the whole read task (so every sample of the shard, not only the unreadable ones, would be lost or
     the job would stop), raises on a repeated key, and keeps only each member's extension, not its name.
+
+    Over 60 lines: one pass over the tar stream, whose state (the sample being read, its image, the member being
+    read) the loop and the path for a shard that stops short share; a third of them this docstring.
     """
     key: str | None = None
     image: tuple[str, bytes | Exception] | None = None
@@ -195,19 +203,7 @@ def shard_samples(
                 reading = info.name
                 # Every member is read, not skipped: skipping a truncated member goes unnoticed in stream mode.
                 # Only the sample's image is kept, if it is within the byte limit; the others are read and let go.
-                member = tar.extractfile(info)
-                wanted = image is None and has_extension(info.name, extensions)
-                if wanted and info.size <= limit:
-                    image = (info.name, member.read())
-                elif keep and info.name.endswith((".json", ".txt")) and info.size <= limit:
-                    notes.update(sample_notes(info.name, member.read(), keep))
-                else:
-                    while member.read(READ_CHUNK):
-                        pass
-                    if wanted:
-                        image = (info.name, OverByteLimit(limit, info.size))
-                    elif has_extension(info.name, extensions):
-                        dropped.append(info.name)
+                image = _take_member(tar.extractfile(info), info, (extensions, keep, limit), image, notes, dropped)
                 reading = None
             # Stream mode ends quietly where a header is cut short or missing; only a whole block of zeros
             # (tar's end-of-archive marker, which every tar writer emits) ends a shard that is complete.
@@ -219,16 +215,60 @@ def shard_samples(
         error = _with_context(exc, f"shard cannot be read{where}: {exc}")
         if key is not None and image is not None:
             yield finish()  # the sample's image is whole; only what follows it is lost
-            yield (f"{shard}#{reading}" if reading else shard), error, None
-        elif key is not None:
-            yield f"{shard}#{reading or key}", error, None
-        else:
-            yield shard, error, None
+        yield _stopped_at(shard, key, reading, image is not None), error, None
         _log_dropped(shard, dropped)
         return
     if key is not None:
         yield finish()
     _log_dropped(shard, dropped)
+
+
+def _take_member(
+    member,
+    info: tarfile.TarInfo,
+    wants: tuple[tuple[str, ...], tuple[str, ...], int],
+    image: tuple[str, bytes | Exception] | None,
+    notes: dict[str, object],
+    dropped: list[str],
+) -> tuple[str, bytes | Exception] | None:
+    """Reads one member of a sample to its end: the sample's image (its first image member), a member holding its
+    kept values (``holds_notes``, added to ``notes``), or another (an image member this convention drops is added
+    to ``dropped``). ``wants``: the image extensions, the kept columns and the byte limit.
+
+    Returns:
+        The sample's image, as read so far.
+    """
+    extensions, keep, limit = wants
+    wanted = image is None and has_extension(info.name, extensions)
+    noted = not wanted and holds_notes(info.name, keep)
+    content = _read_member(member, info.size, limit if wanted or noted else -1)
+    if wanted:
+        return info.name, content
+    if noted and isinstance(content, bytes):
+        notes.update(sample_notes(info.name, content, keep))
+    elif has_extension(info.name, extensions):
+        dropped.append(info.name)
+    return image
+
+
+def _read_member(member, size: int, limit: int) -> bytes | OverByteLimit | None:
+    """A tar member read to its end: its bytes when it is kept (``limit`` >= 0) and within ``limit``; else read
+    through and let go, ``OverByteLimit`` when it was to be kept."""
+    if 0 <= limit and size <= limit:
+        return member.read()
+    while member.read(READ_CHUNK):
+        pass
+    return OverByteLimit(limit, size) if limit >= 0 else None
+
+
+def _stopped_at(shard: str, key: str | None, reading: str | None, image_read: bool) -> str:
+    """The uri of the item that says where reading a shard stopped: the member being read, else the sample whose
+    image was not read yet, else the shard itself."""
+    if key is None:
+        return shard
+    if image_read:
+        return f"{shard}#{reading}" if reading else shard
+    return f"{shard}#{reading or key}"
 
 
 def _log_dropped(shard: str, dropped: list[str]) -> None:
