@@ -566,6 +566,8 @@ def run(
 
     Returns:
         The labeling rate and where the stages ran (``Labeling``).
+
+    Over 60 lines: the graph's stages, built in the order the data goes through them.
     """
     spec = PreprocessSpec.for_config(config.model.name, config.preprocess)
     nodes = alive_nodes()
