@@ -127,7 +127,7 @@ class Holdings:
     latest: PriorRun | None = None
     # The settings of the labels the output holds, which a run adding to them must share; None: no labels.
     settings: Mapping[str, object] | None = None
-    # Where ``settings`` come from, as messages name it: "run night", "the table".
+    # Where ``settings`` come from, as messages name it: "run night", "the table's labels".
     settings_of: str = ""
     # Its current rows (the table's); None: not counted (the folder, where its latest run is what counts).
     rows: int | None = None
