@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import dataclasses
@@ -99,7 +100,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 def main(argv: list[str] | None = None) -> int:
     """Runs the labeling job; returns the process exit status.
 
-    0: labeled; 1: the run failed (it can be resumed); 2: bad configuration or inputs, nothing labeled;
+    0: labeled; 1: the run failed (it can be resumed), or another job took the output over (that job's run now);
+    2: bad configuration or inputs, nothing labeled;
     130 / 143: stopped by SIGINT / SIGTERM, the run recorded as interrupted (it can be resumed).
     """
     started = time.monotonic()
@@ -173,12 +175,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Stopped as stop:
+        if plan is not None and plan.lease is not None and plan.lease.lost is not None:
+            print(f"error: {plan.lease.lost}", file=sys.stderr)
+            return 1
         where = ""
         if plan is not None:  # opened; closed once stops are held
             where = f"run {plan.run_id} is recorded as interrupted; " if _Stops.holding else f"run {plan.run_id}: "
         print(f"stopped by {stop.name}: {where}run the same command again to resume", file=sys.stderr)
         return 128 + stop.signum
     except Exception as exc:
+        if plan is not None and plan.lease is not None and plan.lease.lost is not None:
+            print(f"error: {plan.lease.lost}", file=sys.stderr)  # the run is the other job's now: nothing to resume
+            return 1
         # One line for people; a failed task's traceback is in Ray Data's log (named when labeling started).
         where = f"run {plan.run_id} failed, run the same command again to resume: " if plan is not None else ""
         print(f"error: {where}{root_cause(exc)}", file=sys.stderr)
@@ -455,6 +463,10 @@ def label_remaining(
     from mnasnet_batch.outputs.folder import ParquetFolder
 
     target = plan.target or ParquetFolder()
+    if plan.lease is not None:
+        # Another job took the output: the labeling stops at once (within a heartbeat), and the job ends with
+        # the line that names that job (``main``).
+        plan.lease.on_lost(lambda line: _thread.interrupt_main(signal.SIGTERM))
     start = time.monotonic()
     labeling_images, labeling_s = 0, 0.0
     try:
@@ -473,7 +485,8 @@ def label_remaining(
             from mnasnet_batch import job
 
             start_ray(config)
-            labeling = job.run(config, plan.storage, checkpoint, todo, plan.run_uri, costs)
+            fence = plan.lease.fence(plan.storage) if plan.lease is not None else None
+            labeling = job.run(config, plan.storage, checkpoint, todo, plan.run_uri, costs, fence)
             labeling_images, labeling_s = labeling.images, labeling.seconds
             plan = dataclasses.replace(plan, stage_costs={**(plan.stage_costs or {}), **labeling.stages})
     except BaseException as exc:

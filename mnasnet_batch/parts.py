@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mnasnet_batch.config import JobConfig
 from mnasnet_batch.outputs.folder import write_part
+from mnasnet_batch.outputs.lease import Fence
 from mnasnet_batch.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,10 @@ class PartWriter:
     actors. A Ray task per part started a new worker process for almost every part while decode tasks held the
     others, and the parts came long after their rows."""
 
-    def __init__(self, run_uri: str, storage: Storage):
+    def __init__(self, run_uri: str, storage: Storage, fence: Fence | None = None):
         self.run_uri = run_uri
         self.storage = storage
+        self.fence = fence
 
     def write(self, *blocks: Block) -> str | None:
         """The rows of ``blocks`` as one atomic Parquet part of the run (``outputs.folder.write_part``).
@@ -50,7 +52,7 @@ class PartWriter:
         """
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
         tables = [t for t in tables if t.num_rows]
-        return write_part(pa.concat_tables(tables), self.run_uri, self.storage) if tables else None
+        return write_part(pa.concat_tables(tables), self.run_uri, self.storage, self.fence) if tables else None
 
 
 class PartCutter:
@@ -133,7 +135,7 @@ class PartWrites:
     would be recorded as failed.
     """
 
-    def __init__(self, run_uri: str, storage: Storage):
+    def __init__(self, run_uri: str, storage: Storage, fence: Fence | None = None):
         # On the driver's node, as the progress counter: a writer on another node would be lost with it (the
         # driver's node lost ends the job anyway). A writer that dies all the same is restarted and its writes
         # retried: a retried write replaces its own part, which is named by its rows' URIs.
@@ -146,7 +148,7 @@ class PartWrites:
                 max_task_retries=WRITE_RETRIES,
                 scheduling_strategy=driver_node(),
             )
-            .remote(run_uri, storage)
+            .remote(run_uri, storage, fence)
         )
         self._pending: set[futures.Future] = set()
 
@@ -175,8 +177,10 @@ def driver_node() -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def write(dataset: ray.data.Dataset, config: JobConfig, run_uri: str, storage: Storage) -> None:
-    """Runs the dataset, writing its rows as Parquet parts under ``run_uri``.
+def write(
+    dataset: ray.data.Dataset, config: JobConfig, run_uri: str, storage: Storage, fence: Fence | None = None
+) -> None:
+    """Runs the dataset, writing its rows as Parquet parts under ``run_uri``, each only while ``fence`` holds.
 
     The driver takes the labeled rows as references to Ray Data's output blocks (``iter_internal_ref_bundles``: no
     rows pass through it) and cuts them into parts (``PartCutter``), which an actor writes (``PartWriter``).
@@ -184,7 +188,7 @@ def write(dataset: ray.data.Dataset, config: JobConfig, run_uri: str, storage: S
     When the run stops or fails, the rows already labeled are still written, for up to ``STOP_WRITE_WAIT_S``,
     before the error is raised: the run's record then counts every part it holds, and a resumed run keeps them.
     """
-    writes = PartWrites(run_uri, storage)
+    writes = PartWrites(run_uri, storage, fence)
     cutter = PartCutter(writes.launch, config.output.rows_per_file, config.output.part_interval_s)
     try:
         # Runs the dataset up to its first rows.

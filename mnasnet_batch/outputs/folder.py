@@ -33,6 +33,7 @@ from mnasnet_batch.config import JobConfig
 from mnasnet_batch.inputs.spool import SPOOL_FOLDER
 from mnasnet_batch.outputs import files
 from mnasnet_batch.outputs.files import join, named, now, read_json, stale_temporaries
+from mnasnet_batch.outputs.lease import Fence
 from mnasnet_batch.outputs.run import (
     CONFIG_FILE,
     RUN_RECORD,
@@ -67,9 +68,10 @@ class ParquetFolder(OutputTarget):
         summary = close_record(
             record, summarize(plan.run_uri, seconds, 0, plan.storage), plan, labeled_now, error, interrupted
         )
-        write_record(fs, root, plan.run_id, record)
+        write_record(fs, root, plan.run_id, record, plan.lease)
         if not error:
-            files.write_bytes(fs, join(root, SUCCESS_MARKER), plan.run_id.encode())
+            guard = plan.lease.check if plan.lease is not None else None
+            files.write_bytes(fs, join(root, SUCCESS_MARKER), plan.run_id.encode(), guard)
         return summary
 
     def cannot_close(self, config: JobConfig, plan: RunPlan, exc: Exception) -> str:
@@ -226,11 +228,12 @@ def foreign_parquet(fs, root: str, runs: list[str]) -> list[str]:
     return sorted(p for p in fs.find(root) if p.endswith(".parquet") and not p.startswith(own))
 
 
-def write_part(table: pa.Table, run_uri: str, storage: Storage | None = None) -> str:
+def write_part(table: pa.Table, run_uri: str, storage: Storage | None = None, fence: Fence | None = None) -> str:
     """Writes one Parquet part atomically, named by the URIs it holds.
 
     The name is a hash of the sorted URIs, so a write that is retried (after a worker died) replaces its
-    own earlier file instead of adding a copy of its rows.
+    own earlier file instead of adding a copy of its rows. With ``fence``, the part is published only while the
+    output's lease is still the job's (``Fence.check`` raises ``LeaseLost`` otherwise, and nothing is published).
 
     Returns:
         The part's path.
@@ -240,7 +243,7 @@ def write_part(table: pa.Table, run_uri: str, storage: Storage | None = None) ->
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     path = join(root, f"part-{digest}.parquet")
-    files.write_bytes(fs, path, buffer.getvalue())
+    files.write_bytes(fs, path, buffer.getvalue(), fence.check if fence is not None else None)
     return path
 
 

@@ -24,7 +24,7 @@ from mnasnet_batch.config import JobConfig, to_dict
 from mnasnet_batch.inputs import spool
 from mnasnet_batch.outputs import files
 from mnasnet_batch.outputs.files import first_line, join, now, one_line
-from mnasnet_batch.outputs.lease import LEASE_STALE_S, Lease
+from mnasnet_batch.outputs.lease import LEASE_STALE_S, Lease, LeaseLost
 from mnasnet_batch.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,14 @@ class RunPlan:
 class OutputTarget:
     """Where a job's rows end up, and the run lifecycle every target shares, written once here.
 
-    ``plan_run`` takes the output's lease, clears what stopped jobs left and opens (or resumes) the run before any
+    ``plan_run`` takes the output's lease (``self.lease`` while the run is open), clears what stopped jobs left and
+    opens (or resumes) the run before any
     image is read; ``finish_run`` closes it and releases the lease, whatever happens. A target adds only what
     differs: ``open_run`` (its layout, modes and record), ``close_run`` (what the run holds, its record closed), and
     the words of its messages (``describe``, ``cannot_close``).
     """
+
+    lease: Lease | None = None
 
     def plan_run(
         self, config: JobConfig, weights_id: str, inputs=None, storage: Storage | None = None
@@ -115,10 +118,11 @@ class OutputTarget:
         try:
             fs, root = storage.filesystem(uri)
             fs.makedirs(root, exist_ok=True)
-            lease = Lease.acquire(fs, root, uri)
+            lease = Lease.acquire(fs, root, uri, config.output.lease_heartbeat_s)
             spool.remove_abandoned(fs, root, LEASE_STALE_S)
             plan = self.open_run(config, weights_id, inputs, storage, fs, root)
             lease.hold(plan.run_id)
+            self.lease = lease
         except BaseException as exc:
             if lease is not None:
                 lease.release()
@@ -155,7 +159,11 @@ class OutputTarget:
                 run stays resumable.
         """
         try:
+            if plan.lease is not None:
+                plan.lease.check()  # a job that lost its lease writes no record: the run is the taker's now
             summary = self.close_run(config, plan, seconds, labeled_now, error, interrupted)
+        except LeaseLost:
+            raise
         except Exception as exc:
             failed = f"run {plan.run_id} failed ({first_line(error)}) and " if error else ""
             raise StorageError(f"{failed}{self.cannot_close(config, plan, exc)}") from None
@@ -239,11 +247,13 @@ def versions() -> dict[str, str]:
     }
 
 
-def write_record(fs, root: str, run_id: str, record: dict) -> None:
-    """Writes a run's record into its folder and, as the latest run's, at the output root."""
+def write_record(fs, root: str, run_id: str, record: dict, lease: Lease | None = None) -> None:
+    """Writes a run's record into its folder and, as the latest run's, at the output root; each write only while
+    ``lease`` (when given) is still this job's (``Lease.check``, raising ``LeaseLost``)."""
     data = json.dumps(record, indent=2).encode()
-    files.write_bytes(fs, join(root, f"run={run_id}", RUN_RECORD), data)
-    files.write_bytes(fs, join(root, RUN_RECORD), data)
+    guard = lease.check if lease is not None else None
+    files.write_bytes(fs, join(root, f"run={run_id}", RUN_RECORD), data, guard)
+    files.write_bytes(fs, join(root, RUN_RECORD), data, guard)
 
 
 def close_record(
