@@ -53,11 +53,13 @@ def remove_quietly(fs, path: str) -> None:
         fs.rm(path)
 
 
-def write_bytes(fs, path: str, data: bytes, guard: Callable[[], None] | None = None) -> None:
+def write_bytes(
+    fs, path: str, data: bytes, guard: Callable[[], contextlib.AbstractContextManager] | None = None
+) -> None:
     """Writes a whole file so that readers see the old content or the new, never a part.
 
-    ``guard``, when given, is called just before the file is published (the rename of the written temporary on
-    local disk, the upload elsewhere); what it raises stops the write, and nothing is published.
+    ``guard``, when given, is entered around the file's publishing (the rename of the written temporary on local
+    disk, the upload elsewhere): what it raises stops the write, and nothing is published.
 
     Raises:
         OSError: the write failed (e.g. the disk is full); the temporary file is removed first.
@@ -66,17 +68,15 @@ def write_bytes(fs, path: str, data: bytes, guard: Callable[[], None] | None = N
         temp = _temp_path(path)
         try:
             fs.pipe_file(temp, data)
-            if guard is not None:
-                guard()
-            os.replace(temp, path)
+            with guard() if guard is not None else contextlib.nullcontext():
+                os.replace(temp, path)
         except BaseException:
             remove_quietly(fs, temp)
             raise
     else:
-        if guard is not None:
-            guard()
         # Object stores publish an object only once its upload is complete.
-        fs.pipe_file(path, data)
+        with guard() if guard is not None else contextlib.nullcontext():
+            fs.pipe_file(path, data)
 
 
 def named(fs, folder: str, prefix: str) -> list[str]:

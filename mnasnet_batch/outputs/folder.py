@@ -70,7 +70,7 @@ class ParquetFolder(OutputTarget):
         )
         write_record(fs, root, plan.run_id, record, plan.lease)
         if not error:
-            guard = plan.lease.check if plan.lease is not None else None
+            guard = plan.lease.held if plan.lease is not None else None
             files.write_bytes(fs, join(root, SUCCESS_MARKER), plan.run_id.encode(), guard)
         return summary
 
@@ -233,7 +233,7 @@ def write_part(table: pa.Table, run_uri: str, storage: Storage | None = None, fe
 
     The name is a hash of the sorted URIs, so a write that is retried (after a worker died) replaces its
     own earlier file instead of adding a copy of its rows. With ``fence``, the part is published only while the
-    output's lease is still the job's (``Fence.check`` raises ``LeaseLost`` otherwise, and nothing is published).
+    output's lease is still the job's (``Fence.held`` raises ``LeaseLost`` otherwise, and nothing is published).
 
     Returns:
         The part's path.
@@ -243,7 +243,7 @@ def write_part(table: pa.Table, run_uri: str, storage: Storage | None = None, fe
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     path = join(root, f"part-{digest}.parquet")
-    files.write_bytes(fs, path, buffer.getvalue(), fence.check if fence is not None else None)
+    files.write_bytes(fs, path, buffer.getvalue(), fence.held if fence is not None else None)
     return path
 
 

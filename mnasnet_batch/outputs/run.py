@@ -249,9 +249,9 @@ def versions() -> dict[str, str]:
 
 def write_record(fs, root: str, run_id: str, record: dict, lease: Lease | None = None) -> None:
     """Writes a run's record into its folder and, as the latest run's, at the output root; each write only while
-    ``lease`` (when given) is still this job's (``Lease.check``, raising ``LeaseLost``)."""
+    ``lease`` (when given) is still this job's (``Lease.held``, raising ``LeaseLost``)."""
     data = json.dumps(record, indent=2).encode()
-    guard = lease.check if lease is not None else None
+    guard = lease.held if lease is not None else None
     files.write_bytes(fs, join(root, f"run={run_id}", RUN_RECORD), data, guard)
     files.write_bytes(fs, join(root, RUN_RECORD), data, guard)
 
