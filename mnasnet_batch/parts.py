@@ -11,11 +11,14 @@ from collections.abc import Callable
 from concurrent import futures
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 from ray.data.block import Block, BlockAccessor
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mnasnet_batch.config import JobConfig
+from mnasnet_batch.outputs import files
 from mnasnet_batch.outputs.folder import write_part
 from mnasnet_batch.outputs.lease import Fence
 from mnasnet_batch.storage import Storage
@@ -43,6 +46,11 @@ class PartWriter:
         self.run_uri = run_uri
         self.storage = storage
         self.fence = fence
+        # A run taken over from a job that stopped renewing: the parts seen so far, and the URIs of those this
+        # writer did not write (the previous holder's last), which it leaves out.
+        self._seen = set(fence.parts_at_takeover) if fence is not None and fence.parts_at_takeover is not None else None
+        self._others: set[str] = set()
+        self._lock = threading.Lock()
 
     def write(self, *blocks: Block) -> str | None:
         """The rows of ``blocks`` as one atomic Parquet part of the run (``outputs.folder.write_part``).
@@ -52,7 +60,30 @@ class PartWriter:
         """
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
         tables = [t for t in tables if t.num_rows]
-        return write_part(pa.concat_tables(tables), self.run_uri, self.storage, self.fence) if tables else None
+        if not tables:
+            return None
+        if self._seen is None:
+            return write_part(pa.concat_tables(tables), self.run_uri, self.storage, self.fence)
+        with self._lock:
+            rows = self._not_written_by_others(pa.concat_tables(tables))
+            if not rows.num_rows:
+                return None
+            path = write_part(rows, self.run_uri, self.storage, self.fence)
+            self._seen.add(path)
+            return path
+
+    def _not_written_by_others(self, rows: pa.Table) -> pa.Table:
+        """``rows`` but those whose URIs a part this writer did not write holds (read again before each part)."""
+        fs, root = self.storage.filesystem(self.run_uri)
+        fs.invalidate_cache()
+        for part in files.parts_under(fs, root):
+            if part not in self._seen:
+                self._seen.add(part)
+                with fs.open(part, "rb") as f:
+                    self._others.update(pq.read_table(f, columns=["uri"])["uri"].to_pylist())
+        if not self._others:
+            return rows
+        return rows.filter(pc.invert(pc.is_in(rows["uri"], value_set=pa.array(sorted(self._others), pa.string()))))
 
 
 class PartCutter:

@@ -209,3 +209,32 @@ def test_a_holder_that_cannot_renew_for_three_beats_stops_before_anyone_may_take
     lease._stopped.wait = lambda seconds: lease.lost is not None or bool(clock.sleep(seconds))
     lease._heartbeats()
     assert lease.lost and "could not renew its lease for 30 s" in lease.lost and clock.now == 30.0
+
+
+def test_a_taker_leaves_out_what_the_previous_holder_published_after_the_takeover(tmp_path):
+    from mnasnet_batch.parts import PartWriter
+
+    run_root = tmp_path / "labels" / "run=first"
+    run_root.mkdir(parents=True)
+
+    def rows(*uris):
+        return pa.table({"uri": list(uris), "error": pa.array([None] * len(uris), pa.string())})
+
+    output.write_part(rows("a", "b"), str(run_root))  # there when the lease was taken: the run resumed from it
+    fence = lease_module.Fence(
+        Storage(),
+        str(tmp_path / "labels"),
+        "token",
+        "first",
+        frozenset(files.parts_under(LocalFileSystem(), str(tmp_path / "labels"))),
+    )
+    writer = PartWriter(str(run_root), Storage(), fence)
+    monkey_lease = {"token": "token", "generation": 1}
+    (tmp_path / "labels" / lease_module.LEASE_FILE).write_text(json.dumps(monkey_lease))
+    output.write_part(rows("c", "d"), str(run_root))  # the previous holder's last part, published late
+    writer.write(rows("c", "d", "e"))
+    writer.write(rows("d", "f"))
+    writer.write(rows("g"))
+    assert writer.write(rows("c")) is None  # nothing left to write
+    labeled = output.read_parts(LocalFileSystem(), str(run_root)).to_table(columns=["uri"])["uri"].to_pylist()
+    assert sorted(labeled) == ["a", "b", "c", "d", "e", "f", "g"]  # each once

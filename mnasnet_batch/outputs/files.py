@@ -79,6 +79,12 @@ def write_bytes(
             fs.pipe_file(path, data)
 
 
+def parts_under(fs, root: str) -> list[str]:
+    """The Parquet parts (``part-*.parquet``) anywhere under ``root``, as ``fs`` names them, sorted."""
+    found = fs.find(root) if fs.exists(root) else []
+    return sorted(p for p in found if os.path.basename(p).startswith("part-") and p.endswith(".parquet"))
+
+
 def named(fs, folder: str, prefix: str) -> list[str]:
     """The entries of ``folder`` whose names start with ``prefix``: a listing, not a glob, so that ``[``, ``?`` or
     ``*`` in the folder's own path are taken as they are."""

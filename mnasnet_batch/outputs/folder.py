@@ -94,9 +94,8 @@ def finish_run(config: JobConfig, plan: RunPlan, *args, **kwargs) -> Summary:
 def read_parts(fs, root: str) -> pads.Dataset | None:
     """The published Parquet parts under ``root`` (an output, or one run's folder) as one dataset; None when there
     are none. Temporaries (``_inprogress-*``) and records are not parts: a reader sees whole parts only."""
-    found = fs.find(root) if fs.exists(root) else []
-    files = sorted(p for p in found if os.path.basename(p).startswith("part-") and p.endswith(".parquet"))
-    return pads.dataset(files, filesystem=fs, format="parquet") if files else None
+    parts = files.parts_under(fs, root)
+    return pads.dataset(parts, filesystem=fs, format="parquet") if parts else None
 
 
 class Labeled:

@@ -240,6 +240,10 @@ class Fence:
     output_uri: str
     token: str
     run_id: str
+    # A lease taken over: the parts under the output when it was taken (the run resumed from them); any other part
+    # that appears since is the previous holder's last, whose rows the writer leaves out (``PartWriter``). None:
+    # the lease was free, and no other job writes here.
+    parts_at_takeover: frozenset[str] | None = None
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -280,6 +284,7 @@ class Lease:
         }
         self.etag: str | None = None
         self.taken_over = False  # from a job that ended without releasing it
+        self.parts_at_takeover: frozenset[str] | None = None  # see ``Fence``
         self.lost: str | None = None  # the line that says who took it
         self._renewed = clock()
         self._on_lost: list[Callable[[str], None]] = []
@@ -351,7 +356,8 @@ class Lease:
     def fence(self, storage: Storage) -> Fence:
         """What the run's writers in other processes check, through the job's ``storage`` handle, before each write
         (``Fence.held``)."""
-        return Fence(storage, self.uri, str(self.holder["token"]), str(self.holder["run_id"]))
+        token, run_id = str(self.holder["token"]), str(self.holder["run_id"])
+        return Fence(storage, self.uri, token, run_id, self.parts_at_takeover)
 
     def check(self) -> None:
         """Raises ``LeaseLost`` unless the lease is still this job's: not lost, and read back with its token."""

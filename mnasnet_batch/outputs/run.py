@@ -44,7 +44,8 @@ class Summary:
     error_kinds: dict[str, int] = field(default_factory=dict)
     # Images predicted by this attempt; fewer than ``images`` when it resumed an interrupted run.
     labeled_now: int = 0
-    # Of ``images``, rows that other jobs' commits replaced since (a table written by two jobs at once).
+    # Of ``images``, rows that other jobs' commits replaced since (a table written by two jobs at once), as of this
+    # run's close: jobs still writing may replace more, so the summary says "so far".
     replaced_by_other_jobs: int = 0
     # Images labeled after this attempt's first batch, and the seconds from its first batch to its last
     # (``job.run``): the labeling rate, which ``seconds`` (Ray's and the model's start-up included) is not.
@@ -55,7 +56,7 @@ class Summary:
         kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(self.error_kinds.items()))
         resumed = f", {self.images - self.labeled_now} from before the resume" if self.labeled_now < self.images else ""
         others = self.replaced_by_other_jobs
-        replaced = f", {others} replaced since by other jobs" if others else ""
+        replaced = f", {others} replaced by other jobs so far" if others else ""
         rate = ""
         if self.labeling_s > 0 and self.labeling_images > 0:
             rate = f", labeling {self.labeling_images / self.labeling_s:.1f} images/s (first batch to last)"
@@ -119,6 +120,10 @@ class OutputTarget:
             fs, root = storage.filesystem(uri)
             fs.makedirs(root, exist_ok=True)
             lease = Lease.acquire(fs, root, uri, config.output.lease_heartbeat_s)
+            if lease.taken_over:
+                # Listed before the run is opened: a part that the previous holder publishes after it is left out
+                # by this run's writer (``Fence.parts_at_takeover``).
+                lease.parts_at_takeover = frozenset(files.parts_under(fs, root))
             spool.remove_abandoned(fs, root, LEASE_STALE_S)
             plan = self.open_run(config, weights_id, inputs, storage, fs, root)
             lease.hold(plan.run_id)
