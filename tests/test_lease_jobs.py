@@ -10,11 +10,16 @@ import sys
 import tempfile
 import threading
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
+from mnasnet_batch.config import StorageConfig
+from mnasnet_batch.outputs import files
+from mnasnet_batch.storage import Storage
 from tests import support
 from tests.cluster import end_session
 from tests.test_node_loss import GatedImages
@@ -58,7 +63,28 @@ def gated_manifest(tmp_path):
         server.server_close()
 
 
-def job_argv(manifest: Path, output: Path, checkpoint: Path, target: str) -> list[str]:
+@dataclass
+class Output:
+    """Where both jobs write: ``uri`` as the jobs take it, and ``fs`` / ``root`` as the test reads it."""
+
+    uri: str
+    fs: object
+    root: str
+    storage: dict = field(default_factory=dict)  # the jobs' storage settings (the moto server's, for S3)
+
+
+@pytest.fixture(params=["local", "s3"])
+def out(request, tmp_path):
+    if request.param == "local":
+        return Output(str(tmp_path / "labels"), LocalFileSystem(), str(tmp_path / "labels"))
+    s3_server = request.getfixturevalue("s3_server")
+    fs, _ = Storage(StorageConfig(**s3_server)).filesystem("s3://lease-jobs")
+    if not fs.exists("lease-jobs"):
+        fs.mkdir("lease-jobs")
+    return Output(f"s3://lease-jobs/{tmp_path.name}", fs, f"lease-jobs/{tmp_path.name}", s3_server)
+
+
+def job_argv(manifest: Path, out: Output, checkpoint: Path, target: str) -> list[str]:
     settings = [
         "output.rows_per_file=4",
         "compute.batch_size=4",
@@ -67,10 +93,17 @@ def job_argv(manifest: Path, output: Path, checkpoint: Path, target: str) -> lis
         "storage.http_timeout_s=600",
         # A renewal every 0.5 s: a job on another machine takes an unrenewed lease after 2 s of watching it.
         "output.lease_heartbeat_s=0.5",
+        *(f"storage.{key}={json.dumps(value)}" for key, value in out.storage.items()),
     ]
     if target == "table":
         settings.append(f"output.table={TABLE}")
-    return support.job_argv(manifest, output, checkpoint, *settings, extra=("--run-id", "first"))
+    return support.job_argv(manifest, out.uri, checkpoint, *settings, extra=("--run-id", "first"))
+
+
+# Ray 2.60 gives a starting node 30 s (hard-coded) to register; on a loaded machine it may not, and the job ends
+# with this line before it touched the output. Such a start is tried again, at most RAY_STARTS times.
+RAY_START_TIMEOUT = "The current node timed out during startup"
+RAY_STARTS = 3
 
 
 def start(argv: list[str], log: Path, skew: str = "", other_machine: bool = False) -> subprocess.Popen:
@@ -93,25 +126,52 @@ def start(argv: list[str], log: Path, skew: str = "", other_machine: bool = Fals
         return subprocess.Popen(command, cwd=ROOT, env=environment, start_new_session=True, stdout=out, stderr=out)
 
 
-def parts(output: Path, target: str) -> list[Path]:
-    staged = output / "_staging" if target == "table" else output
-    return sorted(staged.glob("run=*/part-*.parquet"))
+def ray_did_not_start(job: subprocess.Popen, log: Path) -> bool:
+    return job.poll() is not None and RAY_START_TIMEOUT in log.read_text()
 
 
-def labeled_uris(output: Path, target: str) -> list[str]:
+def start_first(argv: list[str], out: Output, target: str, log: Path) -> subprocess.Popen:
+    """Job A, running once its first part is written (polled, never slept for)."""
+    for _ in range(RAY_STARTS):
+        first = start(argv, log)
+        poll(lambda job=first: parts(out, target) or job.poll() is not None, 300, "the first job's first part")
+        if not ray_did_not_start(first, log):
+            break
+        end_session(first.pid)
+    assert first.poll() is None, log.read_text()[-3000:]
+    return first
+
+
+def run_second(argv: list[str], log: Path, **how) -> int:
+    """Job B to its end; its exit status."""
+    for _ in range(RAY_STARTS):
+        second = start(argv, log, **how)
+        status = finish(second)
+        if not ray_did_not_start(second, log):
+            return status
+    return status
+
+
+def parts(out: Output, target: str) -> list[str]:
+    out.fs.invalidate_cache()
+    return files.parts_under(out.fs, files.join(out.root, "_staging") if target == "table" else out.root)
+
+
+def labeled_uris(out: Output, target: str) -> list[str]:
     """Every row's uri, repeats kept: the folder's parts, or the table's current rows."""
     if target == "folder":
-        dataset = pads.dataset([str(p) for p in parts(output, target)], format="parquet")
+        dataset = pads.dataset(parts(out, target), filesystem=out.fs, format="parquet")
         return dataset.to_table(["uri"])["uri"].to_pylist()
     from tests.test_table import embedded_catalog
 
-    table = embedded_catalog(output).load_table(TABLE)
+    table = embedded_catalog(Path(out.root)).load_table(TABLE)
     return table.scan(selected_fields=("uri",)).to_arrow()["uri"].to_pylist()
 
 
-def lease_token(output: Path) -> str | None:
+def lease_token(out: Output) -> str | None:
+    out.fs.invalidate_cache()
     try:
-        return json.loads((output / "_lease.json").read_text())["token"]
+        return json.loads(out.fs.cat_file(files.join(out.root, "_lease.json")))["token"]
     except FileNotFoundError:
         return None
 
@@ -129,14 +189,11 @@ def test_a_job_with_a_skewed_clock_on_this_machine_is_refused(
     gated_manifest, checkpoint_path, tmp_path, target, skew
 ):
     server, manifest, urls = gated_manifest
-    output = tmp_path / "labels"
+    output = Output(str(tmp_path / "labels"), LocalFileSystem(), str(tmp_path / "labels"))
     argv = job_argv(manifest, output, checkpoint_path, target)
-    first = start(argv, tmp_path / "first.log")
+    first = start_first(argv, output, target, tmp_path / "first.log")
     try:
-        poll(lambda: parts(output, target) or first.poll() is not None, 300, "the first job's first part")
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        second = start(argv, tmp_path / "second.log", skew=skew)
-        assert finish(second) == 2
+        assert run_second(argv, tmp_path / "second.log", skew=skew) == 2
         said = (tmp_path / "second.log").read_text()
         assert "in use by run first" in said and "its process runs on this machine" in said, said[-3000:]
         server.opened.set()
@@ -152,27 +209,27 @@ def test_a_job_with_a_skewed_clock_on_this_machine_is_refused(
 @pytest.mark.parametrize("skew", SKEWS)
 @pytest.mark.parametrize("target", ["folder", "table"])
 def test_a_job_on_another_machine_with_a_skewed_clock_takes_over_only_a_silent_lease(
-    gated_manifest, checkpoint_path, tmp_path, target, skew
+    gated_manifest, checkpoint_path, tmp_path, out, target, skew
 ):
     """Job A stops renewing (SIGSTOP, as a driver starved or a VM paused): B, in another PID namespace with its
     clock off, takes the output over after watching the lease for A's period, and labels only what A had not
-    written. A, continued, finds its lease taken, publishes nothing more and exits 1 naming B's run."""
+    written. A, continued, finds its lease taken, publishes nothing more and exits 1 naming B's run. On local disk
+    and on S3 (the table's embedded catalog needs a local output)."""
+    if target == "table" and out.uri.startswith("s3://"):
+        pytest.skip("a table on S3 needs output.catalog; its staging is the folder's, tested here on S3")
     server, manifest, urls = gated_manifest
-    output = tmp_path / "labels"
+    output = out
     argv = job_argv(manifest, output, checkpoint_path, target)
-    first = start(argv, tmp_path / "first.log")
+    first = start_first(argv, output, target, tmp_path / "first.log")
     second = None
     try:
-        poll(lambda: parts(output, target) or first.poll() is not None, 300, "the first job's first part")
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         # While B watches A's renewing lease it stops: renewed while watched.
-        watcher = start(argv, tmp_path / "watcher.log", skew=skew, other_machine=True)
-        assert finish(watcher) == 2
+        assert run_second(argv, tmp_path / "watcher.log", skew=skew, other_machine=True) == 2
         said = (tmp_path / "watcher.log").read_text()
         assert "it renewed its lease while this job watched" in said and "in about" in said, said[-3000:]
 
         os.kill(first.pid, signal.SIGSTOP)
-        token = json.loads((output / "_lease.json").read_text())["token"]
+        token = lease_token(output)
         server.opened.set()
         second = start(argv, tmp_path / "second.log", skew=skew, other_machine=True)
         poll(lambda: lease_token(output) != token or second.poll() is not None, 300, "the second job's takeover")
@@ -180,7 +237,10 @@ def test_a_job_on_another_machine_with_a_skewed_clock_takes_over_only_a_silent_l
         assert finish(first) == 1
         said = (tmp_path / "first.log").read_text()
         assert "error: output" in said and "was taken over by" in said and "stopped writing" in said, said[-3000:]
-        assert finish(second) == 0, (tmp_path / "second.log").read_text()[-3000:]
+        status = finish(second)
+        if ray_did_not_start(second, tmp_path / "second.log"):  # after it took the lease, maybe: taken over again
+            status = run_second(argv, tmp_path / "second.log", skew=skew, other_machine=True)
+        assert status == 0, (tmp_path / "second.log").read_text()[-3000:]
     finally:
         server.opened.set()
         if first.poll() is None:
@@ -189,7 +249,7 @@ def test_a_job_on_another_machine_with_a_skewed_clock_takes_over_only_a_silent_l
         if second is not None:
             end_session(second.pid)
     said = (tmp_path / "second.log").read_text()
-    assert "taking over the stale lease of run first" in said
+    assert "taking over the stale lease of" in said
     assert "resuming run first" in said
     labeled = labeled_uris(output, target)
     assert sorted(labeled) == sorted(urls)  # every image exactly once

@@ -12,7 +12,8 @@ starting with ``_``)::
     run=<run_id>/_inputs/<hash>.<n>    a WebDataset shard this run read to its end, holding n samples (inputs)
     _run.json                          the record of the latest run
     _SUCCESS                           present only while the latest run is complete
-    _lease.json                        present while a job writes here: its run, host, pid and last heartbeat
+    _lease.json                        present while a job writes here: its run, host, pid, token and generation
+    _lease.lock                        local disk: locked for the moment of each change of the lease
 """
 
 from __future__ import annotations

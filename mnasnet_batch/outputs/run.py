@@ -3,7 +3,8 @@
 A target (``folder.ParquetFolder``, ``table.IcebergTable``; ``targets.target_for`` chooses) subclasses
 ``OutputTarget`` and adds only what differs. What every target writes at the output root::
 
-    _lease.json                        present while a job writes here: its run, host, pid and last heartbeat
+    _lease.json                        present while a job writes here: its run, host, pid, token and generation
+    _lease.lock                        local disk: locked for the moment of each change of the lease (``lease``)
     _inprogress-<hex>                  a file being written (``write_bytes``); one a killed writer left is removed
 """
 
