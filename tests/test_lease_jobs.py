@@ -110,10 +110,11 @@ def start(argv: list[str], log: Path, skew: str = "", other_machine: bool = Fals
     """The job as users run it, in its own session with its own local Ray; ``skew``: its whole process tree's
     clock that far off (faketime); ``other_machine``: in its own PID namespace."""
     command = [sys.executable, str(ROOT / "jobs" / "label_images.py"), *argv]
-    if skew:
-        command = [FAKETIME, "-f", skew, *command]
     if other_machine:
         command = ["unshare", "--pid", "--fork", "--mount-proc", *command]
+    if skew:
+        # Outside the PID namespace: the wrapper names its semaphore by its pid, which is 1 in a new namespace.
+        command = [FAKETIME, "-f", skew, *command]
     # Its own Ray: temp folder (short: Ray's socket paths are bounded) and token.
     ray_dir = Path(tempfile.mkdtemp(prefix="r", dir=os.environ.get("TMPDIR", "/tmp")))
     (ray_dir / "token").write_text(uuid.uuid4().hex)
