@@ -253,7 +253,7 @@ def test_the_lease_beats_while_the_run_is_open(tmp_path):
     poll(renewed, 10, "a heartbeat")
     output.finish_run(config, plan, 1.0, 0)
     assert not (out / lease_module.LEASE_FILE).exists()
-    assert not any(t.name == "lease-first" for t in threading.enumerate())
+    assert not any(t.name == f"lease-{out}" for t in threading.enumerate())
 
 
 def dead_pid() -> int:

@@ -288,6 +288,7 @@ class Lease:
         self.lost: str | None = None  # the line that says who took it
         self._renewed = clock()
         self._on_lost: list[Callable[[str], None]] = []
+        self._beating = threading.Lock()  # one renewal at a time: the heartbeat thread's and ``hold``'s
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -340,12 +341,16 @@ class Lease:
                 return lease
             seen = None  # another job changed it first: judged afresh
 
-    def hold(self, run_id: str) -> None:
-        """Names the run in the lease and renews it every heartbeat until ``release``."""
-        self.holder["run_id"] = run_id
+    def hold(self, run_id: str = "") -> None:
+        """Renews the lease now and every heartbeat until ``release`` (from the first call on), naming ``run_id``
+        when given: a job holds it from the moment it is taken, while it plans its run, then names the run."""
+        with self._beating:
+            if run_id:
+                self.holder["run_id"] = run_id
         self._beat()
-        self._thread = threading.Thread(target=self._heartbeats, name=f"lease-{run_id}", daemon=True)
-        self._thread.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._heartbeats, name=f"lease-{self.uri}", daemon=True)
+            self._thread.start()
 
     def on_lost(self, callback: Callable[[str], None]) -> None:
         """Calls ``callback`` with the line naming the other job, on the heartbeat's thread, if the lease is lost."""
@@ -398,12 +403,17 @@ class Lease:
 
     def _beat(self) -> None:
         """Renews the lease, a generation up, if it is still the version this job wrote; else it is lost."""
-        renewed = {**self.holder, "generation": int(self.holder["generation"]) + 1, "heartbeat_at": now("milliseconds")}
-        written = _swap(self.fs, self.path, self.holder, self.etag, json.dumps(renewed, indent=2).encode())
-        if not written:
-            self._lose(_lost_text(self.uri, str(renewed["run_id"]), _read(self.fs, self.path)[0]))
-            return
-        self.holder, self.etag, self._renewed = renewed, written if isinstance(written, str) else None, self.clock()
+        with self._beating:
+            if self.lost is not None:
+                return
+            generation = int(self.holder["generation"]) + 1
+            renewed = {**self.holder, "generation": generation, "heartbeat_at": now("milliseconds")}
+            written = _swap(self.fs, self.path, self.holder, self.etag, json.dumps(renewed, indent=2).encode())
+            if written:
+                self.holder, self.etag = renewed, written if isinstance(written, str) else None
+                self._renewed = self.clock()
+                return
+        self._lose(_lost_text(self.uri, str(renewed["run_id"]), _read(self.fs, self.path)[0]))
 
     def _heartbeats(self) -> None:
         while not self._stopped.wait(self.heartbeat_s):

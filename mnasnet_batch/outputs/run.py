@@ -121,6 +121,7 @@ class OutputTarget:
             fs, root = storage.filesystem(uri)
             fs.makedirs(root, exist_ok=True)
             lease = Lease.acquire(fs, root, uri, config.output.lease_heartbeat_s)
+            lease.hold()  # renewed while the run is planned, however long that takes
             if lease.taken_over:
                 # Listed before the run is opened: a part that the previous holder publishes after it is left out
                 # by this run's writer (``Fence.parts_at_takeover``).
