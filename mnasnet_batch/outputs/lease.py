@@ -54,10 +54,12 @@ class LeaseLost(StorageError):
 
 @dataclass(frozen=True)
 class Here:
-    """The machine a contender runs on, as a lease names its holder's (host name and PID namespace)."""
+    """The machine a contender runs on, as a lease names its holder's (host name and PID namespace), and the
+    contender's own pid: a lease of this machine naming it is an earlier process's (a namespace's pid 1 again)."""
 
     host: str
     pid_namespace: str
+    pid: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,8 @@ def judge(
         return Verdict("take_over"), None
     period = stale_after_s(current)
     if current.get("host") == here.host and current.get("pid_namespace") == here.pid_namespace:
-        if alive(int(current.get("pid") or 0)):
+        pid = int(current.get("pid") or 0)
+        if pid != here.pid and alive(pid):
             return Verdict("refuse", left_s=math.inf), None
         return Verdict("take_over"), None
     if seen is None:
@@ -312,7 +315,8 @@ class Lease:
             StorageError: another job holds the output; the message names its run and when it may be taken.
         """
         lease = cls(fs, join(root, LEASE_FILE), uri, heartbeat_s, clock)
-        here, seen = Here(str(lease.holder["host"]), str(lease.holder["pid_namespace"])), None
+        here = Here(str(lease.holder["host"]), str(lease.holder["pid_namespace"]), os.getpid())
+        seen = None
         while True:
             current, etag = _read(fs, lease.path)
             before = seen
