@@ -58,9 +58,12 @@ def test_a_live_process_on_this_machine_is_never_stale_whatever_its_clock(skew_s
     verdict, seen = judge(mine, None, 1e6, HERE, always_alive)
     assert verdict.action == "refuse" and verdict.left_s == float("inf") and seen is None
     assert judge(mine, None, 1e6, HERE, never_alive)[0].action == "take_over"
-    # Its pid is this process's own (a PID namespace's pid 1, again): an earlier process's lease.
+    # Its pid is this process's own (a PID namespace's pid 1, again) and this process does not hold it: an earlier
+    # process's lease. One this process holds (another thread's) is alive.
     itself = Here(HERE.host, HERE.pid_namespace, pid=mine["pid"])
     assert judge(mine, None, 1e6, itself, always_alive)[0].action == "take_over"
+    holding = Here(HERE.host, HERE.pid_namespace, pid=mine["pid"], held=frozenset({mine["token"]}))
+    assert judge(mine, None, 1e6, holding, never_alive)[0].action == "refuse"
 
 
 @pytest.mark.parametrize("skew_s", [-600.0, 0.0, 600.0], ids=["10-min-behind", "true", "10-min-ahead"])

@@ -46,6 +46,9 @@ LEASE_STALE_S = STALE_BEATS * LEASE_HEARTBEAT_S
 # Seconds between a waiting job's reads of a lease it watches: a live holder is seen within one of its heartbeats
 # and this; a few requests a minute.
 WATCH_POLL_S = 5.0
+# The tokens of the leases this process holds (until released): a lease naming this pid with another token was
+# written by an earlier process.
+_HELD: set[str] = set()
 
 
 class LeaseLost(StorageError):
@@ -54,12 +57,14 @@ class LeaseLost(StorageError):
 
 @dataclass(frozen=True)
 class Here:
-    """The machine a contender runs on, as a lease names its holder's (host name and PID namespace), and the
-    contender's own pid: a lease of this machine naming it is an earlier process's (a namespace's pid 1 again)."""
+    """The machine a contender runs on, as a lease names its holder's (host name and PID namespace); the
+    contender's own pid, and the tokens of the leases this process holds: a lease of this machine naming this pid
+    with another token is an earlier process's (a PID namespace's pid 1 again)."""
 
     host: str
     pid_namespace: str
     pid: int = 0
+    held: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ def judge(
     period = stale_after_s(current)
     if current.get("host") == here.host and current.get("pid_namespace") == here.pid_namespace:
         pid = int(current.get("pid") or 0)
-        if pid != here.pid and alive(pid):
+        if held[0] in here.held if pid == here.pid else alive(pid):
             return Verdict("refuse", left_s=math.inf), None
         return Verdict("take_over"), None
     if seen is None:
@@ -315,10 +320,11 @@ class Lease:
             StorageError: another job holds the output; the message names its run and when it may be taken.
         """
         lease = cls(fs, join(root, LEASE_FILE), uri, heartbeat_s, clock)
-        here = Here(str(lease.holder["host"]), str(lease.holder["pid_namespace"]), os.getpid())
         seen = None
         while True:
             current, etag = _read(fs, lease.path)
+            machine = str(lease.holder["host"]), str(lease.holder["pid_namespace"])
+            here = Here(*machine, pid=os.getpid(), held=frozenset(_HELD.copy()))
             before = seen
             verdict, seen = judge(current, seen, clock(), here, _process_exists)
             if verdict.action == "refuse":
@@ -342,6 +348,7 @@ class Lease:
                 lease.etag = written if isinstance(written, str) else None
                 lease.taken_over = verdict.action == "take_over"
                 lease._renewed = clock()
+                _HELD.add(str(lease.holder["token"]))
                 return lease
             seen = None  # another job changed it first: judged afresh
 
@@ -387,6 +394,7 @@ class Lease:
     def release(self) -> None:
         """Stops the heartbeats and deletes the lease if it is still this job's; never raises."""
         self._stopped.set()
+        _HELD.discard(str(self.holder["token"]))
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.heartbeat_s)
         if self.lost is not None:
