@@ -333,7 +333,7 @@ class Lease:
                 if before is None:
                     log.warning(
                         "output %s: held by %s on another machine; watching its lease for up to %.0f s on this "
-                        "machine's clock: a live job renews it every %.0f s, a gone one's is then taken over",
+                        "machine's clock: a live job renews it every %g s, a gone one's is then taken over",
                         uri,
                         _holder_text(current),
                         verdict.left_s,
