@@ -343,13 +343,19 @@ class Lease:
                 continue
             if verdict.action == "take_over":
                 log.warning("output %s: taking over the stale lease of %s", uri, _holder_text(current))
-            written = _swap(fs, lease.path, current, etag, lease._data())
+            token = str(lease.holder["token"])
+            _HELD.add(token)  # before it can be read: another thread of this process then sees it held
+            try:
+                written = _swap(fs, lease.path, current, etag, lease._data())
+            except BaseException:
+                _HELD.discard(token)
+                raise
             if written:
                 lease.etag = written if isinstance(written, str) else None
                 lease.taken_over = verdict.action == "take_over"
                 lease._renewed = clock()
-                _HELD.add(str(lease.holder["token"]))
                 return lease
+            _HELD.discard(token)
             seen = None  # another job changed it first: judged afresh
 
     def hold(self, run_id: str = "") -> None:
