@@ -35,6 +35,8 @@ WRITE_RETRIES = 3
 # Seconds a stopped or failed run waits for its last parts to be written: they are a few MB each, and the record
 # must still be closed within Kubernetes' default grace period of 30 s.
 STOP_WRITE_WAIT_S = 20.0
+# A taken-over run's writer re-reads the run's parts before each part: one part at a time (the writer's threads).
+_REREADING = threading.Lock()
 
 
 class PartWriter:
@@ -50,7 +52,6 @@ class PartWriter:
         # writer did not write (the previous holder's last), which it leaves out.
         self._seen = set(fence.parts_at_takeover) if fence is not None and fence.parts_at_takeover is not None else None
         self._others: set[str] = set()
-        self._lock = threading.Lock()
 
     def write(self, *blocks: Block) -> str | None:
         """The rows of ``blocks`` as one atomic Parquet part of the run (``outputs.folder.write_part``).
@@ -64,7 +65,7 @@ class PartWriter:
             return None
         if self._seen is None:
             return write_part(pa.concat_tables(tables), self.run_uri, self.storage, self.fence)
-        with self._lock:
+        with _REREADING:
             rows = self._not_written_by_others(pa.concat_tables(tables))
             if not rows.num_rows:
                 return None
