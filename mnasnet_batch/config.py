@@ -104,6 +104,10 @@ class OutputConfig:
     # large corpus, so that readers see labels as they come (a killed run loses nothing either way: its parts stay
     # staged and the same command commits them).
     commit_interval_s: float = 0.0
+    # 30: seconds between the renewals of the output's lease (_lease.json), a small read and write each. A job on
+    # another machine that finds the lease unrenewed for 4 of them (2 minutes, watched on its own clock) takes the
+    # output over: how long a killed job's output stays locked from another machine.
+    lease_heartbeat_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -365,6 +369,7 @@ def validate(config: JobConfig) -> None:
             and "." in config.output.table,
             f"output.table: {config.output.table!r} is not namespace.name (e.g. labels.images)",
         ),
+        (config.output.lease_heartbeat_s > 0, "output.lease_heartbeat_s: must be more than 0 seconds"),
         (config.output.commit_interval_s >= 0, "output.commit_interval_s: must be 0 (commit at the end) or more"),
         (config.compute.batch_size >= 1, "compute.batch_size: must be at least 1"),
         (config.compute.micro_batch >= 0, "compute.micro_batch: must be 0 (derived) or at least 1"),

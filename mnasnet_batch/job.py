@@ -29,6 +29,7 @@ from mnasnet_batch.storage import Storage
 
 if TYPE_CHECKING:  # torch stays out of the graph's modules: Ray's tasks unpickle functions from them
     from mnasnet_batch.model.weights import Checkpoint
+    from mnasnet_batch.outputs.lease import Fence
 
 log = logging.getLogger(__name__)
 
@@ -557,8 +558,11 @@ def run(
     inputs: InputPlan,
     run_uri: str,
     costs: StageCosts | None = None,
+    fence: Fence | None = None,
 ) -> Labeling:
     """Labels the planned input and writes its rows as Parquet parts under ``run_uri``; Ray must be initialised.
+
+    ``fence``: each part is published only while the output's lease is still the job's (``outputs.lease.Fence``).
 
     Rows an earlier attempt labeled are not labeled again when ``inputs`` is what ``InputPlan.remaining`` left.
     ``costs``: what an image costs each stage (``costs.measure``), by which a cluster's CPUs are divided between
@@ -610,7 +614,7 @@ def run(
         + ", ".join(f"{amount:g} {name.removeprefix('num_').upper()[:-1]}" for name, amount in pool.resources.items()),
     }
     with reporting_progress(counter, inputs.image_count, config.progress.interval_s, config.progress.stall_s):
-        write(dataset, config, run_uri, storage)
+        write(dataset, config, run_uri, storage, fence)
         try:
             asked = [counter.labeling_span.remote(), counter.stage_costs.remote()]
             (images, seconds), in_job = ray.get(asked, timeout=30)
