@@ -8,7 +8,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +19,7 @@ import ray.autoscaler.sdk
 
 from mnasnet_batch.capacity import Capacity, NodeType, holds, types_of_config, types_of_profile
 from mnasnet_batch.config import ConfigError, JobConfig
-from mnasnet_batch.costs import StageCosts, split_cpus, spread_block, task_cpus
+from mnasnet_batch.costs import StageCosts, split_cpus, spread_block, survivor_cpus, task_cpus
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.inputs.layout import MAX_INPUT_BLOCK, InputPlan, drop_done
 from mnasnet_batch.parts import driver_node, write
@@ -134,7 +134,10 @@ class ActorPool:
 
 
 def model_actor_pool(
-    config: JobConfig, cluster: dict[str, float], node_cpus: float | None = None, model_share: float = MODEL_CPU_SHARE
+    config: JobConfig,
+    cluster: dict[str, float],
+    node_cpus: Sequence[float] | None = None,
+    model_share: float = MODEL_CPU_SHARE,
 ) -> ActorPool:
     """Chooses the model actors' resources and pool bounds from the configuration and the cluster.
 
@@ -145,8 +148,9 @@ def model_actor_pool(
     Args:
         config: the job's configuration.
         cluster: the CPUs and GPUs the cluster may reach (``Capacity.planned``).
-        node_cpus: the CPUs of the cluster's largest node, alive or that an autoscaler adds, which bound a derived
-            actor's (an actor runs on one node); None when the cluster is one node.
+        node_cpus: the CPUs of each node of the cluster planned for (``Capacity.node_cpus``: alive, or that an
+            autoscaler adds), which bound a derived actor's (an actor runs on one node, and a lost node's actors
+            are restarted on the others); None when the cluster is one node.
         model_share: the model's share of an image's CPU time (``StageCosts.model_share``).
     """
     compute = config.compute
@@ -156,7 +160,7 @@ def model_actor_pool(
         resources = {"num_gpus": compute.actor_gpus, "num_cpus": compute.actor_cpus or 1.0}
         derived_max = int(gpus / compute.actor_gpus)
     else:
-        split = split_cpus(cpus, cpus if node_cpus is None else node_cpus, model_share)
+        split = split_cpus([cpus] if node_cpus is None else node_cpus, model_share)
         # Never all of them: decode tasks need room beside the actors, or the pipeline cannot start.
         actor_cpus = compute.actor_cpus or min(split.actor_cpus, cpus - config.preprocess.num_cpus)
         if actor_cpus <= 0:
@@ -171,15 +175,22 @@ def model_actor_pool(
     return ActorPool(resources, compute.min_actors, max_size, initial_size)
 
 
-def decode_task_cpus(config: JobConfig, cluster: dict[str, float], pool: ActorPool) -> float:
+def decode_task_cpus(
+    config: JobConfig, cluster: dict[str, float], pool: ActorPool, node_cpus: Sequence[float] | None = None
+) -> float:
     """Each decode (and read) task's CPUs: ``preprocess.num_cpus`` where set, else what the model actors leave,
-    in tasks of about one CPU (Pillow decodes on one thread), as many as fill it (``costs.split_cpus``)."""
+    in tasks of about one CPU (Pillow decodes on one thread), as many as fill it (``costs.split_cpus``); beside
+    derived CPU actors, no more than an actor leaves on the node left after a loss (``node_cpus``, as for
+    ``model_actor_pool``)."""
     if config.preprocess.num_cpus:
         return config.preprocess.num_cpus
     free = free_cpus(cluster, pool)
     if free <= 0:  # GPU actors on nodes that are not there yet (an autoscaler adds them): one CPU a task
         return 1.0
-    return task_cpus(free)
+    if "num_gpus" in pool.resources or config.compute.actor_cpus:
+        return task_cpus(free)
+    room = survivor_cpus([cluster.get("CPU", 1)] if node_cpus is None else node_cpus)
+    return task_cpus(free, most=room - pool.resources["num_cpus"])
 
 
 def free_cpus(cluster: dict[str, float], pool: ActorPool) -> float:
