@@ -43,6 +43,9 @@ RAY_CPP_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] 
 # What Ray tells the driver while it recovers from a lost node or worker: the node's missed health checks and
 # each retried task, once per attempt. The job says it once, in its own words (``job.NodeWatch``).
 RAY_RECOVERY_MESSAGES = ("has been marked dead", "will be retried", "liveness")
+# What Ray tells the driver while an autoscaler adds the nodes that tasks and actors wait for: the job says it waits,
+# once, in its own words (``job.PoolWatch``, ``job.NodeWatch``).
+RAY_SCALING_MESSAGES = ("infeasible resource requests",)
 
 
 def is_ray_chatter(source: str, line: str) -> bool:
@@ -54,7 +57,8 @@ def is_ray_chatter(source: str, line: str) -> bool:
     memory) are kept."""
     if source == "autoscaler" or RAY_CPP_LOG_LINE.match(line):
         return True
-    return source in ("raylet", "gcs_server") and any(message in line for message in RAY_RECOVERY_MESSAGES)
+    messages = RAY_RECOVERY_MESSAGES + RAY_SCALING_MESSAGES
+    return source in ("raylet", "gcs_server") and any(message in line for message in messages)
 
 
 def keep_ray_chatter_out() -> None:

@@ -243,9 +243,10 @@ def cluster_capacity(config: JobConfig, added: Capacity | None = None) -> Capaci
 
 class AutoscalerRequest:
     """What the job asks Ray's autoscaler for (``ray.autoscaler.sdk.request_resources``). A request replaces the one
-    before, and stays after the driver exits, holding its nodes up: ``withdraw`` ends it, and ``plan`` withdraws it
-    however planning ends. Under autoscaler v2 a request that the node types cannot meet in full is refused whole,
-    so the job asks only for what it waits for."""
+    before, and stays after the driver exits, holding its nodes up: ``withdraw`` ends it once the pool's least
+    actors run (``PoolWatch``: until then, the nodes added for them hold nothing and an autoscaler would release
+    them as idle), and ``run`` withdraws it however the job ends. Under autoscaler v2 a request that the node types
+    cannot meet in full is refused whole, so the job asks only for what it waits for."""
 
     def __init__(self) -> None:
         self.standing = False
@@ -324,8 +325,8 @@ def wait_for_room(
     Ray keeps a task or actor that no node can hold pending forever, so a job that asks for more than the cluster
     has would hang. Where nodes can be added (an autoscaler, ``compute.node_wait_s`` > 0), the autoscaler is asked
     for those actors and the decode task, in one line of the log, and the job waits up to that long; the request
-    is withdrawn once there is room, so that Ray Data's own demand drives the cluster from then on (it adds actors
-    up to the pool's bound, and the autoscaler nodes for them) and idle nodes can go.
+    stands until the pool's least actors run (``AutoscalerRequest``); then Ray Data's own demand drives the cluster
+    (it adds actors up to the pool's bound, and the autoscaler nodes for them), and idle nodes can go.
 
     Raises:
         ConfigError: the nodes could not hold the least actors beside a decode task in ``compute.node_wait_s``.
@@ -351,7 +352,6 @@ def wait_for_room(
             requested = True
         sleep(NODE_POLL_S)
         current = nodes()
-    asking.withdraw()
 
 
 def no_room(
@@ -377,23 +377,19 @@ def no_room(
     )
 
 
-def plan(config: JobConfig, model_share: float) -> tuple[dict[str, float], ActorPool, float]:
+def plan(config: JobConfig, model_share: float, asking: AutoscalerRequest) -> tuple[dict[str, float], ActorPool, float]:
     """Plans the job for the cluster it may become (an autoscaler's node types, ``cluster_capacity``), not only the
-    nodes alive now, and waits for the nodes its least actors need (``wait_for_room``).
+    nodes alive now, and waits for the nodes its least actors need (``wait_for_room``), asking for them.
 
     Returns:
         The CPUs and GPUs planned for, the model actors' pool, and each decode task's CPUs.
     """
-    asking = AutoscalerRequest()
-    try:
-        capacity = wait_for_first_node(config, asking)
-        planned = capacity.planned()
-        log.info("the cluster: %s", capacity.describe())
-        pool = model_actor_pool(config, planned, capacity.largest_node_cpus() or None, model_share)
-        decode_cpus = decode_task_cpus(config, planned, pool)
-        wait_for_room(config, pool, alive_nodes, decode_cpus, asking)
-    finally:
-        asking.withdraw()
+    capacity = wait_for_first_node(config, asking)
+    planned = capacity.planned()
+    log.info("the cluster: %s", capacity.describe())
+    pool = model_actor_pool(config, planned, capacity.node_cpus(), model_share)
+    decode_cpus = decode_task_cpus(config, planned, pool, capacity.node_cpus())
+    wait_for_room(config, pool, alive_nodes, decode_cpus, asking)
     return planned, pool, decode_cpus
 
 
@@ -469,8 +465,10 @@ class PoolWatch:
     """Says in the job's log, in one line each, when the pool of model actors changes size, and when the job
     waits for actors to start (for a node to hold them, or their start)."""
 
-    def __init__(self, demand: str):
+    def __init__(self, demand: str, min_size: int = 1, started: Callable[[], None] | None = None):
         self.demand = demand  # one actor's resources, as people read them
+        self.min_size = min_size
+        self.started = started  # called once, when the pool's least actors run
         self.running = 0
         self.waiting = False
 
@@ -489,6 +487,9 @@ class PoolWatch:
         self.running, self.waiting = running, bool(starting)
         for line in lines:
             log.info("%s", line)
+        if self.started is not None and running >= self.min_size:
+            self.started, started = None, self.started
+            started()
         return lines
 
 
@@ -638,7 +639,26 @@ def run(
     spec = PreprocessSpec.for_config(config.model.name, config.preprocess)
     # Actors that decode too (decode_on=actor) leave the read tasks little to do, whatever decoding costs.
     share = costs.model_share if costs is not None and spec.decode_on == "workers" else MODEL_CPU_SHARE
-    planned, pool, decode_cpus = plan(config, share)
+    asking = AutoscalerRequest()
+    try:
+        return label(config, storage, checkpoint, inputs, run_uri, costs, spec, plan(config, share, asking), asking)
+    finally:
+        asking.withdraw()
+
+
+def label(
+    config: JobConfig,
+    storage: Storage,
+    checkpoint: Checkpoint,
+    inputs: InputPlan,
+    run_uri: str,
+    costs: StageCosts | None,
+    spec: PreprocessSpec,
+    planned_pool: tuple[dict[str, float], ActorPool, float],
+    asking: AutoscalerRequest,
+) -> Labeling:
+    """``run``'s labeling, on the plan (``plan``): withdraws the autoscaler request once the least actors run."""
+    planned, pool, decode_cpus = planned_pool
     configure_context(config, spec, pool)
     if costs is not None:
         log.info("%s", costs.describe())
@@ -670,7 +690,7 @@ def run(
         "model_on": f"{pool.min_size}-{pool.max_size} actors of "
         + ", ".join(f"{amount:g} {name.removeprefix('num_').upper()[:-1]}" for name, amount in pool.resources.items()),
     }
-    watch = PoolWatch(describe_resources(actor_demand(config, pool)))
+    watch = PoolWatch(describe_resources(actor_demand(config, pool)), pool.min_size, asking.withdraw)
     with reporting_progress(counter, inputs.image_count, config.progress.interval_s, watch):
         write(dataset, config, run_uri, storage)
         try:

@@ -116,17 +116,25 @@ class Autoscaler:
 def cpu_plan(**compute):
     config = load_config(ROOT / "conf" / "cpu-cluster.yaml", overrides=[{"compute": compute}] if compute else ())
     capacity = Capacity((HEAD,), (NodeType(1.0, memory=3 * GB, max_count=3),), "Ray's cluster config")
-    pool = job.model_actor_pool(config, capacity.planned(), capacity.largest_node_cpus(), 0.75)
+    pool = job.model_actor_pool(config, capacity.planned(), capacity.node_cpus(), 0.75)
     return config, capacity, pool
 
 
-def test_the_job_asks_for_its_plan_once_waits_and_withdraws_it(monkeypatch):
+def test_the_job_asks_for_what_it_waits_for_once_and_withdraws_it_when_the_actors_run(monkeypatch):
     config, _capacity, pool = cpu_plan(actor_cpus=0.75)
     scaler = Autoscaler([HEAD], [HEAD, CPU_NODE, CPU_NODE])
     monkeypatch.setattr(job.ray.autoscaler.sdk, "request_resources", scaler.request_resources)
-    job.wait_for_room(config, pool, scaler.nodes, 0.25, job.AutoscalerRequest(), sleep=scaler.sleep)
+    asking = job.AutoscalerRequest()
+    job.wait_for_room(config, pool, scaler.nodes, 0.25, asking, sleep=scaler.sleep)
     # Only what it waits for: under autoscaler v2, a request the node types cannot meet in full is refused whole.
-    assert scaler.requests == [[{"CPU": 0.75, "memory": 1.5 * GB}] * pool.min_size + [{"CPU": 0.25}], []]
+    assert scaler.requests == [[{"CPU": 0.75, "memory": 1.5 * GB}] * pool.min_size + [{"CPU": 0.25}]]
+    # It stands until the pool's least actors run (the nodes added for them would be idle until then), once.
+    watch = job.PoolWatch("0.75 CPU", pool.min_size, asking.withdraw)
+    watch.update(["ALIVE", "PENDING_CREATION"])
+    assert asking.standing and len(scaler.requests) == 1
+    watch.update(["ALIVE", "ALIVE"])
+    watch.update(["ALIVE", "ALIVE", "ALIVE"])
+    assert not asking.standing and scaler.requests[1:] == [[]]
 
 
 def test_a_cluster_that_never_has_room_ends_the_wait_with_one_message(monkeypatch):
@@ -141,7 +149,7 @@ def test_the_cpu_profile_plans_the_pool_and_blocks_for_the_nodes_it_may_reach():
     config, capacity, pool = cpu_plan()
     # 3 nodes of 1 CPU: actors of at most a node's CPUs, more than one, growing with the nodes that join.
     assert pool.resources["num_cpus"] <= 1.0 and pool.max_size >= 2 and pool.min_size == 2
-    decode_cpus = job.decode_task_cpus(config, capacity.planned(), pool)
+    decode_cpus = job.decode_task_cpus(config, capacity.planned(), pool, capacity.node_cpus())
     assert 0 < decode_cpus <= 1.0
     # Read blocks are cut for a decode task or more per CPU the cluster may reach, not for the head's none.
     assert job.decode_slots(capacity.planned(), pool, decode_cpus) >= 3
@@ -170,15 +178,14 @@ def test_the_gpu_profile_asks_for_gpu_nodes_for_the_actors_and_cpu_nodes_for_dec
     gpu_node = {"CPU": 4.0, "GPU": 1.0, "memory": 16 * GB}
     capacity = Capacity((HEAD, cpu_node), types_of_config(groups, [HEAD, cpu_node]), "Ray's cluster config")
     assert capacity.planned() == {"CPU": 16.0 * 8 + 4.0 * 4, "GPU": 4.0}
-    pool = job.model_actor_pool(config, capacity.planned(), capacity.largest_node_cpus(), 0.75)
+    pool = job.model_actor_pool(config, capacity.planned(), capacity.node_cpus(), 0.75)
     assert pool.resources == {"num_gpus": 1.0, "num_cpus": 2.0} and (pool.min_size, pool.max_size) == (1, 4)
-    decode_cpus = job.decode_task_cpus(config, capacity.planned(), pool)
+    decode_cpus = job.decode_task_cpus(config, capacity.planned(), pool, capacity.node_cpus())
     assert decode_cpus == 1.0
     scaler = Autoscaler([HEAD, cpu_node], [HEAD, cpu_node, gpu_node])
     monkeypatch.setattr(job.ray.autoscaler.sdk, "request_resources", scaler.request_resources)
     job.wait_for_room(config, pool, scaler.nodes, decode_cpus, job.AutoscalerRequest(), sleep=scaler.sleep)
-    asked, withdrawn = scaler.requests
-    assert withdrawn == []
+    (asked,) = scaler.requests
     # The actors ask for a GPU each; decode tasks for CPUs only, which Ray keeps off GPU nodes while CPU nodes have
     # room (a GPU actor's run is what only a real GPU node shows: tests/test_cluster.py, docs/operations.md).
     assert [bundle for bundle in asked if "GPU" in bundle] == [{"CPU": 2.0, "memory": 4 * GB, "GPU": 1.0}]
