@@ -45,8 +45,9 @@ NODE_POLL_S = 5.0
 # Seconds between looks at the model actors (Ray's state API, through the dashboard) while the job runs: a pool's
 # change is said within that, and the dashboard is asked little however large the cluster.
 ACTOR_POLL_S = 5.0
-# Ray Data's class for the actors of an actor pool (the model's, in this graph).
-POOL_ACTOR_CLASS = "_MapWorker"
+# What the model actors' class name holds in Ray's state API: Ray Data names a pool's actors after the function
+# they run ("MapWorker(MapBatches(Predictor))").
+POOL_ACTOR_CLASS = "Predictor"
 
 
 def from_uri_blocks(blocks: list[pa.Table]) -> ray.data.Dataset:
@@ -497,9 +498,9 @@ def pool_actor_states() -> list[str]:
     """The states of this job's pool actors (Ray Data's), by Ray's state API."""
     from ray.util.state import list_actors
 
-    job_id = ray.get_runtime_context().get_job_id()
-    filters = [("class_name", "=", POOL_ACTOR_CLASS), ("job_id", "=", job_id)]
-    return [actor.state for actor in list_actors(filters=filters, limit=10_000, raise_on_missing_output=False)]
+    filters = [("job_id", "=", ray.get_runtime_context().get_job_id())]
+    actors = list_actors(filters=filters, limit=10_000, raise_on_missing_output=False)
+    return [actor.state for actor in actors if POOL_ACTOR_CLASS in actor.class_name]
 
 
 @contextlib.contextmanager

@@ -49,8 +49,8 @@ def test_the_cluster_profile_scales_out_from_zero_and_back(v2, tmp_path, checkpo
         # Decode tasks and model actors ran on more than one of the nodes the autoscaler added.
         tasks = cluster.state("tasks", job_id=job["job_id"])
         decode_nodes = {task["node_id"] for task in tasks if "decode_batch" in task["name"] and task["node_id"]}
-        actors = cluster.state("actors", job_id=job["job_id"], class_name="_MapWorker")
-        actor_nodes = {actor["node_id"] for actor in actors if actor["node_id"]}
+        actors = cluster.state("actors", job_id=job["job_id"])
+        actor_nodes = {actor["node_id"] for actor in actors if "Predictor" in actor["class_name"] and actor["node_id"]}
         assert len(decode_nodes & workers) >= 2, f"decode tasks ran on {len(decode_nodes & workers)} worker node(s)"
         assert len(actor_nodes & workers) >= 2, f"model actors ran on {len(actor_nodes & workers)} worker node(s)"
 
