@@ -3,9 +3,9 @@ from a node joining to its first task.
 
 A head of 0 CPUs under Ray's own autoscaler with its fake multi-node provider (tests/autoscaling.py: worker nodes of
 ``--node-cpus`` CPUs started as local processes, min 0, max ``--max-workers``; autoscaler v2 unless ``--v1``). The
-job is submitted with ``conf/cpu-cluster.yaml`` and no setting but ``progress.interval_s=1``, over ``--images``
-photo crops. While it runs, the driver's progress lines give the images labeled against time; afterwards Ray's state
-API gives each worker node's start and the start of the first task or actor method that ran on it.
+job is submitted with ``conf/cpu-cluster.yaml`` and no setting but ``output.part_interval_s=2`` (a Parquet part at
+least every 2 s), over ``--images`` photo crops. The parts' rows and times give the images labeled against time, and
+Ray's state API each worker node's start and the start of the first task or actor method that ran on it.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_scale_out.py --images 3000 --json bench_scale_out.json
 """
@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -27,32 +28,22 @@ from tests import support  # noqa: E402
 from tests.autoscaling import autoscaling_cluster  # noqa: E402
 from tests.cluster import checkout_copy, submit_job, wait_job  # noqa: E402
 
-PROGRESS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*progress: (\d+)/\d+ images")
-JOINED = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*joined: (\d+) nodes alive")
 
-
-def log_time(stamp: str) -> float:
-    return time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")) + int(stamp[20:]) / 1000
-
-
-def timeline(logs: str, window_s: float) -> list[dict]:
-    """Images labeled and worker nodes alive against seconds since the first progress line, with the rate over the
-    last ``window_s``."""
-    points, workers = [], 0
-    for line in logs.splitlines():
-        if joined := JOINED.match(line):
-            workers = int(joined.group(2)) - 1  # less the head
-        elif progress := PROGRESS.match(line):
-            points.append({"t": log_time(progress.group(1)), "images": int(progress.group(2)), "workers": workers})
-    if not points:
-        return []
-    start = points[0]["t"]
+def timeline(output: Path, joined_s: list[float], start_s: float, window_s: float) -> list[dict]:
+    """Images labeled (the rows of the parts written by then) and worker nodes alive (``joined_s``: each one's
+    start) against seconds since ``start_s`` (the submission), with the rate over the last ``window_s``."""
+    parts = sorted((path.stat().st_mtime, pq.ParquetFile(path).metadata.num_rows) for path in output.rglob("*.parquet"))
+    points, labeled = [], 0
+    for written, rows in parts:
+        labeled += rows
+        workers = sum(joined <= written for joined in joined_s)
+        points.append({"t": written, "images": labeled, "workers": workers})
     for point in points:
         earlier = [p for p in points if point["t"] - window_s <= p["t"] < point["t"]]
         first = earlier[0] if earlier else point
         span = point["t"] - first["t"]
         point["images_per_s"] = round((point["images"] - first["images"]) / span, 1) if span else 0.0
-    return [{**point, "t": round(point["t"] - start, 1)} for point in points]
+    return [{**point, "t": round(point["t"] - start_s, 1)} for point in points]
 
 
 def first_work(cluster, job_id: str) -> list[dict]:
@@ -93,18 +84,19 @@ def main() -> None:
     weights.write_bytes(support.checkpoint_bytes(support.make_model("mnasnet0_5")))
     worker = {"CPU": args.node_cpus, "memory": 3 * 2**30}
     with autoscaling_cluster(worker, args.max_workers, v2=not args.v1) as cluster:
-        submitted = time.monotonic()
+        submitted, submitted_at = time.monotonic(), time.time()
         submission_id = submit_job(
             cluster,
             checkout_copy(cluster),
             *["--runtime-env", "conf/runtime_env.yaml", "--"],
             *["python", "jobs/label_images.py", "--config", "conf/cpu-cluster.yaml"],
-            *support.job_argv(images[0].parent, work / "labels", weights, "progress.interval_s=1"),
+            *support.job_argv(images[0].parent, work / "labels", weights, "output.part_interval_s=2"),
         )
-        job, logs = wait_job(cluster, submission_id, timeout_s=1800)
+        job, _logs = wait_job(cluster, submission_id, timeout_s=1800)
         seconds = time.monotonic() - submitted
         nodes = first_work(cluster, job["job_id"])
-    points = timeline(logs, args.window_s)
+    joined = [node["joined_ms"] / 1000 for node in nodes]
+    points = timeline(work / "labels", joined, submitted_at, args.window_s)
     result = {
         "machine": platform.node(),
         "autoscaler": "v1" if args.v1 else "v2",
@@ -120,7 +112,8 @@ def main() -> None:
         t, workers, labeled, rate = point["t"], point["workers"], point["images"], point["images_per_s"]
         print(f"t={t:6.1f} s  workers={workers}  images={labeled:6d}  {rate} images/s")
     for node in nodes:
-        print(f"node …{node['node']}: first task {node['first_task_s']} s after it joined ({node['tasks']} tasks)")
+        at = round(node["joined_ms"] / 1000 - submitted_at, 1)
+        print(f"node …{node['node']}: joined {at} s after submission, its first task {node['first_task_s']} s later")
     print(f"{args.images} images, submission to SUCCEEDED {seconds:.1f} s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
