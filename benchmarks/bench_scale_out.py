@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--max-workers", type=int, default=3)
     parser.add_argument("--node-cpus", type=int, default=1)
     parser.add_argument("--v1", action="store_true", help="autoscaler v1 (default: v2)")
-    parser.add_argument("--window-s", type=float, default=10.0, help="the rate is taken over this many seconds")
+    parser.add_argument("--window-s", type=float, default=30.0, help="the rate is taken over this many seconds")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
