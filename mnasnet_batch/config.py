@@ -179,9 +179,10 @@ class ComputeConfig:
     # do not report them; Anyscale's does), else the largest worker node alive. Set it to the worker group's CPUs
     # (KubeRay's CPU limit, the cluster launcher's node type) where the cluster may start with none.
     node_cpus: float = 0.0
-    # 0: the most worker nodes an autoscaler adds, as Ray's cluster config reports them, else the workers alive
-    # (the cluster is planned as it is). Set it to the group's maxReplicas (KubeRay) or max_workers (cluster
-    # launcher): the actor pool's bound and the read blocks are sized for the CPUs the cluster may reach.
+    # 0: the most worker nodes an autoscaler adds, as Ray's cluster config reports them, else the workers alive (the
+    # cluster is planned as it is; capacity.UNBOUNDED_NODES where the job had to ask for its first node). Set it to
+    # the group's maxReplicas (KubeRay) or max_workers (cluster launcher): the actor pool's bound and the read
+    # blocks are sized for the CPUs the cluster may reach.
     max_nodes: int = 0
     # GPUs per model actor on GPU clusters: 1. Below 1 (0.5, 0.25) packs several actors on a GPU, which one
     # actor alone cannot keep busy while it also decodes, copies and writes on the CPU.
