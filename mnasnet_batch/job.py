@@ -780,7 +780,8 @@ def run(
     share = costs.model_share if costs is not None and spec.decode_on == "workers" else MODEL_CPU_SHARE
     asking = AutoscalerRequest()
     try:
-        return label(config, storage, checkpoint, inputs, run_uri, costs, spec, plan(config, share, asking), asking)
+        planned = plan(config, share, asking)
+        return label(config, storage, checkpoint, inputs, run_uri, costs, spec, planned, asking, fence)
     finally:
         asking.withdraw()
 
@@ -795,6 +796,7 @@ def label(
     spec: PreprocessSpec,
     planned_pool: tuple[dict[str, float], ActorPool, float],
     asking: AutoscalerRequest,
+    fence: Fence | None = None,
 ) -> Labeling:
     """``run``'s labeling, on the plan (``plan``): withdraws the autoscaler request once the least actors run.
 
