@@ -611,6 +611,19 @@ def cluster_waits() -> str:
         return f"what waits is unknown: the cluster's state could not be read ({type(exc).__name__}: {exc})"
 
 
+def look_at_cluster(nodes: NodeWatch, pool: PoolWatch | None, next_pool_look: float) -> float:
+    """One look at the nodes (``NodeWatch``), and at the pool of model actors once ``next_pool_look`` (a
+    ``time.monotonic``) has come; returns when to look at the pool next. Like progress, the lines are for people:
+    a failed look is tried again at the next tick."""
+    with contextlib.suppress(Exception):
+        nodes.update(ray.nodes())
+    if pool is not None and time.monotonic() >= next_pool_look:
+        next_pool_look = time.monotonic() + ACTOR_POLL_S
+        with contextlib.suppress(Exception):
+            pool.update(pool_actor_states())
+    return next_pool_look
+
+
 @contextlib.contextmanager
 def reporting_progress(
     counter: ray.actor.ActorHandle,
@@ -629,33 +642,29 @@ def reporting_progress(
     stalls, alarm = StallWatch(stall_s, total), StallAlarm()
 
     def poll() -> None:
-        reporting = True
         next_pool_look = 0.0
+        done, unread = 0, None
         while not stop.wait(min(1.0, interval_s)):
-            # Like progress, the lines are for people: a failed look at the nodes is tried again at the next tick.
-            with contextlib.suppress(Exception):
-                nodes.update(ray.nodes())
-            if pool is not None and time.monotonic() >= next_pool_look:
-                next_pool_look = time.monotonic() + ACTOR_POLL_S
-                with contextlib.suppress(Exception):
-                    pool.update(pool_actor_states())
-            if reporting:
-                try:
-                    done, errors = ray.get(counter.counts.remote(), timeout=30)
-                except Exception as exc:
-                    # Progress is for people; losing it must not disturb the job, which reports its own errors.
-                    log.warning("progress reporting stopped: %s: %s", type(exc).__name__, exc)
-                    reporting = False
-                    continue
+            next_pool_look = look_at_cluster(nodes, pool, next_pool_look)
+            try:
+                done, errors = ray.get(counter.counts.remote(), timeout=30)
+            except Exception as exc:
+                # A slow or lost answer is asked again at the next tick, said once; meanwhile no image counts as
+                # labeled, so that the stall bound holds even when progress cannot be read.
+                if unread is None:
+                    log.warning("progress could not be read, trying again: %s: %s", type(exc).__name__, exc)
+                unread = exc
+            else:
+                unread = None
                 reporter.update(done, errors)
-                waited = stalls.stalled(done)
-                if waited is not None:
-                    line = f"no image labeled for {format_duration(waited)} (progress.stall_s): {cluster_waits()}"
-                    # Again while the labeling goes on: code of Ray's may have swallowed it.
-                    while not stop.is_set():
-                        alarm.fire(line)
-                        stop.wait(STALL_REFIRE_S)
-                    return
+            waited = stalls.stalled(done)
+            if waited is not None:
+                line = f"no image labeled for {format_duration(waited)} (progress.stall_s): {cluster_waits()}"
+                # Again while the labeling goes on: code of Ray's may have swallowed it.
+                while not stop.is_set():
+                    alarm.fire(line)
+                    stop.wait(STALL_REFIRE_S)
+                return
 
     thread = threading.Thread(target=poll, name="progress", daemon=True)
     thread.start()
