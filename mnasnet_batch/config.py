@@ -45,7 +45,8 @@ class InputConfig:
     # Image feature). "": the column named image or img, else the one column that can hold images.
     image_column: str = ""
     # Parquet and Arrow input: the column of ids (unique within a file) that a row's `uri` ends with, as FILE#ID.
-    # "": the row's index within its file, stable for an unchanged file; Hugging Face datasets have no id column.
+    # "": the column named id where every file has one (the earlier default, so outputs written with it resume),
+    # else the row's index within its file, stable for an unchanged file; Hugging Face datasets have no id column.
     id_column: str = ""
     # Parquet and Arrow input: only the files of this split (train in data/train-00000-of-00002.parquet or
     # train/data-00000-of-00001.arrow); "": every split of a dataset folder.

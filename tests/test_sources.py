@@ -283,10 +283,14 @@ def test_parquet_ids_that_do_not_name_each_row_of_a_file_once_are_refused(tmp_pa
     # Another file with the same ids is fine: its rows' uris name their own file.
     pq.write_table(pa.table({"id": [0, 1, 2], "image": [b"x"] * 3}), tmp_path / "t" / "a.parquet")
     pq.write_table(pa.table({"id": ids, "image": [b"x"] * len(ids)}), tmp_path / "t" / "b.parquet")
-    with pytest.raises(StorageError, match=rf"input {tmp_path}/t/b.parquet: {message}; a row's uri is FILE#ID"):
-        plan_input(config(tmp_path / "t", id_column="id").input, NO_STORAGE)
-    # Without input.id_column a row's index in its file is its id, whatever the file's columns hold.
-    assert plan_input(config(tmp_path / "t").input, NO_STORAGE).images.to_pylist() == [3, len(ids)]
+    # Without input.id_column, files that all hold an id column are read by it (the job's earlier default).
+    for id_column in ("id", ""):
+        with pytest.raises(StorageError, match=rf"input {tmp_path}/t/b.parquet: {message}; a row's uri is FILE#ID"):
+            plan_input(config(tmp_path / "t", id_column=id_column).input, NO_STORAGE)
+    # Where one has none, a row's index in its file is its id, whatever the others' columns hold.
+    pq.write_table(pa.table({"image": [b"x"] * 2}), tmp_path / "t" / "c.parquet")
+    assert plan_input(config(tmp_path / "t").input, NO_STORAGE).images.to_pylist() == [3, len(ids), 2]
+    (tmp_path / "t" / "c.parquet").unlink()
     (tmp_path / "t" / "b.parquet").unlink()
     pq.write_table(pa.table({"id": [0, 1, 2], "image": [b"x"] * 3}), tmp_path / "t" / "b.parquet")
     assert len(plan_input(config(tmp_path / "t", id_column="id").input, NO_STORAGE).uris) == 2

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 IMAGE_COLUMN_NAMES = ("image", "img")
 # A kept column that the input's rows need not hold: the split each row's file belongs to (``split_of``).
 SPLIT_COLUMN = "split"
+# The id column taken without input.id_column where every file has it (``TableLayout.plan``).
+ID_COLUMN = "id"
 # File name stems that say nothing of the split (``datasets.save_to_disk`` writes ``data-00000-of-00001.arrow``):
 # the split is then the file's folder (``train/data-00000-of-00001.arrow``).
 _ANONYMOUS_STEMS = ("data",)
@@ -93,8 +95,9 @@ def split_of(uri: str) -> str:
 class TableLayout(Layout):
     """Files whose rows hold encoded images, one task per file, a row's ``uri`` being ``FILE#ID``.
 
-    ID is the row's ``input.id_column`` where set, else the row's index within its file (stable for an unchanged
-    file). A subclass says how a file's schema, row count and record batches are read.
+    ID is the row's ``input.id_column`` where set (or its ``id`` where every file has one), else the row's index
+    within its file (stable for an unchanged file). A subclass says how a file's schema, row count and record
+    batches are read.
     """
 
     # The column of encoded images, chosen when the input is planned (``choose_image_column``); "" until then.
@@ -135,6 +138,11 @@ class TableLayout(Layout):
         files = uris.to_pylist()
         with ThreadPoolExecutor(min(LISTING_THREADS, len(files))) as pool:
             found = list(pool.map(self._schema_and_rows, files))
+        if not self.config.id_column and all(ID_COLUMN in schema.names for schema, _ in found):
+            # Files that carry an id column, as this job's Parquet input has read by default since it began: its
+            # ids, so that outputs written before keep their uris (FILE#ID) and resume as they were.
+            config = dataclasses.replace(self.config, id_column=ID_COLUMN)
+            return dataclasses.replace(self, config=config).plan(uris)
         image_column = choose_image_column(found[0][0], self.config.image_column, files[0])
         for uri, (schema, _) in zip(files, found, strict=True):
             choose_image_column(schema, image_column, uri)
