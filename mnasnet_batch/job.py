@@ -23,6 +23,7 @@ from mnasnet_batch.capacity import Capacity, NodeType, holds, types_of_config, t
 from mnasnet_batch.config import ConfigError, JobConfig
 from mnasnet_batch.costs import StageCosts, split_cpus, spread_block, survivor_cpus, task_cpus
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
+from mnasnet_batch.inputs.kept import NO_COLUMNS
 from mnasnet_batch.inputs.layout import MAX_INPUT_BLOCK, InputPlan, drop_done
 from mnasnet_batch.parts import driver_node, write
 from mnasnet_batch.progress import ProgressCounter, ProgressReporter, StallWatch, format_duration
@@ -724,15 +725,23 @@ def predict(
     spec: PreprocessSpec,
     pool: ActorPool,
     counter: ray.actor.ActorHandle,
+    kept_schema: pa.Schema = NO_COLUMNS,
 ) -> ray.data.Dataset:
-    """Output rows (``postprocess.OUTPUT_SCHEMA``) from the pool of model actors.
+    """Output rows (``postprocess.output_schema``: ``OUTPUT_SCHEMA`` and the input's ``kept_schema``) from the pool
+    of model actors.
 
     With ONNX Runtime (``compute.engine``), the driver exports the model once and ships the graph to every actor,
     as it ships the checkpoint.
     """
     # The actors import torch; nothing else in the graph does.
     from mnasnet_batch.model.engine import choose_engine, export_onnx
+    from mnasnet_batch.model.postprocess import output_schema
     from mnasnet_batch.model.predictor import Predictor
+
+    try:
+        output_schema(kept_schema)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
     gpu_actors = "num_gpus" in pool.resources
     engine = choose_engine(config.compute.engine, gpu_actors, config.compute.precision)
@@ -752,6 +761,7 @@ def predict(
             "spec": spec,
             "micro_batch": config.compute.micro_batch,
             "onnx_graph": onnx_graph,
+            "kept_schema": kept_schema,
         },
         compute=pool.strategy(),
         batch_size=config.compute.batch_size,
@@ -837,7 +847,7 @@ def label(
     block_images = min(block_images, spread_block(inputs.image_count, slots, batch_size))
     dataset = read(inputs, batch_size, block_images, decode_cpus, run_uri)
     dataset = decode(dataset, spec, decode_cpus)
-    dataset = predict(dataset, config, checkpoint, spec, pool, counter)
+    dataset = predict(dataset, config, checkpoint, spec, pool, counter, inputs.layout.kept)
     stages = {
         "decode_on": f"tasks of {decode_cpus:g} CPUs" if spec.decode_on == "workers" else "the model actors",
         "model_on": f"{pool.min_size}-{pool.max_size} actors of "
