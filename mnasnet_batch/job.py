@@ -23,6 +23,7 @@ from mnasnet_batch.capacity import Capacity, NodeType, holds, types_of_config, t
 from mnasnet_batch.config import ConfigError, JobConfig
 from mnasnet_batch.costs import StageCosts, split_cpus, spread_block, survivor_cpus, task_cpus
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
+from mnasnet_batch.inputs.kept import NO_COLUMNS
 from mnasnet_batch.inputs.layout import MAX_INPUT_BLOCK, InputPlan, drop_done
 from mnasnet_batch.parts import driver_node, write
 from mnasnet_batch.progress import ProgressCounter, ProgressReporter, StallWatch, format_duration
@@ -611,6 +612,19 @@ def cluster_waits() -> str:
         return f"what waits is unknown: the cluster's state could not be read ({type(exc).__name__}: {exc})"
 
 
+def look_at_cluster(nodes: NodeWatch, pool: PoolWatch | None, next_pool_look: float) -> float:
+    """One look at the nodes (``NodeWatch``), and at the pool of model actors once ``next_pool_look`` (a
+    ``time.monotonic``) has come; returns when to look at the pool next. Like progress, the lines are for people:
+    a failed look is tried again at the next tick."""
+    with contextlib.suppress(Exception):
+        nodes.update(ray.nodes())
+    if pool is not None and time.monotonic() >= next_pool_look:
+        next_pool_look = time.monotonic() + ACTOR_POLL_S
+        with contextlib.suppress(Exception):
+            pool.update(pool_actor_states())
+    return next_pool_look
+
+
 @contextlib.contextmanager
 def reporting_progress(
     counter: ray.actor.ActorHandle,
@@ -629,33 +643,29 @@ def reporting_progress(
     stalls, alarm = StallWatch(stall_s, total), StallAlarm()
 
     def poll() -> None:
-        reporting = True
         next_pool_look = 0.0
+        done, unread = 0, None
         while not stop.wait(min(1.0, interval_s)):
-            # Like progress, the lines are for people: a failed look at the nodes is tried again at the next tick.
-            with contextlib.suppress(Exception):
-                nodes.update(ray.nodes())
-            if pool is not None and time.monotonic() >= next_pool_look:
-                next_pool_look = time.monotonic() + ACTOR_POLL_S
-                with contextlib.suppress(Exception):
-                    pool.update(pool_actor_states())
-            if reporting:
-                try:
-                    done, errors = ray.get(counter.counts.remote(), timeout=30)
-                except Exception as exc:
-                    # Progress is for people; losing it must not disturb the job, which reports its own errors.
-                    log.warning("progress reporting stopped: %s: %s", type(exc).__name__, exc)
-                    reporting = False
-                    continue
+            next_pool_look = look_at_cluster(nodes, pool, next_pool_look)
+            try:
+                done, errors = ray.get(counter.counts.remote(), timeout=30)
+            except Exception as exc:
+                # A slow or lost answer is asked again at the next tick, said once; meanwhile no image counts as
+                # labeled, so that the stall bound holds even when progress cannot be read.
+                if unread is None:
+                    log.warning("progress could not be read, trying again: %s: %s", type(exc).__name__, exc)
+                unread = exc
+            else:
+                unread = None
                 reporter.update(done, errors)
-                waited = stalls.stalled(done)
-                if waited is not None:
-                    line = f"no image labeled for {format_duration(waited)} (progress.stall_s): {cluster_waits()}"
-                    # Again while the labeling goes on: code of Ray's may have swallowed it.
-                    while not stop.is_set():
-                        alarm.fire(line)
-                        stop.wait(STALL_REFIRE_S)
-                    return
+            waited = stalls.stalled(done)
+            if waited is not None:
+                line = f"no image labeled for {format_duration(waited)} (progress.stall_s): {cluster_waits()}"
+                # Again while the labeling goes on: code of Ray's may have swallowed it.
+                while not stop.is_set():
+                    alarm.fire(line)
+                    stop.wait(STALL_REFIRE_S)
+                return
 
     thread = threading.Thread(target=poll, name="progress", daemon=True)
     thread.start()
@@ -715,15 +725,23 @@ def predict(
     spec: PreprocessSpec,
     pool: ActorPool,
     counter: ray.actor.ActorHandle,
+    kept_schema: pa.Schema = NO_COLUMNS,
 ) -> ray.data.Dataset:
-    """Output rows (``postprocess.OUTPUT_SCHEMA``) from the pool of model actors.
+    """Output rows (``postprocess.output_schema``: ``OUTPUT_SCHEMA`` and the input's ``kept_schema``) from the pool
+    of model actors.
 
     With ONNX Runtime (``compute.engine``), the driver exports the model once and ships the graph to every actor,
     as it ships the checkpoint.
     """
     # The actors import torch; nothing else in the graph does.
     from mnasnet_batch.model.engine import choose_engine, export_onnx
+    from mnasnet_batch.model.postprocess import output_schema
     from mnasnet_batch.model.predictor import Predictor
+
+    try:
+        output_schema(kept_schema)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
     gpu_actors = "num_gpus" in pool.resources
     engine = choose_engine(config.compute.engine, gpu_actors, config.compute.precision)
@@ -743,6 +761,7 @@ def predict(
             "spec": spec,
             "micro_batch": config.compute.micro_batch,
             "onnx_graph": onnx_graph,
+            "kept_schema": kept_schema,
         },
         compute=pool.strategy(),
         batch_size=config.compute.batch_size,
@@ -828,7 +847,7 @@ def label(
     block_images = min(block_images, spread_block(inputs.image_count, slots, batch_size))
     dataset = read(inputs, batch_size, block_images, decode_cpus, run_uri)
     dataset = decode(dataset, spec, decode_cpus)
-    dataset = predict(dataset, config, checkpoint, spec, pool, counter)
+    dataset = predict(dataset, config, checkpoint, spec, pool, counter, inputs.layout.kept)
     stages = {
         "decode_on": f"tasks of {decode_cpus:g} CPUs" if spec.decode_on == "workers" else "the model actors",
         "model_on": f"{pool.min_size}-{pool.max_size} actors of "
