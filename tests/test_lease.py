@@ -244,3 +244,24 @@ def test_a_taker_leaves_out_what_the_previous_holder_published_after_the_takeove
     assert writer.write(rows("c")) is None  # nothing left to write
     labeled = output.read_parts(LocalFileSystem(), str(run_root)).to_table(columns=["uri"])["uri"].to_pylist()
     assert sorted(labeled) == ["a", "b", "c", "d", "e", "f", "g"]  # each once
+
+
+def test_an_s3_lease_renewed_between_its_head_and_its_get_is_read_again(s3_server, tmp_path, monkeypatch):
+    from s3fs.utils import FileExpired
+
+    fs = s3_fs(s3_server, "lease-units")
+    root = f"lease-units/{tmp_path.name}"
+    lease = Lease.acquire(fs, root, f"s3://{root}")
+    opened, real_open = [], fs.open
+
+    def renewed_once(path, mode="rb", **kwargs):
+        opened.append(path)
+        if len(opened) == 1:  # as s3fs says when the ETag its HEAD found is no longer the object's
+            raise FileExpired(path, "old-etag")
+        return real_open(path, mode, **kwargs)
+
+    monkeypatch.setattr(fs, "open", renewed_once)
+    current, etag = lease_module._read(fs, files.join(root, lease_module.LEASE_FILE))
+    assert current["token"] == lease.holder["token"] and etag and len(opened) == 2
+    monkeypatch.undo()
+    lease.release()

@@ -312,7 +312,9 @@ def test_a_renewed_lease_of_another_machine_is_respected(tmp_path):
         generation = 0
         while not stop.wait(0.05):
             generation += 1
-            path.write_text(json.dumps(foreign_lease("elsewhere", 1, stale_after_s=30.0, generation=generation)))
+            temp = path.with_name("renewing.tmp")  # whole, as a job writes it: a reader never sees half a lease
+            temp.write_text(json.dumps(foreign_lease("elsewhere", 1, stale_after_s=30.0, generation=generation)))
+            os.replace(temp, path)
 
     thread = threading.Thread(target=renewing)
     thread.start()

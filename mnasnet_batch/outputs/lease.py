@@ -46,6 +46,9 @@ LEASE_STALE_S = STALE_BEATS * LEASE_HEARTBEAT_S
 # Seconds between a waiting job's reads of a lease it watches: a live holder is seen within one of its heartbeats
 # and this; a few requests a minute.
 WATCH_POLL_S = 5.0
+# Reads of an S3 lease that a renewal replaced between its HEAD and its GET, before the read gives up: a holder
+# renews every few seconds at most, so a second read almost always finds one version.
+READ_ATTEMPTS = 5
 # The tokens of the leases this process holds (until released): a lease naming this pid with another token was
 # written by an earlier process.
 _HELD: set[str] = set()
@@ -164,12 +167,7 @@ def _read(fs, path: str) -> tuple[dict | None, str | None]:
     """The lease at ``path`` and the store's version of it (S3's ETag; None elsewhere); ``{}`` for a file that is
     not JSON."""
     try:
-        if _is_s3(fs):
-            fs.invalidate_cache(path)
-            with fs.open(path, "rb") as f:  # s3fs reads with If-Match on the ETag it found: one version, whole
-                data, etag = f.read(), f.details.get("ETag")
-        else:
-            data, etag = fs.cat_file(path), None
+        data, etag = _read_versioned(fs, path) if _is_s3(fs) else (fs.cat_file(path), None)
     except FileNotFoundError:
         return None, None
     try:
@@ -177,6 +175,21 @@ def _read(fs, path: str) -> tuple[dict | None, str | None]:
     except ValueError:
         return {}, etag
     return (holder if isinstance(holder, dict) else {}), etag
+
+
+def _read_versioned(fs, path: str) -> tuple[bytes, str | None]:
+    """An S3 object's bytes and ETag, of one version: s3fs reads with If-Match on the ETag its HEAD found, and an
+    object renewed between the two (s3fs's ``FileExpired``) is read again, up to ``READ_ATTEMPTS`` times."""
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        fs.invalidate_cache(path)
+        try:
+            with fs.open(path, "rb") as f:
+                return f.read(), f.details.get("ETag")
+        except OSError as exc:
+            expired = type(exc).__name__ == "FileExpired"
+            if not expired or attempt == READ_ATTEMPTS:
+                raise
+    return b"", None  # READ_ATTEMPTS is at least 1: the loop returned or raised
 
 
 def _precondition_failed(exc: Exception) -> bool:
