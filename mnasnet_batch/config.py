@@ -157,7 +157,7 @@ class PreprocessConfig:
     # False: decode every pixel, as the reference does, so predictions match it. True: a large JPEG is decoded at
     # libjpeg's DCT scale 1/2, 1/4 or 1/8 (Image.draft), whose short side stays at least twice the resize target
     # (512 px for Resize 256), then resized and cropped as before; other formats are decoded exactly (reducing them
-    # after a full decode saved little and moved pixels 4.5x as far, docs/benchmarks.md). A phone photo (12 MP)
+    # after a full decode saved little and moved pixels 4.4x as far, docs/benchmarks.md). A phone photo (12 MP)
     # decodes several times faster; the crops differ from the reference's by a fraction of a grey level on average
     # (contract: under 1 level), which can move a prediction near a tie (measured in docs/benchmarks.md). Pillow's
     # paths only: nvJPEG on a GPU actor (decode_on=actor) stays exact.

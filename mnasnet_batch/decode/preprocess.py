@@ -124,8 +124,8 @@ def decoded_image(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
 
     With ``spec.fast_decode``, a JPEG is decoded at the smallest DCT scale whose short side stays at least
     ``FAST_DECODE_MARGIN`` times the resize target (``Image.draft``, ``draft_scale``); smaller JPEGs and every other
-    format are decoded exactly. Reducing other formats after a full decode (a box filter) saved 10-25 % of their
-    decode time for 4.5x the JPEG path's pixel error (docs/benchmarks.md), so it is not done.
+    format are decoded exactly. Reducing other formats after a full decode (a box filter) saved 1-16 % of their
+    decode time for 4.4x the JPEG path's pixel error (docs/benchmarks.md), so it is not done.
     """
     if spec.fast_decode and image.format == "JPEG":
         scale = draft_scale(*image.size, spec)
