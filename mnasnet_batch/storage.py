@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import operator
 import os
@@ -213,7 +214,7 @@ class Storage:
         protocol = scheme(uri)
         if EXTRAS.get(protocol, ("",))[0] != "s3":
             return self.filesystem(uri)
-        options = _merged({"config_kwargs": S3_READ_CONFIG}, fsspec_options(protocol, self.config))
+        options = _merged({"config_kwargs": copy.deepcopy(S3_READ_CONFIG)}, fsspec_options(protocol, self.config))
         try:
             fs, path = url_to_fs(uri, **options)
         except ImportError:
