@@ -29,6 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 BUCKET = "bench-faults"
 CREDENTIALS = {"key": "testing", "secret": "testing"}
+# Tries at a job whose local Ray did not start ("The current node timed out during startup"), which happens on a
+# loaded machine: the measurement is of labeling, not of Ray's start.
+STARTS = 3
 # (name, fault kind, share of GETs, added latency in seconds)
 SCENARIOS = [
     ("clean", None, 0.0, 0.0),
@@ -44,9 +47,14 @@ def label(root: Path, python: str, endpoint: str, output: Path, weights: Path) -
     argv += ["--output", str(output), "--weights", str(weights), "--set", f"storage.endpoint_url={endpoint}"]
     argv += ["--set", f"storage.options={json.dumps(CREDENTIALS)}"]
     environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    started = time.time()
-    result = subprocess.run(argv, env=environment, capture_output=True, text=True, cwd=root)
-    wall = time.time() - started
+    for _ in range(STARTS):
+        shutil.rmtree(output, ignore_errors=True)
+        started = time.time()
+        result = subprocess.run(argv, env=environment, capture_output=True, text=True, cwd=root)
+        wall = time.time() - started
+        if result.returncode == 0 or "timed out during startup" not in result.stderr:
+            break
+        print(f"Ray's start timed out (a loaded machine); starting the job again: {output}", flush=True)
     if result.returncode != 0:
         raise SystemExit(f"the job failed:\n{result.stderr[-3000:]}")
     summary = result.stdout.strip().splitlines()[-1]

@@ -315,6 +315,9 @@ class Storage:
         ``STRAGGLER_WAIT_S`` passed with others still going (throttled, slow, silent); local files and other
         filesystems' reads, and a batch read at once, come in one.
 
+        The reads start when this is called, not when the first wave is asked for: a caller can start a batch's
+        reads while it still decodes the one before (``ImageURILayout.read``).
+
         ``within_s``: reads of objects and URLs still going after this many seconds are cancelled and left out (a
         sample of the input, which must not wait on a slow server); None: every read ends in its own time.
         """
@@ -346,22 +349,30 @@ class Storage:
                 contents = [exc] * len(items)
             ready += [(i, content) for (i, _), content in zip(items, contents, strict=True)]
         deadline = None if within_s is None else time.monotonic() + within_s
-        while pending:
-            wait = STRAGGLER_WAIT_S if deadline is None else min(STRAGGLER_WAIT_S, deadline - time.monotonic())
-            futures.wait(pending.values(), timeout=max(0.0, wait))
-            for i, future in list(pending.items()):
-                if future.done():
-                    ready.append((i, future.exception() or future.result()))
-                    del pending[i]
-            if deadline is not None and time.monotonic() >= deadline:
-                for future in pending.values():
-                    future.cancel()  # cancels the request on fsspec's event loop
-                break
-            if ready and pending:
-                yield sorted(ready, key=operator.itemgetter(0))
-                ready = []
-        if ready:
-            yield sorted(ready, key=operator.itemgetter(0))  # in the batch's order
+        return _waves(ready, pending, deadline)
+
+
+def _waves(
+    ready: list[tuple[int, bytes | Exception]], pending: dict[int, futures.Future], deadline: float | None
+) -> Iterator[list[tuple[int, bytes | Exception]]]:
+    """The waves of ``Storage.read_waves``: the reads ``ready``, then those ``pending`` as they end (handed on each
+    ``STRAGGLER_WAIT_S`` while others go on), those still going at ``deadline`` cancelled."""
+    while pending:
+        wait = STRAGGLER_WAIT_S if deadline is None else min(STRAGGLER_WAIT_S, deadline - time.monotonic())
+        futures.wait(pending.values(), timeout=max(0.0, wait))
+        for i, future in list(pending.items()):
+            if future.done():
+                ready.append((i, future.exception() or future.result()))
+                del pending[i]
+        if deadline is not None and time.monotonic() >= deadline:
+            for future in pending.values():
+                future.cancel()  # cancels the request on fsspec's event loop
+            break
+        if ready and pending:
+            yield sorted(ready, key=operator.itemgetter(0))
+            ready = []
+    if ready:
+        yield sorted(ready, key=operator.itemgetter(0))  # in the batch's order
 
 
 def has_extension(path: str, extensions: tuple[str, ...]) -> bool:

@@ -193,3 +193,26 @@ def test_retry_after_in_seconds_or_as_a_date():
     now = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
     assert retry_after_seconds("Tue, 14 Nov 2023 22:13:50 GMT", now) == 30.0
     assert retry_after_seconds("Tue, 14 Nov 2023 22:00:00 GMT", now) == 0.0
+
+
+def test_the_next_batchs_reads_start_before_this_batch_is_handed_on(s3_server, objects, tmp_path):
+    from mnasnet_batch.config import InputConfig
+    from mnasnet_batch.inputs.files import FilesLayout
+
+    uris = list(objects)[:8]
+    with FaultProxy(s3_server["endpoint_url"]) as proxy:
+        layout = FilesLayout(InputConfig(uri=f"s3://{BUCKET}/images"), through(proxy))
+        batches = layout.read({"uri": uris}, batch_size=4)
+        first = list(within(120, lambda: next(batches))["uri"])
+        assert first and set(first) <= set(uris[:4])  # all of them, unless one took over STRAGGLER_WAIT_S
+        # While the first batch is decoded, the second's objects are being read.
+        second = {f"/{BUCKET}/images/{uri.rsplit('/', 1)[-1]}" for uri in uris[4:]}
+        within(60, lambda: poll(lambda: second <= set(proxy.gets)))
+        rest = [u for batch in batches for u in batch["uri"]]
+    assert sorted(first + rest) == sorted(uris) and set(rest) >= set(uris[4:])
+
+
+def poll(condition) -> None:
+    """Returns once ``condition()`` holds (the caller bounds the wait)."""
+    while not condition():
+        threading.Event().wait(0.05)

@@ -250,12 +250,17 @@ class ImageURILayout(Layout):
             lists = iter([[str(u) for u in batch["uri"]]])
         size = batch_size
         for uris in lists:
-            start = 0
-            while start < len(uris):
-                chunk = uris[start : start + size]
-                start += len(chunk)
+            start = len(uris[:size])
+            # The next batch's reads start before this one's are handed on: objects and URLs are read while the
+            # batch before is decoded, and a throttled read's retries overlap the decoding too.
+            ahead = (uris[:size], self.read_waves(uris[:size])) if uris else None
+            while ahead is not None:
+                chunk, waves = ahead
+                following = uris[start : start + size]
+                start += len(following)
+                ahead = (following, self.read_waves(following)) if following else None
                 read = 0
-                for wave in self.read_waves(chunk):  # a slow read does not hold the rest of its batch
+                for wave in waves:  # a slow read does not hold the rest of its batch
                     read += sum(len(content) for _, content in wave if isinstance(content, bytes))
                     yield encoded_batch([chunk[i] for i, _ in wave], [content for _, content in wave])
                 # Batches of images larger than the job planned for (a mixed corpus) hold READ_BATCH_BYTES at most.
