@@ -22,12 +22,18 @@ def build_parser():
     parser.description = (
         "Label a labeled image set with the labeling pipeline and score it: writes metrics.json (top1/top5 in "
         "percent, per-class accuracy), per_image.parquet, and the predictions under OUTPUT/predictions/. "
-        "Without --labels, each image's parent folder must be its wnid (ImageNet val as n01440764/...)."
+        "Without --labels or --label-column, each image's parent folder must be its wnid (ImageNet val as "
+        "n01440764/...)."
     )
     parser.add_argument(
         "--labels",
         help="ground truth for a flat folder: LOC_val_solution.csv, or the devkit's "
         "ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012_ID per line)",
+    )
+    parser.add_argument(
+        "--label-column",
+        help="ground truth kept from the dataset itself: this column of its rows (a Hugging Face dataset's label), "
+        "an ImageNet-1k class index 0-999; the input may be of any layout that keeps columns (input.keep_columns)",
     )
     parser.add_argument(
         "--synsets",
@@ -46,10 +52,16 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    # Top-5 accuracy needs five classes per image, whatever the profile says; ground truth names image files.
+    # Top-5 accuracy needs five classes per image, whatever the profile says. Ground truth names image files, or is
+    # a column of the dataset, which the run keeps.
+    if args.label_column:
+        keep = tuple(dict.fromkeys([*config.input.keep_columns, args.label_column]))
+        run_input = dataclasses.replace(config.input, keep_columns=keep)
+    else:
+        run_input = dataclasses.replace(config.input, format="files")
     run_config = dataclasses.replace(
         config,
-        input=dataclasses.replace(config.input, format="files"),
+        input=run_input,
         output=dataclasses.replace(config.output, uri=f"{config.output.uri.rstrip('/')}/{PREDICTIONS_DIR}"),
         model=dataclasses.replace(config.model, top_k=max(5, config.model.top_k)),
     )
@@ -62,23 +74,29 @@ def main(argv=None) -> int:
     storage = Storage(config.storage)
     try:
         checkpoint, inputs = cli.prepare_input(run_config, storage)
-        images = inputs.listed().to_pylist()  # an evaluation set: tens of thousands of images at most
-        truth = ground_truth.load_ground_truth(images, args.labels or "", args.synsets or "", storage)
+        images = None
+        if not args.label_column:
+            images = inputs.listed().to_pylist()  # an evaluation set: tens of thousands of images at most
+            truth = ground_truth.load_ground_truth(images, args.labels or "", args.synsets or "", storage)
         # The labeling job's run rules apply: a finished evaluation is refused (--mode overwrite redoes it),
         # an interrupted one resumes.
         plan = folder.plan_run(run_config, checkpoint.weights_id, storage)
     except (ConfigError, WeightsError, StorageError, ground_truth.GroundTruthError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger(__name__).info("ground truth: %s", truth.layout)
 
     summary = cli.label_remaining(run_config, checkpoint, inputs, plan)
+    kept = (args.label_column,) if args.label_column else ()
+    predictions = metrics.read_predictions(run_config.output.uri, images, storage, kept)
+    if args.label_column:
+        try:
+            truth = ground_truth.from_label_column(predictions.to_pylist(), args.label_column)
+        except ground_truth.GroundTruthError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    logging.getLogger(__name__).info("ground truth: %s", truth.layout)
     weights = torchvision_weights(config.model.name)
-    scores, per_image = metrics.score(
-        metrics.read_predictions(run_config.output.uri, images, storage),
-        truth.labels,
-        weights.meta["categories"],
-    )
+    scores, per_image = metrics.score(predictions, truth.labels, weights.meta["categories"])
     published = weights.meta["_metrics"]["ImageNet-1K"]
     result = {
         "model": config.model.name,

@@ -21,7 +21,7 @@ ENGINES = ("auto", "torch", "onnxruntime")
 # HEIC / HEIF are read with the `heif` extra, and AVIF by a Pillow built with libavif; where they cannot be, the
 # input listing counts their files and leaves them out (mnasnet_batch/decode/formats.py).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "avif", "heic", "heif")
-INPUT_FORMATS = ("auto", "files", "webdataset", "parquet", "manifest")
+INPUT_FORMATS = ("auto", "files", "webdataset", "parquet", "arrow", "manifest")
 # Option names whose values are credentials: never logged or written (matched as substrings, lower case).
 SECRET_NAMES = ("key", "secret", "token", "password", "credential", "sas", "sig", "connection_string")
 REDACTED = "<redacted>"
@@ -38,13 +38,23 @@ class InputConfig:
     # The image formats Pillow decodes that appear in web-scale corpora and photo libraries (phones save HEIC);
     # matched case-insensitively.
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
-    # auto: read the layout from what the URI holds (images, then *.tar shards, then *.parquet whose
-    # schema has image_column, else a manifest); set it when a location holds more than one layout.
+    # auto: read the layout from what the URI holds (images, then *.tar shards, then *.parquet and *.arrow files
+    # with a column of images, else a manifest); set it when a location holds more than one layout.
     format: str = "auto"
-    # Parquet input: the binary column of encoded images, and the column of ids (unique within a file) that a
-    # row's `uri` ends with, as FILE#ID. "image" and "id" are the plainest names; other tools' datasets set theirs.
-    image_column: str = "image"
-    id_column: str = "id"
+    # Parquet and Arrow input: the column of encoded images, binary or a struct with a bytes field (Hugging Face's
+    # Image feature). "": the column named image or img, else the one column that can hold images.
+    image_column: str = ""
+    # Parquet and Arrow input: the column of ids (unique within a file) that a row's `uri` ends with, as FILE#ID.
+    # "": the row's index within its file, stable for an unchanged file; Hugging Face datasets have no id column.
+    id_column: str = ""
+    # Parquet and Arrow input: only the files of this split (train in data/train-00000-of-00002.parquet or
+    # train/data-00000-of-00001.arrow); "": every split of a dataset folder.
+    split: str = ""
+    # Columns of the input copied into every output row as they were (a Hugging Face dataset's label, an
+    # img2dataset shard's url and key): Parquet and Arrow rows' columns (and split, the row's split), WebDataset
+    # samples' .json keys and txt (the .txt member), CSV / TSV / Parquet manifests' columns. None by default: the
+    # output holds the labels only.
+    keep_columns: tuple[str, ...] = ()
     # CSV and Parquet manifests: the column of image URIs ("uri", like this job's own output).
     uri_column: str = "uri"
 
@@ -184,6 +194,15 @@ class ComputeConfig:
     # 0: fail at once when no node can hold a model actor (Ray would keep it pending forever). Set it where an
     # autoscaler adds nodes (GPU groups that scale from zero): the job asks for one actor's node and waits.
     node_wait_s: float = 0.0
+    # 0: the CPUs of the nodes an autoscaler adds, as Ray's cluster config reports them (Ray 2.60's own autoscalers
+    # do not report them; Anyscale's does), else the largest worker node alive. Set it to the worker group's CPUs
+    # (KubeRay's CPU limit, the cluster launcher's node type) where the cluster may start with none.
+    node_cpus: float = 0.0
+    # 0: the most worker nodes an autoscaler adds, as Ray's cluster config reports them, else the workers alive (the
+    # cluster is planned as it is; capacity.UNBOUNDED_NODES where the job had to ask for its first node). Set it to
+    # the group's maxReplicas (KubeRay) or max_workers (cluster launcher): the actor pool's bound and the read
+    # blocks are sized for the CPUs the cluster may reach.
+    max_nodes: int = 0
     # GPUs per model actor on GPU clusters: 1. Below 1 (0.5, 0.25) packs several actors on a GPU, which one
     # actor alone cannot keep busy while it also decodes, copies and writes on the CPU.
     actor_gpus: float = 1.0
@@ -448,14 +467,23 @@ def validate(config: JobConfig) -> None:
         (config.compute.actor_memory_gb > 0, "compute.actor_memory_gb: must be more than 0"),
         (config.compute.actor_cpus >= 0, "compute.actor_cpus: must be 0 (derived) or more"),
         (config.compute.node_wait_s >= 0, "compute.node_wait_s: must be 0 (do not wait) or more"),
+        (config.compute.node_cpus >= 0, "compute.node_cpus: must be 0 (from the cluster) or more"),
+        (config.compute.max_nodes >= 0, "compute.max_nodes: must be 0 (from the cluster) or more"),
         (
             0 < config.compute.actor_gpus <= 1 or config.compute.actor_gpus == int(config.compute.actor_gpus) > 0,
             "compute.actor_gpus: must be a fraction in (0, 1] or a whole number of GPUs",
         ),
     ]
     checks.append(_one_of("input.format", config.input.format, INPUT_FORMATS))
-    for name in ("image_column", "id_column", "uri_column"):
-        checks.append((bool(getattr(config.input, name)), f"input.{name}: empty; name a column"))
+    checks.append((bool(config.input.uri_column), "input.uri_column: empty; name a column"))
+    checks.append(
+        (
+            not (config.input.keep_columns and config.output.table),
+            "input.keep_columns: kept columns are written to the Parquet folder output only, not yet to an Iceberg "
+            "table (output.table); leave one of them unset",
+        )
+    )
+    checks.append((all(config.input.keep_columns), "input.keep_columns: an empty name; list the columns to keep"))
     unknown_ext = [e for e in config.input.extensions if e.lower().lstrip(".") not in IMAGE_EXTENSIONS]
     checks.append(
         (not unknown_ext, f"input.extensions: {unknown_ext} not supported; valid: {', '.join(IMAGE_EXTENSIONS)}")

@@ -333,7 +333,8 @@ def layout_runs(tmp_path_factory, local_ray, corpus, checkpoint_path):
     for name, folder in (("webdataset", "shards"), ("parquet", "table")):
         outputs[name] = root / f"labels-{name}"
         argv = ["--input", str(root / folder), "--output", str(outputs[name]), "--weights", str(checkpoint_path)]
-        assert label_main([*argv, "--set", "preprocess.batch_size=4"]) == 0
+        # The Parquet file's own ids name its rows (without the setting, a row's index in its file would).
+        assert label_main([*argv, "--set", "preprocess.batch_size=4", "--set", "input.id_column=id"]) == 0
     return outputs, images
 
 

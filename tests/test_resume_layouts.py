@@ -13,7 +13,7 @@ import pytest
 from mnasnet_batch.cli import main
 from mnasnet_batch.inputs import spool
 from mnasnet_batch.inputs.webdataset import FINISHED_INPUTS
-from tests import support
+from tests import hf_data, support
 from tests.test_nothing_lost import ROOT, kill_session, poll, rows_by_uri, start_job
 from tests.test_storage_job import make_shard
 
@@ -88,24 +88,70 @@ def write_files(folder: Path, images: list[Path], first: int) -> dict[str, Path]
     return expected
 
 
-WRITERS = {"webdataset": write_shards, "parquet": write_parquet, "manifest": write_manifest, "files": write_files}
+def write_hub_parquet(folder: Path, images: list[Path], first: int) -> dict[str, Path]:
+    """Parquet files as ``datasets`` writes them for the Hub (``data/train-XXXXX-of-YYYYY.parquet``: an Image
+    feature, a label, no id column), IMAGES_PER_INPUT images each, numbered from ``first``.
+
+    Returns:
+        Each image's expected ``uri`` (``FILE#N``, N its row) and its file.
+    """
+    expected = {}
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    for i in range(0, len(images), IMAGES_PER_INPUT):
+        chunk = images[i : i + IMAGES_PER_INPUT]
+        path = folder / "data" / f"train-{first + i // IMAGES_PER_INPUT:05d}-of-00099.parquet"
+        hf_data.hf_dataset(chunk).to_parquet(str(path))
+        expected.update({f"{path}#{row}": image for row, image in enumerate(chunk)})
+    return expected
+
+
+def write_arrow(folder: Path, images: list[Path], first: int) -> dict[str, Path]:
+    """A dataset saved by ``datasets.save_to_disk`` in ``ds-<first>/``, IMAGES_PER_INPUT images an Arrow file.
+
+    Returns:
+        Each image's expected ``uri`` (``FILE#N``, N its row) and its file.
+    """
+    saved = folder / f"ds-{first}"
+    hf_data.hf_dataset(images).save_to_disk(str(saved), num_shards=len(images) // IMAGES_PER_INPUT)
+    files = sorted(saved.glob("data-*.arrow"))
+    return {
+        f"{file}#{row}": images[n * IMAGES_PER_INPUT + row]
+        for n, file in enumerate(files)
+        for row in range(IMAGES_PER_INPUT)
+    }
+
+
+WRITERS = {
+    "webdataset": write_shards,
+    "parquet": write_parquet,
+    "hub-parquet": write_hub_parquet,
+    "arrow": write_arrow,
+    "manifest": write_manifest,
+    "files": write_files,
+}
 NOUNS = {
     "webdataset": "tar shards",
     "parquet": "Parquet files",
+    "hub-parquet": "Parquet files",
+    "arrow": "Arrow files",
     "manifest": "image URIs from manifests",
     "files": "image files",
 }
 # Layouts whose every listed URI is one image: their lists are written under the output past spool.SPOOL_URIS.
 ONE_URI_PER_IMAGE = ("manifest", "files")
+# Layouts whose files' images are counted once read to their end, and recorded by the run (record_finished).
+RECORDED = ("webdataset", "arrow")
+# The extensions of the inputs of the layouts that read files of images.
+INPUT_SUFFIXES = (".tar", ".parquet", ".arrow")
 
 
 def finished_inputs(layout: str, inputs: Path, output: Path, written: set[str]) -> list[str]:
     """The inputs a resumed run need not read: all their rows are written and, for shards, the run recorded the
     shard as read to its end (``record_finished``; a Parquet file's rows are known before reading)."""
-    files = sorted(str(p) for p in inputs.iterdir())
+    files = sorted(str(p) for p in inputs.rglob("*") if p.suffix in INPUT_SUFFIXES)
     if layout in ONE_URI_PER_IMAGE:
         return sorted(written)
-    if layout == "webdataset":
+    if layout in RECORDED:
         recorded = {p.name.split(".")[0] for p in output.glob(f"run=*/{FINISHED_INPUTS}/*")}
         files = [f for f in files if hashlib.sha256(f.encode()).hexdigest()[:32] in recorded]
     return [f for f in files if sum(uri.startswith(f"{f}#") for uri in written) == IMAGES_PER_INPUT]
@@ -119,7 +165,7 @@ def assert_predictions_match_the_reference(rows: dict[str, dict], expected: dict
         np.testing.assert_allclose(rows[uri]["top_k_scores"], ref_scores, atol=1e-4)
 
 
-@pytest.mark.parametrize("layout", ["webdataset", "parquet", "manifest", "files"])
+@pytest.mark.parametrize("layout", ["webdataset", "parquet", "hub-parquet", "arrow", "manifest", "files"])
 def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
     layout, local_ray, corpus, tmp_path, checkpoint_path, fixture_model, capsys, monkeypatch
 ):

@@ -23,7 +23,7 @@ from mnasnet_batch.inputs.files import FilesLayout
 from mnasnet_batch.inputs.layout import InputPlan
 from mnasnet_batch.inputs.listing import layout_of_rows, plan_input
 from mnasnet_batch.inputs.manifests import ManifestLayout, manifest_chunks, resolve_relative
-from mnasnet_batch.inputs.parquet import ParquetLayout, parquet_batch
+from mnasnet_batch.inputs.parquet import ParquetLayout
 from mnasnet_batch.inputs.webdataset import WebDatasetLayout, record_finished, recorded_images, sample_key, shard_images
 from mnasnet_batch.outputs import folder as output
 from mnasnet_batch.storage import Storage, StorageError
@@ -217,12 +217,12 @@ def test_layouts_are_detected(layouts):
 
 
 def test_plans_that_cannot_run_are_refused_with_what_to_set(layouts, tmp_path):
-    with pytest.raises(StorageError, match="has no column picture; its columns: id, image; set input.image_column"):
+    with pytest.raises(StorageError, match=r"has no column picture; its columns: id \(string\), image \(binary\); set"):
         plan_input(config(layouts / "table", format="parquet", image_column="picture").input, NO_STORAGE)
     with pytest.raises(StorageError, match="holds no tar shards"):
         plan_input(config(layouts / "images", format="webdataset").input, NO_STORAGE)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(StorageError, match="holds no image files .* tar shards, Parquet files or manifests"):
+    with pytest.raises(StorageError, match="holds no image files .* tar shards, Parquet or Arrow files, or manifests"):
         plan_input(config(tmp_path / "empty").input, NO_STORAGE)
     with pytest.raises(StorageError, match="does not exist"):
         plan_input(config(tmp_path / "nowhere").input, NO_STORAGE)
@@ -261,10 +261,11 @@ def test_image_reads_report_what_does_not_exist(corpus, tmp_path):
     assert batch["error"][2].startswith("StorageError: nope://bucket/x.jpg: unknown URI scheme")
 
 
-def test_parquet_rows_are_file_hash_id_and_a_null_image_is_an_error(corpus):
+def test_parquet_rows_are_file_hash_id_and_a_null_image_is_an_error(corpus, tmp_path):
     spec = PreprocessSpec.for_model("mnasnet0_5", 10**8)
-    batch = {"key": pa.array([7, 8]).to_numpy(), "jpg": pa.array([corpus[0].read_bytes(), None]).to_numpy(False)}
-    out = decode_batch(parquet_batch(batch, "key", "jpg", "s3://b/t/part-0.parquet"), spec)
+    rows = pa.record_batch({"key": [7, 8], "jpg": pa.array([corpus[0].read_bytes(), None])})
+    layout = ParquetLayout(config(tmp_path, image_column="jpg", id_column="key").input, NO_STORAGE)
+    out = decode_batch(layout.encoded(rows, "s3://b/t/part-0.parquet", 0, "jpg"), spec)
     assert list(out["uri"]) == ["s3://b/t/part-0.parquet#7", "s3://b/t/part-0.parquet#8"]
     assert out["error"][0] == "" and out["error"][1] == "ValueError: jpg is null"
 
@@ -283,10 +284,12 @@ def test_parquet_ids_that_do_not_name_each_row_of_a_file_once_are_refused(tmp_pa
     pq.write_table(pa.table({"id": [0, 1, 2], "image": [b"x"] * 3}), tmp_path / "t" / "a.parquet")
     pq.write_table(pa.table({"id": ids, "image": [b"x"] * len(ids)}), tmp_path / "t" / "b.parquet")
     with pytest.raises(StorageError, match=rf"input {tmp_path}/t/b.parquet: {message}; a row's uri is FILE#ID"):
-        plan_input(config(tmp_path / "t").input, NO_STORAGE)
+        plan_input(config(tmp_path / "t", id_column="id").input, NO_STORAGE)
+    # Without input.id_column a row's index in its file is its id, whatever the file's columns hold.
+    assert plan_input(config(tmp_path / "t").input, NO_STORAGE).images.to_pylist() == [3, len(ids)]
     (tmp_path / "t" / "b.parquet").unlink()
     pq.write_table(pa.table({"id": [0, 1, 2], "image": [b"x"] * 3}), tmp_path / "t" / "b.parquet")
-    assert len(plan_input(config(tmp_path / "t").input, NO_STORAGE).uris) == 2
+    assert len(plan_input(config(tmp_path / "t", id_column="id").input, NO_STORAGE).uris) == 2
 
 
 def test_storage_section_becomes_fsspec_options():

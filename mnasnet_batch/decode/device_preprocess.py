@@ -187,7 +187,8 @@ def decode_batch_on_device(
     no image or over ``max_pixels``; ``decode_crops`` decodes the rest.
 
     Returns:
-        ``uri``; ``image`` (N, crop, crop, 3) uint8 on ``device``, zeros where the image failed; ``error``.
+        ``uri``; ``image`` (N, crop, crop, 3) uint8 on ``device``, zeros where the image failed; ``error``;
+        ``kept``, as read, where the input keeps columns.
     """
     errors = np.array(batch["error"], dtype=object)  # a copy: decoding adds errors
     on_device = np.zeros(len(errors), dtype=bool)
@@ -201,7 +202,10 @@ def decode_batch_on_device(
     images = torch.zeros((len(errors), spec.crop_size, spec.crop_size, 3), dtype=torch.uint8, device=device)
     images[torch.from_numpy(readable)] = crops
     errors[readable] = decode_errors
-    return {"uri": np.asarray(batch["uri"], dtype=object), "image": images, "error": errors}
+    decoded = {"uri": np.asarray(batch["uri"], dtype=object), "image": images, "error": errors}
+    if "kept" in batch:  # the dataset's kept values go on to the output rows (inputs.kept)
+        decoded["kept"] = batch["kept"]
+    return decoded
 
 
 def _decode_jpegs(contents: list[bytes], device: torch.device) -> list[torch.Tensor | None]:

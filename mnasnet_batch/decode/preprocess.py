@@ -195,7 +195,8 @@ def decode_batch(
     Returns:
         ``uri``; ``image`` (N, crop, crop, 3) uint8, zeros where the image failed; ``error``, "" where the image
         is usable, else the read's error or ``"<ExceptionType>: <message>"`` of the decode; ``decode_ms``, the CPU
-        milliseconds each usable image took (0 for the others), which the job records (``ProgressCounter``).
+        milliseconds each usable image took (0 for the others), which the job records (``ProgressCounter``);
+        ``kept``, as read, where the input keeps columns.
     """
     images = np.zeros((len(batch["uri"]), spec.crop_size, spec.crop_size, 3), dtype=np.uint8)
     spent = np.zeros(len(images), dtype=np.float32)
@@ -213,9 +214,17 @@ def decode_batch(
 
     indices = range(len(images))
     errors = list(threads.map(decode, indices) if threads is not None else map(decode, indices))
-    return {
+    decoded = {
         "uri": np.asarray(batch["uri"], dtype=object),
         "image": images,
         "error": np.asarray(errors, dtype=object),
         "decode_ms": spent,
     }
+    return _with_kept(decoded, batch)
+
+
+def _with_kept(decoded: dict[str, np.ndarray], read: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``decoded`` with the read batch's kept values (``inputs.kept.KEPT``), which go on to the output rows."""
+    if "kept" in read:
+        decoded["kept"] = read["kept"]
+    return decoded

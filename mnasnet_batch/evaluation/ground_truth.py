@@ -28,6 +28,23 @@ class GroundTruth:
     layout: str
 
 
+def from_label_column(rows: list[dict], column: str) -> GroundTruth:
+    """The labels an output kept from its dataset (``input.keep_columns``): each row's ``column``, an ImageNet-1k
+    class index (0-999), which is how ImageNet copies on the Hugging Face Hub store it.
+
+    Raises:
+        GroundTruthError: a row has no such value, or one outside 0-999; the message counts them and names one.
+    """
+    wrong = [row for row in rows if not isinstance(row.get(column), int) or not 0 <= row[column] <= 999]
+    if wrong:
+        first = wrong[0]
+        raise GroundTruthError(
+            f"--label-column {column}: {len(wrong)} of {len(rows)} rows hold no ImageNet-1k class index 0-999 "
+            f"(e.g. {first.get(column)!r} on {first['uri']}); evaluate a dataset labeled with ImageNet-1k's classes"
+        )
+    return GroundTruth(labels={row["uri"]: row[column] for row in rows}, layout=f"the output's column {column}")
+
+
 def image_key(uri: str) -> str:
     """An image's name without folder and extension (``ILSVRC2012_val_00000001``), what label files refer to."""
     return posixpath.splitext(posixpath.basename(uri.rstrip("/")))[0]

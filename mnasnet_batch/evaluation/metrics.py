@@ -17,19 +17,22 @@ METRICS_FILE = "metrics.json"
 PER_IMAGE_FILE = "per_image.parquet"
 
 
-def read_predictions(uri: str, uris: list[str] | None = None, storage: Storage | None = None) -> pa.Table:
+def read_predictions(
+    uri: str, uris: list[str] | None = None, storage: Storage | None = None, columns: tuple[str, ...] = ()
+) -> pa.Table:
     """The ``uri``, ``status`` and ``top_k_ids`` columns of the Parquet parts under ``uri``, all runs included.
 
     Args:
         uri: the labeling job's output (or one run's folder).
         uris: when given, only the rows of these images (an incremental output may hold others).
         storage: the job's storage handle (its ``storage`` section); None: local files and anonymous URIs.
+        columns: more columns to read (a label kept from the dataset, ``input.keep_columns``).
     """
     dataset = read_parts(*(storage or Storage()).filesystem(uri))
     if dataset is None:
         raise FileNotFoundError(f"no Parquet parts under {uri}")
     wanted = None if uris is None else pads.field("uri").isin(pa.array(uris, pa.string()))
-    return dataset.to_table(columns=["uri", "status", "top_k_ids"], filter=wanted)
+    return dataset.to_table(columns=["uri", "status", "top_k_ids", *columns], filter=wanted)
 
 
 def score(predictions: pa.Table, labels: dict[str, int], categories: list[str]) -> tuple[dict, pa.Table]:

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from mnasnet_batch.config import InputConfig
 from mnasnet_batch.decode.preprocess import error_message
+from mnasnet_batch.inputs.kept import KEPT, NO_COLUMNS
 from mnasnet_batch.inputs.spool import Spool, SpooledURIs, read_spooled
 from mnasnet_batch.storage import Storage
 
@@ -42,9 +43,12 @@ SAMPLE_READ_S = 3.0
 MAX_FILE_BLOCKS = 1_024
 
 
-def encoded_batch(uris: Sequence[str], contents: Sequence[bytes | Exception]) -> dict[str, np.ndarray]:
+def encoded_batch(
+    uris: Sequence[str], contents: Sequence[bytes | Exception], kept: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """A batch as the read stage hands it on: ``uri``; ``data``, the encoded image (b"" where reading failed);
-    ``error``, "" or ``"<ExceptionType>: <message>"`` of the failed read."""
+    ``error``, "" or ``"<ExceptionType>: <message>"`` of the failed read; with ``input.keep_columns``, ``kept``,
+    each row's kept values (``kept.pack_rows``)."""
     data = np.full(len(contents), b"", dtype=object)
     errors = np.full(len(contents), "", dtype=object)
     for i, content in enumerate(contents):
@@ -52,7 +56,10 @@ def encoded_batch(uris: Sequence[str], contents: Sequence[bytes | Exception]) ->
             errors[i] = error_message(content)
         else:
             data[i] = bytes(content)
-    return {"uri": np.asarray(uris, dtype=object), "data": data, "error": errors}
+    batch = {"uri": np.asarray(uris, dtype=object), "data": data, "error": errors}
+    if kept is not None:
+        batch[KEPT] = kept
+    return batch
 
 
 def has_extensions(files: pa.Array, extensions: tuple[str, ...]) -> pa.BooleanArray:
@@ -88,6 +95,9 @@ class Layout:
     # The folder (``spool.spool_folder``) where a list of image URIs longer than ``spool.SPOOL_URIS`` is written
     # instead of being held by the driver; "" holds every list in memory.
     spool_folder: str = ""
+    # The dataset's own columns copied into each output row (``input.keep_columns``), in the input's types: known
+    # once the input is planned (``plan``), empty until then or without the setting.
+    kept: pa.Schema = NO_COLUMNS
 
     name: ClassVar[str]
     # What its listed inputs are, for people: "12 image files".
@@ -99,6 +109,8 @@ class Layout:
     uri_per_image: ClassVar[bool] = False
     # The extensions of its files (not of the images in them).
     file_extensions: ClassVar[tuple[str, ...]] = ()
+    # Its inputs have columns of their own that ``input.keep_columns`` can copy into the output rows.
+    keeps_columns: ClassVar[bool] = False
 
     @property
     def image_extensions(self) -> tuple[str, ...]:
@@ -248,21 +260,25 @@ class ImageURILayout(Layout):
             )
         else:
             lists = iter([[str(u) for u in batch["uri"]]])
+        # A manifest's kept values come with its URIs' block (``ManifestLayout.blocks``).
+        kept = batch.get(KEPT)
         size = batch_size
         for uris in lists:
             start = len(uris[:size])
             # The next batch's reads start before this one's are handed on: objects and URLs are read while the
             # batch before is decoded, and a throttled read's retries overlap the decoding too.
-            ahead = (uris[:size], self.read_waves(uris[:size])) if uris else None
+            ahead = (0, uris[:size], self.read_waves(uris[:size])) if uris else None
             while ahead is not None:
-                chunk, waves = ahead
+                offset, chunk, waves = ahead
+                chunk_kept = None if kept is None else kept[offset : offset + len(chunk)]
                 following = uris[start : start + size]
+                ahead = (start, following, self.read_waves(following)) if following else None
                 start += len(following)
-                ahead = (following, self.read_waves(following)) if following else None
                 read = 0
                 for wave in waves:  # a slow read does not hold the rest of its batch
                     read += sum(len(content) for _, content in wave if isinstance(content, bytes))
-                    yield encoded_batch([chunk[i] for i, _ in wave], [content for _, content in wave])
+                    wave_kept = None if chunk_kept is None else np.asarray([chunk_kept[i] for i, _ in wave], object)
+                    yield encoded_batch([chunk[i] for i, _ in wave], [content for _, content in wave], wave_kept)
                 # Batches of images larger than the job planned for (a mixed corpus) hold READ_BATCH_BYTES at most.
                 size = max(1, min(batch_size, READ_BATCH_BYTES * len(chunk) // max(1, read)))
 

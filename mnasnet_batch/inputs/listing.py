@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 from mnasnet_batch.config import InputConfig
 from mnasnet_batch.decode.formats import unreadable_formats
 from mnasnet_batch.inputs import spool
+from mnasnet_batch.inputs.arrow import ArrowLayout
 from mnasnet_batch.inputs.files import FilesLayout
 from mnasnet_batch.inputs.layout import SHOWN_MEMBERS, InputPlan, Layout, has_extensions
 from mnasnet_batch.inputs.manifests import ManifestLayout
@@ -24,7 +25,7 @@ from mnasnet_batch.storage import Storage, StorageError, has_extension
 log = logging.getLogger(__name__)
 
 # In the order ``input.format=auto`` tries them.
-LAYOUTS = (FilesLayout, WebDatasetLayout, ParquetLayout, ManifestLayout)
+LAYOUTS = (FilesLayout, WebDatasetLayout, ParquetLayout, ArrowLayout, ManifestLayout)
 
 
 class _Selection:
@@ -98,11 +99,11 @@ def select_inputs(
     """Lists the input once (``Storage.list_files``), chunk by chunk, and decides its layout: the one
     ``input.format`` names, or with ``auto`` the first whose inputs the listing holds; and selects its inputs.
 
-    Detection takes image files, then tar shards, then Parquet files with ``input.image_column`` (else those
-    Parquet files are a manifest), then text or CSV manifests. A single file named explicitly is taken whatever
-    its extension when the format is set (and is not ``files``). Image files in a format this installation cannot
-    decode (HEIC without the ``heif`` extra, ``formats.unreadable_formats``) are left out, and counted in the log
-    with what to install.
+    Detection takes image files, then tar shards, then Parquet files with a column of images (else those
+    Parquet files are a manifest), then Arrow files, then text or CSV manifests. A single file named explicitly is
+    taken whatever its extension when the format is set (and is not ``files``). Image files in a format this
+    installation cannot decode (HEIC without the ``heif`` extra, ``formats.unreadable_formats``) are left out, and
+    counted in the log with what to install.
 
     ``spool_folder``: where a long list of image files is written (``Layout.spool_folder``).
 
@@ -140,8 +141,8 @@ def select_inputs(
     else:
         extensions = layouts[0].image_extensions
         raise StorageError(
-            f"input {config.uri} holds no image files ({', '.join(extensions)}), tar shards, Parquet files "
-            "or manifests (txt, csv, tsv)"
+            f"input {config.uri} holds no image files ({', '.join(extensions)}), tar shards, Parquet or "
+            "Arrow files, or manifests (txt, csv, tsv)"
         )
     if selection.ignored:
         log.info(
@@ -167,6 +168,11 @@ def plan_input(config: InputConfig, storage: Storage, spool_folder: str = "") ->
     """
     try:
         layout, inputs = select_inputs(config, storage, spool_folder)
+        if config.keep_columns and not layout.keeps_columns:
+            raise StorageError(
+                f"input.keep_columns: {layout.noun} have no columns to keep; it applies to Parquet and Arrow files "
+                "and WebDataset shards"
+            )
         return layout.plan(inputs)
     except BaseException:
         if spool_folder:  # what was written of a list before its manifest failed, say

@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.core import split_protocol
 
-from mnasnet_batch.inputs.layout import SHOWN_MEMBERS, ImageURILayout, InputPlan
-from mnasnet_batch.inputs.spool import SpooledURIs, first_occurrences
+from mnasnet_batch.inputs.kept import KEPT, pack_table
+from mnasnet_batch.inputs.layout import MAX_INPUT_BLOCK, SHOWN_MEMBERS, ImageURILayout, InputPlan
+from mnasnet_batch.inputs.spool import SPOOL_URIS, SpooledURIs, first_occurrence_mask, first_occurrences, uri_hashes
 from mnasnet_batch.storage import Storage, StorageError, has_extension
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,18 @@ class ManifestLayout(ImageURILayout):
     file_extensions = MANIFEST_EXTENSIONS
     # The manifests listed (``plan``): a URI ``<one of them>#line=<N>`` stands for a line that is not UTF-8.
     manifests: tuple[str, ...] = ()
+    # With ``input.keep_columns``: each listed URI (``uri``) and its row's kept values (``kept.KEPT``), which
+    # ``blocks`` hands to the read tasks with the URIs. The driver's only: not pickled with the layout (``read``).
+    kept_rows: pa.Table | None = None
+    keeps_columns = True
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["kept_rows"] = None  # the read tasks get their URIs' kept values in their blocks
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     def plan(self, uris: pa.Array) -> InputPlan:
         """The image URIs the manifests list, each once, in the order first listed.
@@ -66,7 +79,37 @@ class ManifestLayout(ImageURILayout):
             log.warning(
                 "input %s: %d URIs are listed more than once; each image is labeled once", self.config.uri, repeats
             )
-        return InputPlan(dataclasses.replace(self, manifests=tuple(manifests)), unique)
+        layout = dataclasses.replace(self, manifests=tuple(manifests))
+        if self.config.keep_columns:
+            if isinstance(listed, SpooledURIs):
+                raise StorageError(
+                    f"input.keep_columns: the manifests of {self.config.uri} list more than {SPOOL_URIS} URIs, and "
+                    "columns are kept only of shorter lists; split the manifest"
+                )
+            layout = layout.with_kept(manifests)
+        return InputPlan(layout, unique)
+
+    def with_kept(self, manifests: list[str]) -> ManifestLayout:
+        """This layout with the kept values of every URI the manifests list (the first row of a URI listed twice)."""
+        found = [manifest_kept(m, self.config.uri_column, self.config.keep_columns, self.storage) for m in manifests]
+        rows = pa.concat_tables([table for table, _ in found]).combine_chunks()
+        if rows.num_rows:
+            firsts = first_occurrence_mask(rows["uri"], uri_hashes(rows["uri"].chunk(0)))
+            rows = rows if firsts is None else rows.filter(pa.array(firsts))
+        return dataclasses.replace(self, kept_rows=rows, kept=found[0][1])
+
+    def blocks(
+        self, uris: pa.Array | SpooledURIs, batch_size: int, largest: int = MAX_INPUT_BLOCK
+    ) -> list[pa.Table]:
+        """``ImageURILayout.blocks``, each with its URIs' kept values where columns are kept."""
+        blocks = super().blocks(uris, batch_size, largest)
+        if self.kept_rows is None:
+            return blocks
+        value_set = self.kept_rows["uri"]
+        return [
+            block.append_column(KEPT, self.kept_rows[KEPT].take(pc.index_in(block["uri"], value_set=value_set)))
+            for block in blocks
+        ]
 
     def read_waves(
         self, uris: list[str], within_s: float | None = None
@@ -168,6 +211,46 @@ def manifest_chunks(uri: str, column: str, storage: Storage) -> Iterator[pa.Arra
                 )
     except Exception as exc:
         raise StorageError(f"manifest {uri} cannot be read: {type(exc).__name__}: {exc}") from None
+
+
+def manifest_kept(uri: str, column: str, keep: tuple[str, ...], storage: Storage) -> tuple[pa.Table, pa.Schema]:
+    """The rows of a CSV, TSV or Parquet manifest, for ``input.keep_columns``: each URI as ``manifest_chunks``
+    lists it (``uri``) and its row's ``keep`` columns packed (``kept.KEPT``), and those columns' types.
+
+    Raises:
+        StorageError: a text manifest (no columns), or one that cannot be read or lacks a column; the message says
+            which.
+    """
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    kind = manifest_kind(uri)
+    if kind == "text":
+        raise StorageError(
+            f"input.keep_columns: manifest {uri} lists one URI a line, with no columns to keep; use a CSV, TSV or "
+            "Parquet manifest"
+        )
+    try:
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rb") as f:
+            if kind == "parquet":
+                table = pq.read_table(f, columns=[column, *keep])
+            else:
+                delimiter = "\t" if has_extension(uri, ("tsv",)) else ","
+                table = pacsv.read_csv(
+                    f,
+                    parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                    convert_options=pacsv.ConvertOptions(include_columns=[column, *keep]),
+                )
+    except Exception as exc:
+        raise StorageError(
+            f"input.keep_columns: manifest {uri} cannot be read with columns {', '.join([column, *keep])}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    values = table[column].cast(pa.large_string())
+    table = table.filter(pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(values), ""), False))
+    uris = _cleaned(table[column].combine_chunks(), uri, text=False)  # drops nothing more: blanks are gone
+    return pa.table({"uri": uris, KEPT: pa.array(pack_table(table, keep), pa.binary())}), table.select(keep).schema
 
 
 def _cleaned(values: pa.Array, manifest: str, text: bool) -> pa.Array:

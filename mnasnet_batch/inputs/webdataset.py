@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import json
 import logging
 import posixpath
 import re
@@ -12,7 +15,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from mnasnet_batch.inputs.layout import READ_BATCH_BYTES, SHOWN_MEMBERS, Layout, encoded_batch
+from mnasnet_batch.inputs.kept import pack_rows
+from mnasnet_batch.inputs.layout import READ_BATCH_BYTES, SHOWN_MEMBERS, InputPlan, Layout, encoded_batch
 from mnasnet_batch.reads import READ_CHUNK, OverByteLimit
 from mnasnet_batch.storage import Storage, has_extension
 
@@ -26,6 +30,9 @@ _SAMPLE_KEY = re.compile(r"^((?:.*/|)[^./]+)\.[^/]*$")
 # Where a run records the inputs (WebDataset shards) it read to their end, in its folder: one empty file each,
 # named ``<sha256 of the input's URI, 32 hex digits>.<images it holds>``, so planning lists them and reads none.
 FINISHED_INPUTS = "_inputs"
+# The kept column that holds a sample's ``.txt`` member (a caption, in img2dataset's shards).
+TEXT_MEMBER = "txt"
+
 
 class WebDatasetLayout(Layout):
     """WebDataset tar shards, each read front to back by one task."""
@@ -34,28 +41,43 @@ class WebDatasetLayout(Layout):
     noun = "tar shards"
     kind = "tar shards"
     file_extensions = SHARD_EXTENSIONS
+    keeps_columns = True
 
     def read(
         self, batch: dict[str, np.ndarray], batch_size: int, run_uri: str | None = None
     ) -> Iterator[dict[str, np.ndarray]]:
         """Reads each shard of the block front to back; once all its samples are handed on, records the shard as
         read to its end in ``run_uri``, with its sample count (``record_finished``)."""
+        keep = self.config.keep_columns
         for shard in batch["uri"]:
             uris: list[str] = []
             contents: list[bytes | Exception] = []
+            notes: list[dict[str, object] | None] = []
             images = held = 0
-            for uri, content in shard_images(str(shard), self.image_extensions, self.storage):
+            for uri, content, kept in shard_samples(str(shard), self.image_extensions, self.storage, keep):
                 uris.append(uri)
                 contents.append(content)
+                notes.append(kept)
                 images += 1
                 held += len(content) if isinstance(content, bytes) else 0
                 if len(uris) == batch_size or held >= READ_BATCH_BYTES:
-                    yield encoded_batch(uris, contents)
-                    uris, contents, held = [], [], 0
+                    yield encoded_batch(uris, contents, pack_rows(notes) if keep else None)
+                    uris, contents, notes, held = [], [], [], 0
             if uris:
-                yield encoded_batch(uris, contents)
+                yield encoded_batch(uris, contents, pack_rows(notes) if keep else None)
             if run_uri is not None:
                 record_finished(run_uri, str(shard), images, self.storage)
+
+    def plan(self, uris: pa.Array) -> InputPlan:
+        """The shards; with ``input.keep_columns``, the kept columns typed as the first shard's first sample holds
+        them (``kept_schema``)."""
+        plan = super().plan(uris)
+        if not self.config.keep_columns:
+            return plan
+        samples = shard_samples(uris[0].as_py(), self.image_extensions, self.storage, self.config.keep_columns)
+        with contextlib.closing(samples):
+            first = next(samples, ("", b"", {}))
+        return InputPlan(dataclasses.replace(self, kept=kept_schema(self.config.keep_columns, first[2] or {})), uris)
 
     def recorded_images(self, uris: pa.Array, done_uri: str) -> pa.Array:
         """The sample counts the runs under ``done_uri`` recorded for the shards they read to their end."""
@@ -82,6 +104,18 @@ class WebDatasetLayout(Layout):
         missing = last if stopped else FileNotFoundError(f"shard {input_uri} no longer holds this sample")
         return {uri: found.get(uri, missing) for uri in uris}
 
+
+def kept_schema(keep: tuple[str, ...], sample: dict[str, object]) -> pa.Schema:
+    """The kept columns' types, as one sample's values have them (``txt``, and a key it lacks or holds null:
+    strings)."""
+    fields = []
+    for name in keep:
+        value = sample.get(name)
+        data_type = pa.string() if value is None else pa.array([value]).type
+        fields.append(pa.field(name, pa.string() if pa.types.is_null(data_type) else data_type))
+    return pa.schema(fields)
+
+
 def sample_key(member: str) -> str | None:
     """The WebDataset sample key of a tar member (``a/img_01.seg.png`` -> ``a/img_01``), None without one."""
     match = _SAMPLE_KEY.match(member)
@@ -89,7 +123,34 @@ def sample_key(member: str) -> str | None:
 
 
 def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> Iterator[tuple[str, bytes | Exception]]:
-    """Streams a WebDataset shard, yielding each sample's image as ``(shard#member, bytes)``.
+    """Streams a WebDataset shard, yielding each sample's image as ``(shard#member, bytes)`` (``shard_samples``)."""
+    return ((uri, content) for uri, content, _ in shard_samples(shard, extensions, storage))
+
+
+def sample_notes(name: str, data: bytes, keep: tuple[str, ...]) -> dict[str, object]:
+    """The kept values a sample's member holds: the ``keep`` keys of its ``.json`` (img2dataset's ``url``, ``key``,
+    ``caption``...), and ``txt``, its ``.txt`` member's text."""
+    if name.endswith(".json"):
+        try:
+            found = json.loads(data)
+        except ValueError:
+            return {}
+        return {k: found[k] for k in keep if isinstance(found, dict) and k in found}
+    if name.endswith(".txt") and TEXT_MEMBER in keep:
+        return {TEXT_MEMBER: data.decode("utf-8", errors="replace")}
+    return {}
+
+
+def holds_notes(member: str, keep: tuple[str, ...]) -> bool:
+    """Whether a member holds a sample's kept values (``sample_notes``): its ``.json`` or ``.txt``, when kept."""
+    return bool(keep) and member.endswith((".json", ".txt"))
+
+
+def shard_samples(
+    shard: str, extensions: tuple[str, ...], storage: Storage, keep: tuple[str, ...] = ()
+) -> Iterator[tuple[str, bytes | Exception, dict[str, object] | None]]:
+    """Streams a WebDataset shard, yielding each sample's image as ``(shard#member, bytes, kept)``, ``kept`` the
+    ``keep`` values of its ``.json`` and ``.txt`` members (``sample_notes``; None without ``keep``).
 
     A sample (consecutive members sharing a key) yields its first member with an image extension; a sample
     without one yields ``(shard#key, ValueError)``. Image members this convention drops (a sample's second
@@ -111,14 +172,16 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
     image: tuple[str, bytes | Exception] | None = None
     limit = storage.config.max_image_bytes
     members: list[str] = []
+    notes: dict[str, object] = {}
     reading: str | None = None
     dropped: list[str] = []  # image members that are not labeled
 
-    def finish() -> tuple[str, bytes | Exception]:
+    def finish() -> tuple[str, bytes | Exception, dict[str, object] | None]:
+        kept = dict(notes) if keep else None
         if image is None:
             found = ", ".join(posixpath.basename(m) for m in members)
-            return f"{shard}#{key}", ValueError(f"sample {key} has no image member (members: {found})")
-        return f"{shard}#{image[0]}", image[1]
+            return f"{shard}#{key}", ValueError(f"sample {key} has no image member (members: {found})"), kept
+        return f"{shard}#{image[0]}", image[1], kept
 
     try:
         fs, path = storage.filesystem(shard)
@@ -135,17 +198,12 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
                 if member_key != key:
                     if key is not None:
                         yield finish()
-                    key, image, members = member_key, None, []
+                    key, image, members, notes = member_key, None, [], {}
                 members.append(info.name)
                 reading = info.name
                 # Every member is read, not skipped: skipping a truncated member goes unnoticed in stream mode.
                 # Only the sample's image is kept, if it is within the byte limit; the others are read and let go.
-                wanted = image is None and has_extension(info.name, extensions)
-                content = _read_member(tar.extractfile(info), info.size, limit if wanted else -1)
-                if wanted:
-                    image = (info.name, content)
-                elif has_extension(info.name, extensions):
-                    dropped.append(info.name)
+                image = _take_member(tar.extractfile(info), info, (extensions, keep, limit), image, notes, dropped)
                 reading = None
             # Stream mode ends quietly where a header is cut short or missing; only a whole block of zeros
             # (tar's end-of-archive marker, which every tar writer emits) ends a shard that is complete.
@@ -157,12 +215,40 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
         error = _with_context(exc, f"shard cannot be read{where}: {exc}")
         if key is not None and image is not None:
             yield finish()  # the sample's image is whole; only what follows it is lost
-        yield _stopped_at(shard, key, reading, image is not None), error
+        yield _stopped_at(shard, key, reading, image is not None), error, None
         _log_dropped(shard, dropped)
         return
     if key is not None:
         yield finish()
     _log_dropped(shard, dropped)
+
+
+def _take_member(
+    member,
+    info: tarfile.TarInfo,
+    wants: tuple[tuple[str, ...], tuple[str, ...], int],
+    image: tuple[str, bytes | Exception] | None,
+    notes: dict[str, object],
+    dropped: list[str],
+) -> tuple[str, bytes | Exception] | None:
+    """Reads one member of a sample to its end: the sample's image (its first image member), a member holding its
+    kept values (``holds_notes``, added to ``notes``), or another (an image member this convention drops is added
+    to ``dropped``). ``wants``: the image extensions, the kept columns and the byte limit.
+
+    Returns:
+        The sample's image, as read so far.
+    """
+    extensions, keep, limit = wants
+    wanted = image is None and has_extension(info.name, extensions)
+    noted = not wanted and holds_notes(info.name, keep)
+    content = _read_member(member, info.size, limit if wanted or noted else -1)
+    if wanted:
+        return info.name, content
+    if noted and isinstance(content, bytes):
+        notes.update(sample_notes(info.name, content, keep))
+    elif has_extension(info.name, extensions):
+        dropped.append(info.name)
+    return image
 
 
 def _read_member(member, size: int, limit: int) -> bytes | OverByteLimit | None:

@@ -6,6 +6,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from mnasnet_batch.inputs.kept import NO_COLUMNS, kept_arrays, output_fields
+
 OUTPUT_SCHEMA = pa.schema(
     [
         ("uri", pa.string()),
@@ -18,6 +20,22 @@ OUTPUT_SCHEMA = pa.schema(
         ("weights", pa.string()),
     ]
 )
+
+
+def output_schema(kept: pa.Schema) -> pa.Schema:
+    """The output's schema: ``OUTPUT_SCHEMA``, then the dataset's kept columns (``input.keep_columns``), nullable,
+    in the input's types.
+
+    Raises:
+        ValueError: a kept column is named like one of the output's own; the message names it.
+    """
+    clashes = [name for name in kept.names if name in OUTPUT_SCHEMA.names]
+    if clashes:
+        raise ValueError(
+            f"input.keep_columns: {', '.join(clashes)} would replace the output's own column of that name; "
+            "keep the others, or rename the column in the input"
+        )
+    return pa.schema([*OUTPUT_SCHEMA, *output_fields(kept)])
 
 
 def top_k(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -39,6 +57,8 @@ def output_table(
     categories: list[str],
     model: str,
     weights: str,
+    kept: np.ndarray | None = None,
+    kept_schema: pa.Schema = NO_COLUMNS,
 ) -> pa.Table:
     """Builds one batch of output rows; rows whose ``error`` is non-empty carry nulls for predictions.
 
@@ -50,6 +70,8 @@ def output_table(
         categories: the 1000 class names, indexed by class id.
         model: the model name written to every row.
         weights: the weights id written to every row.
+        kept: (N,) each row's kept values as the read stage packed them (``inputs.kept``), or None.
+        kept_schema: the kept columns and their types (``Layout.kept``), appended to ``OUTPUT_SCHEMA``.
     """
     n = len(uris)
     ok = np.asarray([not e for e in errors], dtype=bool)
@@ -74,6 +96,7 @@ def output_table(
             list_column(pa.array(names.tolist(), pa.string())),
             pa.array([model] * n, pa.string()),
             pa.array([weights] * n, pa.string()),
+            *kept_arrays(kept if kept is not None else np.full(n, b"", dtype=object), kept_schema),
         ],
-        schema=OUTPUT_SCHEMA,
+        schema=pa.schema([*OUTPUT_SCHEMA, *output_fields(kept_schema)]),
     )

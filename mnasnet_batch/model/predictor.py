@@ -13,6 +13,7 @@ import torch
 
 from mnasnet_batch.decode.device_preprocess import decode_batch_on_device
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
+from mnasnet_batch.inputs.kept import KEPT, NO_COLUMNS
 from mnasnet_batch.model.engine import OnnxRuntimeModel, TorchModel
 from mnasnet_batch.model.postprocess import output_table, top_k
 from mnasnet_batch.model.weights import Checkpoint, torchvision_weights
@@ -41,6 +42,7 @@ class Predictor:
         micro_batch: images per forward pass; a batch is split into runs of this many. 0: the engine's own (the
             whole batch on a GPU, ``engine.CPU_MICRO_BATCH`` on a CPU, ``engine.ONNXRUNTIME_MICRO_BATCH`` on ONNX
             Runtime).
+        kept_schema: the dataset's columns each row carries (``Layout.kept``), appended to the output's.
         onnx_graph: the checkpoint's model as ``engine.export_onnx`` exported it: the model runs on ONNX Runtime
             (CPU, fp32) instead of torch. None: on torch.
     """
@@ -56,6 +58,7 @@ class Predictor:
         spec: PreprocessSpec | None = None,
         micro_batch: int = 0,
         onnx_graph: bytes | None = None,
+        kept_schema: pa.Schema = NO_COLUMNS,
     ):
         on_gpu = torch.cuda.is_available() and onnx_graph is None
         self.device = torch.device(device or ("cuda" if on_gpu else "cpu"))
@@ -78,6 +81,7 @@ class Predictor:
         self.model_name = checkpoint.model_name
         self.weights_id = checkpoint.weights_id
         self.on_batch = on_batch
+        self.kept_schema = kept_schema
         self.micro_batch = micro_batch or self.model.micro_batch
         self.decode = decoded
         if spec is not None and spec.decode_on == "actor" and self.device.type == "cpu":
@@ -118,7 +122,15 @@ class Predictor:
             ids = np.zeros((0, self.top_k), np.int32)
             scores = np.zeros((0, self.top_k), np.float32)
         table = output_table(
-            batch["uri"], batch["error"], ids, scores, self.categories, self.model_name, self.weights_id
+            batch["uri"],
+            batch["error"],
+            ids,
+            scores,
+            self.categories,
+            self.model_name,
+            self.weights_id,
+            batch.get(KEPT),
+            self.kept_schema,
         )
         if self.on_batch is not None:
             self.on_batch(table, decode_ms, (time.process_time() - decoded_at) * 1000)
