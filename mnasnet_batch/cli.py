@@ -25,7 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 import mnasnet_batch
 from mnasnet_batch.cluster import keep_ray_chatter_out, reach_cluster
 from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConfig, load_config, parse_override
-from mnasnet_batch.storage import GLOB_CHARACTERS, Storage, StorageError, absolute_location, scheme
+from mnasnet_batch.storage import GLOB_CHARACTERS, Storage, StorageError, absolute_location, bucket_of, scheme
 
 if TYPE_CHECKING:
     from mnasnet_batch.costs import StageCosts
@@ -400,6 +400,7 @@ def check_locations(config: JobConfig, storage: Storage) -> None:
             raise StorageError(f"{what} {uri} cannot be reached: {root_cause(exc)}") from None
         if not found and not (what == "input" and any(c in path for c in GLOB_CHARACTERS)):  # matched later
             raise StorageError(f"{what} {uri} does not exist")
+    check_bucket(config, storage)
     fs, path = storage.filesystem(config.output.uri)
     if isinstance(fs, LocalFileSystem):  # an object store's prefix is writable only as far as a write says
         folder = path
@@ -408,6 +409,39 @@ def check_locations(config: JobConfig, storage: Storage) -> None:
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
             problem = "is not a folder" if not os.path.isdir(folder) else "is a folder this user cannot write to"
             raise StorageError(f"output {config.output.uri} cannot be written: {folder} {problem}")
+
+
+def check_bucket(config: JobConfig, storage: Storage) -> None:
+    """Stops a job whose output bucket or container does not exist, unless ``output.create_bucket`` lets the job
+    create it: writing under a missing bucket creates it (s3fs' ``makedirs``), in whatever account the credentials
+    reach. A store that will not say (no permission to look) is left to the first write.
+
+    Raises:
+        StorageError: the bucket does not exist, or creating it failed.
+    """
+    uri = config.output.uri
+    bucket = bucket_of(uri)
+    if not bucket:
+        return
+    fs, _ = storage.filesystem(uri)
+    try:
+        fs.info(bucket)
+        return
+    except FileNotFoundError:
+        pass
+    except Exception as exc:
+        log.debug("output %s: cannot tell whether %s exists (%s); the first write will", uri, bucket, root_cause(exc))
+        return
+    if not config.output.create_bucket:
+        raise StorageError(
+            f"output {uri}: bucket {bucket} does not exist; check its name, create it, "
+            "or set output.create_bucket=true to let the job create it"
+        )
+    try:
+        fs.mkdir(bucket)
+    except Exception as exc:
+        raise StorageError(f"output {uri}: bucket {bucket} cannot be created: {root_cause(exc)}") from None
+    log.info("created bucket %s for output %s (output.create_bucket)", bucket, uri)
 
 
 def prepare(

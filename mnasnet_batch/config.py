@@ -82,10 +82,12 @@ class StorageConfig:
     # an error row. 10 s: img2dataset's default; a server that sends nothing for 10 s rarely sends more, and
     # aiohttp's own default (300 s in all) held a whole batch for 5 minutes over one silent URL.
     http_timeout_s: float = 10.0
-    # HTTP(S) reads: attempts after the first for transient failures (a connection reset or refused, 5xx, 429),
-    # waiting 0.5 s, then 1 s, 2 s, ... between them. 3: rides out a server restarting or throttling for a few
-    # seconds, while a URL that keeps failing costs its batch 3.5 s more. Timeouts are not retried.
-    http_retries: int = 3
+    # Image reads from object stores and HTTP(S): tries after the first for transient failures (a connection reset
+    # or refused, a body cut short, 5xx, 429, S3's SlowDown; timeouts on object stores, not on HTTP), waiting about
+    # 0.5 s, 1 s, 2 s with jitter, or the server's Retry-After. 3: rides out a server restarting or throttling for a
+    # few seconds (a read that 30 % of tries fail still fails 4 in a row once in 120), while one that keeps failing
+    # costs only itself ~3.5 s: the rest of its batch goes on without it. Then it is an error row that says so.
+    read_retries: int = 3
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,9 @@ class OutputConfig:
     # another machine that finds the lease unrenewed for 4 of them (2 minutes, watched on its own clock) takes the
     # output over: how long a killed job's output stays locked from another machine.
     lease_heartbeat_s: float = 30.0
+    # False: an output whose bucket (S3, GCS) or container (Azure) does not exist stops the job before reading, so
+    # that a typo in its name does not create a bucket in the account (s3fs' makedirs would). True: the job creates it.
+    create_bucket: bool = False
 
 
 @dataclass(frozen=True)
@@ -316,17 +321,49 @@ def _merge(into: dict[str, dict[str, object]], data: object, source: str) -> Non
                 raise ConfigError(
                     f"{source}: unknown key {section_name}.{key}; valid keys in {section_name}: {', '.join(valid)}"
                 )
+            if isinstance(value, _Entries):
+                if typing.get_origin(typing.get_type_hints(section_types[section_name])[key]) is not dict:
+                    name = f"{section_name}.{key}"
+                    raise ConfigError(f"{source}: {name} is not a mapping of keys; set it as {name}=value")
+                value = _with_entries(into.get(section_name, {}).get(key, {}), value)
             into.setdefault(section_name, {})[key] = value
 
 
+class _Entries(dict):
+    """Keys set inside a mapping setting (``--set storage.options.key=value``): merged into the mapping, where a
+    whole mapping (``--set "storage.options={key: ...}"``) replaces it."""
+
+
 def parse_override(assignment: str) -> dict[str, dict[str, object]]:
-    """Turns ``section.key=value`` into a nested mapping; the value is read as YAML (``3``, ``true``, ``a,b``)."""
+    """Turns ``section.key=value`` into a nested mapping; the value is read as YAML (``3``, ``true``, ``a,b``).
+
+    ``section.key.a.b=value`` sets key ``a.b`` inside the mapping setting ``section.key`` (``storage.options.key``,
+    ``output.catalog.uri``), keeping its other keys.
+
+    Raises:
+        ConfigError: not ``section.key=value``, or a value that is not valid YAML (one line, no traceback).
+    """
     path, sep, raw = assignment.partition("=")
-    section, dot, key = path.strip().partition(".")
-    if not sep or not dot or not section or not key:
+    section, _, rest = path.strip().partition(".")
+    key, *inner = rest.split(".")
+    if not sep or not section or not key or not all(inner):
         raise ConfigError(f"--set {assignment!r}: expected section.key=value, for example model.top_k=3")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--set {path.strip()}=...: the value is not valid YAML ({problem}); quote it") from None
+    for name in reversed(inner):
+        value = _Entries({name: value})
     return {section: {key: value}}
+
+
+def _with_entries(mapping: object, entries: _Entries) -> object:
+    """``mapping`` with ``entries`` set in it, key by key at every depth; a plain dict (not ``_Entries``)."""
+    merged = dict(mapping) if isinstance(mapping, dict) else {}
+    for name, value in entries.items():
+        merged[name] = _with_entries(merged.get(name), value) if isinstance(value, _Entries) else value
+    return merged
 
 
 def load_config(path: str | Path | None = None, overrides: list[dict[str, dict[str, object]]] = ()) -> JobConfig:
@@ -427,7 +464,7 @@ def validate(config: JobConfig) -> None:
         (config.ray.connect_timeout_s > 0, "ray.connect_timeout_s: must be more than 0"),
         (config.storage.max_image_bytes >= 1, "storage.max_image_bytes: must be at least 1"),
         (config.storage.http_timeout_s > 0, "storage.http_timeout_s: must be more than 0"),
-        (config.storage.http_retries >= 0, "storage.http_retries: must be 0 (no retries) or more"),
+        (config.storage.read_retries >= 0, "storage.read_retries: must be 0 (no retries) or more"),
         (config.compute.actor_memory_gb > 0, "compute.actor_memory_gb: must be more than 0"),
         (config.compute.actor_cpus >= 0, "compute.actor_cpus: must be 0 (derived) or more"),
         (config.compute.node_wait_s >= 0, "compute.node_wait_s: must be 0 (do not wait) or more"),

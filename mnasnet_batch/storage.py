@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import operator
 import os
@@ -26,6 +27,7 @@ from mnasnet_batch.reads import (
     SPECIAL_FILES,
     http_get,
     is_http,
+    object_get,
     read_local,
     read_ranged,
     returned,
@@ -53,9 +55,15 @@ LISTING_CHUNK = 2**16
 GLOB_CHARACTERS = "*?["
 # Names of files a listing ignores that a log line shows; the count says how many there are in all.
 SHOWN_FILES = 3
-# Seconds a batch's finished HTTP reads wait for its slower ones before they are handed on without them: long
-# enough that a batch from a healthy server stays whole, short beside storage.http_timeout_s.
+# Seconds a batch's finished reads of objects and URLs wait for its slower ones (a throttled read backing off, a
+# slow object, a silent server) before they are handed on without them: long enough that a batch from a healthy
+# store stays whole, short beside storage.http_timeout_s and a throttled read's retries.
 STRAGGLER_WAIT_S = 2.0
+# What image reads from S3 set in botocore's client: one try per request, because reads.retried retries each
+# read itself (with jitter, honouring Retry-After, counted in the error row); botocore's own retries (5 by
+# default) would run inside each of ours. s3fs' own retry loop is turned off on the same filesystem
+# (Storage.image_filesystem).
+S3_READ_CONFIG = {"retries": {"total_max_attempts": 1}}
 class StorageError(RuntimeError):
     """Storage that cannot be listed or reached; the message says which URI and why."""
 
@@ -87,6 +95,14 @@ def file_uri_path(uri: str) -> str:
     """The local path a ``file://`` URI names, percent-decoded to the name's bytes (RFC 8089), so that a name that
     is not UTF-8 (``local_uri``) is the file's own name again (with surrogates, as Python's ``os`` takes it)."""
     return os.fsdecode(unquote_to_bytes(uri[len("file://") :]))
+
+
+def bucket_of(uri: str) -> str:
+    """The bucket (S3, GCS) or container (Azure) an object store's URI names, "" for other URIs."""
+    protocol, path = split_protocol(uri)
+    if protocol not in EXTRAS:
+        return ""
+    return path.lstrip("/").split("/", 1)[0].split("@", 1)[0]  # abfs://container@account.dfs.core.windows.net/
 
 
 def absolute_location(uri: str) -> str:
@@ -190,6 +206,22 @@ class Storage:
                 raise StorageError(f"{uri}: unknown URI scheme {protocol}://") from None
             raise
 
+    def image_filesystem(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The filesystem and path that images are read through (``read_waves``): ``filesystem``'s, except that
+        on S3 the client libraries' own retries are off, since ``reads.retried`` retries each read and counts the
+        tries. gcsfs and adlfs keep theirs (not configurable per filesystem), inside each of ours.
+        """
+        protocol = scheme(uri)
+        if EXTRAS.get(protocol, ("",))[0] != "s3":
+            return self.filesystem(uri)
+        options = _merged({"config_kwargs": copy.deepcopy(S3_READ_CONFIG)}, fsspec_options(protocol, self.config))
+        try:
+            fs, path = url_to_fs(uri, **options)
+        except ImportError:
+            return self.filesystem(uri)  # raises the StorageError that names the extra
+        fs.retries = 1  # s3fs' loop around each request (a class attribute, 5): one try
+        return fs, path
+
     def pyarrow_filesystem(self, uri: str):
         """A pyarrow filesystem and path for ``uri`` (what Ray Data's readers and ``pyarrow.dataset`` take).
 
@@ -261,7 +293,8 @@ class Storage:
         No image is held beyond ``storage.max_image_bytes``, and each is held once: a local file's size is
         stat'ed first, and a FIFO, device, socket or directory is never opened; an object is read with a range
         of one byte more than the limit; an HTTP answer's length is checked, then its body counted as it comes.
-        An HTTP read waits at most ``storage.http_timeout_s`` for each piece, and retries transient failures.
+        An HTTP read waits at most ``storage.http_timeout_s`` for each piece. Reads of objects and URLs retry
+        transient failures ``storage.read_retries`` times (``reads.retried``).
 
         Returns:
             For each URI in order, its bytes or the exception that reading it raised (``OverByteLimit``,
@@ -277,28 +310,34 @@ class Storage:
         self, uris: list[str], within_s: float | None = None
     ) -> Iterator[list[tuple[int, bytes | Exception]]]:
         """``read_many`` in waves, so that a slow read does not hold the others: each wave is ``(index in uris,
-        bytes or exception)`` of the reads done by then. HTTP reads come in a wave whenever ``STRAGGLER_WAIT_S``
-        passed with some of them still going; every other read, and a batch of HTTP reads done at once, in one.
+        bytes or exception)`` of the reads done by then. Reads of objects (s3, gs, az) and URLs run concurrently
+        on their filesystem's event loop, each retried on its own, and those done come in a wave whenever
+        ``STRAGGLER_WAIT_S`` passed with others still going (throttled, slow, silent); local files and other
+        filesystems' reads, and a batch read at once, come in one.
 
-        ``within_s``: HTTP reads still going after this many seconds are cancelled and left out (a sample of the
-        input, which must not wait on a slow server); None: every read ends in its own time.
+        The reads start when this is called, not when the first wave is asked for: a caller can start a batch's
+        reads while it still decodes the one before (``ImageURILayout.read``).
+
+        ``within_s``: reads of objects and URLs still going after this many seconds are cancelled and left out (a
+        sample of the input, which must not wait on a slow server); None: every read ends in its own time.
         """
         by_fs: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str]]]] = {}
         unresolved = []
         for i, uri in enumerate(uris):
             try:
-                fs, path = self.filesystem(uri)
+                fs, path = self.image_filesystem(uri)
             except Exception as exc:
                 unresolved.append((i, exc))
                 continue
             by_fs.setdefault(id(fs), (fs, []))[1].append((i, path))
         limit = self.config.max_image_bytes
         ready: list[tuple[int, bytes | Exception]] = unresolved
-        http = []
+        pending: dict[int, futures.Future] = {}
         for fs, items in by_fs.values():
-            if is_http(fs):
-                http += [(i, asyncio.run_coroutine_threadsafe(http_get(fs, path, self.config, limit), fs.loop))
-                         for i, path in items]
+            if is_http(fs) or getattr(fs, "async_impl", False):
+                read = http_get if is_http(fs) else object_get
+                for i, path in items:
+                    pending[i] = asyncio.run_coroutine_threadsafe(read(fs, path, self.config, limit), fs.loop)
                 continue
             paths = [path for _, path in items]
             try:
@@ -309,15 +348,15 @@ class Storage:
             except Exception as exc:
                 contents = [exc] * len(items)
             ready += [(i, content) for (i, _), content in zip(items, contents, strict=True)]
-        yield from _in_waves(ready, dict(http), within_s)
+        deadline = None if within_s is None else time.monotonic() + within_s
+        return _waves(ready, pending, deadline)
 
 
-def _in_waves(
-    ready: list[tuple[int, bytes | Exception]], pending: dict[int, futures.Future], within_s: float | None
+def _waves(
+    ready: list[tuple[int, bytes | Exception]], pending: dict[int, futures.Future], deadline: float | None
 ) -> Iterator[list[tuple[int, bytes | Exception]]]:
-    """``Storage.read_waves``' waves: the reads ``ready``, then those of ``pending`` as they end, one wave each time
-    ``STRAGGLER_WAIT_S`` passes with some still going; after ``within_s`` (None: never) the rest are cancelled."""
-    deadline = None if within_s is None else time.monotonic() + within_s
+    """The waves of ``Storage.read_waves``: the reads ``ready``, then those ``pending`` as they end (handed on each
+    ``STRAGGLER_WAIT_S`` while others go on), those still going at ``deadline`` cancelled."""
     while pending:
         wait = STRAGGLER_WAIT_S if deadline is None else min(STRAGGLER_WAIT_S, deadline - time.monotonic())
         futures.wait(pending.values(), timeout=max(0.0, wait))

@@ -82,9 +82,12 @@ def test_a_silent_url_does_not_hold_the_rest_of_its_batch(server, tmp_path):
 
 
 def test_failures_that_persist_say_how_often_they_were_tried(server):
-    storage = Storage(StorageConfig(http_retries=1))
+    storage = Storage(StorageConfig(read_retries=1))
     [error] = errors([server.url("/always503.jpg")], storage.read_many([server.url("/always503.jpg")])).values()
-    assert error == "HTTPError: HTTP 503 Service Unavailable after 2 attempts (storage.http_retries=1)"
+    assert error == (
+        "TransientReadError: throttled (HTTP 503), transient, on all 2 tries (storage.read_retries=1): "
+        "HTTPError: HTTP 503 Service Unavailable"
+    )
     assert server.hits["/always503.jpg"] == 2
 
 
@@ -195,7 +198,7 @@ def test_a_shard_member_over_the_limit_is_an_error_row_and_the_shard_reads_on(tm
     [
         ("storage.max_image_bytes=0", "storage.max_image_bytes: must be at least 1"),
         ("storage.http_timeout_s=0", "storage.http_timeout_s: must be more than 0"),
-        ("storage.http_retries=-1", "storage.http_retries: must be 0"),
+        ("storage.read_retries=-1", "storage.read_retries: must be 0"),
     ],
 )
 def test_read_settings_out_of_range_are_refused(setting, message):

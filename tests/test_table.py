@@ -419,8 +419,14 @@ def test_a_run_whose_commits_keep_conflicting_fails_clearly_and_the_same_command
     stale = job.catalog.load_table(TABLE)
     other.finish_run(other_config, other_plan, 1.0)  # another job commits after this one read the table
     job.catalog.load_table = lambda name: stale  # and again before each of this job's attempts
-    with pytest.raises(StorageError, match="commits in a row conflicted with other jobs.*run the same command again"):
+    commits = []
+    commit_table = job.catalog.commit_table
+    job.catalog.commit_table = lambda *args, **kwargs: commits.append(1) or commit_table(*args, **kwargs)
+    tried = f"the commit was tried {table_module.COMMIT_ATTEMPTS} times, each conflicting with other jobs"
+    with pytest.raises(StorageError, match=f"{tried}.*run the same command again"):
         job.finish_run(config, plan, 1.0)
+    # Tried that many times in all: pyiceberg's own retries (commit.retry.num-retries) do not run inside each.
+    assert len(commits) == table_module.COMMIT_ATTEMPTS
     assert list((tmp_path / "a" / "_staging" / "run=a").glob("part-*.parquet")), "the staged rows are kept"
 
     config, job, plan = table_job(tmp_path, "a", uris, catalog)  # the same command

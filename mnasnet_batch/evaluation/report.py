@@ -6,8 +6,10 @@ import base64
 import collections
 import dataclasses
 import datetime
+import functools
 import html
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,12 +109,28 @@ def stats(table, low_confidence: float, runs: list[dict]) -> RunStats:
     )
 
 
+def _plain_text(chart: Callable[..., str]) -> Callable[..., str]:
+    """``chart`` with its text drawn as it is, never parsed as mathtext: a label or run id holding ``$`` (a
+    checkpoint's metadata, a third party's rows: ``$\\frac{1}{$``) made matplotlib raise, and the report die."""
+
+    @functools.wraps(chart)
+    def drawn(*args, **kwargs) -> str:
+        import matplotlib
+
+        # Text objects read this when created, tick labels when drawn: both happen inside the chart function.
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return chart(*args, **kwargs)
+
+    return drawn
+
+
 def _png(figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+@_plain_text
 def _bar_chart(title: str, pairs: list[tuple[str, int]], xlabel: str) -> str:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -128,6 +146,7 @@ def _bar_chart(title: str, pairs: list[tuple[str, int]], xlabel: str) -> str:
     return _png(figure)
 
 
+@_plain_text
 def _confidence_chart(stats: RunStats) -> str:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -146,6 +165,7 @@ def _confidence_chart(stats: RunStats) -> str:
     return _png(figure)
 
 
+@_plain_text
 def _outcome_chart(stats: RunStats) -> str:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -163,6 +183,7 @@ def _outcome_chart(stats: RunStats) -> str:
     return _png(figure)
 
 
+@_plain_text
 def _throughput_chart(runs: list[dict]) -> str:
     from matplotlib.figure import Figure
 

@@ -264,13 +264,18 @@ class ImageURILayout(Layout):
         kept = batch.get(KEPT)
         size = batch_size
         for uris in lists:
-            start = 0
-            while start < len(uris):
-                chunk = uris[start : start + size]
-                chunk_kept = None if kept is None else kept[start : start + size]
-                start += len(chunk)
+            start = len(uris[:size])
+            # The next batch's reads start before this one's are handed on: objects and URLs are read while the
+            # batch before is decoded, and a throttled read's retries overlap the decoding too.
+            ahead = (0, uris[:size], self.read_waves(uris[:size])) if uris else None
+            while ahead is not None:
+                offset, chunk, waves = ahead
+                chunk_kept = None if kept is None else kept[offset : offset + len(chunk)]
+                following = uris[start : start + size]
+                ahead = (start, following, self.read_waves(following)) if following else None
+                start += len(following)
                 read = 0
-                for wave in self.read_waves(chunk):  # a slow read does not hold the rest of its batch
+                for wave in waves:  # a slow read does not hold the rest of its batch
                     read += sum(len(content) for _, content in wave if isinstance(content, bytes))
                     wave_kept = None if chunk_kept is None else np.asarray([chunk_kept[i] for i, _ in wave], object)
                     yield encoded_batch([chunk[i] for i, _ in wave], [content for _, content in wave], wave_kept)

@@ -128,12 +128,20 @@ class ManifestLayout(ImageURILayout):
                 not_utf8.append((i, error))
         skipped = {i for i, _ in not_utf8}
         read = [i for i in range(len(uris)) if i not in skipped]
-        for wave in super().read_waves([uris[i] for i in read], within_s):
-            # The errors go with the first wave, in the batch's order.
-            yield sorted(not_utf8 + [(read[j], content) for j, content in wave], key=lambda item: item[0])
-            not_utf8 = []
-        if not_utf8:  # nothing else to read
-            yield not_utf8
+        # Started now, as Storage.read_waves starts its reads: the caller may read ahead.
+        return _with_errors(super().read_waves([uris[i] for i in read], within_s), read, not_utf8)
+
+def _with_errors(
+    waves: Iterator[list[tuple[int, bytes | Exception]]], read: list[int], errors: list[tuple[int, Exception]]
+) -> Iterator[list[tuple[int, bytes | Exception]]]:
+    """The ``waves`` of the URIs at indices ``read``, by index in the whole batch, with ``errors`` (by index too)
+    in the first wave, in the batch's order."""
+    for wave in waves:
+        yield sorted(errors + [(read[j], content) for j, content in wave], key=lambda item: item[0])
+        errors = []
+    if errors:  # nothing else to read
+        yield errors
+
 
 def manifest_kind(uri: str) -> str:
     """``parquet``, ``csv`` (also ``tsv``) or ``text`` (one URI per line), from the manifest's extension."""

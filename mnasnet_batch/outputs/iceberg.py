@@ -278,6 +278,12 @@ def _differ(now: pa.ChunkedArray, before: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.if_else(pc.is_null(now), pc.is_valid(before), pc.fill_null(pc.not_equal(now, before), True))
 
 
+# pyiceberg retries a conflicting commit itself (4 times by default), rebuilding it from its own producers; the job
+# rebuilds each try from the refreshed table instead (table.COMMIT_ATTEMPTS), so pyiceberg's are off: tries counted
+# once, and the error says how many were made.
+NO_COMMIT_RETRIES = {"commit.retry.num-retries": "0"}
+
+
 def replace_rows(table, rows: pa.Table, condition, properties: dict[str, str]) -> int:
     """Commits ``rows`` into ``table`` in place of the rows ``condition`` matches, as ONE snapshot; returns its id.
 
@@ -300,6 +306,9 @@ def replace_rows(table, rows: pa.Table, condition, properties: dict[str, str]) -
     from pyiceberg.table.snapshots import Operation
 
     with table.transaction() as transaction:
+        if any(table.metadata.properties.get(k) != v for k, v in NO_COMMIT_RETRIES.items()):
+            # A table created elsewhere, or by an earlier version: from its next commit on, the job's tries only.
+            transaction.set_properties(NO_COMMIT_RETRIES)
         metadata = transaction.table_metadata
         schema = metadata.schema()
         dropped, written = [], [rows]

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from mnasnet_batch.config import ConfigError, JobConfig
 from mnasnet_batch.outputs import files, folder, run
 from mnasnet_batch.outputs.iceberg import (
+    NO_COMMIT_RETRIES,
     PROPERTY,
     SOURCE_SCHEMA,
     STAGING,
@@ -57,7 +58,9 @@ from mnasnet_batch.storage import Storage, StorageError
 log = logging.getLogger(__name__)
 
 # Commits that conflict with another job's are rebuilt on the refreshed table this many times: replacing the
-# rows of given URIs is right whatever the table holds, so a rebuilt commit is as correct as the first.
+# rows of given URIs is right whatever the table holds, so a rebuilt commit is as correct as the first. These are
+# the only tries: pyiceberg's own retries (commit.retry.num-retries, 4 by default), which would run inside each of
+# them, are set to 0 on the table (iceberg.NO_COMMIT_RETRIES).
 COMMIT_ATTEMPTS = 5
 COMMIT_BACKOFF_S = 0.5
 
@@ -237,7 +240,9 @@ class IcebergTable(OutputTarget):
         except NoSuchTableError:
             pass
         try:
-            with self.catalog.create_table_transaction(self.identifier, schema=table_schema()) as transaction:
+            with self.catalog.create_table_transaction(
+                self.identifier, schema=table_schema(), properties=NO_COMMIT_RETRIES
+            ) as transaction:
                 with transaction.update_schema() as update:
                     update.set_identifier_fields("uri")
         except TableAlreadyExistsError:  # created by another job since the load
@@ -268,7 +273,7 @@ class IcebergTable(OutputTarget):
             The rows committed.
 
         Raises:
-            StorageError: ``COMMIT_ATTEMPTS`` commits in a row conflicted with other jobs' commits.
+            StorageError: each of ``COMMIT_ATTEMPTS`` tries conflicted with other jobs' commits.
         """
         from pyiceberg.exceptions import CommitFailedException, ValidationException
         from pyiceberg.expressions import AlwaysFalse, EqualTo, In, Not, Or
@@ -297,9 +302,9 @@ class IcebergTable(OutputTarget):
                 except (CommitFailedException, ValidationException) as exc:
                     if attempt == COMMIT_ATTEMPTS:
                         raise StorageError(
-                            f"table {self.identifier}: {COMMIT_ATTEMPTS} commits in a row conflicted with other jobs "
-                            f"writing it ({files.one_line(exc)}); nothing is lost: run the same command again and "
-                            f"run {self.run_id} commits its staged rows"
+                            f"table {self.identifier}: the commit was tried {COMMIT_ATTEMPTS} times, each conflicting "
+                            f"with other jobs writing it ({files.one_line(exc)}); nothing is lost: run the same "
+                            f"command again and run {self.run_id} commits its staged rows"
                         ) from None
                     log.warning(
                         "table %s: commit conflicted with another job's (%s); retrying on the refreshed table",
