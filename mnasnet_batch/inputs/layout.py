@@ -264,23 +264,29 @@ class ImageURILayout(Layout):
         kept = batch.get(KEPT)
         size = batch_size
         for uris in lists:
-            start = len(uris[:size])
-            # The next batch's reads start before this one's are handed on: objects and URLs are read while the
-            # batch before is decoded, and a throttled read's retries overlap the decoding too.
-            ahead = (0, uris[:size], self.read_waves(uris[:size])) if uris else None
-            while ahead is not None:
-                offset, chunk, waves = ahead
+            offset, chunk = 0, uris[:size]
+            waves = self.read_waves(chunk) if chunk else iter(())
+            while chunk:
                 chunk_kept = None if kept is None else kept[offset : offset + len(chunk)]
-                following = uris[start : start + size]
-                ahead = (start, following, self.read_waves(following)) if following else None
-                start += len(following)
-                read = 0
+                read = seen = 0
+                following = None
                 for wave in waves:  # a slow read does not hold the rest of its batch
                     read += sum(len(content) for _, content in wave if isinstance(content, bytes))
+                    seen += len(wave)
+                    if following is None:
+                        # The next batch's reads start once this one's first images show their sizes, before they
+                        # are handed on: objects and URLs are read while this batch is decoded, and a throttled
+                        # read's retries overlap the decoding too. Batches of images larger than the job planned
+                        # for (a mixed corpus) hold READ_BATCH_BYTES at most.
+                        size = max(1, min(batch_size, READ_BATCH_BYTES * seen // max(1, read)))
+                        start = offset + len(chunk)
+                        following = (start, uris[start : start + size])
+                        following_waves = self.read_waves(following[1]) if following[1] else iter(())
                     wave_kept = None if chunk_kept is None else np.asarray([chunk_kept[i] for i, _ in wave], object)
                     yield encoded_batch([chunk[i] for i, _ in wave], [content for _, content in wave], wave_kept)
-                # Batches of images larger than the job planned for (a mixed corpus) hold READ_BATCH_BYTES at most.
-                size = max(1, min(batch_size, READ_BATCH_BYTES * len(chunk) // max(1, read)))
+                if following is None:
+                    break
+                (offset, chunk), waves = following, following_waves
 
     def sample(self, uris: pa.ChunkedArray | SpooledURIs, count: int) -> dict[str, np.ndarray]:
         """Up to ``count`` images spread evenly over the listing, so that a mixed corpus is measured as mixed; of a
