@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from mnasnet_batch.cli import main
 from mnasnet_batch.outputs import files as files_module
 from mnasnet_batch.outputs import run as output_module
 from tests import support
-from tests.test_nothing_lost import SMALL_BATCHES, kill_session, many_images, poll, rows_by_uri
+from tests.support import SMALL_BATCHES, kill_session, many_images, poll, rows_by_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,20 +29,18 @@ def plain_environment(**extra: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | extra
 
 
-def test_the_readme_command_from_another_directory_with_relative_paths(corpus, tmp_path, checkpoint_path):
+def test_the_readme_command_from_another_directory_with_relative_paths(corpus, tmp_path, checkpoint_path, job_process):
     photos = tmp_path / "photos"
     photos.mkdir()
     for path in corpus[:4]:
         shutil.copy(path, photos / path.name)
     shutil.copy(checkpoint_path, tmp_path / "w.pth")
     started = time.monotonic()
-    result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "label.sh"), "--input", "photos", "--output", "./labels", "--weights", "w.pth"],
+    result = job_process.run(
+        ["--input", "photos", "--output", "./labels", "--weights", "w.pth"],
+        600,
+        program=["bash", str(ROOT / "scripts" / "label.sh")],
         cwd=tmp_path,
-        env=plain_environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     wall = time.monotonic() - started
     printed = result.stdout + result.stderr
@@ -56,22 +53,19 @@ def test_the_readme_command_from_another_directory_with_relative_paths(corpus, t
     assert "Execution plan of Dataset" not in printed
     # The summary's time is the command's (it said 31.9 s for a 56 s command: Ray's start and stop were missing).
     seconds = float(re.search(r"labeled 4 images \(0 errors\) in ([0-9.]+) s", result.stdout).group(1))
-    assert wall - 3 <= seconds <= wall, (seconds, wall)
+    # Python's start before the job's clock is the rest: far less than Ray's start and stop, however loaded.
+    assert wall * 0.75 <= seconds <= wall, (seconds, wall)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_stopped_job_says_how_to_resume_and_records_the_run_interrupted(corpus, tmp_path, checkpoint_path, signum):
+def test_a_stopped_job_says_how_to_resume_and_records_the_run_interrupted(
+    corpus, tmp_path, checkpoint_path, signum, job_process
+):
     images = many_images(tmp_path, corpus, 8)  # 192 images
     output = tmp_path / "out"
     argv = support.job_argv(images, output, checkpoint_path, *SMALL_BATCHES)
     with open(tmp_path / "stderr", "w") as stderr:
-        job = subprocess.Popen(
-            [sys.executable, str(ROOT / "jobs" / "label_images.py"), *argv],
-            env=plain_environment(),
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
+        job = job_process.start(argv, stderr=stderr)
         try:
             poll(lambda: list(output.glob("run=*/part-*.parquet")), 180, "a written part")
             assert job.poll() is None, "the run finished before it could be stopped"
@@ -96,11 +90,9 @@ def test_a_stopped_job_says_how_to_resume_and_records_the_run_interrupted(corpus
 def test_model_actors_that_fit_no_node_stop_the_job_with_one_line(local_ray, corpus, tmp_path, checkpoint_path, capsys):
     # The local Ray has 2 CPUs; Ray would keep an actor asking for 4 pending forever, and the job with it.
     argv = support.job_argv(corpus[0].parent, tmp_path / "out", checkpoint_path, "compute.actor_cpus=4")
-    statuses = []
-    job = threading.Thread(target=lambda: statuses.append(main(argv)), daemon=True)
-    job.start()
-    job.join(timeout=120)
-    assert statuses == [2], "the job did not stop"
+    # In this thread, so that a job that never stops is ended by the test's time limit (pytest-timeout), not left
+    # running on the shared Ray as a thread would be.
+    assert main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: no node of the cluster can hold a model actor (4 CPU, 1.5 GB memory)")
     assert "compute.actor_cpus" in error
@@ -108,7 +100,7 @@ def test_model_actors_that_fit_no_node_stop_the_job_with_one_line(local_ray, cor
 
 
 def test_a_driver_whose_working_directory_is_replaced_still_labels_everything(
-    local_ray, corpus, tmp_path, checkpoint_path
+    local_ray, corpus, tmp_path, checkpoint_path, job_process
 ):
     # `ray job submit` runs the driver in the unpacked working dir, then Ray unpacks it again (rmtree, extract)
     # while setting the job's runtime env up on the node. This driver joins the tests' Ray from such a directory,
@@ -131,23 +123,24 @@ def test_a_driver_whose_working_directory_is_replaced_still_labels_everything(
         "ray.init = _init_then_delete_the_working_dir\n"
     )
     output = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "jobs/label_images.py", *support.job_argv(corpus[0].parent, output, checkpoint_path)],
+    result = job_process.run(
+        support.job_argv(corpus[0].parent, output, checkpoint_path),
+        600,
+        env={
+            "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address,
+            "PYTHONPATH": os.pathsep.join([str(hooks), str(working_dir)]),
+        },
+        program=[sys.executable, "jobs/label_images.py"],
         cwd=working_dir,
-        env=plain_environment(
-            RAY_ADDRESS=local_ray.get_runtime_context().gcs_address,
-            PYTHONPATH=os.pathsep.join([str(hooks), str(working_dir)]),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-5000:]
     assert (tmp_path / "deleted").exists() and not working_dir.exists(), "the hook did not delete the working dir"
     assert set(rows_by_uri(output)) == {str(p) for p in corpus}
 
 
-def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes(local_ray, corpus, tmp_path, checkpoint_path):
+def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes(
+    local_ray, corpus, tmp_path, checkpoint_path, job_process
+):
     # Publishing a Parquet part fails as on a full disk.
     hooks = support.replace_hook(
         tmp_path / "hooks",
@@ -155,13 +148,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes(local_ray, corpu
     )
     output = tmp_path / "out"
     argv = support.job_argv(corpus[0].parent, output, checkpoint_path)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "label_images.py"), *argv],
-        env=plain_environment(PYTHONPATH=os.pathsep.join([str(hooks), str(ROOT)])),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = job_process.run(argv, 600, env={"PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT)])})
     record = json.loads((output / "_run.json").read_text())
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -184,25 +171,17 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_an_unreachable_cluster_stops_the_job_in_its_timeout_and_touches_no_output(corpus, tmp_path, checkpoint_path):
+def test_an_unreachable_cluster_stops_the_job_in_its_timeout_and_touches_no_output(
+    corpus, tmp_path, checkpoint_path, job_process
+):
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(corpus[0], images / corpus[0].name)
     address = f"127.0.0.1:{closed_port()}"
     argv = support.job_argv(images, tmp_path / "out", checkpoint_path, "ray.connect_timeout_s=2")
-    job = subprocess.Popen(
-        [sys.executable, str(ROOT / "jobs" / "label_images.py"), *argv],
-        env=plain_environment(RAY_ADDRESS=address),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        # Ray's own connect would wait minutes: a test that hangs here has lost its bound.
-        out, err = job.communicate(timeout=120)
-    finally:
-        kill_session(job)
+    # Ray's own connect would wait minutes: a test that hangs here has lost its bound.
+    job = job_process.run(argv, 120, env={"RAY_ADDRESS": address})
+    err = job.stderr
     assert job.returncode == 2, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and address in errors[0] and "RAY_ADDRESS" in errors[0]

@@ -3,7 +3,6 @@ every image exactly once (tests/cluster.py's three-node `ray start` cluster for 
 
 from __future__ import annotations
 
-import http.server
 import threading
 import time
 
@@ -14,7 +13,8 @@ from ray._private import worker as ray_worker
 from mnasnet_batch.cluster import RAY_CPP_LOG_LINE, is_ray_chatter, keep_ray_chatter_out
 from mnasnet_batch.job import NodeWatch
 from tests import support
-from tests.cluster import checkout_copy, poll, profile_health_checks, running_cluster, submit_job, wait_job
+from tests.cluster import checkout_copy, profile_health_checks, running_cluster, submit_job, wait_job
+from tests.support import GatedImages, poll
 
 NODE_A = {"NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1", "Alive": True}
 NODE_B = {"NodeID": "b" * 56, "NodeManagerAddress": "10.0.0.2", "Alive": True}
@@ -81,34 +81,6 @@ IMAGES = 48
 # Served at once; the others only once the node is killed, so that the kill always falls in the middle of the run.
 SERVED_FIRST = 16
 ROWS_PER_PART = 8
-
-
-class GatedImages(http.server.ThreadingHTTPServer):
-    """Serves a folder's images on loopback; all but the first ``SERVED_FIRST`` wait until ``opened`` is set."""
-
-    daemon_threads = True
-
-    def __init__(self, folder, first: set[str]):
-        self.folder, self.first, self.opened = folder, first, threading.Event()
-        super().__init__(("127.0.0.1", 0), GatedHandler)
-
-
-class GatedHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        name = self.path.lstrip("/")
-        if name not in self.server.first:
-            self.server.opened.wait(600)
-        body = (self.server.folder / name).read_bytes()
-        try:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        except OSError:
-            pass  # the reader was on the killed node
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from mnasnet_batch.outputs import folder as output
 from mnasnet_batch.outputs import lease as lease_module
 from mnasnet_batch.outputs import run as run_module
 from mnasnet_batch.storage import Storage, StorageError
+from tests.support import poll
 
 
 def job_config(out, run_id="", mode="auto", storage=None, **sections):
@@ -38,13 +39,6 @@ def job_config(out, run_id="", mode="auto", storage=None, **sections):
 
 def rows(uris):
     return pa.table({"uri": pa.array(uris, pa.string()), "error": pa.array([None] * len(uris), pa.string())})
-
-
-def poll(condition, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def no_space(self, path, value, *args, **kwargs):
@@ -287,13 +281,28 @@ def test_a_stale_lease_is_taken_over(tmp_path, holder):
     plan.lease.release()
 
 
-def test_a_fresh_lease_of_another_machine_is_respected(tmp_path):
+class FrozenClock(datetime.datetime):
+    """``datetime.datetime`` whose ``now`` is always ``NOW``: a lease's age is then what the test wrote."""
+
+    NOW = datetime.datetime(2026, 12, 7, 12, 0, tzinfo=datetime.timezone.utc)
+
+    @classmethod
+    def now(cls, tz=None):
+        return cls.NOW.astimezone(tz) if tz else cls.NOW.replace(tzinfo=None)
+
+
+def test_a_fresh_lease_of_another_machine_is_respected(tmp_path, monkeypatch):
     out = tmp_path / "labels"
     out.mkdir()
-    beat = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=lease_module.LEASE_STALE_S - 30)
+    # The lease module's clock stands still, so the age it reads is the one written, however long planning takes.
+    clock = type("datetime", (), {"datetime": FrozenClock, "timezone": datetime.timezone})
+    monkeypatch.setattr(lease_module, "datetime", clock)
+    beat = FrozenClock.NOW - datetime.timedelta(seconds=lease_module.LEASE_STALE_S - 30)
     lease = {"run_id": "busy", "host": "elsewhere", "pid": 1, "token": "theirs", "heartbeat_at": beat.isoformat()}
     (out / lease_module.LEASE_FILE).write_text(json.dumps(lease))
-    with pytest.raises(StorageError, match=r"in use by run busy \(host elsewhere, pid 1\), last heartbeat 9\d s ago"):
+    age = f"{lease_module.LEASE_STALE_S - 30:.0f}"
+    held = rf"in use by run busy \(host elsewhere, pid 1\), last heartbeat {age} s ago"
+    with pytest.raises(StorageError, match=held):
         output.plan_run(job_config(out, run_id="next"), "IMAGENET1K_V1")
     assert json.loads((out / lease_module.LEASE_FILE).read_text())["token"] == "theirs"
 

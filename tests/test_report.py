@@ -26,7 +26,7 @@ from mnasnet_batch.inputs.parquet import ParquetLayout
 from mnasnet_batch.inputs.webdataset import WebDatasetLayout
 from mnasnet_batch.storage import Storage
 from tests import support
-from tests.test_sources import make_tar
+from tests.support import make_tar
 
 
 @pytest.fixture(scope="module")
