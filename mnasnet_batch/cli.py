@@ -24,6 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 import mnasnet_batch
 from mnasnet_batch.cluster import keep_ray_chatter_out, reach_cluster
 from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConfig, load_config, parse_override
+from mnasnet_batch.driver_stderr import filter_driver_stderr
 from mnasnet_batch.storage import GLOB_CHARACTERS, Storage, StorageError, absolute_location, scheme
 
 if TYPE_CHECKING:
@@ -454,6 +455,8 @@ def start_ray(config: JobConfig) -> None:
             with without_token_notice():
                 ray.init(include_dashboard=False, **options)
         keep_ray_chatter_out()
+        # After ray.init: Ray's local processes keep the real stderr; only this process writes into the filter.
+        filter_driver_stderr()
         install_stop_handlers()
 
 

@@ -4,6 +4,7 @@ and a driver whose working directory Ray replaces under it."""
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -278,3 +279,53 @@ def test_a_stop_while_the_run_closes_gives_its_true_outcome(
         assert f"SIGINT arrived while run {record['run_id']} was closing; it had succeeded" in printed.err
         assert shutdowns == ([] if step != "during Ray's shutdown" else ["done"])
     assert set(rows_by_uri(output)) == {str(images / p.name) for p in corpus[:4]}
+
+
+# Every line a good local job prints on stderr, after its time stamp: the job's own, each once but progress.
+OWN_LINES = {
+    "version": r"INFO mnasnet_batch\.cli: mnasnet-batch \S+ from \S+",
+    "layout": r"INFO mnasnet_batch\.inputs\.listing: input format files \(detected from \S+\)",
+    "plan": r"INFO mnasnet_batch\.cli: weights \S+ verified \(\w+\); 5 image files \(files\) under \S+, 5 image files "
+    r"to label in run \w+",
+    "ray data log": r"INFO mnasnet_batch\.job: Ray Data's log, with the traceback of any failed task: \S+; Ray's own "
+    r"messages \(node health, retries\) are in the folder above it, on each node",
+    "costs": r"INFO mnasnet_batch\.job: an image costs [0-9.]+ ms to decode and [0-9.]+ ms in the model \(\w+\) on "
+    r"one core \(.*\)",
+    "actors": r"INFO mnasnet_batch\.job: labeling 5 image files \(files\) with mnasnet0_5: .*",
+    "engine": r"INFO mnasnet_batch\.job: the model runs on (ONNX Runtime|torch)",
+    "progress": r"INFO mnasnet_batch\.progress: progress: \d+/5 images .*",
+    "cpu time": r"INFO mnasnet_batch\.job: in the job, an image took [0-9.]+ ms to decode and [0-9.]+ ms in the "
+    r"model \(CPU time\)",
+}
+
+
+def test_a_good_local_job_prints_its_own_lines_only(corpus, photos, tmp_path, checkpoint_path, job_process):
+    # A photo whose EXIF Pillow warns about: a warning, not an error, and not a line of the job's log.
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in corpus[:4]:
+        shutil.copy(path, images / path.name)
+    exif = (
+        b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x02\x00\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00\x00\x00"
+        b"\x0f\x01\x02\x00\x00\x10\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00"
+    )
+    photos["coffee"].save(images / "corrupt_exif.jpg", "JPEG", exif=exif)
+    # The user's token file, as `ray get-auth-token --generate` leaves it: Ray turns token authentication on for
+    # the job's local Ray, and would say so.
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    result = job_process.run(
+        support.job_argv(images, tmp_path / "labels", checkpoint_path), 600, env={"HOME": str(home)}
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        line for line in result.stdout.splitlines() if line.startswith("labeled 5 images (0 errors) in ")
+    ] and len(result.stdout.splitlines()) == 1
+    kinds = []
+    for line in result.stderr.splitlines():
+        text = re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", "", line)
+        matched = [kind for kind, pattern in OWN_LINES.items() if re.fullmatch(pattern, text)]
+        assert matched, f"a line that is not the job's own: {line!r}"
+        kinds += matched
+    assert sorted(k for k in kinds if k != "progress") == sorted(k for k in OWN_LINES if k != "progress")
