@@ -5,6 +5,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -329,3 +330,31 @@ def test_a_good_local_job_prints_its_own_lines_only(corpus, photos, tmp_path, ch
         assert matched, f"a line that is not the job's own: {line!r}"
         kinds += matched
     assert sorted(k for k in kinds if k != "progress") == sorted(k for k in OWN_LINES if k != "progress")
+
+
+def readme_block(after: str) -> str:
+    """The README's first code block after the line ``after``."""
+    text = (ROOT / "README.md").read_text()
+    return text[text.index(after) :].split("```")[1].split("\n", 1)[1]
+
+
+def test_the_readme_quickstart_prints_the_line_it_states(tmp_path, checkpoint_path, job_process):
+    # The quickstart's photos, and its command, with the test's weights (torchvision's cannot be fetched here).
+    commands = readme_block("## Quickstart").splitlines()
+    assert commands[1].split("#")[0].split() == [".venv/bin/python", "scripts/sample_photos.py", "./sample"]
+    assert commands[2].split() == ["bash", "scripts/label.sh", "--input", "./sample", "--output", "./labels"]
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "sample_photos.py"), "./sample"], cwd=tmp_path, check=True)
+    result = job_process.run(
+        ["--input", "./sample", "--output", "./labels", "--weights", str(checkpoint_path)],
+        600,
+        program=["bash", str(ROOT / "scripts" / "label.sh")],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    stated = readme_block("It ends with one line on stdout").strip()
+    pattern = re.escape(stated).replace("T", "[0-9.]+").replace("R", "[0-9.]+")
+    assert re.fullmatch(pattern, result.stdout.strip()), (stated, result.stdout)
+    # The README's line that reads the result.
+    read = readme_block("Read the\nresult with pandas").strip().split(maxsplit=1)[1]
+    shown = subprocess.run([sys.executable, *shlex.split(read)], cwd=tmp_path, capture_output=True, text=True)
+    assert shown.returncode == 0 and len(re.findall(r"\bok\b", shown.stdout)) == 8, shown.stdout + shown.stderr

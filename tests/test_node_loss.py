@@ -101,6 +101,7 @@ def gated_images(tmp_path):
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(1200)  # three nodes started, one killed, the job resumed: more than the default limit
 def test_the_model_actors_node_is_lost_mid_run(gated_images, checkpoint_path, tmp_path):
     server, manifest, urls = gated_images
     started = time.monotonic()
