@@ -9,6 +9,11 @@ is lost) once ``--kill-after`` parts are written. Each case reports the seconds 
 after the kill: until the GCS marks the node dead, until a new model actor is alive, until the job ends; whether
 every image has exactly one row, and the job log's lines by origin.
 
+The ``default profile`` cases run the embedded default profile instead (no ``--config``, no ``compute.*``
+setting) on a head with no CPUs and two workers of 2 CPUs, the cluster where a restarted actor once took the whole
+node left: a job that has not ended ``--give-up-s`` seconds after the kill is recorded as stalled, with its last
+progress line, and stopped.
+
     PYTHONPATH=. .venv/bin/python benchmarks/bench_node_loss.py --images 2000 --parts 20 --kill-after 3 \\
         --json bench_node_loss.json
 """
@@ -20,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,22 +73,47 @@ def line_origins(logs: str) -> dict[str, int]:
     return origins
 
 
+def stalled(cluster, submission_id: str, after_s: float) -> str | None:
+    """Waits up to ``after_s`` for the job to end; if it has not, stops it and returns its last progress line."""
+    deadline = time.monotonic() + after_s
+    while time.monotonic() < deadline:
+        if cluster.get(f"/api/jobs/{submission_id}")["status"] not in ("PENDING", "RUNNING"):
+            return None
+        time.sleep(1)
+    logs = cluster.get(f"/api/jobs/{submission_id}/logs")["logs"]
+    subprocess.run(["ray", "job", "stop", "--address", cluster.url, submission_id], env=cluster.env, check=False)
+    return next((line for line in reversed(logs.splitlines()) if "progress: " in line), "no progress line")
+
+
 def run_case(
-    name: str, images: list[Path], weights: Path, parts: int, kill_after: int | None, head_env: dict, keep_logs: str
+    name: str,
+    images: list[Path],
+    weights: Path,
+    args: argparse.Namespace,
+    kill_after: int | None,
+    head_env: dict,
+    default_profile: bool = False,
 ):
     """One job on a fresh cluster; returns its figures."""
-    rows_per_file = -(-len(images) // parts)
-    with running_cluster(1, "--num-cpus", "1", "--num-gpus", "1", workers=2, head_env=head_env) as cluster:
+    rows_per_file = -(-len(images) // args.parts)
+    if default_profile:  # a head with no CPUs, two workers of 2; the embedded profile, nothing of compute.* set
+        shape, profile, settings = (0, "--num-cpus", "2"), [], ("progress.interval_s=5",)
+    else:
+        shape, profile, settings = (
+            (1, "--num-cpus", "1", "--num-gpus", "1"),
+            ["--config", "conf/gpu-cluster.yaml"],
+            SETTINGS,
+        )
+    with running_cluster(*shape, workers=2, head_env=head_env) as cluster:
         checkout = checkout_copy(cluster)
         output = cluster.root / "labels"
         started = time.monotonic()
         submission_id = submit_job(
             cluster,
             checkout,
-            *["--runtime-env", "conf/runtime_env.yaml", "--"],
-            *["python", "jobs/label_images.py", "--config", "conf/gpu-cluster.yaml"],
+            *["--runtime-env", "conf/runtime_env.yaml", "--", "python", "jobs/label_images.py", *profile],
             *["--input", str(images[0].parent), "--output", str(output), "--weights", str(weights)],
-            *[arg for setting in (*SETTINGS, f"output.rows_per_file={rows_per_file}") for arg in ("--set", setting)],
+            *[arg for setting in (*settings, f"output.rows_per_file={rows_per_file}") for arg in ("--set", setting)],
         )
         figures: dict[str, object] = {"case": name, "health_check": head_env or "Ray's defaults"}
         if kill_after is not None:
@@ -114,6 +145,11 @@ def run_case(
                 if cluster.get(f"/api/jobs/{submission_id}")["status"] not in ("PENDING", "RUNNING"):
                     break
                 time.sleep(0.5)
+        if default_profile and kill_after is not None:
+            last = stalled(cluster, submission_id, args.give_up_s)
+            if last is not None:
+                figures.update(stalled_after_kill_s=args.give_up_s, last_progress=last, parts=count_parts(output))
+                return figures
         job, logs = wait_job(cluster, submission_id, timeout_s=900)
         ended = time.monotonic()
         figures["submission_to_succeeded_s"] = round(ended - started, 1)
@@ -127,8 +163,9 @@ def run_case(
         figures["parts"] = count_parts(output)
         figures["log_lines"] = line_origins(logs)
         figures["log_lines_about_the_loss"] = [line for line in logs.splitlines() if " lost: " in line]
-        if keep_logs:
-            kept = Path(keep_logs) / name.replace(" ", "_")
+        figures["plan"] = next((line.split(": ", 1)[-1] for line in logs.splitlines() if "model actors (" in line), "")
+        if args.keep_logs:
+            kept = Path(args.keep_logs) / name.replace(" ", "_").replace(",", "")
             shutil.rmtree(kept, ignore_errors=True)
             kept.mkdir(parents=True)
             (kept / "job.log").write_text(logs)
@@ -146,6 +183,7 @@ def main() -> None:
     parser.add_argument(
         "--cases", default="no loss,node lost,node lost (profile health checks)", help="comma-separated"
     )
+    parser.add_argument("--give-up-s", type=float, default=600, help="default profile: a stall after the kill")
     parser.add_argument("--dir", default="/tmp/bench_node_loss", help="where the corpus is made (kept, reused)")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--keep-logs", help="copy each case's job log and the nodes' Ray logs under this folder")
@@ -158,9 +196,11 @@ def main() -> None:
     if not weights.exists():
         weights.write_bytes(support.checkpoint_bytes(support.make_model()))
     cases = {
-        "no loss": (None, {}),
-        "node lost": (args.kill_after, {}),
-        "node lost (profile health checks)": (args.kill_after, profile_health_checks()),
+        "no loss": (None, {}, False),
+        "node lost": (args.kill_after, {}, False),
+        "node lost (profile health checks)": (args.kill_after, profile_health_checks(), False),
+        "default profile no loss": (None, profile_health_checks(), True),
+        "default profile node lost": (args.kill_after, profile_health_checks(), True),
     }
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -170,8 +210,8 @@ def main() -> None:
         "cases": [],
     }
     for name in args.cases.split(","):
-        kill_after, head_env = cases[name.strip()]
-        figures = run_case(name.strip(), images, weights, args.parts, kill_after, head_env, args.keep_logs)
+        kill_after, head_env, default_profile = cases[name.strip()]
+        figures = run_case(name.strip(), images, weights, args, kill_after, head_env, default_profile)
         print(json.dumps(figures), flush=True)
         results["cases"].append(figures)
     results["load_average_at_end"] = os.getloadavg()

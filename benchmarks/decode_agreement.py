@@ -25,11 +25,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch, preprocess_image  # noqa: E402
+from mnasnet_batch.decode.preprocess import (  # noqa: E402
+    FAST_DECODE_MARGIN,
+    PreprocessSpec,
+    decode_batch,
+    decoded_image,
+    open_image,
+    preprocess_image,
+    resize_geometry,
+)
 from mnasnet_batch.inputs.layout import encoded_batch  # noqa: E402
 from mnasnet_batch.model.predictor import Predictor  # noqa: E402
 from mnasnet_batch.model.weights import Checkpoint, torchvision_weights  # noqa: E402
@@ -48,6 +56,14 @@ MOST_FLIPS = 0.02
 # one is, while its features still tell the photos apart.
 BATCH_NORM_BIAS = 2.0
 DECODE_BATCH = 8
+# The other formats photos come in, as --formats saves them: (suffix, Pillow's save options). PNG and TIFF are
+# lossless (their pixels are the same at any compression; the quickest to write is used), WebP lossy at a
+# camera-like quality.
+FORMATS = {
+    "png": (".png", {"compress_level": 1}),
+    "tiff": (".tiff", {}),
+    "webp": (".webp", {"quality": 90, "method": 2}),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fit-crops", type=int, default=96, help="augmented crops per source photo to fit on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "decode_agreement.json")
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        choices=sorted(FORMATS),
+        default=[],
+        help="also measure fast_decode on the same photos saved in these formats (pixels decoded from the JPEGs)",
+    )
     return parser
 
 
@@ -194,6 +217,80 @@ def noise_changes(
     }
 
 
+def transcoded(paths: list[Path], name: str, directory: Path) -> list[Path]:
+    """The photos' upright pixels (EXIF orientation applied, none recorded) saved in format ``name`` under
+    ``directory``; files already there are kept."""
+    suffix, options = FORMATS[name]
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in paths:
+        target = directory / (path.stem + suffix)
+        if not target.exists():
+            with Image.open(path) as image:
+                ImageOps.exif_transpose(image).convert("RGB").save(target, **options)
+        out.append(target)
+    return out
+
+
+def reduced_crop(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    """What fast decoding did to formats other than JPEG before 2026-12-07, for the comparison: a full decode, then
+    ``Image.reduce`` by the largest integer factor keeping the short side at ``FAST_DECODE_MARGIN`` times the resize
+    target, then the reference's resize and crop."""
+    with open_image(data, spec) as image:
+        rgb = decoded_image(image, spec)
+    factor = max(1, min(rgb.size) // (FAST_DECODE_MARGIN * spec.resize_size))
+    if factor > 1:
+        rgb = rgb.reduce(factor)
+    height, width, top, left = resize_geometry(rgb.height, rgb.width, spec)
+    resized = rgb.resize((width, height), resample=spec.resample)
+    return np.asarray(resized.crop((left, top, left + spec.crop_size, top + spec.crop_size)), dtype=np.uint8)
+
+
+def by_format(
+    model: torch.nn.Module, paths: list[Path], name: str, workdir: Path, exact: PreprocessSpec, model_name: str
+) -> dict:
+    """A reduced decode against the exact path on the photos saved as ``name``: for JPEG, ``fast_decode`` (DCT
+    scaling); for the other formats, a full decode then ``Image.reduce`` (``reduced_crop``), which fast decoding
+    no longer does. Crops, agreement, and each path's decode time (both timed in the same pass, photo by photo, so
+    that other load on the machine falls on both alike)."""
+    files = paths if name == "jpeg" else transcoded(paths, name, workdir / f"{paths[0].parent.name}-{name}")
+    fast = dataclasses.replace(exact, fast_decode=True)
+    variants = {
+        "exact": lambda data: preprocess_image(data, exact),
+        "reduced": (lambda data: preprocess_image(data, fast))
+        if name == "jpeg"
+        else (lambda d: reduced_crop(d, exact)),
+    }
+    crops = {variant: [] for variant in variants}
+    seconds = dict.fromkeys(variants, 0.0)
+    for path in files:
+        data = path.read_bytes()
+        for variant, crop in variants.items():
+            started = time.perf_counter()
+            crops[variant].append(crop(data))
+            seconds[variant] += time.perf_counter() - started
+    exact_crops, reduced_crops = (np.stack(crops[v]) for v in variants)
+    difference = np.abs(reduced_crops.astype(np.int16) - exact_crops.astype(np.int16))
+    megabytes = [p.stat().st_size / 2**20 for p in files]
+    return {
+        "format": name,
+        "reduced_by": "fast_decode (Image.draft)" if name == "jpeg" else "full decode, then Image.reduce",
+        "save_options": FORMATS.get(name, ("", "as written, quality 88-95"))[1],
+        "megabytes_mean": float(np.mean(megabytes)),
+        "mean_abs_pixel_difference": float(difference.mean()),
+        "max_abs_pixel_difference": int(difference.max()),
+        "largest_per_photo_mean": float(difference.reshape(len(files), -1).mean(1).max()),
+        "ms_per_image": {v: 1000 * s / len(files) for v, s in seconds.items()},
+        "fast_decode_is_exact": bool(
+            name != "jpeg" and np.array_equal(preprocess_image(files[0].read_bytes(), fast), exact_crops[0])
+        ),
+        **agreement(
+            logits_of(model, normalise(exact_crops, model_name)),
+            logits_of(model, normalise(reduced_crops, model_name)),
+        ),
+    }
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -311,6 +408,23 @@ def main(argv=None) -> int:
         "noise_test": noise,
         "variants": results,
     }
+    if args.formats:
+        # The JPEG row for the table beside the others: the same comparison, with the EXIF orientation applied (the
+        # other formats are saved upright), timed the same way.
+        report["by_format"] = [by_format(model, paths, "jpeg", args.workdir, turned, args.model)] + [
+            by_format(model, paths, name, args.workdir, turned, args.model) for name in args.formats
+        ]
+        print(
+            f"{'format':8} {'MB':>5} {'mean |d|':>9} {'max |d|':>8} {'top-1':>7} {'top-5 set':>10} {'exact ms':>9} "
+            f"{'reduced ms':>10}"
+        )
+        for r in report["by_format"]:
+            ms = r["ms_per_image"]
+            print(
+                f"{r['format']:8} {r['megabytes_mean']:5.1f} {r['mean_abs_pixel_difference']:9.3f} "
+                f"{r['max_abs_pixel_difference']:8} {r['top1_agreement']:7.1%} {r['top5_same_set']:10.1%} "
+                f"{ms['exact']:9.0f} {ms['reduced']:8.0f}"
+            )
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0

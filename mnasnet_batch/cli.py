@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mode",
         choices=OUTPUT_MODES,
-        help="output.mode: auto (default: new run, or resume an unfinished one), incremental, overwrite; with a "
-        "table (output.table) also retry-errors, changed, relabel",
+        help="output.mode: auto (default: new run, or resume an unfinished one), incremental, retry-errors, "
+        "overwrite; with a table (output.table) also changed, relabel",
     )
     parser.add_argument("--run-id", help="output.run_id (default: the job submission id, else a UTC timestamp)")
     parser.add_argument(
@@ -101,93 +101,171 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the labeling job; returns the process exit status.
 
     0: labeled; 1: the run failed (it can be resumed); 2: bad configuration or inputs, nothing labeled;
-    130 / 143: stopped by SIGINT / SIGTERM, the run recorded as interrupted (it can be resumed).
+    130 / 143: stopped by SIGINT / SIGTERM, the run recorded as interrupted (it can be resumed). Whatever ends the
+    command once its run is open (Ray's start, the cluster, the model, storage) closes the run first (``ended``).
     """
     started = time.monotonic()
     args = build_parser().parse_args(argv)
     configure_logging()
     # Which code ran: under `ray job submit --working-dir` this is the uploaded copy, not an installed one.
     log.info("mnasnet-batch %s from %s", mnasnet_batch.__version__, Path(mnasnet_batch.__file__).parent)
-    # Importing torch and Ray costs seconds; the configuration is checked before either is needed.
     try:
-        config = config_from_args(args)
-        from mnasnet_batch.outputs import targets
-
-        target = targets.target_for(config)  # the Parquet folder or a table, decided once
-        # The job's one storage handle: the weights, the input and the output (its parts and records) go through it.
-        storage = Storage(config.storage)
-        # What a moment tells is told before Ray starts, and before the output is touched.
-        check_locations(config, storage)
-        address = cluster_address(config)
-        if address:
-            reach_cluster(address, config.ray.connect_timeout_s, "ray.address" if config.ray.address else "RAY_ADDRESS")
+        config, target, storage, address = checked_command(args)
     except (ConfigError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    plan = inputs = None
-    started_ray = False
+    attempt = Attempt(started=started)
     try:
         with stop_on_signals():
-            # Every module the driver runs is imported before Ray starts, so none is imported from a working
-            # directory that Ray replaces (below).
-            from mnasnet_batch import job  # noqa: F401
-            from mnasnet_batch.inputs import listing  # noqa: F401
-            from mnasnet_batch.outputs import folder, run  # noqa: F401
-
-            joining = bool(address) and not ray_initialized()
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                prepared = pool.submit(prepare, config, target, storage)
-                if not joining:
-                    # A local Ray starts in seconds of mostly waiting; importing torch, verifying weights and
-                    # listing inputs overlap it. It starts in this (the main) thread: its processes are tied to
-                    # the thread that starts them.
-                    started_ray = not ray_initialized()
-                    start_ray(config)
-                from mnasnet_batch.model.weights import WeightsError  # waits for prepare's import of torch
-
-                try:
-                    checkpoint, inputs, plan, costs = prepared.result()
-                except (WeightsError, StorageError) as exc:
-                    print(f"error: {exc}", file=sys.stderr)
-                    return 2
-            if joining:
-                # Under `ray job submit`, Ray 2.60 unpacks the job's working dir again (rmtree, then extract) when it
-                # sets the job's runtime env up on this node, under the driver running in it: from then on the
-                # directory this process is in no longer exists, and os.getcwd() fails. Every path is absolute by
-                # now and every import done, so the driver leaves for a directory nothing replaces (then joins).
-                os.chdir(tempfile.gettempdir())
-            summary = label_remaining(config, checkpoint, inputs, plan, costs, own_ray=started_ray)
-            # Stops are held from here on (``hold_stops``): the run is closed, and a signal now stops nothing.
-            if started_ray:
-                import ray
-
-                ray.shutdown()  # within the command's time, which the summary gives
-            print(dataclasses.replace(summary, seconds=time.monotonic() - started).line())
-            held = held_stop()
-            if held is not None:
-                print(
-                    f"{held} arrived while run {plan.run_id} was closing; it had succeeded: nothing to resume",
-                    file=sys.stderr,
-                )
-            return 0
-    except ConfigError as exc:  # settings that do not fit the cluster, found once it is known
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Stopped as stop:
-        where = ""
-        if plan is not None:  # opened; closed once stops are held
-            where = f"run {plan.run_id} is recorded as interrupted; " if _Stops.holding else f"run {plan.run_id}: "
-        print(f"stopped by {stop.name}: {where}run the same command again to resume", file=sys.stderr)
+            try:
+                return run_command(config, target, storage, address, attempt)
+            except (Stopped, Exception) as exc:
+                return ended(config, attempt, exc)
+    except Stopped as stop:  # a second signal before stops were held (``close_opened``)
+        print(f"stopped by {stop.name}: run the same command again to resume", file=sys.stderr)
         return 128 + stop.signum
-    except Exception as exc:
+    finally:
+        if attempt.inputs is not None:
+            attempt.inputs.release()
+
+
+def checked_command(args: argparse.Namespace) -> tuple[JobConfig, OutputTarget, Storage, str]:
+    """The settings, output target, storage handle and cluster address of a command, checked before Ray starts
+    or the output is touched (importing torch and Ray costs seconds; what a moment tells is told first).
+
+    Raises:
+        ConfigError: a bad setting, or a cluster that cannot be reached.
+        StorageError: the input, the weights or the output cannot be used.
+    """
+    config = config_from_args(args)
+    from mnasnet_batch.outputs import targets
+
+    target = targets.target_for(config)  # the Parquet folder or a table, decided once
+    # The job's one storage handle: the weights, the input and the output (its parts and records) go through it.
+    storage = Storage(config.storage)
+    check_locations(config, storage)
+    address = cluster_address(config)
+    if address:
+        reach_cluster(address, config.ray.connect_timeout_s, "ray.address" if config.ray.address else "RAY_ADDRESS")
+    return config, target, storage, address
+
+
+@dataclasses.dataclass
+class Attempt:
+    """What a command has opened, so that whatever ends it closes it (``ended``)."""
+
+    # When the command started (``time.monotonic``): the summary's time is the command's.
+    started: float
+    # The planned input, whose spooled lists the command removes as it ends.
+    inputs: InputPlan | None = None
+    # The run, once opened (its lease taken, its record written as running).
+    plan: RunPlan | None = None
+    # The run's record is closed, or closing it was tried and its failure said: nothing is left to close.
+    closed: bool = False
+    # This command started the local Ray it runs on (and so shuts it down).
+    started_ray: bool = False
+
+
+def run_command(config: JobConfig, target: OutputTarget, storage: Storage, address: str, attempt: Attempt) -> int:
+    """``main`` once the command is checked: the run opened beside Ray's start, then labeled and closed.
+
+    Returns:
+        0 once labeled; 2 when the weights or the input cannot be used, no run opened.
+    """
+    # Every module the driver runs is imported before Ray starts, so none is imported from a working directory
+    # that Ray replaces (below).
+    from mnasnet_batch import job  # noqa: F401
+    from mnasnet_batch.inputs import listing  # noqa: F401
+    from mnasnet_batch.outputs import folder, run  # noqa: F401
+
+    joining = bool(address) and not ray_initialized()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        prepared = pool.submit(prepare, config, target, storage, attempt)
+        if not joining:
+            # A local Ray starts in seconds of mostly waiting; importing torch, verifying weights and listing inputs
+            # overlap it. It starts in this (the main) thread: its processes are tied to the thread that starts
+            # them. Should it fail, leaving this block waits for prepare: a run it opened is then closed (``ended``).
+            attempt.started_ray = not ray_initialized()
+            start_ray(config)
+        from mnasnet_batch.model.weights import WeightsError  # waits for prepare's import of torch
+
+        try:
+            checkpoint, inputs, plan, costs = prepared.result()
+        except (WeightsError, StorageError) as exc:
+            if attempt.plan is not None:  # the run was open: it failed, and is closed as such
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if joining:
+        # Under `ray job submit`, Ray 2.60 unpacks the job's working dir again (rmtree, then extract) when it sets
+        # the job's runtime env up on this node, under the driver running in it: from then on the directory this
+        # process is in no longer exists, and os.getcwd() fails. Every path is absolute by now and every import
+        # done, so the driver leaves for a directory nothing replaces (then joins).
+        os.chdir(tempfile.gettempdir())
+    attempt.closed = True  # label_remaining closes the run, however labeling ends
+    summary = label_remaining(config, checkpoint, inputs, plan, costs, own_ray=attempt.started_ray)
+    # Stops are held from here on (``hold_stops``): the run is closed, and a signal now stops nothing.
+    if attempt.started_ray:
+        import ray
+
+        ray.shutdown()  # within the command's time, which the summary gives
+    print(dataclasses.replace(summary, seconds=time.monotonic() - attempt.started).line())
+    held = held_stop()
+    if held is not None:
+        closing = f"{held} arrived while run {plan.run_id} was closing"
+        print(f"{closing}; it had succeeded: nothing to resume", file=sys.stderr)
+    return 0
+
+
+def ended(config: JobConfig, attempt: Attempt, exc: BaseException) -> int:
+    """How a command that ``exc`` ended exits: the run it opened closed first (``close_opened``), then one line.
+
+    Returns:
+        2 for settings that do not fit the cluster; 128 + the signal's number for a stop; else 1.
+    """
+    cannot = close_opened(config, attempt, exc)
+    plan = attempt.plan
+    if cannot:  # says what failed, why its record cannot be written, and that the same command resumes it
+        print(f"error: {cannot}", file=sys.stderr)
+    elif isinstance(exc, Stopped):
+        where = f"run {plan.run_id} is recorded as interrupted; " if plan is not None else ""
+        print(f"stopped by {exc.name}: {where}run the same command again to resume", file=sys.stderr)
+    elif isinstance(exc, ConfigError):  # settings that do not fit the cluster, found once it is known
+        print(f"error: {exc}", file=sys.stderr)
+    else:
         # One line for people; a failed task's traceback is in Ray Data's log (named when labeling started).
         where = f"run {plan.run_id} failed, run the same command again to resume: " if plan is not None else ""
         print(f"error: {where}{root_cause(exc)}", file=sys.stderr)
-        log.debug("the job failed", exc_info=True)
-        return 1
-    finally:
-        if inputs is not None:
-            inputs.release()
+        log.debug("the job failed", exc_info=exc)
+    if isinstance(exc, Stopped):
+        return 128 + exc.signum
+    return 2 if isinstance(exc, ConfigError) else 1
+
+
+def close_opened(config: JobConfig, attempt: Attempt, exc: BaseException) -> str:
+    """Closes the run ``attempt`` opened, where it is still open, as failed with ``exc`` (interrupted, for a stop),
+    releasing its lease: a failure between the run's opening and its labeling (Ray's start, the model's costs)
+    leaves no run recorded as running.
+
+    Returns:
+        Why the run's record cannot be written (the message keeps ``exc`` and says the run stays resumable); "" once
+        closed, or when no run is open.
+    """
+    if attempt.plan is None or attempt.closed:
+        return ""
+    attempt.closed = True
+    hold_stops()  # the run is recorded as what stopped it, whatever arrives meanwhile
+    try:
+        attempt.plan.target.finish_run(
+            config,
+            attempt.plan,
+            time.monotonic() - attempt.started,
+            error=root_cause(exc),
+            interrupted=isinstance(exc, Stopped),
+        )
+    except StorageError as failed:
+        return str(failed)
+    return ""
 
 
 class Stopped(BaseException):
@@ -329,13 +407,17 @@ def check_locations(config: JobConfig, storage: Storage) -> None:
 
 
 def prepare(
-    config: JobConfig, target: OutputTarget | None = None, storage: Storage | None = None
+    config: JobConfig,
+    target: OutputTarget | None = None,
+    storage: Storage | None = None,
+    attempt: Attempt | None = None,
 ) -> tuple[Checkpoint, InputPlan, RunPlan, StageCosts | None]:
     """Verifies the weights, plans the input and opens the run: everything that can fail before any image is read;
     then measures what an image of the input costs each stage (``costs.job_costs``).
 
     ``target``: the output target (``targets.target_for``), chosen from ``config`` when None. ``storage``: the job's
-    storage handle, built from ``config.storage`` when None.
+    storage handle, built from ``config.storage`` when None. ``attempt``: given the input plan and the run as soon as
+    the run is open, so that what fails after (here, or beside this) closes it.
 
     Raises:
         WeightsError: the weights cannot be found, read, verified or fitted.
@@ -353,6 +435,8 @@ def prepare(
     except BaseException:
         inputs.release()
         raise
+    if attempt is not None:
+        attempt.inputs, attempt.plan = inputs, plan
     costs = job_costs(config, checkpoint, inputs)
     if costs is not None:
         plan = dataclasses.replace(plan, stage_costs=costs.as_record())

@@ -10,8 +10,9 @@ from pathlib import Path
 import yaml
 
 OUTPUT_MODES = ("auto", "incremental", "overwrite", "retry-errors", "changed", "relabel")
-# The modes that replace an image's row: only a table (output.table) holds one current row per image.
-TABLE_ONLY_MODES = ("retry-errors", "changed", "relabel")
+# The modes that replace the rows of any images (changed, relabel): only a table (output.table) holds one current
+# row per image. A Parquet folder's retry-errors replaces its error rows in the parts that hold them.
+TABLE_ONLY_MODES = ("changed", "relabel")
 MODEL_NAMES = ("mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3")
 DEVICES = ("auto", "cpu", "gpu")
 DECODE_PLACES = ("workers", "actor")
@@ -88,7 +89,8 @@ class OutputConfig:
     # readers get at most 12 such parts an hour.
     part_interval_s: float = 300.0
     # auto: start a run, or resume the unfinished one; refuse an output that holds a finished run.
-    # incremental: label only inputs with no row under the output yet. overwrite: delete and start over.
+    # incremental: label only inputs with no row under the output yet. retry-errors: label again the images whose
+    # row is an error, replacing those rows. overwrite: delete and start over. A table also: changed, relabel.
     mode: str = "auto"
     # Empty: the Ray job submission id when there is one, else a UTC timestamp.
     run_id: str = ""
@@ -137,13 +139,13 @@ class PreprocessConfig:
     # nodes whose CPUs cannot decode as fast as the GPU classifies; on a CPU, with Pillow on the actor's threads
     # (at par with workers on a 2-core machine, docs/benchmarks.md).
     decode_on: str = "workers"
-    # False: decode every pixel, as the reference does, so predictions match it. True: a large image is decoded at
-    # a reduced size whose short side stays at least twice the resize target (512 px for Resize 256): a JPEG at
-    # libjpeg's DCT scale 1/2, 1/4 or 1/8 (Image.draft), other formats reduced by an integer factor (Image.reduce),
-    # then resized and cropped as before. A phone photo (12 MP) decodes several times faster; the crops differ from
-    # the reference's by a fraction of a grey level on average (contract: under 1 level), which can move a
-    # prediction near a tie (measured in docs/benchmarks.md). Pillow's paths only: nvJPEG on a GPU actor
-    # (decode_on=actor) stays exact.
+    # False: decode every pixel, as the reference does, so predictions match it. True: a large JPEG is decoded at
+    # libjpeg's DCT scale 1/2, 1/4 or 1/8 (Image.draft), whose short side stays at least twice the resize target
+    # (512 px for Resize 256), then resized and cropped as before; other formats are decoded exactly (reducing them
+    # after a full decode saved little and moved pixels 4.5x as far, docs/benchmarks.md). A phone photo (12 MP)
+    # decodes several times faster; the crops differ from the reference's by a fraction of a grey level on average
+    # (contract: under 1 level), which can move a prediction near a tie (measured in docs/benchmarks.md). Pillow's
+    # paths only: nvJPEG on a GPU actor (decode_on=actor) stays exact.
     fast_decode: bool = False
 
 
@@ -199,6 +201,12 @@ class ProgressConfig:
     # 30 s: in job logs (no terminal) a 10-minute run reads as 20 lines, and a stall shows within a minute.
     # At a terminal a progress bar is redrawn every second instead.
     interval_s: float = 30.0
+    # 600 s: no image labeled for that long means the job waits for something that will not come (decode tasks or
+    # an actor no node left can place, a read that never answers): the run ends, failed and resumable, with a line
+    # naming what waits. Far above a healthy job's longest pause: a lost node noticed and its actors restarted
+    # (under a minute), a model actor's start, or a node an autoscaler adds (a few minutes; compute.node_wait_s
+    # bounds the wait for the first).
+    stall_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -217,34 +225,42 @@ def _section_types() -> dict[str, type]:
     return {f.name: typing.get_type_hints(JobConfig)[f.name] for f in dataclasses.fields(JobConfig)}
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_tuple(value: object) -> object:
+    if isinstance(value, str):  # "a, b" from --set
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    return tuple(value) if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value) else None
+
+
+def _as_dict(value: object) -> object:
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return dict(value)
+    return {} if value == "" else None
+
+
+# Per annotated type, the value a setting takes, or None where it would lose something: no bool is a number, an
+# int is a float, a number written where a name goes (a run id of digits) is that name.
+_CONVERTERS = {
+    bool: lambda v: v if isinstance(v, bool) else None,
+    int: lambda v: v if isinstance(v, int) and not isinstance(v, bool) else None,
+    float: lambda v: float(v) if _is_number(v) else None,
+    str: lambda v: v if isinstance(v, str) else str(v) if _is_number(v) else None,
+    tuple: _as_tuple,
+    dict: _as_dict,
+}
+
+
 def _coerce(where: str, value: object, expected: object) -> object:
     """Checks ``value`` against a field's annotated type, converting only where it loses nothing."""
-    if expected is bool:
-        if isinstance(value, bool):
-            return value
-    elif expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif expected is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif expected is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif typing.get_origin(expected) is tuple:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-    elif typing.get_origin(expected) is dict:
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            return dict(value)
-        if value == "":
-            return {}
-    name = getattr(expected, "__name__", str(expected))
-    raise ConfigError(f"{where}: expected {name}, got {value!r}")
+    convert = _CONVERTERS.get(typing.get_origin(expected) or expected)
+    converted = None if convert is None else convert(value)
+    if converted is None:
+        name = getattr(expected, "__name__", str(expected))
+        raise ConfigError(f"{where}: expected {name}, got {value!r}")
+    return converted
 
 
 def _build(overrides: dict[str, dict[str, object]]) -> JobConfig:
@@ -321,7 +337,10 @@ def load_config(path: str | Path | None = None, overrides: list[dict[str, dict[s
 
 
 def validate(config: JobConfig) -> None:
-    """Rejects values that are of the right type but cannot work, naming the valid choices."""
+    """Rejects values that are of the right type but cannot work, naming the valid choices.
+
+    Over 60 lines: one check per setting, in one list read top to bottom.
+    """
     checks = [
         _one_of("model.name", config.model.name, MODEL_NAMES),
         (1 <= config.model.top_k <= 1000, f"model.top_k: {config.model.top_k} is not between 1 and 1000"),
@@ -379,6 +398,7 @@ def validate(config: JobConfig) -> None:
             f"compute.engine: onnxruntime runs fp32 only (compute.precision={config.compute.precision}); use torch",
         ),
         (config.progress.interval_s > 0, "progress.interval_s: must be more than 0"),
+        (config.progress.stall_s > 0, "progress.stall_s: must be more than 0 seconds"),
         (config.ray.connect_timeout_s > 0, "ray.connect_timeout_s: must be more than 0"),
         (config.storage.max_image_bytes >= 1, "storage.max_image_bytes: must be at least 1"),
         (config.storage.http_timeout_s > 0, "storage.http_timeout_s: must be more than 0"),

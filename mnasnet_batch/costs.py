@@ -9,6 +9,7 @@ import math
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,11 @@ TASK_DECODE_S = 10.0
 TASKS_PER_SLOT = 4
 # CPUs decoding keeps however cheap it is: reading goes on beside the model however costly that is.
 MIN_DECODE_CPUS = 0.25
+# Model actors of one size that a node may hold, as the split tries sizes: a lost node's actors are restarted on the
+# nodes left, and smaller actors pack those nodes' CPUs more closely (4 actors of 3.75 CPUs on 16-CPU nodes leave
+# room for a decode task beside them, where 3 of 4 CPUs are the most that do); more, and small actors cost an
+# actor's memory each for little more of the model's share.
+ACTORS_PER_NODE = 4
 # Ray counts a resource in steps of 1e-4.
 UNITS_PER_CPU = 10_000
 # Crops the model is timed on, once after a warm-up: its cost per image hardly depends on the content.
@@ -146,31 +152,74 @@ class CPUSplit:
     """The CPUs of a cluster without GPUs for the model actors, and each decode task's."""
 
     actor_cpus: float  # each model actor's
-    actors: int  # how many fit in the model's share
+    actors: int  # how many fit in the model's share, and still after a node is lost
     decode_cpus: float  # each decode task's
 
 
-def split_cpus(cpus: float, largest: float, model_share: float) -> CPUSplit:
-    """Divides ``cpus`` (the cluster's; ``largest``: its largest node's) between the model and decoding by the
-    model's share of an image's CPU time.
+def split_cpus(node_cpus: Sequence[float], model_share: float) -> CPUSplit:
+    """Divides the CPUs of a cluster's nodes (``node_cpus``, one entry a node) between the model and decoding by
+    the model's share of an image's CPU time, so that the job goes on after any one node is lost.
 
     The model's share becomes actors of up to 4 CPUs (MnasNet's small convolutions gain little from more threads),
     on one node each; the rest is decode tasks of about one CPU each (Pillow decodes on one thread), as many as
     fill it: 1.92 CPUs are two tasks of 0.96, and 0.6 one task of 0.6.
+
+    Ray restarts a lost node's actors on the nodes left, where they hold their CPUs for the rest of the run. So an
+    actor leaves room for a decode task on the largest node left after any loss (``survivor_cpus``), and there are
+    no more actors than the nodes left hold with room for a decode task beside them, however Ray places them
+    (``actors_beside_decoding``): otherwise the actors would take every CPU and the decode tasks wait forever.
+    Of the actor sizes that fill that node by 1 to ``ACTORS_PER_NODE`` actors, the one that gives the model the
+    most CPUs is chosen (the first tried on a tie: the larger, fewer actors to start and feed).
     """
+    cpus = sum(node_cpus)
     model = min(cpus * model_share, cpus - MIN_DECODE_CPUS)
-    actor_cpus = min(4.0, model, largest)
-    actor_cpus = max(1 / UNITS_PER_CPU, floor_cpus(actor_cpus)) if actor_cpus > 0 else 0.0
-    if actor_cpus <= 0:  # too few CPUs for a model actor beside a decode task
+    if model <= 0:  # too few CPUs for a model actor beside a decode task
         return CPUSplit(0.0, 0, task_cpus(cpus))
-    actors = max(1, math.floor(model / actor_cpus + 1e-9))
-    return CPUSplit(actor_cpus, actors, task_cpus(cpus - actors * actor_cpus))
+    room = survivor_cpus(node_cpus)
+    decode = task_cpus(cpus - model)
+    if room - decode < 1 / UNITS_PER_CPU:  # nodes of a CPU or less: an actor and a decode task share one
+        decode = room / 2
+    best = CPUSplit(0.0, 0, 0.0)
+    # Actors that fill the node left by 1 to ACTORS_PER_NODE, beside a decode task of the planned size, of a CPU,
+    # or of decoding's share of that node.
+    besides = (decode, 1.0, max(MIN_DECODE_CPUS, room * (1 - model_share)))
+    sizes = [(room - beside) / per_node for per_node in range(1, ACTORS_PER_NODE + 1) for beside in besides]
+    for size in filter(lambda size: size > 0, sizes):
+        actor_cpus = max(1 / UNITS_PER_CPU, floor_cpus(min(4.0, model, size)))
+        # A decode task asks for at most a CPU, and for no more than the actor leaves on that node (task_cpus).
+        fit = actors_beside_decoding(node_cpus, actor_cpus, min(1.0, room - actor_cpus))
+        actors = max(1, min(math.floor(model / actor_cpus + 1e-9), fit))
+        if actors * actor_cpus > best.actors * best.actor_cpus + 1e-9:
+            best = CPUSplit(actor_cpus, actors, task_cpus(cpus - actors * actor_cpus, most=room - actor_cpus))
+    return best
 
 
-def task_cpus(free: float) -> float:
-    """Each decode task's CPUs in ``free`` CPUs: about one each, as many tasks as fill them (0 where none is
-    free)."""
-    return floor_cpus(min(1.0, free / max(1, round(free)))) if free > 0 else 0.0
+def survivor_cpus(node_cpus: Sequence[float]) -> float:
+    """The CPUs of the largest node left after any one node with CPUs is lost: the second largest; a cluster with
+    one such node (a head with no CPUs and one worker, a laptop) has nothing left after its loss, and plans for
+    that node."""
+    with_cpus = sorted((cpus for cpus in node_cpus if cpus > 0), reverse=True)
+    return (with_cpus[1] if len(with_cpus) > 1 else with_cpus[0]) if with_cpus else 0.0
+
+
+def actors_beside_decoding(node_cpus: Sequence[float], actor_cpus: float, decode_cpus: float) -> int:
+    """The most actors of ``actor_cpus`` that leave a node with room for a decode task of ``decode_cpus``
+    wherever Ray places them, on the nodes left after any one node (with CPUs) is lost; on all of them when only
+    one node has CPUs.
+
+    A node of ``c`` CPUs holding more than ``(c - decode_cpus) / actor_cpus`` actors has no such room; if every
+    node did, the actors would number more than the sum of those quotients. So that sum, less the largest (the
+    node lost), is the bound.
+    """
+    with_cpus = [cpus for cpus in node_cpus if cpus > 0]
+    beside = [max(0, math.floor((cpus - decode_cpus) / actor_cpus + 1e-9)) for cpus in with_cpus]
+    return sum(beside) - (max(beside) if len(beside) > 1 else 0)
+
+
+def task_cpus(free: float, most: float = 1.0) -> float:
+    """Each decode task's CPUs in ``free`` CPUs: about one each (at most ``most``), as many tasks as fill them (0
+    where none is free)."""
+    return floor_cpus(min(1.0, most, free / max(1, round(free)))) if free > 0 else 0.0
 
 
 def floor_cpus(cpus: float) -> float:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,13 +17,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.autoscaler.sdk
+from ray.data.exceptions import ExecutionTimeoutError
 
 from mnasnet_batch.config import ConfigError, JobConfig
-from mnasnet_batch.costs import StageCosts, split_cpus, spread_block, task_cpus
+from mnasnet_batch.costs import StageCosts, split_cpus, spread_block, survivor_cpus, task_cpus
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
 from mnasnet_batch.inputs.layout import MAX_INPUT_BLOCK, InputPlan, drop_done
 from mnasnet_batch.parts import driver_node, write
-from mnasnet_batch.progress import ProgressCounter, ProgressReporter
+from mnasnet_batch.progress import ProgressCounter, ProgressReporter, StallWatch, format_duration
 from mnasnet_batch.storage import Storage
 
 if TYPE_CHECKING:  # torch stays out of the graph's modules: Ray's tasks unpickle functions from them
@@ -41,6 +43,9 @@ MIN_BUFFER_BYTES = 256 * 2**20
 
 # Seconds between looks at the cluster's nodes while waiting for one that can hold a model actor.
 NODE_POLL_S = 5.0
+# Seconds after which a stall is raised again in the labeling thread, should it still be labeling: a stall that
+# landed ends the labeling within parts.STOP_WRITE_WAIT_S (20 s) of writing its last parts.
+STALL_REFIRE_S = 120.0
 
 
 def from_uri_blocks(blocks: list[pa.Table]) -> ray.data.Dataset:
@@ -128,7 +133,10 @@ class ActorPool:
 
 
 def model_actor_pool(
-    config: JobConfig, cluster: dict[str, float], node_cpus: float | None = None, model_share: float = MODEL_CPU_SHARE
+    config: JobConfig,
+    cluster: dict[str, float],
+    node_cpus: Sequence[float] | None = None,
+    model_share: float = MODEL_CPU_SHARE,
 ) -> ActorPool:
     """Chooses the model actors' resources and pool bounds from the configuration and the cluster.
 
@@ -139,8 +147,8 @@ def model_actor_pool(
     Args:
         config: the job's configuration.
         cluster: ``ray.cluster_resources()`` when the job starts.
-        node_cpus: the CPUs of the cluster's largest node, which bound a derived actor's (an actor runs on
-            one node); None when the cluster is one node.
+        node_cpus: the CPUs of each node of the cluster, which bound a derived actor's (an actor runs on one
+            node, and a lost node's actors are restarted on the others); None when the cluster is one node.
         model_share: the model's share of an image's CPU time (``StageCosts.model_share``).
     """
     compute = config.compute
@@ -150,7 +158,7 @@ def model_actor_pool(
         resources = {"num_gpus": compute.actor_gpus, "num_cpus": compute.actor_cpus or 1.0}
         derived_max = int(gpus / compute.actor_gpus)
     else:
-        split = split_cpus(cpus, cpus if node_cpus is None else node_cpus, model_share)
+        split = split_cpus([cpus] if node_cpus is None else node_cpus, model_share)
         # Never all of them: decode tasks need room beside the actors, or the pipeline cannot start.
         actor_cpus = compute.actor_cpus or min(split.actor_cpus, cpus - config.preprocess.num_cpus)
         if actor_cpus <= 0:
@@ -165,15 +173,22 @@ def model_actor_pool(
     return ActorPool(resources, compute.min_actors, max_size, initial_size)
 
 
-def decode_task_cpus(config: JobConfig, cluster: dict[str, float], pool: ActorPool) -> float:
+def decode_task_cpus(
+    config: JobConfig, cluster: dict[str, float], pool: ActorPool, node_cpus: Sequence[float] | None = None
+) -> float:
     """Each decode (and read) task's CPUs: ``preprocess.num_cpus`` where set, else what the model actors leave,
-    in tasks of about one CPU (Pillow decodes on one thread), as many as fill it (``costs.split_cpus``)."""
+    in tasks of about one CPU (Pillow decodes on one thread), as many as fill it (``costs.split_cpus``); beside
+    derived CPU actors, no more than an actor leaves on the node left after a loss (``node_cpus``, as for
+    ``model_actor_pool``)."""
     if config.preprocess.num_cpus:
         return config.preprocess.num_cpus
     free = free_cpus(cluster, pool)
     if free <= 0:  # GPU actors on nodes that are not there yet (an autoscaler adds them): one CPU a task
         return 1.0
-    return task_cpus(free)
+    if "num_gpus" in pool.resources or config.compute.actor_cpus:
+        return task_cpus(free)
+    room = survivor_cpus([cluster.get("CPU", 1)] if node_cpus is None else node_cpus)
+    return task_cpus(free, most=room - pool.resources["num_cpus"])
 
 
 def free_cpus(cluster: dict[str, float], pool: ActorPool) -> float:
@@ -299,13 +314,119 @@ class NodeWatch:
         return lines
 
 
+class Stalled(RuntimeError):
+    """No image was labeled for ``progress.stall_s``: the run ends, failed and resumable (``StallAlarm``)."""
+
+
+class StallAlarm:
+    """Ends the labeling in the thread that runs it once it has stalled.
+
+    That thread waits in Ray Data's iterator for the next block, with no bound and no way in; so the progress
+    thread raises ``Stalled`` in it (CPython's ``PyThreadState_SetAsyncExc``: the exception lands at the thread's
+    next Python instruction, and the iterator looks at its queue every 10 ms). The run is then closed as for any
+    other failure, its labeled rows written first.
+    """
+
+    def __init__(self) -> None:
+        self.thread_id = threading.get_ident()  # the thread to end: the one that made the alarm
+        self.lock = threading.Lock()
+        self.armed = True
+        self.line = ""  # the first stall's
+
+    def fire(self, line: str) -> None:
+        """Raises ``Stalled`` with ``line`` (the first one's, when fired again) in the watched thread, unless it
+        has disarmed the alarm."""
+        with self.lock:
+            if self.armed:
+                self.line = self.line or line
+
+                class StalledHere(Stalled):  # raised by its type, with no arguments: the line is its default
+                    def __init__(self, message: str = self.line):
+                        super().__init__(message)
+
+                StalledHere.__name__ = StalledHere.__qualname__ = Stalled.__name__
+                set_async_exception(self.thread_id, StalledHere)
+
+    def disarm(self) -> None:
+        """Called by the watched thread once the labeling ended: a stall raised too late to land there is cleared."""
+        with self.lock:
+            if self.armed and self.line:
+                set_async_exception(self.thread_id, None)
+            self.armed = False
+
+    def cause(self, exc: Exception, stall_s: float) -> Stalled | None:
+        """The stall that ended the labeling with ``exc``, if one did: this alarm's, once fired (landed in Ray Data's
+        code, it comes back with a ``SystemException`` as its cause, which the job's error line would name), or
+        Ray Data's own guard's, the backstop (``configure_context``), whose lines are said in one."""
+        if self.line:
+            return Stalled(self.line)
+        if isinstance(exc, ExecutionTimeoutError):
+            return Stalled(f"Ray Data saw no progress for {format_duration(stall_s)} or more: {cluster_waits()}")
+        return None
+
+
+def set_async_exception(thread_id: int, exception: type[BaseException] | None) -> None:
+    """Raises ``exception`` in thread ``thread_id`` at its next Python instruction; None clears one not raised yet."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exception) if exception is not None else None
+    )
+
+
+def resources_text(resources: dict[str, float]) -> str:
+    """``{CPU: 1.5, memory: 1.5 GB}``: a task's or actor's resources as a person reads them."""
+    shown = (
+        f"{name}: {amount / 2**30:.1f} GB" if name == "memory" else f"{name}: {amount:g}"
+        for name, amount in sorted(resources.items())
+    )
+    return "{" + ", ".join(shown) + "}"
+
+
+def describe_waits(demands: list[tuple[dict[str, float], int]], nodes: list[tuple[str, dict, dict]]) -> str:
+    """What tasks and actors wait for against what the nodes alive have free: ``demands``, each resources asked
+    and how many ask for them; ``nodes``, each a node's name, its total resources and those free (Ray's names)."""
+    names = sorted({name for bundle, _ in demands for name in bundle if name != "memory"} | {"CPU"})
+    alive = "; ".join(
+        f"{node} " + ", ".join(f"{name} {free.get(name, 0.0):g}/{total.get(name, 0.0):g} free" for name in names)
+        for node, total, free in nodes
+    )
+    alive = f"nodes alive: {alive or 'none'}"
+    if not demands:
+        return f"no task or actor waits for resources: those running make no progress ({alive})"
+    waits = ", ".join(f"{count} x {resources_text(bundle)}" for bundle, count in demands)
+    return f"tasks or actors wait for {waits} ({alive})"
+
+
+def cluster_waits() -> str:
+    """``describe_waits`` of the cluster now, from the state the GCS keeps for autoscaling (what `ray status`
+    shows); what went wrong asking, where it did."""
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status  # Ray's state API lists no resource demands
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=30)
+        demands = status.resource_demands.ray_task_actor_demand
+        nodes = [*status.active_nodes, *status.idle_nodes]
+        return describe_waits(
+            [(request.bundle, request.count) for demand in demands for request in demand.bundles_by_count],
+            [
+                (f"{(n.node_id or '?')[:12]} ({n.ip_address})", n.total_resources(), n.available_resources())
+                for n in nodes
+            ],
+        )
+    except Exception as exc:
+        return f"what waits is unknown: the cluster's state could not be read ({type(exc).__name__}: {exc})"
+
+
 @contextlib.contextmanager
-def reporting_progress(counter: ray.actor.ActorHandle, total: int, interval_s: float) -> Iterator[None]:
-    """Polls ``counter`` from a driver thread while the body runs: a bar at a terminal, else log lines; and says
-    when a node is lost (``NodeWatch``)."""
+def reporting_progress(
+    counter: ray.actor.ActorHandle, total: int, interval_s: float, stall_s: float = math.inf
+) -> Iterator[None]:
+    """Polls ``counter`` from a driver thread while the body runs: a bar at a terminal, else log lines; says
+    when a node is lost (``NodeWatch``); and ends the body with ``Stalled`` once no image was labeled for
+    ``stall_s`` seconds (``StallWatch``), saying what waits."""
     reporter = ProgressReporter(total, interval_s, terminal=sys.stderr if sys.stderr.isatty() else None)
     stop = threading.Event()
     nodes = NodeWatch(ray.nodes())
+    stalls, alarm = StallWatch(stall_s, total), StallAlarm()
 
     def poll() -> None:
         reporting = True
@@ -315,17 +436,34 @@ def reporting_progress(counter: ray.actor.ActorHandle, total: int, interval_s: f
                 nodes.update(ray.nodes())
             if reporting:
                 try:
-                    reporter.update(*ray.get(counter.counts.remote(), timeout=30))
+                    done, errors = ray.get(counter.counts.remote(), timeout=30)
                 except Exception as exc:
                     # Progress is for people; losing it must not disturb the job, which reports its own errors.
                     log.warning("progress reporting stopped: %s: %s", type(exc).__name__, exc)
                     reporting = False
+                    continue
+                reporter.update(done, errors)
+                waited = stalls.stalled(done)
+                if waited is not None:
+                    line = f"no image labeled for {format_duration(waited)} (progress.stall_s): {cluster_waits()}"
+                    # Again while the labeling goes on: code of Ray's may have swallowed it.
+                    while not stop.is_set():
+                        alarm.fire(line)
+                        stop.wait(STALL_REFIRE_S)
+                    return
 
     thread = threading.Thread(target=poll, name="progress", daemon=True)
     thread.start()
     try:
         yield
+    except Exception as exc:
+        stalled = alarm.cause(exc, stall_s)
+        if stalled is None:
+            raise
+        log.debug("the stall ended the labeling as %s: %s", type(exc).__name__, exc)
+        raise stalled from None  # the job's error line names the first of a chain (cli.root_cause): the stall
     finally:
+        alarm.disarm()
         stop.set()
         thread.join()
         reporter.close()
@@ -359,6 +497,10 @@ def configure_context(config: JobConfig, spec: PreprocessSpec, pool: ActorPool) 
     context.execution_options.resource_limits = context.execution_options.resource_limits.copy(
         object_store_memory=max(MIN_BUFFER_BYTES, pool.max_size * BUFFERED_BATCHES * batch_bytes)
     )
+    # Ray Data's own guard against a run that makes no progress (30 minutes by default) ends one whose blocks stopped
+    # moving, in many lines. The job's watch (progress.stall_s, on labeled images) comes first and says what waits;
+    # the guard is kept, later, for a stall that did not land (StallAlarm).
+    context.execution_no_progress_timeout_s = config.progress.stall_s + STALL_REFIRE_S
 
 
 @dataclass(frozen=True)
@@ -445,14 +587,17 @@ def run(
 
     Returns:
         The labeling rate and where the stages ran (``Labeling``).
+
+    Over 60 lines: the graph's stages, built in the order the data goes through them.
     """
     spec = PreprocessSpec.for_config(config.model.name, config.preprocess)
     nodes = alive_nodes()
     cluster = ray.cluster_resources()
     # Actors that decode too (decode_on=actor) leave the read tasks little to do, whatever decoding costs.
     share = costs.model_share if costs is not None and spec.decode_on == "workers" else MODEL_CPU_SHARE
-    pool = model_actor_pool(config, cluster, max(node.get("CPU", 0.0) for node in nodes), share)
-    decode_cpus = decode_task_cpus(config, cluster, pool)
+    node_cpus = [node.get("CPU", 0.0) for node in nodes]
+    pool = model_actor_pool(config, cluster, node_cpus, share)
+    decode_cpus = decode_task_cpus(config, cluster, pool, node_cpus)
     wait_for_room(config, pool, alive_nodes, decode_cpus)
     configure_context(config, spec, pool)
     if costs is not None:
@@ -485,7 +630,7 @@ def run(
         "model_on": f"{pool.min_size}-{pool.max_size} actors of "
         + ", ".join(f"{amount:g} {name.removeprefix('num_').upper()[:-1]}" for name, amount in pool.resources.items()),
     }
-    with reporting_progress(counter, inputs.image_count, config.progress.interval_s):
+    with reporting_progress(counter, inputs.image_count, config.progress.interval_s, config.progress.stall_s):
         write(dataset, config, run_uri, storage)
         try:
             asked = [counter.labeling_span.remote(), counter.stage_costs.remote()]

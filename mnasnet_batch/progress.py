@@ -56,6 +56,36 @@ class ProgressCounter:
         return self.images - self.first_images, self.last_at - self.first_at
 
 
+class StallWatch:
+    """Says when labeling has stalled: no image counted for ``stall_s`` seconds while some are left.
+
+    Args:
+        stall_s: seconds without a newly labeled image that make a stall (``progress.stall_s``).
+        total: images in the job; 0 when not known. Once every one is counted nothing stalls: what is left (the
+            last parts' writes) is bounded on its own.
+        clock: seconds, monotonic; replaceable in tests.
+    """
+
+    def __init__(self, stall_s: float, total: int = 0, clock: Callable[[], float] = time.monotonic):
+        self.stall_s = stall_s
+        self.total = total
+        self.clock = clock
+        self.done = 0
+        self.since = clock()  # when the count last grew, or the watch started
+
+    def stalled(self, done: int) -> float | None:
+        """Takes the images counted so far; returns the seconds since the count last grew once they reach
+        ``stall_s``, else None."""
+        now = self.clock()
+        if done > self.done:
+            self.done, self.since = done, now
+            return None
+        if self.total and done >= self.total:
+            return None
+        waited = now - self.since
+        return waited if waited >= self.stall_s else None
+
+
 def format_duration(seconds: float) -> str:
     """``42 s``, ``3 min 05 s`` or ``2 h 07 min``: short enough for a log line, exact enough for an ETA."""
     seconds = round(seconds)

@@ -309,24 +309,31 @@ class Storage:
             except Exception as exc:
                 contents = [exc] * len(items)
             ready += [(i, content) for (i, _), content in zip(items, contents, strict=True)]
-        pending = dict(http)
-        deadline = None if within_s is None else time.monotonic() + within_s
-        while pending:
-            wait = STRAGGLER_WAIT_S if deadline is None else min(STRAGGLER_WAIT_S, deadline - time.monotonic())
-            futures.wait(pending.values(), timeout=max(0.0, wait))
-            for i, future in list(pending.items()):
-                if future.done():
-                    ready.append((i, future.exception() or future.result()))
-                    del pending[i]
-            if deadline is not None and time.monotonic() >= deadline:
-                for future in pending.values():
-                    future.cancel()  # cancels the request on fsspec's event loop
-                break
-            if ready and pending:
-                yield sorted(ready, key=operator.itemgetter(0))
-                ready = []
-        if ready:
-            yield sorted(ready, key=operator.itemgetter(0))  # in the batch's order
+        yield from _in_waves(ready, dict(http), within_s)
+
+
+def _in_waves(
+    ready: list[tuple[int, bytes | Exception]], pending: dict[int, futures.Future], within_s: float | None
+) -> Iterator[list[tuple[int, bytes | Exception]]]:
+    """``Storage.read_waves``' waves: the reads ``ready``, then those of ``pending`` as they end, one wave each time
+    ``STRAGGLER_WAIT_S`` passes with some still going; after ``within_s`` (None: never) the rest are cancelled."""
+    deadline = None if within_s is None else time.monotonic() + within_s
+    while pending:
+        wait = STRAGGLER_WAIT_S if deadline is None else min(STRAGGLER_WAIT_S, deadline - time.monotonic())
+        futures.wait(pending.values(), timeout=max(0.0, wait))
+        for i, future in list(pending.items()):
+            if future.done():
+                ready.append((i, future.exception() or future.result()))
+                del pending[i]
+        if deadline is not None and time.monotonic() >= deadline:
+            for future in pending.values():
+                future.cancel()  # cancels the request on fsspec's event loop
+            break
+        if ready and pending:
+            yield sorted(ready, key=operator.itemgetter(0))
+            ready = []
+    if ready:
+        yield sorted(ready, key=operator.itemgetter(0))  # in the batch's order
 
 
 def has_extension(path: str, extensions: tuple[str, ...]) -> bool:

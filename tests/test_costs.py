@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import itertools
 
 import numpy as np
 import pyarrow as pa
@@ -9,7 +10,17 @@ import pytest
 from PIL import Image
 
 from mnasnet_batch.config import InputConfig, StorageConfig
-from mnasnet_batch.costs import TASK_DECODE_S, CPUSplit, StageCosts, decode_ms, measure, split_cpus, spread_block
+from mnasnet_batch.costs import (
+    TASK_DECODE_S,
+    CPUSplit,
+    StageCosts,
+    actors_beside_decoding,
+    decode_ms,
+    measure,
+    split_cpus,
+    spread_block,
+    survivor_cpus,
+)
 from mnasnet_batch.decode.preprocess import PreprocessSpec
 from mnasnet_batch.inputs.files import FilesLayout
 from mnasnet_batch.inputs.layout import READ_BATCH_BYTES, encoded_batch
@@ -28,31 +39,85 @@ def jpeg(width: int, height: int, seed: int = 0) -> bytes:
 
 def test_costly_decoding_gets_the_cpus_and_a_costly_model_gets_them():
     # 12 MP photos: decoding costs ~25x the model. Two decode tasks of nearly a core each, the actor the rest.
-    photos = split_cpus(2.0, 2.0, model_share=0.04)
+    photos = split_cpus([2.0], model_share=0.04)
     assert photos.actors == 1 and photos.actor_cpus == pytest.approx(0.08)
     assert photos.decode_cpus == pytest.approx(0.96)
     # ImageNet-sized JPEGs on ONNX Runtime: the model costs a little more than decoding. One decode task.
-    small = split_cpus(2.0, 2.0, model_share=0.6)
+    small = split_cpus([2.0], model_share=0.6)
     assert (small.actors, small.actor_cpus, small.decode_cpus) == (1, 1.2, 0.8)
 
 
 def test_a_cluster_gets_actors_of_at_most_four_cpus_and_decode_tasks_of_one():
-    assert split_cpus(64.0, 16.0, 0.75) == CPUSplit(actor_cpus=4.0, actors=12, decode_cpus=1.0)
+    assert split_cpus([64.0], 0.75) == CPUSplit(actor_cpus=4.0, actors=12, decode_cpus=1.0)
     # Three 16-CPU nodes on phone photos: one actor of the model's 1.92 CPUs, the rest decodes a CPU a task.
-    assert split_cpus(48.0, 16.0, 0.04) == CPUSplit(actor_cpus=1.92, actors=1, decode_cpus=1.0)
+    assert split_cpus([16.0] * 3, 0.04) == CPUSplit(actor_cpus=1.92, actors=1, decode_cpus=1.0)
 
 
-@pytest.mark.parametrize("cpus", [1.0, 2.0, 3.0, 8.0, 96.0])
-@pytest.mark.parametrize("share", [0.00005, 0.001, 0.04, 0.04175, 0.3, 0.6, 0.9, 0.999])
-def test_the_split_never_asks_for_more_than_the_cluster_has(cpus, share):
-    split = split_cpus(cpus, cpus, share)
+def test_actors_leave_a_decode_task_room_on_the_nodes_left_after_a_loss():
+    # Four 16-CPU nodes: 12 actors of 4 CPUs (the model's share) would take all of the three nodes left after a
+    # loss. 12 of 3.75 leave a CPU on each.
+    assert split_cpus([16.0] * 4, 0.75) == CPUSplit(actor_cpus=3.75, actors=12, decode_cpus=1.0)
+    # The issue's cluster: a head with no CPUs, two workers of 2. Measured before: one actor of 2 CPUs, which took
+    # the whole node left and the decode tasks waited forever.
+    split = split_cpus([0.0, 2.0, 2.0], 0.75)
+    assert split.actors == 1 and split.actor_cpus + split.decode_cpus <= 2.0 and split.actor_cpus == 1.5
+    # One worker: nothing is left after its loss; the plan is for that node, as for a laptop.
+    assert split_cpus([0.0, 4.0], 0.75) == split_cpus([4.0], 0.75)
+    assert survivor_cpus([0.0, 8.0, 2.0, 4.0]) == 4.0 and survivor_cpus([0.0, 2.0]) == 2.0
+    assert actors_beside_decoding([2.0, 2.0], 1.0, 1.0) == 1  # one node left: one actor beside one task
+    assert actors_beside_decoding([16.0] * 4, 3.75, 1.0) == 12 and actors_beside_decoding([16.0] * 4, 4.0, 1.0) == 9
+
+
+# Cluster shapes (each node's CPUs; 0: a head that runs no tasks), laptops to clusters of uneven nodes.
+SHAPES = [
+    [1.0], [2.0], [3.0], [8.0], [96.0], [0.0, 4.0], [1.0, 1.0], [2.0, 2.0], [0.0, 2.0, 2.0], [0.0, 1.0, 1.0, 1.0],
+    [4.0, 2.0], [8.0, 8.0, 4.0], [16.0] * 3, [16.0] * 4, [0.0, 16.0, 4.0], [2.0, 1.0, 1.0], [0.5, 0.5],
+]  # fmt: skip
+SHARES = [0.00005, 0.001, 0.04, 0.04175, 0.3, 0.6, 0.75, 0.9, 0.999]
+
+
+def units(cpus: float) -> int:
+    return round(cpus * 10_000)  # Ray's unit of a resource
+
+
+def room_for_a_decode_task(nodes: list[float], split: CPUSplit) -> bool:
+    """Whether, however Ray places up to ``split.actors`` actors on ``nodes``, a node is left with room for a
+    decode task (and one actor fits beside one): counted in Ray's units, exactly."""
+    actor, decode = units(split.actor_cpus), units(split.decode_cpus)
+    if not any(units(cpus) >= actor + decode for cpus in nodes):
+        return False
+    most = [min(units(cpus) // actor, split.actors) for cpus in nodes]
+    for held in itertools.product(*(range(n + 1) for n in most)):
+        if sum(held) <= split.actors and all(units(c) - k * actor < decode for c, k in zip(nodes, held, strict=True)):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("nodes", SHAPES, ids=str)
+@pytest.mark.parametrize("share", SHARES)
+def test_the_split_never_asks_for_more_than_the_cluster_has(nodes, share):
+    cpus = sum(nodes)
+    split = split_cpus(nodes, share)
     free = cpus - split.actors * split.actor_cpus
     tasks = max(1, round(free))
     assert free >= 0.25 - 1e-9  # reading and decoding always go on
     # In Ray's units (1e-4 CPU), exactly: a sum over by one unit leaves a task unscheduled.
-    units = round(split.actors * split.actor_cpus * 10_000) + tasks * round(split.decode_cpus * 10_000)
-    assert units <= round(cpus * 10_000)
-    assert 0 < split.decode_cpus <= 1.0 and 0 < split.actor_cpus <= 4.0
+    assert units(split.actors * split.actor_cpus) + tasks * units(split.decode_cpus) <= units(cpus)
+    assert 0 < split.decode_cpus <= 1.0 and 0 < split.actor_cpus <= 4.0 and split.actors >= 1
+    assert split.actors * split.actor_cpus <= max(cpus * share, 1e-4) + 1e-9  # never more than the model's share
+
+
+@pytest.mark.parametrize("nodes", SHAPES, ids=str)
+@pytest.mark.parametrize("share", SHARES)
+def test_after_any_one_node_is_lost_an_actor_and_a_decode_task_still_fit(nodes, share):
+    split = split_cpus(nodes, share)
+    assert room_for_a_decode_task(nodes, split)  # before any loss
+    with_cpus = [cpus for cpus in nodes if cpus > 0]
+    if len(with_cpus) < 2:
+        return  # its only node with CPUs lost, nothing can run
+    for lost in range(len(with_cpus)):
+        left = with_cpus[:lost] + with_cpus[lost + 1 :]
+        assert room_for_a_decode_task(left, split), f"lost node {lost}: {split}"
 
 
 def test_decoding_costs_more_on_large_images_and_errors_are_not_counted():

@@ -16,7 +16,6 @@ from mnasnet_batch.decode.preprocess import (
     draft_scale,
     open_image,
     preprocess_image,
-    reduce_factor,
 )
 from mnasnet_batch.inputs.files import FilesLayout
 from mnasnet_batch.inputs.layout import encoded_batch
@@ -175,22 +174,28 @@ def test_fast_decode_turns_sideways_portraits_as_the_exact_path_does(large_photo
         assert np.abs(fast - wrong).mean() > 10 * np.abs(fast - exact).mean()
 
 
-def test_fast_decode_reduces_other_formats_and_leaves_small_images_exact(large_photos, photos):
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "WEBP"])
+def test_fast_decode_leaves_other_formats_exact(large_photos, fmt):
+    # Only JPEGs are drafted: a large PNG, TIFF or WebP is decoded to the bit as the reference does, since reducing
+    # it after a full decode saved little and moved pixels far more (docs/benchmarks.md, decoding by format).
     exact = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9)
     fast = dataclasses.replace(exact, fast_decode=True)
     with Image.open(large_photos[0]) as image:
-        png = encode(image, "PNG", compress_level=1)  # level 1: quick to write
-    assert [reduce_factor(*size, fast) for size in ((2000, 1500), (1000, 750))] == [2, 1]
-    assert decoded_size(png, fast) == (1000, 750)
-    difference = np.abs(preprocess_image(png, fast).astype(int) - preprocess_image(png, exact).astype(int))
-    assert 0 < difference.mean() < 1.0
-    # A short side under 2 x 2 x 256 px, which no DCT scale or reduce factor of 2 keeps at 512: decoded exactly, the
-    # reference's crop to the bit.
-    assert draft_scale(1024, 1024, fast) == reduce_factor(1024, 1024, fast) == 2
-    assert draft_scale(1023, 1400, fast) == reduce_factor(1023, 1400, fast) == 1
+        data = encode(image, fmt, **({"compress_level": 1} if fmt == "PNG" else {}))  # level 1: quick to write
+    assert decoded_size(data, fast) == (2000, 1500)
+    assert np.array_equal(preprocess_image(data, fast), preprocess_image(data, exact))
+
+
+def test_fast_decode_leaves_small_jpegs_exact(photos):
+    exact = PreprocessSpec.for_model("mnasnet0_5", max_pixels=10**9)
+    fast = dataclasses.replace(exact, fast_decode=True)
+    # A short side under 2 x 2 x 256 px, which no DCT scale keeps at 512: decoded exactly, the reference's crop to
+    # the bit.
+    assert draft_scale(1024, 1024, fast) == 2
+    assert draft_scale(1023, 1400, fast) == 1
     for image in varied_crops(photos, 4) + [photos["retina"].resize((1400, 1023))]:
-        for data in (encode(image, "JPEG", quality=90), encode(image, "PNG", compress_level=1)):
-            assert np.array_equal(preprocess_image(data, fast), preprocess_image(data, exact))
+        data = encode(image, "JPEG", quality=90)
+        assert np.array_equal(preprocess_image(data, fast), preprocess_image(data, exact))
 
 
 def test_fast_decode_refuses_by_the_full_size(large_photos):

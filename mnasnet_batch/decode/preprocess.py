@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 # seconds of CPU on it, which on a small machine are taken from the model. The driver reads the geometry from
 # torchvision (``PreprocessSpec.for_model``) and ships it as plain numbers.
 
-# With fast decoding, an image is decoded or reduced to a short side of at least this many times the resize target
+# With fast decoding, a JPEG is decoded to a short side of at least this many times the resize target
 # (512 px for Resize 256): the antialiased resize after it still averages two or more decoded pixels into each of
-# its own, so what the reduction leaves out is detail the resize would have averaged away anyway.
+# its own, so what the DCT scale leaves out is detail the resize would have averaged away anyway.
 FAST_DECODE_MARGIN = 2
 # The scales at which libjpeg decodes in the DCT domain (Pillow's ``Image.draft``), largest first.
 DRAFT_SCALES = (8, 4, 2)
@@ -46,7 +46,7 @@ class PreprocessSpec:
     apply_exif_orientation: bool = False
     # "workers": the pipeline's decode stage decodes; "actor": the model actor does (``Predictor``).
     decode_on: str = "workers"
-    # Decode large images at a reduced size first (``decoded_image``); Pillow's paths only, nvJPEG stays exact.
+    # Decode large JPEGs at a DCT scale first (``decoded_image``); Pillow's paths only, nvJPEG stays exact.
     fast_decode: bool = False
 
     @classmethod
@@ -160,10 +160,10 @@ def decoded_image(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
     ``spec.apply_exif_orientation``, in RGB (``convert("RGB")`` handles L, P, RGBA, CMYK and 16-bit modes as
     torchvision's ImageFolder loader does).
 
-    With ``spec.fast_decode``, at a reduced size whose short side stays at least ``FAST_DECODE_MARGIN`` times the
-    resize target: a JPEG is decoded at the smallest DCT scale that keeps it (``Image.draft``, ``draft_scale``),
-    and what is still larger, of any format, is reduced by the largest integer factor that keeps it
-    (``Image.reduce``, a box filter, ``reduce_factor``); smaller images are decoded exactly.
+    With ``spec.fast_decode``, a JPEG is decoded at the smallest DCT scale whose short side stays at least
+    ``FAST_DECODE_MARGIN`` times the resize target (``Image.draft``, ``draft_scale``); smaller JPEGs and every other
+    format are decoded exactly. Reducing other formats after a full decode (a box filter) saved 10-25 % of their
+    decode time for 4.5x the JPEG path's pixel error (docs/benchmarks.md), so it is not done.
     """
     if spec.fast_decode and image.format == "JPEG":
         scale = draft_scale(*image.size, spec)
@@ -172,12 +172,7 @@ def decoded_image(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
             # image is at least the size asked); the image is then decoded at ceil(side / scale).
             image.draft(image.mode, (image.width // scale, image.height // scale))
     oriented = ImageOps.exif_transpose(image) if spec.apply_exif_orientation else image
-    rgb = oriented.convert("RGB")
-    if spec.fast_decode:
-        factor = reduce_factor(*rgb.size, spec)
-        if factor > 1:
-            rgb = rgb.reduce(factor)
-    return rgb
+    return oriented.convert("RGB")
 
 
 def draft_scale(width: int, height: int, spec: PreprocessSpec) -> int:
@@ -185,12 +180,6 @@ def draft_scale(width: int, height: int, spec: PreprocessSpec) -> int:
     side is still at least ``FAST_DECODE_MARGIN`` times ``spec.resize_size``."""
     least = FAST_DECODE_MARGIN * spec.resize_size
     return next((scale for scale in DRAFT_SCALES if min(width, height) >= least * scale), 1)
-
-
-def reduce_factor(width: int, height: int, spec: PreprocessSpec) -> int:
-    """The factor (1: none) fast decoding reduces a decoded image of this size by: the largest whose short side is
-    still at least ``FAST_DECODE_MARGIN`` times ``spec.resize_size``."""
-    return max(1, min(width, height) // (FAST_DECODE_MARGIN * spec.resize_size))
 
 
 def resize_geometry(height: int, width: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:

@@ -48,6 +48,8 @@ def score(predictions: pa.Table, labels: dict[str, int], categories: list[str]) 
 
     Raises:
         ValueError: the predictions and the labels do not cover the same images.
+
+    Over 60 lines: a third of them this docstring.
     """
     uris = predictions.column("uri").to_pylist()
     if len(set(uris)) != len(uris) or set(uris) != set(labels):

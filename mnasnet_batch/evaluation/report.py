@@ -175,7 +175,10 @@ def _throughput_chart(runs: list[dict]) -> str:
 
 def render(stats: RunStats, uri: str, top_labels: int = TOP_LABELS) -> str:
     """The report as one HTML page; charts are inline PNGs and thumbnails inline JPEGs (data: URIs), so the page
-    needs no network."""
+    needs no network.
+
+    Over 60 lines: the page's sections, in the order they appear on it.
+    """
     rated = [r for r in stats.runs if r.get("images_per_s")]
     charts = [
         (

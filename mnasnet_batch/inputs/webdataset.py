@@ -103,6 +103,9 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
     Ray Data's ``read_webdataset`` is not used: its tar iterator raises on a truncated or corrupt shard,
     failing the whole read task (so every sample of the shard, not only the unreadable ones, would be lost or
     the job would stop), raises on a repeated key, and keeps only each member's extension, not its name.
+
+    Over 60 lines: one pass over the tar stream, whose state (the sample being read, its image, the member being
+    read) the loop and the path for a shard that stops short share; a third of them this docstring.
     """
     key: str | None = None
     image: tuple[str, bytes | Exception] | None = None
@@ -137,17 +140,12 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
                 reading = info.name
                 # Every member is read, not skipped: skipping a truncated member goes unnoticed in stream mode.
                 # Only the sample's image is kept, if it is within the byte limit; the others are read and let go.
-                member = tar.extractfile(info)
                 wanted = image is None and has_extension(info.name, extensions)
-                if wanted and info.size <= limit:
-                    image = (info.name, member.read())
-                else:
-                    while member.read(READ_CHUNK):
-                        pass
-                    if wanted:
-                        image = (info.name, OverByteLimit(limit, info.size))
-                    elif has_extension(info.name, extensions):
-                        dropped.append(info.name)
+                content = _read_member(tar.extractfile(info), info.size, limit if wanted else -1)
+                if wanted:
+                    image = (info.name, content)
+                elif has_extension(info.name, extensions):
+                    dropped.append(info.name)
                 reading = None
             # Stream mode ends quietly where a header is cut short or missing; only a whole block of zeros
             # (tar's end-of-archive marker, which every tar writer emits) ends a shard that is complete.
@@ -159,16 +157,32 @@ def shard_images(shard: str, extensions: tuple[str, ...], storage: Storage) -> I
         error = _with_context(exc, f"shard cannot be read{where}: {exc}")
         if key is not None and image is not None:
             yield finish()  # the sample's image is whole; only what follows it is lost
-            yield (f"{shard}#{reading}" if reading else shard), error
-        elif key is not None:
-            yield f"{shard}#{reading or key}", error
-        else:
-            yield shard, error
+        yield _stopped_at(shard, key, reading, image is not None), error
         _log_dropped(shard, dropped)
         return
     if key is not None:
         yield finish()
     _log_dropped(shard, dropped)
+
+
+def _read_member(member, size: int, limit: int) -> bytes | OverByteLimit | None:
+    """A tar member read to its end: its bytes when it is kept (``limit`` >= 0) and within ``limit``; else read
+    through and let go, ``OverByteLimit`` when it was to be kept."""
+    if 0 <= limit and size <= limit:
+        return member.read()
+    while member.read(READ_CHUNK):
+        pass
+    return OverByteLimit(limit, size) if limit >= 0 else None
+
+
+def _stopped_at(shard: str, key: str | None, reading: str | None, image_read: bool) -> str:
+    """The uri of the item that says where reading a shard stopped: the member being read, else the sample whose
+    image was not read yet, else the shard itself."""
+    if key is None:
+        return shard
+    if image_read:
+        return f"{shard}#{reading}" if reading else shard
+    return f"{shard}#{reading or key}"
 
 
 def _log_dropped(shard: str, dropped: list[str]) -> None:

@@ -10,6 +10,7 @@ starting with ``_``)::
     run=<run_id>/_run.json             that run's record: status, counts, config, versions
     run=<run_id>/_config.yaml          its resolved configuration, secrets removed
     run=<run_id>/_inputs/<hash>.<n>    a WebDataset shard this run read to its end, holding n samples (inputs)
+    run=<run_id>/_retried/part-*.parquet   a retry-errors run's rows, until they replace the error rows (retry)
     _run.json                          the record of the latest run
     _SUCCESS                           present only while the latest run is complete
     _lease.json                        present while a job writes here: its run, host, pid and last heartbeat
@@ -20,30 +21,33 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import io
 import os
 from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import yaml
 
 from mnasnet_batch.config import JobConfig
 from mnasnet_batch.inputs.spool import SPOOL_FOLDER
-from mnasnet_batch.outputs import files
+from mnasnet_batch.outputs import files, retry
 from mnasnet_batch.outputs.files import join, named, now, read_json, stale_temporaries
 from mnasnet_batch.outputs.run import (
     CONFIG_FILE,
     RUN_RECORD,
     SUCCESS_MARKER,
+    Holdings,
     OutputTarget,
+    PriorRun,
+    ResumeRules,
     RunPlan,
     Summary,
     close_record,
+    decide_run,
     default_run_id,
     error_kinds,
     fingerprint,
+    lists_everything,
     public_config,
     submission_id,
     versions,
@@ -56,7 +60,7 @@ class ParquetFolder(OutputTarget):
     """The output as a folder of runs of Parquet parts (this module's layout); readers take every run's rows."""
 
     def open_run(self, config: JobConfig, weights_id: str, inputs, storage: Storage, fs, root: str) -> RunPlan:
-        return _open_run(config, weights_id, fs, root)
+        return _open_run(config, weights_id, fs, root, inputs)
 
     def close_run(self, config, plan, seconds, labeled_now, error, interrupted) -> Summary:
         """Counts what the run wrote, closes its record, and marks the output complete unless the run failed."""
@@ -67,9 +71,15 @@ class ParquetFolder(OutputTarget):
         summary = close_record(
             record, summarize(plan.run_uri, seconds, 0, plan.storage), plan, labeled_now, error, interrupted
         )
+        retried = None
+        if not error and record.get("mode") == "retry-errors":
+            retried = read_parts(*plan.storage.filesystem(plan.run_uri))
+            record["retried"] = _replace_retried(fs, root, plan, retried)
         write_record(fs, root, plan.run_id, record)
         if not error:
             files.write_bytes(fs, join(root, SUCCESS_MARKER), plan.run_id.encode())
+        for path in retried.files if retried is not None else []:
+            files.remove_quietly(fs, path)  # in place now, and recorded: a copy no reader needs
         return summary
 
     def cannot_close(self, config: JobConfig, plan: RunPlan, exc: Exception) -> str:
@@ -91,10 +101,20 @@ def finish_run(config: JobConfig, plan: RunPlan, *args, **kwargs) -> Summary:
 
 def read_parts(fs, root: str) -> pads.Dataset | None:
     """The published Parquet parts under ``root`` (an output, or one run's folder) as one dataset; None when there
-    are none. Temporaries (``_inprogress-*``) and records are not parts: a reader sees whole parts only."""
+    are none. Temporaries (``_inprogress-*``) and records are not parts, nor is what a folder under ``root`` named
+    ``_...`` holds (a retry run's rows not yet in place): a reader sees whole parts only, as ``pyarrow.dataset``
+    would read the folder."""
     found = fs.find(root) if fs.exists(root) else []
-    files = sorted(p for p in found if os.path.basename(p).startswith("part-") and p.endswith(".parquet"))
+    files = sorted(p for p in found if _is_part(retry.under(p, root)))
     return pads.dataset(files, filesystem=fs, format="parquet") if files else None
+
+
+def _is_part(path: str) -> bool:
+    """Whether ``path`` (under the root read) is a part readers see: ``part-*.parquet``, in no ``_`` or ``.``
+    folder."""
+    *folders, name = path.split("/")
+    hidden = any(folder.startswith(("_", ".")) for folder in folders)
+    return name.startswith("part-") and name.endswith(".parquet") and not hidden
 
 
 class Labeled:
@@ -120,88 +140,102 @@ class Labeled:
         return pa.chunked_array(list(self.batches()), pa.string())
 
 
-def _open_run(config: JobConfig, weights_id: str, fs, root: str) -> RunPlan:
-    """``plan_run`` once the lease is held: no other job writes the output meanwhile."""
-    uri, mode = config.output.uri, config.output.mode
-    current = fingerprint(config, weights_id)
-    latest = read_json(fs, join(root, RUN_RECORD))
-    finished = fs.exists(join(root, SUCCESS_MARKER))
-    if latest is None or mode == "overwrite":
+# How the folder opens a run (``run.decide_run``): an unfinished run resumes in any mode, since every mode skips what
+# the run wrote; overwrite removes every run of this job, the folder's rows being its runs' parts.
+FOLDER_RULES = ResumeRules(
+    modes=("auto", "incremental", "retry-errors", "overwrite"),
+    same_settings=frozenset({"auto", "incremental", "retry-errors"}),
+    resumes_in_any_mode=True,
+    overwrite_removes_runs=True,
+)
+
+
+def holdings(config: JobConfig, fs, root: str) -> Holdings:
+    """What the folder at ``root`` holds, as ``run.decide_run`` needs it; every file listed only when
+    ``run.lists_everything`` (a new output, or overwrite)."""
+    name = f"output {config.output.uri}"
+    latest = PriorRun.from_record(
+        read_json(fs, join(root, RUN_RECORD)), "fingerprint", fs.exists(join(root, SUCCESS_MARKER))
+    )
+    taken = frozenset(os.path.basename(p.rstrip("/"))[len("run=") :] for p in named(fs, root, "run="))
+    runs, foreign = (), ()
+    if lists_everything(latest, config.output.mode):
         # Checked before anything is removed: overwrite deletes this job's runs only, never a user's data.
-        runs = recorded_runs(fs, root)
-        stray = foreign_parquet(fs, root, runs)
-        if stray:
-            removes = "; --mode overwrite removes only this job's runs" if mode == "overwrite" else ""
-            raise StorageError(
-                f"output {uri} holds Parquet files that no run of this job wrote ({len(stray)}, e.g. {stray[0]})"
-                f"{removes}; choose a new --output"
-            )
-        if mode == "overwrite":
-            for folder in runs:
-                fs.rm(folder, recursive=True)
-            if latest is not None:
-                for name in (RUN_RECORD, SUCCESS_MARKER):
-                    with contextlib.suppress(FileNotFoundError):
-                        fs.rm(join(root, name))
-            latest, finished = None, False
-    if latest is not None and latest.get("fingerprint") != current:
-        before = latest.get("fingerprint") or {}
-        differing = sorted(k for k in current if before.get(k, "(not recorded)") != current[k])
-        values = ", ".join(
-            f"{k}: {current[k]} (this run) vs {before.get(k, '(not recorded)')} (run {latest['run_id']})"
-            for k in differing
-        )
-        raise StorageError(
-            f"output {uri} holds run {latest['run_id']} of a different configuration ({', '.join(differing)} differ): "
-            f"{values}; use the same settings, a new --output, or --mode overwrite"
-        )
-    if latest is not None and finished and mode == "auto":
-        raise StorageError(
-            f"output {uri} holds the finished run {latest['run_id']}; use --mode incremental to label only "
-            f"new images, or --mode overwrite to start over"
-        )
-    resumed = latest is not None and not finished
-    if resumed:
-        run_id = latest["run_id"]
-    else:
-        run_id = config.output.run_id or submission_id() or default_run_id()
-    run_uri = join(uri, f"run={run_id}")
+        paths = recorded_runs(fs, root)
+        runs = tuple(os.path.basename(p)[len("run=") :] for p in paths)
+        foreign = tuple(foreign_parquet(fs, root, paths))
+    if latest is None:
+        return Holdings(name, taken=taken, runs=runs, foreign=foreign)
+    settings_of = f"run {latest.run_id}"
+    return Holdings(name, latest, latest.settings, settings_of, taken=taken, runs=runs, foreign=foreign)
+
+
+def _open_run(config: JobConfig, weights_id: str, fs, root: str, inputs=None) -> RunPlan:
+    """``plan_run`` once the lease is held (no other job writes the output meanwhile): what ``run.decide_run``
+    decides, done. ``inputs``: the planned input (``inputs.InputPlan``); None for callers without one."""
+    uri = config.output.uri
+    whole = inputs.layout.noun if inputs is not None and not inputs.layout.uri_per_image else ""
+    current = fingerprint(config, weights_id)
+    new_run_id = config.output.run_id or submission_id() or default_run_id()
+    decision = decide_run(holdings(config, fs, root), config.output.mode, current, new_run_id, FOLDER_RULES, whole)
+    if decision.labels == "errors" and inputs is None:
+        raise StorageError("--mode retry-errors needs the input's listing: run it with the labeling job")
+    for run_id in decision.discard:
+        fs.rm(join(root, f"run={run_id}"), recursive=True)
+    if decision.discard:  # the latest run's record and marker go with it
+        for name in (RUN_RECORD, SUCCESS_MARKER):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(join(root, name))
+    run_id = decision.run_id
     run_root = join(root, f"run={run_id}")
-    if not resumed and fs.exists(run_root):
-        raise StorageError(f"output {uri} already has a run {run_id}; pass another --run-id")
-    fs.makedirs(run_root, exist_ok=True)
-    for stale in stale_temporaries(fs, root) + stale_temporaries(fs, run_root):
-        fs.rm(stale)  # left by a writer that was killed; its rows were never visible
-    # Incremental runs skip what any run labeled; others only what this run wrote before it was stopped.
-    incremental = mode == "incremental" or (resumed and latest.get("mode") == "incremental")
-    done = Labeled(fs, root, uri) if incremental else Labeled(fs, run_root, run_uri)
-    # Rows this run holds already; what this attempt labels is counted against the rest.
-    if not incremental:
-        rows_before = len(done)
-    else:
-        rows_before = len(Labeled(fs, run_root, run_uri)) if resumed else 0
-    if finished:
-        fs.rm(join(root, SUCCESS_MARKER))
+    # Where the run's rows go: its folder; a retry run's, out of readers' sight until they replace the error rows.
+    rows_uri = join(uri, f"run={run_id}", *((retry.RETRIED,) if decision.labels == "errors" else ()))
+    rows_root = join(run_root, *((retry.RETRIED,) if decision.labels == "errors" else ()))
+    fs.makedirs(rows_root, exist_ok=True)
+    for folder in dict.fromkeys((root, run_root, rows_root)):
+        for stale in stale_temporaries(fs, folder):
+            fs.rm(stale)  # left by a writer that was killed; its rows were never visible
+    # What this run holds already: what this attempt labels is counted against the rest.
+    held = Labeled(fs, rows_root, rows_uri)
     record = {
         "run_id": run_id,
         "status": "running",
-        "mode": latest["mode"] if resumed else mode,
-        "started_at": (latest or {}).get("started_at") if resumed else now(),
+        "mode": decision.mode,
+        "started_at": decision.started_at or now(),
         "attempt_started_at": now(),
         "ended_at": None,
         "fingerprint": current,
         "config": public_config(config),
         "versions": versions(),
     }
+    if not decision.resumed:  # the output is complete no longer; then the new run is the latest
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(join(root, SUCCESS_MARKER))
     write_record(fs, root, run_id, record)
     files.write_bytes(fs, join(run_root, CONFIG_FILE), yaml.safe_dump(public_config(config), sort_keys=False).encode())
-    return RunPlan(
-        run_id=run_id,
-        run_uri=run_uri,
-        resumed=resumed,
-        done=done,
-        rows_before=rows_before,
-    )
+    done = _done(fs, root, uri, decision.labels, held, inputs)
+    return RunPlan(run_id=run_id, run_uri=rows_uri, resumed=decision.resumed, done=done, rows_before=len(held))
+
+
+def _done(fs, root: str, uri: str, labels: str, held: Labeled, inputs) -> Labeled | pa.Array:
+    """What a run labeling ``labels`` (``RunDecision.labels``) skips: incremental runs what any run labeled; retry
+    runs all but the error rows; others only what the run wrote (``held``) before it was stopped."""
+    if labels == "new":
+        return Labeled(fs, root, uri)
+    if labels == "errors":
+        return retry.not_retried(inputs.listed(), retry.error_uris(read_parts(fs, root)), held.uris())
+    return held
+
+
+def _replace_retried(fs, root: str, plan: RunPlan, retried) -> dict[str, object]:
+    """A retry run's rows (``retried``, its parts) put in place of the error rows they retried
+    (``retry.replace_errors``); what was retried, for the run's record. Its own parts stay until that is recorded.
+    """
+    record, unplaced = retry.replace_errors(fs, root, read_parts(fs, root), retried)
+    if unplaced.num_rows:  # their error rows' parts were removed by hand: they join the folder as new rows
+        home = plan.run_uri.rsplit("/", 1)[0]
+        record["parts_replaced"].append(retry.under(write_part(unplaced, home, plan.storage), root))
+    return record
 
 
 def recorded_runs(fs, root: str) -> list[str]:
@@ -237,10 +271,8 @@ def write_part(table: pa.Table, run_uri: str, storage: Storage | None = None) ->
     """
     digest = hashlib.sha256("\n".join(sorted(table["uri"].to_pylist())).encode()).hexdigest()[:24]
     fs, root = (storage or Storage()).filesystem(run_uri)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
     path = join(root, f"part-{digest}.parquet")
-    files.write_bytes(fs, path, buffer.getvalue())
+    files.write_bytes(fs, path, retry.parquet_bytes(table))
     return path
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -86,6 +87,243 @@ class RunPlan:
     # What an image cost each stage in this attempt and where each ran (``costs.StageCosts.as_record``, completed
     # by ``job.run``), written into the run's record; None: not measured.
     stage_costs: dict[str, object] | None = None
+
+
+# -- which run a job opens: one decision for every target -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PriorRun:
+    """The output's latest run, as its record says."""
+
+    run_id: str
+    mode: str
+    # What decides its labels: the folder's ``fingerprint``, the table's label settings.
+    settings: Mapping[str, object]
+    started_at: str | None = None
+    # It ended complete: the folder's ``_SUCCESS`` marker, the table's record saying succeeded.
+    finished: bool = False
+
+    @classmethod
+    def from_record(cls, record: dict | None, settings_key: str, finished: bool) -> PriorRun | None:
+        """The run a ``record`` (a ``_run.json``; None: no run) describes, its settings under ``settings_key``."""
+        if record is None:
+            return None
+        return cls(
+            run_id=record["run_id"],
+            mode=record.get("mode") or "auto",
+            settings=record.get(settings_key) or {},
+            started_at=record.get("started_at"),
+            finished=finished,
+        )
+
+
+@dataclass(frozen=True)
+class Holdings:
+    """What an output holds, as far as ``decide_run`` needs it: read by the target, no decision taken."""
+
+    # The output as messages name it: "output s3://b/labels", "table labels.photos".
+    name: str
+    latest: PriorRun | None = None
+    # The settings of the labels the output holds, which a run adding to them must share; None: no labels.
+    settings: Mapping[str, object] | None = None
+    # Where ``settings`` come from, as messages name it: "run night", "the table".
+    settings_of: str = ""
+    # Its current rows (the table's); None: not counted (the folder, where its latest run is what counts).
+    rows: int | None = None
+    # Run ids in use (run folders, committed rows): a new run takes none of them.
+    taken: frozenset[str] = frozenset()
+    # The runs this job recorded there, listed only when ``lists_everything`` (the folder's overwrite removes them).
+    runs: tuple[str, ...] = ()
+    # Parquet files there that no run of this job wrote, e.g. a user's dataset; listed as ``runs`` are.
+    foreign: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ResumeRules:
+    """The choices in which targets differ when they open a run; everything else ``decide_run`` does the same."""
+
+    # The modes the target offers, in the order its messages name them.
+    modes: tuple[str, ...]
+    # Modes whose new run adds to the labels held, and so must share their settings (``Holdings.settings``).
+    same_settings: frozenset[str]
+    # An unfinished run resumes whatever this command's mode, in its own (the folder: every mode skips what the
+    # run wrote), or only in its own (the table: its modes label different images).
+    resumes_in_any_mode: bool
+    # --mode overwrite removes every run of this job and starts over (the folder, whose runs are its rows), or
+    # discards only an unfinished run of another mode (the table, whose overwrite replaces rows at its last commit).
+    overwrite_removes_runs: bool
+
+
+@dataclass(frozen=True)
+class RunDecision:
+    """Which run a job opens and what it does first: ``decide_run``'s answer, which the target carries out."""
+
+    run_id: str
+    resumed: bool
+    # The run's mode as its record keeps it: a resumed run's own, else this command's.
+    mode: str
+    # When the run first started: a resumed run's start; None: now.
+    started_at: str | None
+    # Runs whose rows are removed before this one opens (overwrite): every run of the folder, the table's
+    # unfinished run's staged rows.
+    discard: tuple[str, ...]
+    # Of the listed images, those the run labels besides the rows it holds: "all"; "new": those without a row in
+    # the output; "errors": those whose row is an error; "changed": those whose source changed since its row.
+    labels: str
+
+
+# What each mode labels (``RunDecision.labels``); the rest label every listed image.
+MODE_LABELS = {"incremental": "new", "retry-errors": "errors", "changed": "changed"}
+# Modes that pick images by their rows, so need one row per listed URI: not shards or files read whole.
+PER_IMAGE_MODES = ("retry-errors", "changed")
+# What each mode does, as a refusal names the modes a user can choose.
+MODE_WORDS = {
+    "incremental": "incremental to label only new images",
+    "changed": "changed to label images that changed",
+    "retry-errors": "retry-errors to label error rows again",
+    "relabel": "relabel to label every image again in place",
+    "overwrite": "overwrite to start over",
+}
+
+
+def lists_everything(latest: PriorRun | None, mode: str) -> bool:
+    """Whether opening a run needs every file the output holds listed (``Holdings.runs``, ``Holdings.foreign``):
+    an output no run of this job wrote yet, or an overwrite, which removes runs and must not remove a user's data.
+    """
+    return latest is None or mode == "overwrite"
+
+
+def check_input_fits(mode: str, whole: str) -> None:
+    """Refuses a mode that picks images by their rows (``PER_IMAGE_MODES``) for an input read ``whole`` (what it
+    reads whole, e.g. "tar shards"; empty when every input URI is one image).
+
+    Raises:
+        StorageError: the mode cannot pick this input's images; the message names the modes that can.
+    """
+    if whole and mode in PER_IMAGE_MODES:
+        raise StorageError(
+            f"--mode {mode} needs an input whose every URI is one image (loose files or a manifest); "
+            f"{whole} are read whole: use --mode incremental or relabel"
+        )
+
+
+def decide_run(
+    holds: Holdings, mode: str, settings: Mapping[str, object], new_run_id: str, rules: ResumeRules, whole: str = ""
+) -> RunDecision:
+    """Which run a job in ``mode`` with ``settings`` opens in an output holding ``holds``: the latest run resumed,
+    or a new one named ``new_run_id``; what goes first, and what the run labels.
+
+    Args:
+        whole: what the input reads whole (e.g. "tar shards"), whose rows a mode cannot pick one by one; empty
+            when every input URI is one image.
+
+    Raises:
+        StorageError: the output cannot take this run (a user's files, another configuration's labels, a finished
+            run in mode auto, an unfinished run of another mode, a run id in use); the message says what to do.
+    """
+    if holds.foreign:
+        _refuse_foreign(holds, mode)
+    check_input_fits(mode, whole)
+    latest, discard = _overwritten(holds, mode, rules)
+    if latest is not None and not latest.finished:
+        _check_resumable(holds, latest, mode, settings, rules)
+        return RunDecision(
+            run_id=latest.run_id,
+            resumed=True,
+            mode=latest.mode,
+            started_at=latest.started_at,
+            discard=discard,
+            # A run labels as its own mode does; one that labels every image skips every row under incremental.
+            labels=MODE_LABELS.get(latest.mode) or ("new" if mode == "incremental" else "all"),
+        )
+    if mode in rules.same_settings and holds.settings and dict(holds.settings) != dict(settings):
+        raise StorageError(_other_settings(holds, holds.settings, settings, rules))
+    if mode == "auto":
+        _refuse_labeled(holds, latest, rules)
+    # Removed runs free their ids; a table's discarded run keeps its id (its record, and rows it committed).
+    freed = set(discard) if rules.overwrite_removes_runs else set()
+    if new_run_id in holds.taken - freed:
+        raise StorageError(f"{holds.name} already has a run {new_run_id}; pass another --run-id")
+    return RunDecision(
+        run_id=new_run_id,
+        resumed=False,
+        mode=mode,
+        started_at=None,
+        discard=discard,
+        labels=MODE_LABELS.get(mode, "all"),
+    )
+
+
+def _overwritten(holds: Holdings, mode: str, rules: ResumeRules) -> tuple[PriorRun | None, tuple[str, ...]]:
+    """The latest run left once ``mode`` discarded what it discards, and the runs discarded."""
+    latest = holds.latest
+    if mode != "overwrite" or latest is None:
+        return latest, ()
+    if rules.overwrite_removes_runs:
+        return None, holds.runs
+    if not latest.finished and latest.mode != "overwrite":
+        return None, (latest.run_id,)
+    return latest, ()
+
+
+def _refuse_labeled(holds: Holdings, latest: PriorRun | None, rules: ResumeRules) -> None:
+    """Refuses a new run in mode auto where the output holds labels: a finished run (``latest``), or rows."""
+    if (latest is None) if holds.rows is None else holds.rows == 0:
+        return
+    held = f"the finished run {latest.run_id}" if holds.rows is None else f"{holds.rows} labels"
+    choices = ", ".join(MODE_WORDS[m] for m in rules.modes if m in MODE_WORDS)
+    raise StorageError(f"{holds.name} already holds {held}; use --mode {choices}")
+
+
+def _refuse_foreign(holds: Holdings, mode: str) -> None:
+    removes = "; --mode overwrite removes only this job's runs" if mode == "overwrite" else ""
+    raise StorageError(
+        f"{holds.name} holds Parquet files that no run of this job wrote ({len(holds.foreign)}, e.g. "
+        f"{holds.foreign[0]}){removes}; choose a new --output"
+    )
+
+
+def _check_resumable(
+    holds: Holdings, latest: PriorRun, mode: str, settings: Mapping[str, object], rules: ResumeRules
+) -> None:
+    """Refuses to resume ``latest`` with other settings, or, where runs resume only in their own mode, another."""
+    other_mode = not rules.resumes_in_any_mode and latest.mode != mode
+    if dict(latest.settings) == dict(settings) and not other_mode:
+        return
+    differing = _differing(latest.settings, settings, f"run {latest.run_id}")
+    raise StorageError(
+        f"{holds.name} holds the unfinished run {latest.run_id} (--mode {latest.mode}"
+        f"{f' here {mode}' if other_mode else ''}{'; ' + differing if differing else ''}); run its command again "
+        f"to finish it, or use --mode overwrite"
+    )
+
+
+def _other_settings(
+    holds: Holdings, held: Mapping[str, object], settings: Mapping[str, object], rules: ResumeRules
+) -> str:
+    keys = _differing_keys(held, settings)
+    remedy = (
+        "use --mode relabel to label every image again with these, or the held settings"
+        if "relabel" in rules.modes
+        else "use the same settings, a new --output, or --mode overwrite"
+    )
+    return (
+        f"{holds.name} holds {holds.settings_of} of a different configuration ({', '.join(keys)} differ): "
+        f"{_differing(held, settings, holds.settings_of)}; {remedy}"
+    )
+
+
+def _differing(held: Mapping[str, object], settings: Mapping[str, object], source: str) -> str:
+    """The settings that differ, each as ``key: value (this run) vs value (source)``."""
+    return ", ".join(
+        f"{k}: {settings[k]} (this run) vs {held.get(k, '(not recorded)')} ({source})"
+        for k in _differing_keys(held, settings)
+    )
+
+
+def _differing_keys(held: Mapping[str, object], settings: Mapping[str, object]) -> list[str]:
+    return sorted(k for k in settings if held.get(k, "(not recorded)") != settings[k])
 
 
 class OutputTarget:

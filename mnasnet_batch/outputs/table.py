@@ -35,7 +35,6 @@ import pyarrow.parquet as pq
 from mnasnet_batch.config import ConfigError, JobConfig
 from mnasnet_batch.outputs import files, folder, run
 from mnasnet_batch.outputs.iceberg import (
-    LABEL_SETTINGS,
     PROPERTY,
     SOURCE_SCHEMA,
     STAGING,
@@ -61,6 +60,16 @@ log = logging.getLogger(__name__)
 # rows of given URIs is right whatever the table holds, so a rebuilt commit is as correct as the first.
 COMMIT_ATTEMPTS = 5
 COMMIT_BACKOFF_S = 0.5
+
+# How the table opens a run (``run.decide_run``): an unfinished run resumes only in its own mode, since the modes
+# label different images; overwrite discards only an unfinished run of another mode, and replaces every other row
+# at its final commit.
+TABLE_RULES = run.ResumeRules(
+    modes=("auto", "incremental", "changed", "retry-errors", "relabel", "overwrite"),
+    same_settings=frozenset({"incremental", "retry-errors", "changed"}),
+    resumes_in_any_mode=False,
+    overwrite_removes_runs=False,
+)
 
 
 class IcebergTable(OutputTarget):
@@ -127,16 +136,47 @@ class IcebergTable(OutputTarget):
             self._committer.start()
 
     def _open_run(self, config: JobConfig, weights_id: str, inputs, storage: Storage) -> RunPlan:
-        from pyiceberg.exceptions import NamespaceAlreadyExistsError
-
+        """What ``run.decide_run`` decides for the table, done: the run opened in staging, what it skips."""
         fs, mode = self.fs, config.output.mode
         self.labels = label_settings(config, weights_id)
         self.uri_per_image = inputs.layout.uri_per_image
-        if not self.uri_per_image and mode in ("retry-errors", "changed"):
-            raise StorageError(
-                f"--mode {mode} needs an input whose every URI is one image (loose files or a manifest); "
-                f"{inputs.layout.noun} are read whole: use --mode incremental or relabel"
-            )
+        whole = "" if self.uri_per_image else inputs.layout.noun
+        run.check_input_fits(mode, whole)  # before the catalog is opened, and the table created
+        self._load(config, storage)
+        rows = current_rows(self.table, ("uri", "status", "run_id", "source_size", "source_version"))
+        holds = self._holdings(config, rows)
+        new_run_id = config.output.run_id or run.submission_id() or run.default_run_id()
+        decision = run.decide_run(holds, mode, self.labels, new_run_id, TABLE_RULES, whole)
+        for discarded in decision.discard:
+            log.warning("overwrite: discarding the staged rows of the unfinished run %s", discarded)
+            for part in self._staged_parts(files.join(self.staging, f"run={discarded}")):
+                fs.rm(part)
+        self.run_id, self.mode = decision.run_id, mode
+        self.run_root = files.join(self.staging, f"run={self.run_id}")
+        fs.makedirs(self.run_root, exist_ok=True)
+        for stale in files.stale_temporaries(fs, self.run_root):
+            fs.rm(stale)  # left by a writer that was killed; its rows were never visible
+        done, held = self._done(inputs, rows, decision, storage)
+        record = {
+            "run_id": self.run_id,
+            "status": "running",
+            "mode": mode,
+            "table": self.identifier,
+            "labels": self.labels,
+            "started_at": decision.started_at or files.now(),
+            "attempt_started_at": files.now(),
+            "ended_at": None,
+            "config": run.public_config(config),
+            "versions": run.versions(),
+        }
+        run.write_record(fs, self.staging, self.run_id, record)
+        run_uri = files.join(config.output.uri, STAGING, f"run={self.run_id}")
+        return RunPlan(run_id=self.run_id, run_uri=run_uri, resumed=decision.resumed, done=done, rows_before=held)
+
+    def _load(self, config: JobConfig, storage: Storage) -> None:
+        """Opens the catalog and the table, creating its namespace and the table where they do not exist."""
+        from pyiceberg.exceptions import NamespaceAlreadyExistsError
+
         self.catalog = open_catalog(config.output, storage)
         namespace = self.identifier.rsplit(".", 1)[0]
         try:
@@ -144,46 +184,27 @@ class IcebergTable(OutputTarget):
         except NamespaceAlreadyExistsError:  # created by another job since the check
             pass
         self.table = self._create_or_load()
-        latest = files.read_json(fs, files.join(self.staging, run.RUN_RECORD))
-        unfinished = latest is not None and latest.get("status") != "succeeded"
-        if unfinished and mode == "overwrite" and latest.get("mode") != "overwrite":
-            log.warning("overwrite: discarding the staged rows of the unfinished run %s", latest["run_id"])
-            for part in self._staged_parts(files.join(self.staging, f"run={latest['run_id']}")):
-                fs.rm(part)
-            unfinished = False
-        if unfinished and (latest.get("mode") != mode or latest.get("labels") != self.labels):
-            raise StorageError(
-                f"output {config.output.uri} holds the unfinished run {latest['run_id']} (--mode {latest.get('mode')}, "
-                f"{_settings_text(latest.get('labels') or {})}) of table {self.identifier}; run its command again "
-                f"to finish it, or use --mode overwrite"
-            )
-        before = latest_labels(self.table)
-        rows = current_rows(self.table, ("uri", "status", "run_id", "source_size", "source_version"))
-        if not unfinished:
-            if mode == "auto" and rows.num_rows:
-                raise StorageError(
-                    f"table {self.identifier} already holds {rows.num_rows} labels; use --mode incremental (new "
-                    f"images), changed, retry-errors, relabel (every image again) or overwrite"
-                )
-            if mode in ("incremental", "retry-errors", "changed") and before and before != self.labels:
-                differing = sorted(k for k in LABEL_SETTINGS if before.get(k) != self.labels[k])
-                raise StorageError(
-                    f"table {self.identifier} holds labels of other settings ({', '.join(differing)}: "
-                    f"{_settings_text({k: before[k] for k in differing})} in the table, "
-                    f"{_settings_text({k: self.labels[k] for k in differing})} here); use --mode relabel to label "
-                    f"every image again with these, or the table's settings"
-                )
-        if unfinished:
-            self.run_id = latest["run_id"]
-        else:
-            self.run_id = config.output.run_id or run.submission_id() or run.default_run_id()
-        self.mode = mode
-        self.run_root = files.join(self.staging, f"run={self.run_id}")
-        if not unfinished and (fs.exists(self.run_root) or pc.any(pc.equal(rows["run_id"], self.run_id)).as_py()):
-            raise StorageError(f"table {self.identifier} already has a run {self.run_id}; pass another --run-id")
-        fs.makedirs(self.run_root, exist_ok=True)
-        for stale in files.stale_temporaries(fs, self.run_root):
-            fs.rm(stale)  # left by a writer that was killed; its rows were never visible
+
+    def _holdings(self, config: JobConfig, rows: pa.Table) -> run.Holdings:
+        """What the table and its staging hold, as ``run.decide_run`` needs it."""
+        record = files.read_json(self.fs, files.join(self.staging, run.RUN_RECORD))
+        finished = record is not None and record.get("status") == "succeeded"
+        staged = files.named(self.fs, self.staging, "run=")
+        taken = {os.path.basename(p.rstrip("/"))[len("run=") :] for p in staged}
+        taken.update(r for r in pc.unique(rows["run_id"]).to_pylist() if r is not None)
+        return run.Holdings(
+            name=f"table {self.identifier}",
+            latest=run.PriorRun.from_record(record, "labels", finished),
+            settings=latest_labels(self.table) or None,
+            settings_of="the table's labels",
+            rows=rows.num_rows,
+            taken=frozenset(taken),
+        )
+
+    def _done(self, inputs, rows: pa.Table, decision: run.RunDecision, storage: Storage) -> tuple[pa.Array, int]:
+        """The listed URIs the run does not label (``RunPlan.done``), and how many of them the run holds already;
+        the sources' stats (``self.sources``) of those it labels and of its staged rows."""
+        fs = self.fs
         # What this run holds already (committed, or staged by an attempt that was stopped): never labeled again.
         # What other jobs replaced of it since counts too: the run labeled it, and another job's label is newer.
         mine = rows.filter(pc.equal(rows["run_id"], self.run_id))["uri"].combine_chunks()
@@ -192,35 +213,20 @@ class IcebergTable(OutputTarget):
         held = pa.concat_arrays([held, self._replaced(self.table, held)["uri"].combine_chunks()])
         # The table's modes need every listed URI as Python strings (stats per file): a table run holds them.
         uris = inputs.listed().to_pylist()
-        if self.uri_per_image:
-            if mode == "changed":
-                self.sources = source_stats(uris, storage)
-            wanted = to_label(mode, uris, rows, self.sources)
-            wanted = wanted.filter(pc.invert(pc.is_in(wanted, value_set=held)))
-            if mode != "changed":
-                # Committed rows hold their stats already; staged ones get theirs when committed, like the rest.
-                uncommitted = staged.filter(pc.invert(pc.is_in(staged, value_set=mine)))
-                self.sources = source_stats(pa.concat_arrays([wanted, uncommitted]).to_pylist(), storage)
-            listed = pa.array(uris, pa.string())
-            done = pa.concat_arrays([listed.filter(pc.invert(pc.is_in(listed, value_set=wanted))), held])
-        else:
+        if not self.uri_per_image:
             self.sources = source_stats(uris, storage)
-            done = pa.concat_arrays([rows["uri"].combine_chunks(), held]) if mode == "incremental" else held
-        record = {
-            "run_id": self.run_id,
-            "status": "running",
-            "mode": mode,
-            "table": self.identifier,
-            "labels": self.labels,
-            "started_at": latest.get("started_at") if unfinished else files.now(),
-            "attempt_started_at": files.now(),
-            "ended_at": None,
-            "config": run.public_config(config),
-            "versions": run.versions(),
-        }
-        run.write_record(fs, self.staging, self.run_id, record)
-        run_uri = files.join(config.output.uri, STAGING, f"run={self.run_id}")
-        return RunPlan(run_id=self.run_id, run_uri=run_uri, resumed=unfinished, done=done, rows_before=len(held))
+            every = pa.concat_arrays([rows["uri"].combine_chunks(), held])
+            return (every if decision.labels == "new" else held), len(held)
+        if decision.labels == "changed":
+            self.sources = source_stats(uris, storage)
+        wanted = to_label(decision.mode, uris, rows, self.sources)
+        wanted = wanted.filter(pc.invert(pc.is_in(wanted, value_set=held)))
+        if decision.labels != "changed":
+            # Committed rows hold their stats already; staged ones get theirs when committed, like the rest.
+            uncommitted = staged.filter(pc.invert(pc.is_in(staged, value_set=mine)))
+            self.sources = source_stats(pa.concat_arrays([wanted, uncommitted]).to_pylist(), storage)
+        listed = pa.array(uris, pa.string())
+        return pa.concat_arrays([listed.filter(pc.invert(pc.is_in(listed, value_set=wanted))), held]), len(held)
 
     def _create_or_load(self):
         """The table, created with ``table_schema()`` and ``uri`` as its identifier field when it does not exist."""
@@ -433,6 +439,3 @@ class IcebergTable(OutputTarget):
 def _errors(status: pa.Array | pa.ChunkedArray) -> int:
     return pc.sum(pc.equal(status, "error")).as_py() or 0
 
-
-def _settings_text(settings: dict[str, str]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in settings.items())
