@@ -10,8 +10,10 @@ import pytest
 
 from tests import support
 
-# Fixtures that start Ray (in this process or as a cluster) or run the job in a subprocess.
-SLOW_FIXTURES = frozenset({"local_ray", "job_process", "cluster"})
+# Fixtures that start Ray (in this process or as a cluster) or run the job in a subprocess; and test_engine's
+# ``variant``, which makes a fixture checkpoint of every MnasNet variant and exports each to ONNX (a minute or more
+# per variant on two loaded cores: the fast lane keeps mnasnet0_5's parity, in test_job and test_predictor).
+SLOW_FIXTURES = frozenset({"local_ray", "job_process", "cluster", "variant"})
 
 
 def pytest_collection_modifyitems(config, items):
