@@ -9,9 +9,10 @@ import re
 import sys
 import threading
 
-# Ray Data puts each actor pool's transformer in the object store and passes it by reference, with restarts on, so
-# the driver's core worker logs this error for every model actor (ray-project/ray#53727). The job's arguments are
-# held for the whole run (``job.Shipped``), so a restarted actor still finds them.
+# Ray Data puts each actor pool's transformer (the model actors' class and its arguments: the checkpoint) in the
+# object store and passes it by reference, with restarts on, so the driver's core worker logs this error for every
+# model actor (ray-project/ray#53727), whatever the job passes. Ray Data holds that reference while the dataset
+# runs, so a restarted actor still finds its arguments: the line says nothing to a user of the job.
 CONSTRUCTOR_ARGUMENTS = re.compile(
     r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store and "
     r"max_restarts > 0"

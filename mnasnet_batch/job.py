@@ -503,27 +503,6 @@ def configure_context(config: JobConfig, spec: PreprocessSpec, pool: ActorPool) 
     context.execution_no_progress_timeout_s = config.progress.stall_s + STALL_REFIRE_S
 
 
-@dataclass(frozen=True)
-class Shipped:
-    """Large arguments of the model actors (the checkpoint, the ONNX graph: megabytes), put in Ray's object store
-    by the driver and fetched by each actor (``Predictor``'s ``shipped``).
-
-    Given as constructor arguments, Ray puts them in the object store itself, and the driver's core worker logs an
-    error per actor pool ("has constructor arguments in the object store and max_restarts > 0",
-    ray-project/ray#53727): an actor whose arguments were lost could not restart. Here the arguments are small
-    (references), and the driver holds the references for the whole run, so a restarted actor fetches them again.
-    """
-
-    refs: dict[str, ray.ObjectRef]
-
-    @classmethod
-    def put(cls, **values) -> Shipped:
-        return cls({name: ray.put(value) for name, value in values.items()})
-
-    def __call__(self) -> dict:
-        return dict(zip(self.refs, ray.get(list(self.refs.values())), strict=True))
-
-
 def predict(
     dataset: ray.data.Dataset,
     config: JobConfig,
@@ -535,7 +514,7 @@ def predict(
     """Output rows (``postprocess.OUTPUT_SCHEMA``) from the pool of model actors.
 
     With ONNX Runtime (``compute.engine``), the driver exports the model once and ships the graph to every actor,
-    as it ships the checkpoint (``Shipped``).
+    as it ships the checkpoint.
     """
     # The actors import torch; nothing else in the graph does.
     from mnasnet_batch.model.engine import choose_engine, export_onnx
@@ -551,14 +530,14 @@ def predict(
     return dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={
-            "checkpoint": None,
-            "shipped": Shipped.put(checkpoint=checkpoint, onnx_graph=onnx_graph),
+            "checkpoint": checkpoint,
             "top_k": config.model.top_k,
             "num_threads": num_threads,
             "on_batch": CountProgress(counter),
             "precision": config.compute.precision,
             "spec": spec,
             "micro_batch": config.compute.micro_batch,
+            "onnx_graph": onnx_graph,
         },
         compute=pool.strategy(),
         batch_size=config.compute.batch_size,

@@ -27,7 +27,7 @@ class Predictor:
     """Holds one MnasNet; called with batches of images, returns output rows.
 
     Args:
-        checkpoint: verified weights (the driver checked them before any image was read); None with ``shipped``.
+        checkpoint: verified weights (the driver checked them before any image was read).
         top_k: how many classes to keep per image.
         device: ``cuda``, ``cpu``, or "" for CUDA when this process sees a GPU.
         num_threads: CPU threads of torch (and of ONNX Runtime); 0 leaves their defaults. Set it to the CPUs the actor
@@ -43,13 +43,11 @@ class Predictor:
             Runtime).
         onnx_graph: the checkpoint's model as ``engine.export_onnx`` exported it: the model runs on ONNX Runtime
             (CPU, fp32) instead of torch. None: on torch.
-        shipped: where the actor fetches its ``checkpoint`` and ``onnx_graph`` (``job.Shipped``: from Ray's object
-            store, by reference) instead of taking them as arguments; None: as given.
     """
 
     def __init__(
         self,
-        checkpoint: Checkpoint | None,
+        checkpoint: Checkpoint,
         top_k: int,
         device: str = "",
         num_threads: int = 0,
@@ -58,11 +56,7 @@ class Predictor:
         spec: PreprocessSpec | None = None,
         micro_batch: int = 0,
         onnx_graph: bytes | None = None,
-        shipped: Callable[[], dict] | None = None,
     ):
-        if shipped is not None:
-            fetched = shipped()
-            checkpoint, onnx_graph = fetched["checkpoint"], fetched.get("onnx_graph")
         on_gpu = torch.cuda.is_available() and onnx_graph is None
         self.device = torch.device(device or ("cuda" if on_gpu else "cpu"))
         if self.device.type == "cuda":
