@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import dataclasses
@@ -100,9 +101,10 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 def main(argv: list[str] | None = None) -> int:
     """Runs the labeling job; returns the process exit status.
 
-    0: labeled; 1: the run failed (it can be resumed); 2: bad configuration or inputs, nothing labeled;
-    130 / 143: stopped by SIGINT / SIGTERM, the run recorded as interrupted (it can be resumed). Whatever ends the
-    command once its run is open (Ray's start, the cluster, the model, storage) closes the run first (``ended``).
+    0: labeled; 1: the run failed (it can be resumed), or another job took the output over (its run now);
+    2: bad configuration or inputs, nothing labeled; 130 / 143: stopped by SIGINT / SIGTERM, the run recorded as
+    interrupted (it can be resumed). Whatever ends the command once its run is open (Ray's start, the cluster, the
+    model, storage) closes the run first (``ended``).
     """
     started = time.monotonic()
     args = build_parser().parse_args(argv)
@@ -225,6 +227,9 @@ def ended(config: JobConfig, attempt: Attempt, exc: BaseException) -> int:
     """
     cannot = close_opened(config, attempt, exc)
     plan = attempt.plan
+    if plan is not None and plan.lease is not None and plan.lease.lost is not None:
+        print(f"error: {plan.lease.lost}", file=sys.stderr)  # the run is the other job's now: nothing to resume
+        return 1
     if cannot:  # says what failed, why its record cannot be written, and that the same command resumes it
         print(f"error: {cannot}", file=sys.stderr)
     elif isinstance(exc, Stopped):
@@ -564,6 +569,10 @@ def label_remaining(
     from mnasnet_batch.outputs.folder import ParquetFolder
 
     target = plan.target or ParquetFolder()
+    if plan.lease is not None:
+        # Another job took the output: the labeling stops at once (within a heartbeat), and the command ends with
+        # the line that names that job (``ended``).
+        plan.lease.on_lost(lambda line: _thread.interrupt_main(signal.SIGTERM))
     start = time.monotonic()
     labeling_images, labeling_s = 0, 0.0
     try:
@@ -582,7 +591,8 @@ def label_remaining(
             from mnasnet_batch import job
 
             start_ray(config)
-            labeling = job.run(config, plan.storage, checkpoint, todo, plan.run_uri, costs)
+            fence = plan.lease.fence(plan.storage) if plan.lease is not None else None
+            labeling = job.run(config, plan.storage, checkpoint, todo, plan.run_uri, costs, fence)
             labeling_images, labeling_s = labeling.images, labeling.seconds
             plan = dataclasses.replace(plan, stage_costs={**(plan.stage_costs or {}), **labeling.stages})
     except BaseException as exc:

@@ -43,15 +43,22 @@ RAY_CPP_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] 
 # What Ray tells the driver while it recovers from a lost node or worker: the node's missed health checks and
 # each retried task, once per attempt. The job says it once, in its own words (``job.NodeWatch``).
 RAY_RECOVERY_MESSAGES = ("has been marked dead", "will be retried", "liveness")
+# What Ray tells the driver while an autoscaler adds the nodes that tasks and actors wait for: the job says it waits,
+# once, in its own words (``job.PoolWatch``, ``job.NodeWatch``).
+RAY_SCALING_MESSAGES = ("infeasible resource requests",)
 
 
 def is_ray_chatter(source: str, line: str) -> bool:
-    """Whether a line that Ray forwards to the driver stays out of the job's log: a line of Ray's C++ logging, or
-    Ray's (``source`` ``raylet``, ``gcs_server``) report of a recovery in progress. Workers' own output (prints,
-    Python warnings and tracebacks) and Ray's other messages (a worker killed for memory) are kept."""
-    if RAY_CPP_LOG_LINE.match(line):
+    """Whether a line that Ray forwards to the driver stays out of the job's log: a line of Ray's C++ logging, Ray's
+    (``source`` ``raylet``, ``gcs_server``) report of a recovery in progress, or the autoscaler's events (``source``
+    ``autoscaler``: nodes launched, and under autoscaler v2 a request it cannot meet in full, once a second, which
+    reads as a fault; the job says when nodes join and what it waits for in its own lines, ``job.NodeWatch``).
+    Workers' own output (prints, Python warnings and tracebacks) and Ray's other messages (a worker killed for
+    memory) are kept."""
+    if source == "autoscaler" or RAY_CPP_LOG_LINE.match(line):
         return True
-    return source in ("raylet", "gcs_server") and any(message in line for message in RAY_RECOVERY_MESSAGES)
+    messages = RAY_RECOVERY_MESSAGES + RAY_SCALING_MESSAGES
+    return source in ("raylet", "gcs_server") and any(message in line for message in messages)
 
 
 def keep_ray_chatter_out() -> None:

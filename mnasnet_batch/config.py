@@ -104,6 +104,10 @@ class OutputConfig:
     # large corpus, so that readers see labels as they come (a killed run loses nothing either way: its parts stay
     # staged and the same command commits them).
     commit_interval_s: float = 0.0
+    # 30: seconds between the renewals of the output's lease (_lease.json), a small read and write each. A job on
+    # another machine that finds the lease unrenewed for 4 of them (2 minutes, watched on its own clock) takes the
+    # output over: how long a killed job's output stays locked from another machine.
+    lease_heartbeat_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,15 @@ class ComputeConfig:
     # 0: fail at once when no node can hold a model actor (Ray would keep it pending forever). Set it where an
     # autoscaler adds nodes (GPU groups that scale from zero): the job asks for one actor's node and waits.
     node_wait_s: float = 0.0
+    # 0: the CPUs of the nodes an autoscaler adds, as Ray's cluster config reports them (Ray 2.60's own autoscalers
+    # do not report them; Anyscale's does), else the largest worker node alive. Set it to the worker group's CPUs
+    # (KubeRay's CPU limit, the cluster launcher's node type) where the cluster may start with none.
+    node_cpus: float = 0.0
+    # 0: the most worker nodes an autoscaler adds, as Ray's cluster config reports them, else the workers alive (the
+    # cluster is planned as it is; capacity.UNBOUNDED_NODES where the job had to ask for its first node). Set it to
+    # the group's maxReplicas (KubeRay) or max_workers (cluster launcher): the actor pool's bound and the read
+    # blocks are sized for the CPUs the cluster may reach.
+    max_nodes: int = 0
     # GPUs per model actor on GPU clusters: 1. Below 1 (0.5, 0.25) packs several actors on a GPU, which one
     # actor alone cannot keep busy while it also decodes, copies and writes on the CPU.
     actor_gpus: float = 1.0
@@ -365,6 +378,7 @@ def validate(config: JobConfig) -> None:
             and "." in config.output.table,
             f"output.table: {config.output.table!r} is not namespace.name (e.g. labels.images)",
         ),
+        (config.output.lease_heartbeat_s > 0, "output.lease_heartbeat_s: must be more than 0 seconds"),
         (config.output.commit_interval_s >= 0, "output.commit_interval_s: must be 0 (commit at the end) or more"),
         (config.compute.batch_size >= 1, "compute.batch_size: must be at least 1"),
         (config.compute.micro_batch >= 0, "compute.micro_batch: must be 0 (derived) or at least 1"),
@@ -406,6 +420,8 @@ def validate(config: JobConfig) -> None:
         (config.compute.actor_memory_gb > 0, "compute.actor_memory_gb: must be more than 0"),
         (config.compute.actor_cpus >= 0, "compute.actor_cpus: must be 0 (derived) or more"),
         (config.compute.node_wait_s >= 0, "compute.node_wait_s: must be 0 (do not wait) or more"),
+        (config.compute.node_cpus >= 0, "compute.node_cpus: must be 0 (from the cluster) or more"),
+        (config.compute.max_nodes >= 0, "compute.max_nodes: must be 0 (from the cluster) or more"),
         (
             0 < config.compute.actor_gpus <= 1 or config.compute.actor_gpus == int(config.compute.actor_gpus) > 0,
             "compute.actor_gpus: must be a fraction in (0, 1] or a whole number of GPUs",

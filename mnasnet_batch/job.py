@@ -19,6 +19,7 @@ import ray
 import ray.autoscaler.sdk
 from ray.data.exceptions import ExecutionTimeoutError
 
+from mnasnet_batch.capacity import Capacity, NodeType, holds, types_of_config, types_of_profile
 from mnasnet_batch.config import ConfigError, JobConfig
 from mnasnet_batch.costs import StageCosts, split_cpus, spread_block, survivor_cpus, task_cpus
 from mnasnet_batch.decode.preprocess import PreprocessSpec, decode_batch
@@ -29,6 +30,7 @@ from mnasnet_batch.storage import Storage
 
 if TYPE_CHECKING:  # torch stays out of the graph's modules: Ray's tasks unpickle functions from them
     from mnasnet_batch.model.weights import Checkpoint
+    from mnasnet_batch.outputs.lease import Fence
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,12 @@ MIN_BUFFER_BYTES = 256 * 2**20
 
 # Seconds between looks at the cluster's nodes while waiting for one that can hold a model actor.
 NODE_POLL_S = 5.0
+# Seconds between looks at the model actors (Ray's state API, through the dashboard) while the job runs: a pool's
+# change is said within that, and the dashboard is asked little however large the cluster.
+ACTOR_POLL_S = 5.0
+# What the model actors' class name holds in Ray's state API: Ray Data names a pool's actors after the function
+# they run ("MapWorker(MapBatches(Predictor))").
+POOL_ACTOR_CLASS = "Predictor"
 # Seconds after which a stall is raised again in the labeling thread, should it still be labeling: a stall that
 # landed ends the labeling within parts.STOP_WRITE_WAIT_S (20 s) of writing its last parts.
 STALL_REFIRE_S = 120.0
@@ -146,14 +154,15 @@ def model_actor_pool(
 
     Args:
         config: the job's configuration.
-        cluster: ``ray.cluster_resources()`` when the job starts.
-        node_cpus: the CPUs of each node of the cluster, which bound a derived actor's (an actor runs on one
-            node, and a lost node's actors are restarted on the others); None when the cluster is one node.
+        cluster: the CPUs and GPUs the cluster may reach (``Capacity.planned``).
+        node_cpus: the CPUs of each node of the cluster planned for (``Capacity.node_cpus``: alive, or that an
+            autoscaler adds), which bound a derived actor's (an actor runs on one node, and a lost node's actors
+            are restarted on the others); None when the cluster is one node.
         model_share: the model's share of an image's CPU time (``StageCosts.model_share``).
     """
     compute = config.compute
     gpus = int(cluster.get("GPU", 0))
-    cpus = cluster.get("CPU", 1)
+    cpus = cluster.get("CPU", 0.0)
     if compute.device == "gpu" or (compute.device == "auto" and gpus):
         resources = {"num_gpus": compute.actor_gpus, "num_cpus": compute.actor_cpus or 1.0}
         derived_max = int(gpus / compute.actor_gpus)
@@ -193,12 +202,102 @@ def decode_task_cpus(
 
 def free_cpus(cluster: dict[str, float], pool: ActorPool) -> float:
     """The cluster's CPUs that its largest pool of model actors leaves to reading and decoding."""
-    return cluster.get("CPU", 1) - pool.max_size * pool.resources["num_cpus"]
+    return cluster.get("CPU", 0.0) - pool.max_size * pool.resources["num_cpus"]
+
+
+def decode_slots(planned: dict[str, float], pool: ActorPool, decode_cpus: float) -> int:
+    """Decode tasks the read blocks are cut for (``costs.spread_block``): those that run at a time beside the
+    largest pool, and one per CPU the cluster may reach at least, so that nodes joining mid-run find blocks left
+    to read (the model actors' CPUs decode too once the pool shrinks)."""
+    return max(int(free_cpus(planned, pool) / decode_cpus + 1e-6), math.ceil(planned.get("CPU", 0.0)))
 
 
 def alive_nodes() -> list[dict[str, float]]:
     """The total resources of each alive node of the cluster."""
     return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def autoscaler_node_groups() -> list[tuple[dict[str, float], int, int]]:
+    """The node groups of Ray's cluster config (resources, min and max count), where the autoscaler reported it to
+    the GCS; none where it did not (Ray 2.60's own autoscalers, v1 and v2, do not) or it cannot be read."""
+    import ray._private.state  # the cluster config has no public API; Ray Data reads it the same way
+
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception as exc:
+        log.debug("Ray's cluster config could not be read: %s: %s", type(exc).__name__, exc)
+        return []
+    if config is None:
+        return []
+    return [(dict(group.resources), group.min_count, group.max_count) for group in config.node_group_configs]
+
+
+def cluster_capacity(config: JobConfig, added: Capacity | None = None) -> Capacity:
+    """The nodes alive and the node types an autoscaler can add: from Ray's cluster config, else from the profile
+    (``compute.node_cpus``, ``compute.max_nodes``), else those of ``added`` (the type of a node the autoscaler added
+    when asked, ``wait_for_first_node``)."""
+    nodes = tuple(alive_nodes())
+    types = types_of_config(autoscaler_node_groups(), nodes)
+    if types:
+        return Capacity(nodes, types, "Ray's cluster config")
+    types = types_of_profile(config.compute.node_cpus, config.compute.max_nodes, nodes)
+    if types:
+        return Capacity(nodes, types, "compute.node_cpus and compute.max_nodes")
+    if added is not None:
+        return Capacity(nodes, added.types, added.types_from)
+    return Capacity(nodes)
+
+
+class AutoscalerRequest:
+    """What the job asks Ray's autoscaler for (``ray.autoscaler.sdk.request_resources``). A request replaces the one
+    before, and stays after the driver exits, holding its nodes up: ``withdraw`` ends it once the pool's least
+    actors run (``PoolWatch``: until then, the nodes added for them hold nothing and an autoscaler would release
+    them as idle), and ``run`` withdraws it however the job ends. Under autoscaler v2 a request that the node types
+    cannot meet in full is refused whole, so the job asks only for what it waits for."""
+
+    def __init__(self) -> None:
+        self.standing = False
+
+    def ask(self, bundles: list[dict[str, float]]) -> None:
+        ray.autoscaler.sdk.request_resources(bundles=bundles)
+        self.standing = True
+
+    def withdraw(self) -> None:
+        if self.standing:
+            ray.autoscaler.sdk.request_resources(bundles=[])  # the pending actors and tasks ask for what they need
+            self.standing = False
+
+
+def wait_for_first_node(
+    config: JobConfig, asking: AutoscalerRequest, sleep: Callable[[float], None] = time.sleep
+) -> Capacity:
+    """Where the cluster has no CPU for work (a head of 0 CPUs) and says nothing of what its autoscaler adds, asks
+    the autoscaler for a node of one CPU and waits up to ``compute.node_wait_s`` for it; then plans for nodes like
+    the largest that joined, as many as ``capacity.UNBOUNDED_NODES``. The request stands until the next one
+    replaces it, so that the node is not released as idle meanwhile.
+
+    Raises:
+        ConfigError: no node with a CPU joined in time.
+    """
+    capacity = cluster_capacity(config)
+    if capacity.can_grow or capacity.planned()["CPU"] > 0 or not config.compute.node_wait_s:
+        return capacity
+    log.info(
+        "the cluster has no CPU for work yet and does not say which nodes its autoscaler adds: asked it for a node "
+        "of 1 CPU, waiting up to %g s (compute.node_cpus and compute.max_nodes say it instead)",
+        config.compute.node_wait_s,
+    )
+    deadline = time.monotonic() + config.compute.node_wait_s
+    asking.ask([{"CPU": 1.0}])
+    while capacity.planned()["CPU"] <= 0:
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                f"no node with a CPU joined the cluster in {config.compute.node_wait_s:g} s (compute.node_wait_s): "
+                "start worker nodes, or check the autoscaler's log (ray status)"
+            )
+        sleep(NODE_POLL_S)
+        capacity = cluster_capacity(config)
+    return Capacity(capacity.alive, (NodeType(capacity.largest_node_cpus()),), "the node its autoscaler added")
 
 
 def actor_demand(config: JobConfig, pool: ActorPool) -> dict[str, float]:
@@ -221,45 +320,84 @@ def describe_resources(resources: dict[str, float]) -> str:
 
 
 def wait_for_room(
-    config: JobConfig, pool: ActorPool, nodes: Callable[[], list[dict[str, float]]], decode_cpus: float
+    config: JobConfig,
+    pool: ActorPool,
+    nodes: Callable[[], list[dict[str, float]]],
+    decode_cpus: float,
+    asking: AutoscalerRequest,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> None:
-    """Returns once a node of the cluster can hold a model actor beside the decode tasks' CPUs.
+    """Returns once the cluster's nodes can hold the pool's least model actors beside a decode task.
 
-    Ray keeps a task or actor that no node can hold pending forever, so a job that asks for more than any node
-    has would hang. Where nodes can be added (an autoscaler, ``compute.node_wait_s`` > 0), the autoscaler is
-    asked for one actor's resources and the job waits up to that long for a node that holds them.
+    Ray keeps a task or actor that no node can hold pending forever, so a job that asks for more than the cluster
+    has would hang. Where nodes can be added (an autoscaler, ``compute.node_wait_s`` > 0), the autoscaler is asked
+    for those actors and the decode task, in one line of the log, and the job waits up to that long; the request
+    stands until the pool's least actors run (``AutoscalerRequest``); then Ray Data's own demand drives the cluster
+    (it adds actors up to the pool's bound, and the autoscaler nodes for them), and idle nodes can go.
 
     Raises:
-        ConfigError: no node can hold a model actor, or the actors leave no CPU for decoding.
+        ConfigError: the nodes could not hold the least actors beside a decode task in ``compute.node_wait_s``.
     """
     demand = actor_demand(config, pool)
+    needed = [demand] * pool.min_size + [{"CPU": decode_cpus}]
     deadline = time.monotonic() + config.compute.node_wait_s
     requested = False
     current = nodes()  # one cluster query per poll
-    while not any(fits(demand, node) for node in current):
+    while not holds(current, needed):
         if time.monotonic() >= deadline:
-            largest = max(current, key=lambda node: (node.get("GPU", 0.0), node.get("CPU", 0.0)), default={})
-            raise ConfigError(
-                f"no node of the cluster can hold a model actor ({describe_resources(demand)}); the largest has "
-                f"{describe_resources(largest)}: lower compute.actor_cpus, compute.actor_gpus or "
-                f"compute.actor_memory_gb, use compute.device=cpu without GPU nodes, or set compute.node_wait_s "
-                f"for nodes an autoscaler adds"
-            )
+            raise ConfigError(no_room(config, pool, demand, decode_cpus, current))
         if not requested:
-            log.info("waiting up to %g s for a node with %s", config.compute.node_wait_s, describe_resources(demand))
-            ray.autoscaler.sdk.request_resources(bundles=[demand])
+            log.info(
+                "asked the autoscaler for %d model actor(s) of %s and a decode task of %g CPUs; waiting up to %g s "
+                "for nodes that hold them",
+                pool.min_size,
+                describe_resources(demand),
+                decode_cpus,
+                config.compute.node_wait_s,
+            )
+            asking.ask(needed)
             requested = True
-        time.sleep(NODE_POLL_S)
+        sleep(NODE_POLL_S)
         current = nodes()
-    if requested:
-        ray.autoscaler.sdk.request_resources(bundles=[])  # the pending actors now ask for what they need
-    cpus = sum(node.get("CPU", 0.0) for node in current)
-    if cpus - pool.min_size * demand["CPU"] < decode_cpus - 1e-6:  # Ray counts CPUs in 1e-4 steps
-        raise ConfigError(
-            f"{pool.min_size} model actor(s) of {demand['CPU']:g} CPUs leave the cluster's {cpus:g} CPUs no room for "
-            f"a decode task of {decode_cpus:g} CPUs (preprocess.num_cpus): lower compute.actor_cpus or "
-            "compute.min_actors"
+
+
+def no_room(
+    config: JobConfig, pool: ActorPool, demand: dict[str, float], decode_cpus: float, nodes: list[dict[str, float]]
+) -> str:
+    """The message for a cluster whose nodes cannot hold the pool's least actors beside a decode task."""
+    fix = (
+        "lower compute.actor_cpus, compute.actor_gpus or compute.actor_memory_gb, use compute.device=cpu without GPU "
+        "nodes, or set compute.node_wait_s for nodes an autoscaler adds"
+    )
+    waited = f" (waited {config.compute.node_wait_s:g} s, compute.node_wait_s)" if config.compute.node_wait_s else ""
+    if not any(holds([node], [demand]) for node in nodes):
+        largest = max(nodes, key=lambda node: (node.get("GPU", 0.0), node.get("CPU", 0.0)), default={})
+        return (
+            f"no node of the cluster can hold a model actor ({describe_resources(demand)}){waited}; the largest has "
+            f"{describe_resources(largest)}: {fix}"
         )
+    cpus = sum(node.get("CPU", 0.0) for node in nodes)
+    return (
+        f"the cluster's {len(nodes)} node(s) ({cpus:g} CPUs) cannot hold {pool.min_size} model actor(s) of "
+        f"{describe_resources(demand)} beside a decode task of {decode_cpus:g} CPUs{waited}: lower "
+        f"compute.min_actors, or {fix}"
+    )
+
+
+def plan(config: JobConfig, model_share: float, asking: AutoscalerRequest) -> tuple[dict[str, float], ActorPool, float]:
+    """Plans the job for the cluster it may become (an autoscaler's node types, ``cluster_capacity``), not only the
+    nodes alive now, and waits for the nodes its least actors need (``wait_for_room``), asking for them.
+
+    Returns:
+        The CPUs and GPUs planned for, the model actors' pool, and each decode task's CPUs.
+    """
+    capacity = wait_for_first_node(config, asking)
+    planned = capacity.planned()
+    log.info("the cluster: %s", capacity.describe())
+    pool = model_actor_pool(config, planned, capacity.node_cpus(), model_share)
+    decode_cpus = decode_task_cpus(config, planned, pool, capacity.node_cpus())
+    wait_for_room(config, pool, alive_nodes, decode_cpus, asking)
+    return planned, pool, decode_cpus
 
 
 def ray_data_log_directory() -> str:
@@ -294,6 +432,7 @@ class NodeWatch:
 
     def __init__(self, nodes: list[dict]):
         self.alive = self.alive_nodes(nodes)
+        self.cpus = {node["NodeID"]: node.get("Resources", {}).get("CPU", 0.0) for node in nodes if node.get("Alive")}
 
     @staticmethod
     def alive_nodes(nodes: list[dict]) -> dict[str, str]:
@@ -301,7 +440,8 @@ class NodeWatch:
         return {node["NodeID"]: node.get("NodeManagerAddress", "?") for node in nodes if node.get("Alive")}
 
     def update(self, nodes: list[dict]) -> list[str]:
-        """Takes ``ray.nodes()`` now; logs and returns a line for each node alive before and not now."""
+        """Takes ``ray.nodes()`` now; logs and returns a line for each node alive before and not now. A node that
+        joined (an autoscaler's) is said in a line of its own, and watched from then on."""
         alive = self.alive_nodes(nodes)
         lines = [
             f"node {node_id[:12]} ({address}) lost: its work is retried on the remaining nodes"
@@ -310,8 +450,63 @@ class NodeWatch:
         ]
         for line in lines:
             log.warning("%s", line)
-        self.alive = alive  # nodes added since (an autoscaler's) are watched too
+        self.cpus = {node["NodeID"]: node.get("Resources", {}).get("CPU", 0.0) for node in nodes if node.get("Alive")}
+        for node_id in alive.keys() - self.alive.keys():
+            log.info(
+                "node %s (%s, %g CPUs) joined: %d nodes alive, %g CPUs",
+                node_id[:12],
+                alive[node_id],
+                self.cpus.get(node_id, 0.0),
+                len(alive),
+                sum(self.cpus.values()),
+            )
+        self.alive = alive
         return lines
+
+
+# The states of an actor that Ray has not started yet, or is starting again (Ray's state API).
+STARTING_STATES = ("DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING")
+
+
+class PoolWatch:
+    """Says in the job's log, in one line each, when the pool of model actors changes size, and when the job
+    waits for actors to start (for a node to hold them, or their start)."""
+
+    def __init__(self, demand: str, min_size: int = 1, started: Callable[[], None] | None = None):
+        self.demand = demand  # one actor's resources, as people read them
+        self.min_size = min_size
+        self.started = started  # called once, when the pool's least actors run
+        self.running = 0
+        self.waiting = False
+
+    def update(self, states: list[str]) -> list[str]:
+        """Takes the states of the pool's actors now (Ray's state API); logs and returns the lines it says."""
+        running = sum(state == "ALIVE" for state in states)
+        starting = sum(state in STARTING_STATES for state in states)
+        lines = []
+        if running != self.running:
+            lines.append(f"model actors: {running} running (was {self.running})")
+        if starting and not self.waiting:
+            lines.append(
+                f"waiting for {starting} model actor(s) of {self.demand} to start: on a node with room, or on one "
+                "the autoscaler adds"
+            )
+        self.running, self.waiting = running, bool(starting)
+        for line in lines:
+            log.info("%s", line)
+        if self.started is not None and running >= self.min_size:
+            self.started, started = None, self.started
+            started()
+        return lines
+
+
+def pool_actor_states() -> list[str]:
+    """The states of this job's pool actors (Ray Data's), by Ray's state API."""
+    from ray.util.state import list_actors
+
+    filters = [("job_id", "=", ray.get_runtime_context().get_job_id())]
+    actors = list_actors(filters=filters, limit=10_000, raise_on_missing_output=False)
+    return [actor.state for actor in actors if POOL_ACTOR_CLASS in actor.class_name]
 
 
 class Stalled(RuntimeError):
@@ -416,41 +611,60 @@ def cluster_waits() -> str:
         return f"what waits is unknown: the cluster's state could not be read ({type(exc).__name__}: {exc})"
 
 
+def look_at_cluster(nodes: NodeWatch, pool: PoolWatch | None, next_pool_look: float) -> float:
+    """One look at the nodes (``NodeWatch``), and at the pool of model actors once ``next_pool_look`` (a
+    ``time.monotonic``) has come; returns when to look at the pool next. Like progress, the lines are for people:
+    a failed look is tried again at the next tick."""
+    with contextlib.suppress(Exception):
+        nodes.update(ray.nodes())
+    if pool is not None and time.monotonic() >= next_pool_look:
+        next_pool_look = time.monotonic() + ACTOR_POLL_S
+        with contextlib.suppress(Exception):
+            pool.update(pool_actor_states())
+    return next_pool_look
+
+
 @contextlib.contextmanager
 def reporting_progress(
-    counter: ray.actor.ActorHandle, total: int, interval_s: float, stall_s: float = math.inf
+    counter: ray.actor.ActorHandle,
+    total: int,
+    interval_s: float,
+    stall_s: float = math.inf,
+    pool: PoolWatch | None = None,
 ) -> Iterator[None]:
     """Polls ``counter`` from a driver thread while the body runs: a bar at a terminal, else log lines; says
-    when a node is lost (``NodeWatch``); and ends the body with ``Stalled`` once no image was labeled for
-    ``stall_s`` seconds (``StallWatch``), saying what waits."""
+    when a node is lost or joins (``NodeWatch``) and when the pool of model actors changes (``pool``, every
+    ``ACTOR_POLL_S``); and ends the body with ``Stalled`` once no image was labeled for ``stall_s`` seconds
+    (``StallWatch``), saying what waits."""
     reporter = ProgressReporter(total, interval_s, terminal=sys.stderr if sys.stderr.isatty() else None)
     stop = threading.Event()
     nodes = NodeWatch(ray.nodes())
     stalls, alarm = StallWatch(stall_s, total), StallAlarm()
 
     def poll() -> None:
-        reporting = True
+        next_pool_look = 0.0
+        done, unread = 0, None
         while not stop.wait(min(1.0, interval_s)):
-            # Like progress, the line is for people: a failed look at the nodes is tried again at the next tick.
-            with contextlib.suppress(Exception):
-                nodes.update(ray.nodes())
-            if reporting:
-                try:
-                    done, errors = ray.get(counter.counts.remote(), timeout=30)
-                except Exception as exc:
-                    # Progress is for people; losing it must not disturb the job, which reports its own errors.
-                    log.warning("progress reporting stopped: %s: %s", type(exc).__name__, exc)
-                    reporting = False
-                    continue
+            next_pool_look = look_at_cluster(nodes, pool, next_pool_look)
+            try:
+                done, errors = ray.get(counter.counts.remote(), timeout=30)
+            except Exception as exc:
+                # A slow or lost answer is asked again at the next tick, said once; meanwhile no image counts as
+                # labeled, so that the stall bound holds even when progress cannot be read.
+                if unread is None:
+                    log.warning("progress could not be read, trying again: %s: %s", type(exc).__name__, exc)
+                unread = exc
+            else:
+                unread = None
                 reporter.update(done, errors)
-                waited = stalls.stalled(done)
-                if waited is not None:
-                    line = f"no image labeled for {format_duration(waited)} (progress.stall_s): {cluster_waits()}"
-                    # Again while the labeling goes on: code of Ray's may have swallowed it.
-                    while not stop.is_set():
-                        alarm.fire(line)
-                        stop.wait(STALL_REFIRE_S)
-                    return
+            waited = stalls.stalled(done)
+            if waited is not None:
+                line = f"no image labeled for {format_duration(waited)} (progress.stall_s): {cluster_waits()}"
+                # Again while the labeling goes on: code of Ray's may have swallowed it.
+                while not stop.is_set():
+                    alarm.fire(line)
+                    stop.wait(STALL_REFIRE_S)
+                return
 
     thread = threading.Thread(target=poll, name="progress", daemon=True)
     thread.start()
@@ -557,8 +771,11 @@ def run(
     inputs: InputPlan,
     run_uri: str,
     costs: StageCosts | None = None,
+    fence: Fence | None = None,
 ) -> Labeling:
     """Labels the planned input and writes its rows as Parquet parts under ``run_uri``; Ray must be initialised.
+
+    ``fence``: each part is published only while the output's lease is still the job's (``outputs.lease.Fence``).
 
     Rows an earlier attempt labeled are not labeled again when ``inputs`` is what ``InputPlan.remaining`` left.
     ``costs``: what an image costs each stage (``costs.measure``), by which a cluster's CPUs are divided between
@@ -566,18 +783,35 @@ def run(
 
     Returns:
         The labeling rate and where the stages ran (``Labeling``).
+    """
+    spec = PreprocessSpec.for_config(config.model.name, config.preprocess)
+    # Actors that decode too (decode_on=actor) leave the read tasks little to do, whatever decoding costs.
+    share = costs.model_share if costs is not None and spec.decode_on == "workers" else MODEL_CPU_SHARE
+    asking = AutoscalerRequest()
+    try:
+        planned = plan(config, share, asking)
+        return label(config, storage, checkpoint, inputs, run_uri, costs, spec, planned, asking, fence)
+    finally:
+        asking.withdraw()
+
+
+def label(
+    config: JobConfig,
+    storage: Storage,
+    checkpoint: Checkpoint,
+    inputs: InputPlan,
+    run_uri: str,
+    costs: StageCosts | None,
+    spec: PreprocessSpec,
+    planned_pool: tuple[dict[str, float], ActorPool, float],
+    asking: AutoscalerRequest,
+    fence: Fence | None = None,
+) -> Labeling:
+    """``run``'s labeling, on the plan (``plan``): withdraws the autoscaler request once the least actors run.
 
     Over 60 lines: the graph's stages, built in the order the data goes through them.
     """
-    spec = PreprocessSpec.for_config(config.model.name, config.preprocess)
-    nodes = alive_nodes()
-    cluster = ray.cluster_resources()
-    # Actors that decode too (decode_on=actor) leave the read tasks little to do, whatever decoding costs.
-    share = costs.model_share if costs is not None and spec.decode_on == "workers" else MODEL_CPU_SHARE
-    node_cpus = [node.get("CPU", 0.0) for node in nodes]
-    pool = model_actor_pool(config, cluster, node_cpus, share)
-    decode_cpus = decode_task_cpus(config, cluster, pool, node_cpus)
-    wait_for_room(config, pool, alive_nodes, decode_cpus)
+    planned, pool, decode_cpus = planned_pool
     configure_context(config, spec, pool)
     if costs is not None:
         log.info("%s", costs.describe())
@@ -599,7 +833,7 @@ def run(
     batch_size, block_images = config.preprocess.batch_size, MAX_INPUT_BLOCK
     if costs is not None:
         batch_size, block_images = costs.read_batch(batch_size), costs.block_images(batch_size)
-    slots = int(free_cpus(cluster, pool) / decode_cpus + 1e-6)  # decode tasks that run at a time
+    slots = decode_slots(planned, pool, decode_cpus)
     block_images = min(block_images, spread_block(inputs.image_count, slots, batch_size))
     dataset = read(inputs, batch_size, block_images, decode_cpus, run_uri)
     dataset = decode(dataset, spec, decode_cpus)
@@ -609,8 +843,10 @@ def run(
         "model_on": f"{pool.min_size}-{pool.max_size} actors of "
         + ", ".join(f"{amount:g} {name.removeprefix('num_').upper()[:-1]}" for name, amount in pool.resources.items()),
     }
-    with reporting_progress(counter, inputs.image_count, config.progress.interval_s, config.progress.stall_s):
-        write(dataset, config, run_uri, storage)
+    watch = PoolWatch(describe_resources(actor_demand(config, pool)), pool.min_size, asking.withdraw)
+    stall_s = config.progress.stall_s
+    with reporting_progress(counter, inputs.image_count, config.progress.interval_s, stall_s, watch):
+        write(dataset, config, run_uri, storage, fence)
         try:
             asked = [counter.labeling_span.remote(), counter.stage_costs.remote()]
             (images, seconds), in_job = ray.get(asked, timeout=30)

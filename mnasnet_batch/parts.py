@@ -11,12 +11,16 @@ from collections.abc import Callable
 from concurrent import futures
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 from ray.data.block import Block, BlockAccessor
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mnasnet_batch.config import JobConfig
+from mnasnet_batch.outputs import files
 from mnasnet_batch.outputs.folder import write_part
+from mnasnet_batch.outputs.lease import Fence
 from mnasnet_batch.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,8 @@ WRITE_RETRIES = 3
 # Seconds a stopped or failed run waits for its last parts to be written: they are a few MB each, and the record
 # must still be closed within Kubernetes' default grace period of 30 s.
 STOP_WRITE_WAIT_S = 20.0
+# A taken-over run's writer re-reads the run's parts before each part: one part at a time (the writer's threads).
+_REREADING = threading.Lock()
 
 
 class PartWriter:
@@ -38,9 +44,14 @@ class PartWriter:
     actors. A Ray task per part started a new worker process for almost every part while decode tasks held the
     others, and the parts came long after their rows."""
 
-    def __init__(self, run_uri: str, storage: Storage):
+    def __init__(self, run_uri: str, storage: Storage, fence: Fence | None = None):
         self.run_uri = run_uri
         self.storage = storage
+        self.fence = fence
+        # A run taken over from a job that stopped renewing: the parts seen so far, and the URIs of those this
+        # writer did not write (the previous holder's last), which it leaves out.
+        self._seen = set(fence.parts_at_takeover) if fence is not None and fence.parts_at_takeover is not None else None
+        self._others: set[str] = set()
 
     def write(self, *blocks: Block) -> str | None:
         """The rows of ``blocks`` as one atomic Parquet part of the run (``outputs.folder.write_part``).
@@ -50,7 +61,30 @@ class PartWriter:
         """
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
         tables = [t for t in tables if t.num_rows]
-        return write_part(pa.concat_tables(tables), self.run_uri, self.storage) if tables else None
+        if not tables:
+            return None
+        if self._seen is None:
+            return write_part(pa.concat_tables(tables), self.run_uri, self.storage, self.fence)
+        with _REREADING:
+            rows = self._not_written_by_others(pa.concat_tables(tables))
+            if not rows.num_rows:
+                return None
+            path = write_part(rows, self.run_uri, self.storage, self.fence)
+            self._seen.add(path)
+            return path
+
+    def _not_written_by_others(self, rows: pa.Table) -> pa.Table:
+        """``rows`` but those whose URIs a part this writer did not write holds (read again before each part)."""
+        fs, root = self.storage.filesystem(self.run_uri)
+        fs.invalidate_cache()
+        for part in files.parts_under(fs, root):
+            if part not in self._seen:
+                self._seen.add(part)
+                with fs.open(part, "rb") as f:
+                    self._others.update(pq.read_table(f, columns=["uri"])["uri"].to_pylist())
+        if not self._others:
+            return rows
+        return rows.filter(pc.invert(pc.is_in(rows["uri"], value_set=pa.array(sorted(self._others), pa.string()))))
 
 
 class PartCutter:
@@ -133,7 +167,7 @@ class PartWrites:
     would be recorded as failed.
     """
 
-    def __init__(self, run_uri: str, storage: Storage):
+    def __init__(self, run_uri: str, storage: Storage, fence: Fence | None = None):
         # On the driver's node, as the progress counter: a writer on another node would be lost with it (the
         # driver's node lost ends the job anyway). A writer that dies all the same is restarted and its writes
         # retried: a retried write replaces its own part, which is named by its rows' URIs.
@@ -146,7 +180,7 @@ class PartWrites:
                 max_task_retries=WRITE_RETRIES,
                 scheduling_strategy=driver_node(),
             )
-            .remote(run_uri, storage)
+            .remote(run_uri, storage, fence)
         )
         self._pending: set[futures.Future] = set()
 
@@ -175,8 +209,10 @@ def driver_node() -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def write(dataset: ray.data.Dataset, config: JobConfig, run_uri: str, storage: Storage) -> None:
-    """Runs the dataset, writing its rows as Parquet parts under ``run_uri``.
+def write(
+    dataset: ray.data.Dataset, config: JobConfig, run_uri: str, storage: Storage, fence: Fence | None = None
+) -> None:
+    """Runs the dataset, writing its rows as Parquet parts under ``run_uri``, each only while ``fence`` holds.
 
     The driver takes the labeled rows as references to Ray Data's output blocks (``iter_internal_ref_bundles``: no
     rows pass through it) and cuts them into parts (``PartCutter``), which an actor writes (``PartWriter``).
@@ -184,7 +220,7 @@ def write(dataset: ray.data.Dataset, config: JobConfig, run_uri: str, storage: S
     When the run stops or fails, the rows already labeled are still written, for up to ``STOP_WRITE_WAIT_S``,
     before the error is raised: the run's record then counts every part it holds, and a resumed run keeps them.
     """
-    writes = PartWrites(run_uri, storage)
+    writes = PartWrites(run_uri, storage, fence)
     cutter = PartCutter(writes.launch, config.output.rows_per_file, config.output.part_interval_s)
     try:
         # Runs the dataset up to its first rows.

@@ -216,6 +216,9 @@ def test_worker_groups_cpu_for_decoding_gpu_for_the_model():
     assert compute.max_actors == gpu["maxReplicas"] * gpus_per_pod
     assert compute.actor_cpus <= float(limits["cpu"]) / gpus_per_pod
     assert compute.actor_memory_gb <= memory_gib(limits["memory"]) / gpus_per_pod
+    # Where Ray does not report its node types, the profile says the CPU group's (the plan's decoding CPUs).
+    assert compute.node_cpus == float(cpu_container["resources"]["limits"]["cpu"])
+    assert compute.max_nodes == cpu["maxReplicas"]
 
 
 def test_the_head_notices_a_lost_node_within_seconds():

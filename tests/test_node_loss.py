@@ -207,7 +207,10 @@ def kill_the_model_actors_node(cluster, submission_id: str, output) -> dict:
         actors = cluster.state("actors", job_id=job["job_id"], state="ALIVE")
         return next((a for a in actors if "MapBatches(Predictor)" in a["repr_name"]), None)
 
-    actor = poll(model_actor_after_first_part, 240, "the first part and the model actor")
+    try:
+        actor = poll(model_actor_after_first_part, 240, "the first part and the model actor")
+    except pytest.fail.Exception as failed:
+        pytest.fail(f"{failed}; the job's log:\n{cluster.get(f'/api/jobs/{submission_id}/logs')['logs'][-6000:]}")
     victim = cluster.node_of(actor["pid"])
     assert victim.startswith("worker")
     cluster.kill_node(victim)

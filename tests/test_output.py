@@ -222,7 +222,7 @@ def test_a_second_job_on_a_held_output_stops_naming_the_running_run(tmp_path):
     plan = output.plan_run(config, "IMAGENET1K_V1")
     lease = json.loads((out / lease_module.LEASE_FILE).read_text())
     assert lease["run_id"] == "first" and lease["token"]
-    with pytest.raises(StorageError, match=r"in use by run first \(host .*, pid \d+\), last heartbeat \d+ s ago"):
+    with pytest.raises(StorageError, match=r"in use by run first \(host .*, pid \d+\): its process runs on this"):
         output.plan_run(job_config(out, run_id="second"), "IMAGENET1K_V1")
     assert not (out / "run=second").exists()
     assert json.loads((out / "_run.json").read_text())["run_id"] == "first"
@@ -233,16 +233,21 @@ def test_a_second_job_on_a_held_output_stops_naming_the_running_run(tmp_path):
     plan.lease.release()
 
 
-def test_the_lease_beats_while_the_run_is_open(tmp_path, monkeypatch):
-    monkeypatch.setattr(lease_module, "LEASE_HEARTBEAT_S", 0.05)
+def with_heartbeat(config, seconds):
+    return dataclasses.replace(config, output=dataclasses.replace(config.output, lease_heartbeat_s=seconds))
+
+
+def test_the_lease_beats_while_the_run_is_open(tmp_path):
     out = tmp_path / "labels"
-    config = job_config(out, run_id="first")
+    config = with_heartbeat(job_config(out, run_id="first"), 0.05)
     plan = output.plan_run(config, "IMAGENET1K_V1")
-    first = json.loads((out / lease_module.LEASE_FILE).read_text())["heartbeat_at"]
-    poll(lambda: json.loads((out / lease_module.LEASE_FILE).read_text())["heartbeat_at"] != first, 10, "a heartbeat")
+    first = json.loads((out / lease_module.LEASE_FILE).read_text())
+    assert first["stale_after_s"] == 0.2  # declared for the jobs that find it: 4 heartbeats
+    renewed = lambda: json.loads((out / lease_module.LEASE_FILE).read_text())["generation"] > first["generation"]  # noqa: E731
+    poll(renewed, 10, "a heartbeat")
     output.finish_run(config, plan, 1.0, 0)
     assert not (out / lease_module.LEASE_FILE).exists()
-    assert not any(t.name == "lease-first" for t in threading.enumerate())
+    assert not any(t.name == f"lease-{out}" for t in threading.enumerate())
 
 
 def dead_pid() -> int:
@@ -251,76 +256,82 @@ def dead_pid() -> int:
     return process.pid
 
 
+def foreign_lease(host, pid, stale_after_s=lease_module.LEASE_STALE_S, generation=0):
+    import socket
+
+    return {
+        "run_id": "crashed",
+        "host": socket.gethostname() if host == "here" else host,
+        "pid": pid,
+        "pid_namespace": lease_module._pid_namespace(),
+        "token": "theirs",
+        "generation": generation,
+        "heartbeat_s": stale_after_s / 4,
+        "stale_after_s": stale_after_s,
+        # Ten minutes ahead: no job reads this clock.
+        "heartbeat_at": (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=10)).isoformat(),
+    }
+
+
 @pytest.mark.parametrize(
     "holder",
     [
-        # Another machine's job that stopped beating longer ago than the staleness bound.
-        {"host": "elsewhere", "pid": 1, "seconds_ago": lease_module.LEASE_STALE_S + 5},
-        # A job on this machine whose process is gone (killed), however fresh its last beat.
-        {"host": "here", "pid": "dead", "seconds_ago": 1},
+        # Another machine's job whose lease went unrenewed for its declared period (0.2 s), watched from here.
+        {"host": "elsewhere", "pid": 1, "stale_after_s": 0.2},
+        # A job on this machine whose process is gone (killed), however fresh its lease.
+        {"host": "here", "pid": "dead"},
     ],
-    ids=["heartbeat-too-old", "process-gone"],
+    ids=["unrenewed-for-its-period", "process-gone"],
 )
 def test_a_stale_lease_is_taken_over(tmp_path, holder):
-    import socket
-
     out = tmp_path / "labels"
     out.mkdir()
-    beat = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=holder["seconds_ago"])
-    lease = {
-        "run_id": "crashed",
-        "host": socket.gethostname() if holder["host"] == "here" else holder["host"],
-        "pid": dead_pid() if holder["pid"] == "dead" else holder["pid"],
-        "pid_namespace": lease_module._pid_namespace(),
-        "token": "theirs",
-        "heartbeat_at": beat.isoformat(),
-    }
+    lease = foreign_lease(holder["host"], dead_pid() if holder["pid"] == "dead" else holder["pid"])
+    lease["stale_after_s"] = holder.get("stale_after_s", lease["stale_after_s"])
     (out / lease_module.LEASE_FILE).write_text(json.dumps(lease))
     plan = output.plan_run(job_config(out, run_id="next"), "IMAGENET1K_V1")
     assert json.loads((out / lease_module.LEASE_FILE).read_text())["run_id"] == "next"
+    assert plan.lease.taken_over
     plan.lease.release()
 
 
-class FrozenClock(datetime.datetime):
-    """``datetime.datetime`` whose ``now`` is always ``NOW``: a lease's age is then what the test wrote."""
-
-    NOW = datetime.datetime(2026, 12, 7, 12, 0, tzinfo=datetime.timezone.utc)
-
-    @classmethod
-    def now(cls, tz=None):
-        return cls.NOW.astimezone(tz) if tz else cls.NOW.replace(tzinfo=None)
-
-
-def test_a_fresh_lease_of_another_machine_is_respected(tmp_path, monkeypatch):
+def test_a_renewed_lease_of_another_machine_is_respected(tmp_path):
     out = tmp_path / "labels"
     out.mkdir()
-    # The lease module's clock stands still, so the age it reads is the one written, however long planning takes.
-    clock = type("datetime", (), {"datetime": FrozenClock, "timezone": datetime.timezone})
-    monkeypatch.setattr(lease_module, "datetime", clock)
-    beat = FrozenClock.NOW - datetime.timedelta(seconds=lease_module.LEASE_STALE_S - 30)
-    lease = {"run_id": "busy", "host": "elsewhere", "pid": 1, "token": "theirs", "heartbeat_at": beat.isoformat()}
-    (out / lease_module.LEASE_FILE).write_text(json.dumps(lease))
-    age = f"{lease_module.LEASE_STALE_S - 30:.0f}"
-    held = rf"in use by run busy \(host elsewhere, pid 1\), last heartbeat {age} s ago"
-    with pytest.raises(StorageError, match=held):
-        output.plan_run(job_config(out, run_id="next"), "IMAGENET1K_V1")
-    assert json.loads((out / lease_module.LEASE_FILE).read_text())["token"] == "theirs"
+    path = out / lease_module.LEASE_FILE
+    path.write_text(json.dumps(foreign_lease("elsewhere", 1, stale_after_s=30.0)))
+    stop = threading.Event()
+
+    def renewing():  # the other machine's job, alive: a generation up every 0.05 s
+        generation = 0
+        while not stop.wait(0.05):
+            generation += 1
+            path.write_text(json.dumps(foreign_lease("elsewhere", 1, stale_after_s=30.0, generation=generation)))
+
+    thread = threading.Thread(target=renewing)
+    thread.start()
+    try:
+        with pytest.raises(StorageError, match=r"in use by run crashed \(host elsewhere, pid 1\): it renewed its lease "
+                           r"while this job watched; .* in about \d+ s at the earliest"):
+            output.plan_run(job_config(out, run_id="next"), "IMAGENET1K_V1")
+    finally:
+        stop.set()
+        thread.join()
+    assert json.loads(path.read_text())["token"] == "theirs"
+    assert not (out / "run=next").exists()
 
 
-def race(configs, barrier_around_create, monkeypatch, exclusive=True):
-    """Runs plan_run for each config in its own thread, all creating the lease at once; returns plans and errors."""
-    create = lease_module._create_exclusively
+def race(configs, monkeypatch):
+    """Runs plan_run for each config in its own thread, all writing the lease at once; returns plans and errors."""
+    swap = lease_module._swap
     barrier = threading.Barrier(len(configs), timeout=30)
 
-    def creating_together(fs, path, data):
-        barrier.wait()  # every job has read the lease as absent
-        try:
-            create(fs, path, data) if exclusive else fs.pipe_file(path, data)
-        finally:
-            if barrier_around_create:
-                barrier.wait()  # every job has written before any reads back
+    def swapping_together(fs, path, expected, *args):
+        if expected is None:  # creating it: every job has read the lease as absent
+            barrier.wait()
+        return swap(fs, path, expected, *args)
 
-    monkeypatch.setattr(lease_module, "_create_exclusively", creating_together)
+    monkeypatch.setattr(lease_module, "_swap", swapping_together)
     results = [None] * len(configs)
 
     def plan(i):
@@ -339,12 +350,11 @@ def race(configs, barrier_around_create, monkeypatch, exclusive=True):
     return plans, errors
 
 
-@pytest.mark.parametrize("exclusive", [True, False], ids=["exclusive-create", "last-writer-wins"])
-def test_two_racing_jobs_on_local_disk_one_wins(tmp_path, monkeypatch, exclusive):
+def test_two_racing_jobs_on_local_disk_one_wins(tmp_path, monkeypatch):
     out = tmp_path / "labels"
     out.mkdir()
     configs = [job_config(out, run_id=name) for name in ("a", "b")]
-    plans, errors = race(configs, barrier_around_create=not exclusive, monkeypatch=monkeypatch, exclusive=exclusive)
+    plans, errors = race(configs, monkeypatch)
     assert len(plans) == 1 and len(errors) == 1, (plans, errors)
     assert f"in use by run {plans[0].run_id}" in str(errors[0]) or "a job still planning its run" in str(errors[0])
     assert [p.name for p in out.glob("run=*")] == [f"run={plans[0].run_id}"]
@@ -371,7 +381,7 @@ def test_the_lease_holds_on_s3(s3_server, s3_output, monkeypatch):
 
     # Two jobs racing for a fresh output: S3's conditional write lets one create the lease.
     configs = [job_config("s3://lease-bucket/raced", run_id=name, storage=s3_server) for name in ("a", "b")]
-    plans, errors = race(configs, barrier_around_create=False, monkeypatch=monkeypatch)
+    plans, errors = race(configs, monkeypatch)
     assert len(plans) == 1 and len(errors) == 1, (plans, errors)
     output.finish_run(configs[0], plans[0], 1.0, 0)
 

@@ -347,7 +347,7 @@ def test_a_run_counts_what_it_committed_and_apart_what_other_jobs_replaced(tmp_p
 
     assert (summary.images, summary.errors, summary.error_kinds) == (8, 1, {"OSError": 1})
     assert (summary.labeled_now, summary.replaced_by_other_jobs) == (8, 3)
-    assert summary.line().startswith("labeled 8 images (1 errors: OSError 1, 3 replaced since by other jobs) in 2.0 s")
+    assert summary.line().startswith("labeled 8 images (1 errors: OSError 1, 3 replaced by other jobs so far) in 2.0 s")
     record = json.loads((tmp_path / "a" / "_staging" / "run=a" / "_run.json").read_text())
     assert record["counts"]["images"] == 8 and record["counts"]["labeled_this_attempt"] == 8
     assert record["counts"]["replaced_by_other_jobs"] == 3 and record["images_per_s"] == 4.0

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Callable
 
 from fsspec.implementations.local import LocalFileSystem
 
@@ -52,8 +53,13 @@ def remove_quietly(fs, path: str) -> None:
         fs.rm(path)
 
 
-def write_bytes(fs, path: str, data: bytes) -> None:
+def write_bytes(
+    fs, path: str, data: bytes, guard: Callable[[], contextlib.AbstractContextManager] | None = None
+) -> None:
     """Writes a whole file so that readers see the old content or the new, never a part.
+
+    ``guard``, when given, is entered around the file's publishing (the rename of the written temporary on local
+    disk, the upload elsewhere): what it raises stops the write, and nothing is published.
 
     Raises:
         OSError: the write failed (e.g. the disk is full); the temporary file is removed first.
@@ -62,13 +68,21 @@ def write_bytes(fs, path: str, data: bytes) -> None:
         temp = _temp_path(path)
         try:
             fs.pipe_file(temp, data)
-            os.replace(temp, path)
+            with guard() if guard is not None else contextlib.nullcontext():
+                os.replace(temp, path)
         except BaseException:
             remove_quietly(fs, temp)
             raise
     else:
         # Object stores publish an object only once its upload is complete.
-        fs.pipe_file(path, data)
+        with guard() if guard is not None else contextlib.nullcontext():
+            fs.pipe_file(path, data)
+
+
+def parts_under(fs, root: str) -> list[str]:
+    """The Parquet parts (``part-*.parquet``) anywhere under ``root``, as ``fs`` names them, sorted."""
+    found = fs.find(root) if fs.exists(root) else []
+    return sorted(p for p in found if os.path.basename(p).startswith("part-") and p.endswith(".parquet"))
 
 
 def named(fs, folder: str, prefix: str) -> list[str]:

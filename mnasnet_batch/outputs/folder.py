@@ -13,7 +13,8 @@ starting with ``_``)::
     run=<run_id>/_retried/part-*.parquet   a retry-errors run's rows, until they replace the error rows (retry)
     _run.json                          the record of the latest run
     _SUCCESS                           present only while the latest run is complete
-    _lease.json                        present while a job writes here: its run, host, pid and last heartbeat
+    _lease.json                        present while a job writes here: its run, host, pid, token and generation
+    _lease.lock                        local disk: locked for the moment of each change of the lease
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from mnasnet_batch.config import JobConfig
 from mnasnet_batch.inputs.spool import SPOOL_FOLDER
 from mnasnet_batch.outputs import files, retry
 from mnasnet_batch.outputs.files import join, named, now, read_json, stale_temporaries
+from mnasnet_batch.outputs.lease import Fence
 from mnasnet_batch.outputs.run import (
     CONFIG_FILE,
     RUN_RECORD,
@@ -75,9 +77,10 @@ class ParquetFolder(OutputTarget):
         if not error and record.get("mode") == "retry-errors":
             retried = read_parts(*plan.storage.filesystem(plan.run_uri))
             record["retried"] = _replace_retried(fs, root, plan, retried)
-        write_record(fs, root, plan.run_id, record)
+        write_record(fs, root, plan.run_id, record, plan.lease)
         if not error:
-            files.write_bytes(fs, join(root, SUCCESS_MARKER), plan.run_id.encode())
+            guard = plan.lease.held if plan.lease is not None else None
+            files.write_bytes(fs, join(root, SUCCESS_MARKER), plan.run_id.encode(), guard)
         for path in retried.files if retried is not None else []:
             files.remove_quietly(fs, path)  # in place now, and recorded: a copy no reader needs
         return summary
@@ -260,11 +263,12 @@ def foreign_parquet(fs, root: str, runs: list[str]) -> list[str]:
     return sorted(p for p in fs.find(root) if p.endswith(".parquet") and not p.startswith(own))
 
 
-def write_part(table: pa.Table, run_uri: str, storage: Storage | None = None) -> str:
+def write_part(table: pa.Table, run_uri: str, storage: Storage | None = None, fence: Fence | None = None) -> str:
     """Writes one Parquet part atomically, named by the URIs it holds.
 
     The name is a hash of the sorted URIs, so a write that is retried (after a worker died) replaces its
-    own earlier file instead of adding a copy of its rows.
+    own earlier file instead of adding a copy of its rows. With ``fence``, the part is published only while the
+    output's lease is still the job's (``Fence.held`` raises ``LeaseLost`` otherwise, and nothing is published).
 
     Returns:
         The part's path.
@@ -272,7 +276,7 @@ def write_part(table: pa.Table, run_uri: str, storage: Storage | None = None) ->
     digest = hashlib.sha256("\n".join(sorted(table["uri"].to_pylist())).encode()).hexdigest()[:24]
     fs, root = (storage or Storage()).filesystem(run_uri)
     path = join(root, f"part-{digest}.parquet")
-    files.write_bytes(fs, path, retry.parquet_bytes(table))
+    files.write_bytes(fs, path, retry.parquet_bytes(table), fence.held if fence is not None else None)
     return path
 
 

@@ -3,7 +3,8 @@
 A target (``folder.ParquetFolder``, ``table.IcebergTable``; ``targets.target_for`` chooses) subclasses
 ``OutputTarget`` and adds only what differs. What every target writes at the output root::
 
-    _lease.json                        present while a job writes here: its run, host, pid and last heartbeat
+    _lease.json                        present while a job writes here: its run, host, pid, token and generation
+    _lease.lock                        local disk: locked for the moment of each change of the lease (``lease``)
     _inprogress-<hex>                  a file being written (``write_bytes``); one a killed writer left is removed
 """
 
@@ -25,7 +26,7 @@ from mnasnet_batch.config import JobConfig, to_dict
 from mnasnet_batch.inputs import spool
 from mnasnet_batch.outputs import files
 from mnasnet_batch.outputs.files import first_line, join, now, one_line
-from mnasnet_batch.outputs.lease import LEASE_STALE_S, Lease
+from mnasnet_batch.outputs.lease import LEASE_STALE_S, Lease, LeaseLost
 from mnasnet_batch.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ class Summary:
     error_kinds: dict[str, int] = field(default_factory=dict)
     # Images predicted by this attempt; fewer than ``images`` when it resumed an interrupted run.
     labeled_now: int = 0
-    # Of ``images``, rows that other jobs' commits replaced since (a table written by two jobs at once).
+    # Of ``images``, rows that other jobs' commits replaced since (a table written by two jobs at once), as of this
+    # run's close: jobs still writing may replace more, so the summary says "so far".
     replaced_by_other_jobs: int = 0
     # Images labeled after this attempt's first batch, and the seconds from its first batch to its last
     # (``job.run``): the labeling rate, which ``seconds`` (Ray's and the model's start-up included) is not.
@@ -56,7 +58,7 @@ class Summary:
         kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(self.error_kinds.items()))
         resumed = f", {self.images - self.labeled_now} from before the resume" if self.labeled_now < self.images else ""
         others = self.replaced_by_other_jobs
-        replaced = f", {others} replaced since by other jobs" if others else ""
+        replaced = f", {others} replaced by other jobs so far" if others else ""
         rate = ""
         if self.labeling_s > 0 and self.labeling_images > 0:
             rate = f", labeling {self.labeling_images / self.labeling_s:.1f} images/s (first batch to last)"
@@ -127,7 +129,7 @@ class Holdings:
     latest: PriorRun | None = None
     # The settings of the labels the output holds, which a run adding to them must share; None: no labels.
     settings: Mapping[str, object] | None = None
-    # Where ``settings`` come from, as messages name it: "run night", "the table".
+    # Where ``settings`` come from, as messages name it: "run night", "the table's labels".
     settings_of: str = ""
     # Its current rows (the table's); None: not counted (the folder, where its latest run is what counts).
     rows: int | None = None
@@ -329,11 +331,14 @@ def _differing_keys(held: Mapping[str, object], settings: Mapping[str, object]) 
 class OutputTarget:
     """Where a job's rows end up, and the run lifecycle every target shares, written once here.
 
-    ``plan_run`` takes the output's lease, clears what stopped jobs left and opens (or resumes) the run before any
+    ``plan_run`` takes the output's lease (``self.lease`` while the run is open), clears what stopped jobs left and
+    opens (or resumes) the run before any
     image is read; ``finish_run`` closes it and releases the lease, whatever happens. A target adds only what
     differs: ``open_run`` (its layout, modes and record), ``close_run`` (what the run holds, its record closed), and
     the words of its messages (``describe``, ``cannot_close``).
     """
+
+    lease: Lease | None = None
 
     def plan_run(
         self, config: JobConfig, weights_id: str, inputs=None, storage: Storage | None = None
@@ -353,10 +358,16 @@ class OutputTarget:
         try:
             fs, root = storage.filesystem(uri)
             fs.makedirs(root, exist_ok=True)
-            lease = Lease.acquire(fs, root, uri)
+            lease = Lease.acquire(fs, root, uri, config.output.lease_heartbeat_s)
+            lease.hold()  # renewed while the run is planned, however long that takes
+            if lease.taken_over:
+                # Listed before the run is opened: a part that the previous holder publishes after it is left out
+                # by this run's writer (``Fence.parts_at_takeover``).
+                lease.parts_at_takeover = frozenset(files.parts_under(fs, root))
             spool.remove_abandoned(fs, root, LEASE_STALE_S)
             plan = self.open_run(config, weights_id, inputs, storage, fs, root)
             lease.hold(plan.run_id)
+            self.lease = lease
         except BaseException as exc:
             if lease is not None:
                 lease.release()
@@ -393,7 +404,11 @@ class OutputTarget:
                 run stays resumable.
         """
         try:
+            if plan.lease is not None:
+                plan.lease.check()  # a job that lost its lease writes no record: the run is the taker's now
             summary = self.close_run(config, plan, seconds, labeled_now, error, interrupted)
+        except LeaseLost:
+            raise
         except Exception as exc:
             failed = f"run {plan.run_id} failed ({first_line(error)}) and " if error else ""
             raise StorageError(f"{failed}{self.cannot_close(config, plan, exc)}") from None
@@ -477,11 +492,13 @@ def versions() -> dict[str, str]:
     }
 
 
-def write_record(fs, root: str, run_id: str, record: dict) -> None:
-    """Writes a run's record into its folder and, as the latest run's, at the output root."""
+def write_record(fs, root: str, run_id: str, record: dict, lease: Lease | None = None) -> None:
+    """Writes a run's record into its folder and, as the latest run's, at the output root; each write only while
+    ``lease`` (when given) is still this job's (``Lease.held``, raising ``LeaseLost``)."""
     data = json.dumps(record, indent=2).encode()
-    files.write_bytes(fs, join(root, f"run={run_id}", RUN_RECORD), data)
-    files.write_bytes(fs, join(root, RUN_RECORD), data)
+    guard = lease.held if lease is not None else None
+    files.write_bytes(fs, join(root, f"run={run_id}", RUN_RECORD), data, guard)
+    files.write_bytes(fs, join(root, RUN_RECORD), data, guard)
 
 
 def close_record(

@@ -287,6 +287,8 @@ class IcebergTable(OutputTarget):
             if overwrite:
                 condition = Or(condition, Not(EqualTo("run_id", self.run_id)))
             for attempt in range(1, COMMIT_ATTEMPTS + 1):
+                if self.lease is not None:
+                    self.lease.check()  # a job that lost the output commits nothing more
                 table = self.catalog.load_table(self.identifier)
                 properties = self._properties(table, rows, final)
                 try:
@@ -401,7 +403,7 @@ class IcebergTable(OutputTarget):
         summary = run.close_record(record, self._summary(seconds), plan, labeled_now, error, interrupted)
         record["counts"]["replaced_by_other_jobs"] = summary.replaced_by_other_jobs
         record["snapshot_id"] = self.snapshot_id  # of the run's last commit (this attempt's): for time travel
-        run.write_record(self.fs, self.staging, self.run_id, record)
+        run.write_record(self.fs, self.staging, self.run_id, record, plan.lease)
         return summary
 
     def cannot_close(self, config: JobConfig, plan: RunPlan, exc: Exception) -> str:
