@@ -292,6 +292,7 @@ OWN_LINES = {
     r"messages \(node health, retries\) are in the folder above it, on each node",
     "costs": r"INFO mnasnet_batch\.job: an image costs [0-9.]+ ms to decode and [0-9.]+ ms in the model \(\w+\) on "
     r"one core \(.*\)",
+    "cluster": r"INFO mnasnet_batch\.job: the cluster: \d+ node\(s\) alive .*",
     "actors": r"INFO mnasnet_batch\.job: labeling 5 image files \(files\) with mnasnet0_5: .*",
     "engine": r"INFO mnasnet_batch\.job: the model runs on (ONNX Runtime|torch)",
     "progress": r"INFO mnasnet_batch\.progress: progress: \d+/5 images .*",
