@@ -25,6 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 import mnasnet_batch
 from mnasnet_batch.cluster import keep_ray_chatter_out, reach_cluster
 from mnasnet_batch.config import MODEL_NAMES, OUTPUT_MODES, ConfigError, JobConfig, load_config, parse_override
+from mnasnet_batch.driver_stderr import filter_driver_stderr
 from mnasnet_batch.storage import GLOB_CHARACTERS, Storage, StorageError, absolute_location, bucket_of, scheme
 
 if TYPE_CHECKING:
@@ -532,6 +533,27 @@ def cluster_address(config: JobConfig) -> str:
     return config.ray.address or os.environ.get("RAY_ADDRESS", "")
 
 
+# Ray 2.60's notice, on starting a local Ray where ~/.ray/auth_token exists, that it turned token authentication on.
+RAY_TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+@contextlib.contextmanager
+def without_token_notice():
+    """Leaves Ray's notice that it turned token authentication on out of the log while the job starts its own
+    local Ray: the job keeps Ray's default (token authentication, with the user's token), and the Ray is the job's
+    alone, ending with it. Setting ``RAY_AUTH_MODE`` instead would need it set before Ray reads its configuration."""
+    notices = logging.getLogger("ray._private.authentication.authentication_token_setup")
+
+    def not_the_notice(record: logging.LogRecord) -> bool:
+        return RAY_TOKEN_NOTICE not in record.getMessage()
+
+    notices.addFilter(not_the_notice)
+    try:
+        yield
+    finally:
+        notices.removeFilter(not_the_notice)
+
+
 def start_ray(config: JobConfig) -> None:
     """Joins the configured cluster (``ray.address``, else ``RAY_ADDRESS``) or starts a local Ray in-process."""
     import ray
@@ -553,8 +575,11 @@ def start_ray(config: JobConfig) -> None:
             from mnasnet_batch.watchdog import watch_local_ray
 
             watch_local_ray()  # this Ray ends with this process, however it ends
-            ray.init(include_dashboard=False, **options)
+            with without_token_notice():
+                ray.init(include_dashboard=False, **options)
         keep_ray_chatter_out()
+        # After ray.init: Ray's local processes keep the real stderr; only this process writes into the filter.
+        filter_driver_stderr()
         install_stop_handlers()
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT, end_session, poll
+
 JOB_TIMEOUT_S = 300
 
 
@@ -48,45 +49,6 @@ def free_port() -> int:
 def listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def poll(condition, timeout_s: float, what: str, interval_s: float = 0.5):
-    """Returns the first truthy ``condition()``, or fails after ``timeout_s`` saying what was awaited."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def session_members(session_id: int) -> list[int]:
-    """The live (not zombie) processes of a session."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[3]) == session_id and fields[0] != "Z":  # fields[3]: session id
-                    members.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return members
-
-
-def end_session(session_id: int, timeout_s: float = 30) -> None:
-    """SIGKILLs every process of a session until none is left: Ray's workers and job drivers run in process groups
-    of their own, so killing a node's process group leaves them running."""
-
-    def none_left() -> bool:
-        members = session_members(session_id)
-        for pid in members:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return not members
-
-    poll(none_left, timeout_s, f"the processes of session {session_id} to exit", interval_s=0.1)
 
 
 def isolated_environment(root: Path) -> Path:

@@ -8,14 +8,29 @@ other class gets a distinct, photo-dependent logit so the whole top-k is well or
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import io
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.dataset as pads
+import pytest
 import torch
 import torchvision
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small parts and batches, so a run of a few hundred images writes as it goes and can be interrupted.
+SMALL_BATCHES = ("output.rows_per_file=8", "compute.batch_size=8", "preprocess.batch_size=8")
 
 # (scikit-image loader, ImageNet class the fixture model maps its crops to)
 PHOTOS = {
@@ -252,6 +267,15 @@ def assert_reference_rows(rows: dict[str, dict], images: list[Path], model: torc
         np.testing.assert_allclose(row["top_k_scores"], scores, atol=1e-4)
 
 
+# A ``replace_hook`` body: publishing a third part stalls (10 minutes), so a run of many parts is still running when
+# a test stops or kills it, however fast the machine.
+STALL_AFTER_TWO_PARTS = (
+    "    folder, name = os.path.split(str(dst))\n"
+    "    if name.startswith('part-') and sum(n.startswith('part-') for n in os.listdir(folder)) >= 2:\n"
+    "        time.sleep(600)\n"
+)
+
+
 def replace_hook(folder: Path, body: str) -> Path:
     """Test-only fault injection: a ``sitecustomize`` in ``folder`` that runs ``body`` (statements over ``src`` and
     ``dst``, indented 4 spaces; ``errno``, ``os`` and ``time`` imported) before every ``os.replace``. Put ``folder``
@@ -348,3 +372,207 @@ def unblock_fifo_readers(fifo: Path) -> None:
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
     except OSError:
         pass  # no reader (ENXIO): nothing is waiting
+
+
+def require(module: str, extra: str):
+    """Imports ``module``, or skips the test where the ``extra`` is not installed; in CI (``CI=true``) a missing
+    module fails the run instead, so that no test is skipped silently there."""
+    if os.environ.get("CI", "").lower() in ("1", "true"):
+        import importlib
+
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"needs {module}: pip install -e '.[{extra}]'")
+
+
+def poll(condition, timeout_s: float, what: str, interval_s: float = 0.05):
+    """Returns the first truthy ``condition()``, or fails after ``timeout_s`` saying what was awaited."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def rows_by_uri(output: Path) -> dict[str, dict]:
+    """Every row written under ``output``, by uri; fails if a uri appears twice."""
+    rows = pads.dataset(sorted(str(p) for p in output.rglob("*.parquet")), format="parquet").to_table().to_pylist()
+    uris = [r["uri"] for r in rows]
+    assert len(uris) == len(set(uris)), "a row appears twice"
+    return {r["uri"]: r for r in rows}
+
+
+def many_images(tmp_path: Path, corpus, copies: int) -> Path:
+    """``copies`` copies of the corpus in ``tmp_path/images``."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(copies):
+        for path in corpus:
+            shutil.copy(path, images / f"{i}_{path.name}")
+    return images
+
+
+def make_tar(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar archive of (name, data) members, in order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def make_shard(paths, cut_inside_last=False, no_image_sample=False):
+    """A WebDataset shard: each image with json, cls and txt members; optionally a sample without image."""
+    import json
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            return buffer.tell()
+
+        for path in paths:
+            stem = path.name.rsplit(".", 1)[0]
+            add(f"{stem}.json", json.dumps({"source": path.name}).encode())
+            end_of_image = add(path.name, path.read_bytes())
+            add(f"{stem}.cls", b"7")
+            add(f"{stem}.txt", b"a caption")
+        if no_image_sample:
+            add("no_image_99.json", b"{}")
+            add("no_image_99.cls", b"1")
+    data = buffer.getvalue()
+    return data[: end_of_image - 700] if cut_inside_last else data
+
+
+def session_members(session_id: int) -> list[int]:
+    """The live (not zombie) processes of a session."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == session_id and fields[0] != "Z":  # fields[3]: session id
+                    members.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return members
+
+
+def end_session(session_id: int, timeout_s: float = 30) -> None:
+    """SIGKILLs every process of a session until none is left: Ray's workers and job drivers run in process groups
+    of their own, so killing a node's process group leaves them running."""
+
+    def none_left() -> bool:
+        members = session_members(session_id)
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return not members
+
+    poll(none_left, timeout_s, f"the processes of session {session_id} to exit", interval_s=0.1)
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILLs the driver's whole session (driver and the Ray it started) and waits until none is left."""
+    with contextlib.suppress(ProcessLookupError):  # the group is gone when every member already exited
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    end_session(process.pid)
+
+
+class JobProcesses:
+    """The job as users run it (``jobs/label_images.py``) in subprocesses, each in its own session; the
+    ``job_process`` fixture ends every session it started when the test ends."""
+
+    def __init__(self):
+        self.started: list[subprocess.Popen] = []
+
+    def start(
+        self, argv: list[str], env: dict | None = None, local_ray: bool = True, program: list | None = None, **popen
+    ) -> subprocess.Popen:
+        """Starts the job (or ``program``, another way to run it, with ``argv``); with ``local_ray`` it starts its own
+        local Ray (RAY_ADDRESS is dropped, unless ``env`` sets it).
+
+        Returns:
+            The driver's process, silent unless ``popen`` says where its output goes.
+        """
+        environment = dict(os.environ)
+        if local_ray:
+            environment.pop("RAY_ADDRESS", None)
+        popen = {"cwd": ROOT, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} | popen
+        process = subprocess.Popen(
+            [*(program or [sys.executable, str(ROOT / "jobs" / "label_images.py")]), *argv],
+            env=environment | (env or {}),
+            start_new_session=True,
+            **popen,
+        )
+        self.started.append(process)
+        return process
+
+    def run(self, argv: list[str], timeout_s: float, env: dict | None = None, **start) -> subprocess.CompletedProcess:
+        """Runs the job to its end (``start``'s arguments), capturing its text output; fails after ``timeout_s``."""
+        process = self.start(argv, env, **({"stdout": subprocess.PIPE, "stderr": subprocess.PIPE} | start), text=True)
+        try:
+            out, err = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            kill_session(process)
+            pytest.fail(f"the job ran past {timeout_s} s")
+        return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+    def end_all(self) -> None:
+        for process in self.started:
+            kill_session(process)
+
+
+class GatedImages(http.server.ThreadingHTTPServer):
+    """Serves a folder's images on loopback; those not in ``first`` wait until ``opened`` is set."""
+
+    daemon_threads = True
+
+    def __init__(self, folder, first: set[str]):
+        self.folder, self.first, self.opened = folder, first, threading.Event()
+        super().__init__(("127.0.0.1", 0), _GatedHandler)
+
+
+class _GatedHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        name = self.path.lstrip("/")
+        if name not in self.server.first:
+            self.server.opened.wait(600)
+        body = (self.server.folder / name).read_bytes()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            pass  # the reader was on a killed node, or its job was stopped
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def served_in_part(folder: Path, at_once: set[str]):
+    """Serves ``folder``'s files over HTTP on loopback: those named in ``at_once`` at once, the others only once the
+    yielded event is set, so a job's rows stop coming after those images, however long it waits.
+
+    Yields:
+        (the base URL, the event that serves the rest)
+    """
+    server = GatedImages(folder, at_once)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", server.opened
+    finally:
+        server.opened.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -22,7 +22,8 @@ IMAGES = 12
 MAX_ACTORS = 2
 # Declared on the worker node: more than MAX_ACTORS, so only the configured bound can keep the pool at 2.
 FAKE_GPUS = 3
-pytestmark = pytest.mark.cluster
+# A cluster's start, a submitted job and its stop: minutes on two loaded cores, more than the default limit.
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from tests import support
 from tests.cluster import checkout_copy, run_job, running_cluster
 
 IMAGES = 8
-pytestmark = pytest.mark.cluster
+# A cluster's start, a submitted job and its stop: minutes on two loaded cores, more than the default limit.
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,13 @@ and a driver whose working directory Ray replaces under it."""
 import json
 import os
 import re
+import secrets
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from mnasnet_batch.cli import main
 from mnasnet_batch.outputs import files as files_module
 from mnasnet_batch.outputs import run as output_module
 from tests import support
-from tests.test_nothing_lost import SMALL_BATCHES, kill_session, many_images, poll, rows_by_uri
+from tests.support import SMALL_BATCHES, kill_session, many_images, poll, rows_by_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,20 +31,18 @@ def plain_environment(**extra: str) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | extra
 
 
-def test_the_readme_command_from_another_directory_with_relative_paths(corpus, tmp_path, checkpoint_path):
+def test_the_readme_command_from_another_directory_with_relative_paths(corpus, tmp_path, checkpoint_path, job_process):
     photos = tmp_path / "photos"
     photos.mkdir()
     for path in corpus[:4]:
         shutil.copy(path, photos / path.name)
     shutil.copy(checkpoint_path, tmp_path / "w.pth")
     started = time.monotonic()
-    result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "label.sh"), "--input", "photos", "--output", "./labels", "--weights", "w.pth"],
+    result = job_process.run(
+        ["--input", "photos", "--output", "./labels", "--weights", "w.pth"],
+        600,
+        program=["bash", str(ROOT / "scripts" / "label.sh")],
         cwd=tmp_path,
-        env=plain_environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     wall = time.monotonic() - started
     printed = result.stdout + result.stderr
@@ -56,22 +55,19 @@ def test_the_readme_command_from_another_directory_with_relative_paths(corpus, t
     assert "Execution plan of Dataset" not in printed
     # The summary's time is the command's (it said 31.9 s for a 56 s command: Ray's start and stop were missing).
     seconds = float(re.search(r"labeled 4 images \(0 errors\) in ([0-9.]+) s", result.stdout).group(1))
-    assert wall - 3 <= seconds <= wall, (seconds, wall)
+    # Python's start before the job's clock is the rest: far less than Ray's start and stop, however loaded.
+    assert wall * 0.75 <= seconds <= wall, (seconds, wall)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_stopped_job_says_how_to_resume_and_records_the_run_interrupted(corpus, tmp_path, checkpoint_path, signum):
+def test_a_stopped_job_says_how_to_resume_and_records_the_run_interrupted(
+    corpus, tmp_path, checkpoint_path, signum, job_process
+):
     images = many_images(tmp_path, corpus, 8)  # 192 images
     output = tmp_path / "out"
     argv = support.job_argv(images, output, checkpoint_path, *SMALL_BATCHES)
     with open(tmp_path / "stderr", "w") as stderr:
-        job = subprocess.Popen(
-            [sys.executable, str(ROOT / "jobs" / "label_images.py"), *argv],
-            env=plain_environment(),
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
+        job = job_process.start(argv, stderr=stderr)
         try:
             poll(lambda: list(output.glob("run=*/part-*.parquet")), 180, "a written part")
             assert job.poll() is None, "the run finished before it could be stopped"
@@ -96,11 +92,9 @@ def test_a_stopped_job_says_how_to_resume_and_records_the_run_interrupted(corpus
 def test_model_actors_that_fit_no_node_stop_the_job_with_one_line(local_ray, corpus, tmp_path, checkpoint_path, capsys):
     # The local Ray has 2 CPUs; Ray would keep an actor asking for 4 pending forever, and the job with it.
     argv = support.job_argv(corpus[0].parent, tmp_path / "out", checkpoint_path, "compute.actor_cpus=4")
-    statuses = []
-    job = threading.Thread(target=lambda: statuses.append(main(argv)), daemon=True)
-    job.start()
-    job.join(timeout=120)
-    assert statuses == [2], "the job did not stop"
+    # In this thread, so that a job that never stops is ended by the test's time limit (pytest-timeout), not left
+    # running on the shared Ray as a thread would be.
+    assert main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: no node of the cluster can hold a model actor (4 CPU, 1.5 GB memory)")
     assert "compute.actor_cpus" in error
@@ -108,7 +102,7 @@ def test_model_actors_that_fit_no_node_stop_the_job_with_one_line(local_ray, cor
 
 
 def test_a_driver_whose_working_directory_is_replaced_still_labels_everything(
-    local_ray, corpus, tmp_path, checkpoint_path
+    local_ray, corpus, tmp_path, checkpoint_path, job_process
 ):
     # `ray job submit` runs the driver in the unpacked working dir, then Ray unpacks it again (rmtree, extract)
     # while setting the job's runtime env up on the node. This driver joins the tests' Ray from such a directory,
@@ -131,23 +125,24 @@ def test_a_driver_whose_working_directory_is_replaced_still_labels_everything(
         "ray.init = _init_then_delete_the_working_dir\n"
     )
     output = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "jobs/label_images.py", *support.job_argv(corpus[0].parent, output, checkpoint_path)],
+    result = job_process.run(
+        support.job_argv(corpus[0].parent, output, checkpoint_path),
+        600,
+        env={
+            "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address,
+            "PYTHONPATH": os.pathsep.join([str(hooks), str(working_dir)]),
+        },
+        program=[sys.executable, "jobs/label_images.py"],
         cwd=working_dir,
-        env=plain_environment(
-            RAY_ADDRESS=local_ray.get_runtime_context().gcs_address,
-            PYTHONPATH=os.pathsep.join([str(hooks), str(working_dir)]),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-5000:]
     assert (tmp_path / "deleted").exists() and not working_dir.exists(), "the hook did not delete the working dir"
     assert set(rows_by_uri(output)) == {str(p) for p in corpus}
 
 
-def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes(local_ray, corpus, tmp_path, checkpoint_path):
+def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes(
+    local_ray, corpus, tmp_path, checkpoint_path, job_process
+):
     # Publishing a Parquet part fails as on a full disk.
     hooks = support.replace_hook(
         tmp_path / "hooks",
@@ -155,13 +150,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes(local_ray, corpu
     )
     output = tmp_path / "out"
     argv = support.job_argv(corpus[0].parent, output, checkpoint_path)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "label_images.py"), *argv],
-        env=plain_environment(PYTHONPATH=os.pathsep.join([str(hooks), str(ROOT)])),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = job_process.run(argv, 600, env={"PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT)])})
     record = json.loads((output / "_run.json").read_text())
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -184,25 +173,17 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_an_unreachable_cluster_stops_the_job_in_its_timeout_and_touches_no_output(corpus, tmp_path, checkpoint_path):
+def test_an_unreachable_cluster_stops_the_job_in_its_timeout_and_touches_no_output(
+    corpus, tmp_path, checkpoint_path, job_process
+):
     images = tmp_path / "images"
     images.mkdir()
     shutil.copy(corpus[0], images / corpus[0].name)
     address = f"127.0.0.1:{closed_port()}"
     argv = support.job_argv(images, tmp_path / "out", checkpoint_path, "ray.connect_timeout_s=2")
-    job = subprocess.Popen(
-        [sys.executable, str(ROOT / "jobs" / "label_images.py"), *argv],
-        env=plain_environment(RAY_ADDRESS=address),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        # Ray's own connect would wait minutes: a test that hangs here has lost its bound.
-        out, err = job.communicate(timeout=120)
-    finally:
-        kill_session(job)
+    # Ray's own connect would wait minutes: a test that hangs here has lost its bound.
+    job = job_process.run(argv, 120, env={"RAY_ADDRESS": address})
+    err = job.stderr
     assert job.returncode == 2, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and address in errors[0] and "RAY_ADDRESS" in errors[0]
@@ -299,3 +280,82 @@ def test_a_stop_while_the_run_closes_gives_its_true_outcome(
         assert f"SIGINT arrived while run {record['run_id']} was closing; it had succeeded" in printed.err
         assert shutdowns == ([] if step != "during Ray's shutdown" else ["done"])
     assert set(rows_by_uri(output)) == {str(images / p.name) for p in corpus[:4]}
+
+
+# Every line a good local job prints on stderr, after its time stamp: the job's own, each once but progress.
+OWN_LINES = {
+    "version": r"INFO mnasnet_batch\.cli: mnasnet-batch \S+ from \S+",
+    "layout": r"INFO mnasnet_batch\.inputs\.listing: input format files \(detected from \S+\)",
+    "plan": r"INFO mnasnet_batch\.cli: weights \S+ verified \(\w+\); 5 image files \(files\) under \S+, 5 image files "
+    r"to label in run \w+",
+    "ray data log": r"INFO mnasnet_batch\.job: Ray Data's log, with the traceback of any failed task: \S+; Ray's own "
+    r"messages \(node health, retries\) are in the folder above it, on each node",
+    "costs": r"INFO mnasnet_batch\.job: an image costs [0-9.]+ ms to decode and [0-9.]+ ms in the model \(\w+\) on "
+    r"one core \(.*\)",
+    "cluster": r"INFO mnasnet_batch\.job: the cluster: \d+ node\(s\) alive .*",
+    "actors": r"INFO mnasnet_batch\.job: labeling 5 image files \(files\) with mnasnet0_5: .*",
+    "engine": r"INFO mnasnet_batch\.job: the model runs on (ONNX Runtime|torch)",
+    "progress": r"INFO mnasnet_batch\.progress: progress: \d+/5 images .*",
+    "cpu time": r"INFO mnasnet_batch\.job: in the job, an image took [0-9.]+ ms to decode and [0-9.]+ ms in the "
+    r"model \(CPU time\)",
+}
+
+
+def test_a_good_local_job_prints_its_own_lines_only(corpus, photos, tmp_path, checkpoint_path, job_process):
+    # A photo whose EXIF Pillow warns about: a warning, not an error, and not a line of the job's log.
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in corpus[:4]:
+        shutil.copy(path, images / path.name)
+    exif = (
+        b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x02\x00\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00\x00\x00"
+        b"\x0f\x01\x02\x00\x00\x10\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00"
+    )
+    photos["coffee"].save(images / "corrupt_exif.jpg", "JPEG", exif=exif)
+    # The user's token file, as `ray get-auth-token --generate` leaves it: Ray turns token authentication on for
+    # the job's local Ray, and would say so.
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    result = job_process.run(
+        support.job_argv(images, tmp_path / "labels", checkpoint_path), 600, env={"HOME": str(home)}
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        line for line in result.stdout.splitlines() if line.startswith("labeled 5 images (0 errors) in ")
+    ] and len(result.stdout.splitlines()) == 1
+    kinds = []
+    for line in result.stderr.splitlines():
+        text = re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", "", line)
+        matched = [kind for kind, pattern in OWN_LINES.items() if re.fullmatch(pattern, text)]
+        assert matched, f"a line that is not the job's own: {line!r}"
+        kinds += matched
+    assert sorted(k for k in kinds if k != "progress") == sorted(k for k in OWN_LINES if k != "progress")
+
+
+def readme_block(after: str) -> str:
+    """The README's first code block after the line ``after``."""
+    text = (ROOT / "README.md").read_text()
+    return text[text.index(after) :].split("```")[1].split("\n", 1)[1]
+
+
+def test_the_readme_quickstart_prints_the_line_it_states(tmp_path, checkpoint_path, job_process):
+    # The quickstart's photos, and its command, with the test's weights (torchvision's cannot be fetched here).
+    commands = readme_block("## Quickstart").splitlines()
+    assert commands[1].split("#")[0].split() == [".venv/bin/python", "scripts/sample_photos.py", "./sample"]
+    assert commands[2].split() == ["bash", "scripts/label.sh", "--input", "./sample", "--output", "./labels"]
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "sample_photos.py"), "./sample"], cwd=tmp_path, check=True)
+    result = job_process.run(
+        ["--input", "./sample", "--output", "./labels", "--weights", str(checkpoint_path)],
+        600,
+        program=["bash", str(ROOT / "scripts" / "label.sh")],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    stated = readme_block("It ends with one line on stdout").strip()
+    pattern = re.escape(stated).replace("T", "[0-9.]+")
+    assert re.fullmatch(pattern, result.stdout.strip()), (stated, result.stdout)
+    # The README's line that reads the result.
+    read = readme_block("Read the result with pandas").strip().split(maxsplit=1)[1]
+    shown = subprocess.run([sys.executable, *shlex.split(read)], cwd=tmp_path, capture_output=True, text=True)
+    assert shown.returncode == 0 and len(re.findall(r"\bok\b", shown.stdout)) == 8, shown.stdout + shown.stderr

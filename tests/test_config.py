@@ -85,7 +85,6 @@ def test_job_script_reports_bad_config_and_exits_non_zero(tmp_path):
 
 
 def test_derived_model_resources_leave_room_for_decoding():
-    pytest.importorskip("ray")
     from mnasnet_batch.job import decode_task_cpus, model_actor_pool
 
     config = load_config()

@@ -15,10 +15,10 @@ from mnasnet_batch.model.engine import ONNXRUNTIME_MICRO_BATCH, choose_engine, e
 from mnasnet_batch.model.predictor import Predictor
 from mnasnet_batch.model.weights import Checkpoint
 from tests import support
-from tests.test_nothing_lost import rows_by_uri
+from tests.support import rows_by_uri
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+support.require("onnxruntime", "onnx")
+support.require("onnx", "onnx")
 
 
 # The first seed whose fixture model separates every corpus image's top-1 from its second class by over 1e-3.

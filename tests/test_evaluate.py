@@ -140,7 +140,7 @@ def test_rerun_into_the_same_output_is_refused(class_folders, checkpoint_path, c
 
 def write_meta_mat(path, order: list[str]) -> None:
     """A devkit-style meta.mat: ILSVRC2012_ID i is order[i - 1]; one WordNet ancestor entry, as the devkit has."""
-    scipy_io = pytest.importorskip("scipy.io")
+    scipy_io = support.require("scipy.io", "devkit")
     fields = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")]
     entries = [(i, wnid, CATEGORIES[imagenet.wnid_to_index()[wnid]], 0) for i, wnid in enumerate(order, start=1)]
     entries.append((1001, "n00001740", "entity", 1))

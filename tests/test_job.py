@@ -34,6 +34,8 @@ def read_rows(output):
     return table, {row["uri"]: row for row in table.to_pylist()}
 
 
+# The fast lane's one end-to-end job: these two tests share one run of the job over the corpus on the local Ray.
+@pytest.mark.fast_lane
 def test_one_row_per_image_with_the_schema(labeled, corpus, capsys):
     status, images, output = labeled
     assert status == 0
@@ -47,6 +49,7 @@ def test_one_row_per_image_with_the_schema(labeled, corpus, capsys):
     assert set(rows) == expected
 
 
+@pytest.mark.fast_lane
 def test_predictions_equal_an_independent_torchvision_reference(labeled, corpus, fixture_model):
     _, images, output = labeled
     _, rows = read_rows(output)

@@ -21,9 +21,7 @@ from mnasnet_batch.config import StorageConfig
 from mnasnet_batch.outputs import files
 from mnasnet_batch.storage import Storage
 from tests import support
-from tests.cluster import end_session
-from tests.test_node_loss import GatedImages
-from tests.test_output import poll
+from tests.support import GatedImages, end_session, poll
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKETIME = shutil.which("faketime")
@@ -187,12 +185,13 @@ def finish(job: subprocess.Popen, timeout_s: float = 600) -> int:
 @pytest.mark.parametrize("skew", SKEWS)
 @pytest.mark.parametrize("target", ["folder", "table"])
 def test_a_job_with_a_skewed_clock_on_this_machine_is_refused(
-    gated_manifest, checkpoint_path, tmp_path, target, skew
+    gated_manifest, checkpoint_path, tmp_path, target, skew, job_process
 ):
     server, manifest, urls = gated_manifest
     output = Output(str(tmp_path / "labels"), LocalFileSystem(), str(tmp_path / "labels"))
     argv = job_argv(manifest, output, checkpoint_path, target)
     first = start_first(argv, output, target, tmp_path / "first.log")
+    job_process.started.append(first)  # its session ends with the test
     try:
         assert run_second(argv, tmp_path / "second.log", skew=skew) == 2
         said = (tmp_path / "second.log").read_text()
@@ -210,7 +209,7 @@ def test_a_job_with_a_skewed_clock_on_this_machine_is_refused(
 @pytest.mark.parametrize("skew", SKEWS)
 @pytest.mark.parametrize("target", ["folder", "table"])
 def test_a_job_on_another_machine_with_a_skewed_clock_takes_over_only_a_silent_lease(
-    gated_manifest, checkpoint_path, tmp_path, out, target, skew
+    gated_manifest, checkpoint_path, tmp_path, out, target, skew, job_process
 ):
     """Job A stops renewing (SIGSTOP, as a driver starved or a VM paused): B, in another PID namespace with its
     clock off, takes the output over after watching the lease for A's period, and labels only what A had not
@@ -222,6 +221,7 @@ def test_a_job_on_another_machine_with_a_skewed_clock_takes_over_only_a_silent_l
     output = out
     argv = job_argv(manifest, output, checkpoint_path, target)
     first = start_first(argv, output, target, tmp_path / "first.log")
+    job_process.started.append(first)  # its session ends with the test
     second = None
     try:
         # While B watches A's renewing lease it stops: renewed while watched.
@@ -233,6 +233,7 @@ def test_a_job_on_another_machine_with_a_skewed_clock_takes_over_only_a_silent_l
         token = lease_token(output)
         server.opened.set()
         second = start(argv, tmp_path / "second.log", skew=skew, other_machine=True)
+        job_process.started.append(second)  # its session ends with the test
         poll(lambda: lease_token(output) != token or second.poll() is not None, 300, "the second job's takeover")
         os.kill(first.pid, signal.SIGCONT)
         assert finish(first) == 1

@@ -5,7 +5,6 @@ waits (tests/cluster.py's `ray start` clusters for the end-to-end cases)."""
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import subprocess
 import threading
@@ -19,7 +18,8 @@ from mnasnet_batch.cluster import RAY_CPP_LOG_LINE, is_ray_chatter, keep_ray_cha
 from mnasnet_batch.job import NodeWatch, StallAlarm, Stalled, describe_waits
 from mnasnet_batch.progress import StallWatch
 from tests import support
-from tests.cluster import checkout_copy, poll, profile_health_checks, running_cluster, submit_job, wait_job
+from tests.cluster import checkout_copy, profile_health_checks, running_cluster, submit_job, wait_job
+from tests.support import GatedImages, poll
 
 NODE_A = {"NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1", "Alive": True}
 NODE_B = {"NodeID": "b" * 56, "NodeManagerAddress": "10.0.0.2", "Alive": True}
@@ -167,34 +167,6 @@ SERVED_FIRST = 16
 ROWS_PER_PART = 8
 
 
-class GatedImages(http.server.ThreadingHTTPServer):
-    """Serves a folder's images on loopback; all but the first ``SERVED_FIRST`` wait until ``opened`` is set."""
-
-    daemon_threads = True
-
-    def __init__(self, folder, first: set[str]):
-        self.folder, self.first, self.opened = folder, first, threading.Event()
-        super().__init__(("127.0.0.1", 0), GatedHandler)
-
-
-class GatedHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        name = self.path.lstrip("/")
-        if name not in self.server.first:
-            self.server.opened.wait(600)
-        body = (self.server.folder / name).read_bytes()
-        try:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        except OSError:
-            pass  # the reader was on the killed node
-
-    def log_message(self, *args):
-        pass
-
-
 @contextlib.contextmanager
 def gated_server(folder, count: int, served_first: int):
     """``count`` images written under ``folder``, served on loopback (all but the first ``served_first`` once the
@@ -259,6 +231,7 @@ def assert_the_loss_said_once(logs: str, actor: dict) -> None:
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(1200)  # a cluster started, a node killed or a stall awaited: more than the default limit
 def test_the_model_actors_node_is_lost_mid_run(gated_images, checkpoint_path, tmp_path):
     server, manifest, urls = gated_images
     started = time.monotonic()
@@ -318,6 +291,7 @@ DEFAULT_IMAGES, DEFAULT_SERVED_FIRST = 144, 72
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(1200)  # a cluster started, a node killed or a stall awaited: more than the default limit
 def test_the_default_profile_goes_on_after_the_model_actors_node_is_lost(checkpoint_path, tmp_path):
     """The issue's cluster: a head with no CPUs and two equal workers of 2 CPUs, the default profile and no
     compute.* setting. The cost split once gave the one model actor a whole node; restarted on the node left, it
@@ -381,6 +355,7 @@ def job_ended(cluster, submission_id: str) -> dict | None:
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(1200)  # a cluster started, a node killed or a stall awaited: more than the default limit
 def test_a_stalled_job_ends_resumable_with_a_line_saying_what_waits(corpus, checkpoint_path, tmp_path):
     images = corpus[:STALL_IMAGES]
     for image in images:

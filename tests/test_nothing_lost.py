@@ -8,8 +8,6 @@ import re
 import shutil
 import signal
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -24,12 +22,17 @@ from mnasnet_batch.cli import main
 from mnasnet_batch.inputs import layout as sources
 from mnasnet_batch.storage import Storage
 from tests import support
-from tests.cluster import end_session, session_members
-from tests.test_node_loss import GatedImages
-
-ROOT = Path(__file__).resolve().parents[1]
-# Small parts and batches, so a run of a few hundred images writes as it goes and can be interrupted.
-SMALL_BATCHES = ("output.rows_per_file=8", "compute.batch_size=8", "preprocess.batch_size=8")
+from tests.support import (
+    ROOT,
+    SMALL_BATCHES,
+    end_session,
+    kill_session,
+    many_images,
+    poll,
+    rows_by_uri,
+    served_in_part,
+    session_members,
+)
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -81,12 +84,6 @@ def bad_input_corpus(directory: Path, photos) -> dict[str, str]:
         (directory / name).write_bytes(data)
     return {name: status for name, (_, status) in files.items()}
 
-
-def rows_by_uri(output: Path) -> dict[str, dict]:
-    rows = pads.dataset(sorted(str(p) for p in output.rglob("*.parquet")), format="parquet").to_table().to_pylist()
-    uris = [r["uri"] for r in rows]
-    assert len(uris) == len(set(uris)), "a row appears twice"
-    return {r["uri"]: r for r in rows}
 
 
 def test_bad_inputs_become_error_rows_and_the_job_succeeds(local_ray, photos, tmp_path, checkpoint_path, capsys):
@@ -183,65 +180,36 @@ def ray_worker_pids(title: str) -> list[int]:
     return [pid for pid, text in titles.items() if title in text and ours(pid)]
 
 
-def poll(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def many_images(tmp_path: Path, corpus, copies: int) -> Path:
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(copies):
-        for path in corpus:
-            shutil.copy(path, images / f"{i}_{path.name}")
-    return images
-
-
 def test_killed_model_actor_loses_and_duplicates_nothing(local_ray, corpus, tmp_path, checkpoint_path):
-    images = many_images(tmp_path, corpus, 8)  # 192 images
+    images = sorted(many_images(tmp_path, corpus, 8).iterdir())  # 192 images
     output = tmp_path / "out"
-    argv = support.job_argv(images, output, checkpoint_path, *SMALL_BATCHES)
     title = "MapWorker(MapBatches(Predictor))"
     # Earlier runs on this Ray may leave actors exiting; this run's actor is the one that was not there.
     earlier = set(ray_worker_pids(title))
-    result = {}
-    job = threading.Thread(target=lambda: result.setdefault("status", main(argv)))
-    job.start()
-    (actor,) = poll(lambda: [p for p in ray_worker_pids(title) if p not in earlier], 120, "this run's model actor")
-    assert job.is_alive(), "the run finished before the actor could be killed"
-    os.kill(actor, signal.SIGKILL)
-    job.join(timeout=600)  # a restarted actor imports torch again: slow on a loaded 2-core machine
-    assert result.get("status") == 0
+    killed = []
+    # The second half of the images is served only once the actor is killed: the run cannot end before.
+    with served_in_part(images[0].parent, {p.name for p in images[:96]}) as (url, rest):
+        manifest = manifest_of(images, url, tmp_path / "images.txt")
+        argv = support.job_argv(manifest, output, checkpoint_path, *SMALL_BATCHES)
+
+        def kill_the_actor():
+            try:
+                actors = poll(lambda: [p for p in ray_worker_pids(title) if p not in earlier], 240, "the model actor")
+                os.kill(actors[0], signal.SIGKILL)
+                killed.append(actors[0])
+            finally:
+                rest.set()
+
+        killer = threading.Thread(target=kill_the_actor)
+        killer.start()
+        status = main(argv)
+        killer.join()
+    assert killed, "the model actor was not found"
+    assert status == 0
     rows = rows_by_uri(output)
-    assert set(rows) == {str(p) for p in images.iterdir()}
+    assert set(rows) == {f"{url}/{p.name}" for p in images}
     assert all(r["status"] == "ok" for r in rows.values())
     assert (output / "_SUCCESS").exists()
-
-
-def start_job(argv: list[str], env: dict | None = None) -> subprocess.Popen:
-    """The job as users run it, in its own process group with its own local Ray."""
-    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "jobs" / "label_images.py"), *argv],
-        cwd=ROOT,
-        env=environment,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def kill_session(process: subprocess.Popen) -> None:
-    """SIGKILLs the driver's whole session (driver and the Ray it started) and waits until none is left."""
-    with contextlib.suppress(ProcessLookupError):  # the group is gone when every member already exited
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    end_session(process.pid)
 
 
 def process_titles(pids: list[int]) -> list[str]:
@@ -252,10 +220,10 @@ def process_titles(pids: list[int]) -> list[str]:
     return titles
 
 
-def test_a_sigkilled_drivers_local_ray_ends_with_it(corpus, tmp_path, checkpoint_path):
+def test_a_sigkilled_drivers_local_ray_ends_with_it(corpus, tmp_path, checkpoint_path, job_process):
     images = many_images(tmp_path, corpus, 8)  # 192 images
     output = tmp_path / "out"
-    job = start_job(support.job_argv(images, output, checkpoint_path, *SMALL_BATCHES))
+    job = job_process.start(support.job_argv(images, output, checkpoint_path, *SMALL_BATCHES))
     try:
         poll(lambda: list(output.glob("run=*/part-*.parquet")), 300, "the job's first part")
         os.kill(job.pid, signal.SIGKILL)  # the driver alone, as the OOM killer does
@@ -269,11 +237,15 @@ def test_a_sigkilled_drivers_local_ray_ends_with_it(corpus, tmp_path, checkpoint
         end_session(job.pid)
 
 
-def test_killed_driver_then_same_command_finishes_the_rest(local_ray, corpus, tmp_path, checkpoint_path, capsys):
+def test_killed_driver_then_same_command_finishes_the_rest(
+    local_ray, corpus, tmp_path, checkpoint_path, capsys, job_process
+):
     images = many_images(tmp_path, corpus, 8)  # 192 images
     output = tmp_path / "out"
     argv = support.job_argv(images, output, checkpoint_path, *SMALL_BATCHES)
-    job = start_job(argv)
+    # The third part's publishing stalls, so the run is still going when it is killed, however fast the machine.
+    hooks = support.replace_hook(tmp_path / "hooks", support.STALL_AFTER_TWO_PARTS)
+    job = job_process.start(argv, env={"PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT)])})
     try:
         poll(lambda: len(list(output.glob("run=*/part-*.parquet"))) >= 2, 180, "two written parts")
         assert job.poll() is None, "the run finished before it could be killed"
@@ -298,7 +270,7 @@ def test_killed_driver_then_same_command_finishes_the_rest(local_ray, corpus, tm
     assert json.loads((output / "_run.json").read_text())["status"] == "succeeded"
 
 
-def test_driver_killed_while_a_part_is_being_written(local_ray, corpus, tmp_path, checkpoint_path):
+def test_driver_killed_while_a_part_is_being_written(local_ray, corpus, tmp_path, checkpoint_path, job_process):
     # The first part's publishing rename stalls, so the kill lands while that Parquet file is being written.
     hooks = support.replace_hook(
         tmp_path / "hooks",
@@ -309,7 +281,7 @@ def test_driver_killed_while_a_part_is_being_written(local_ray, corpus, tmp_path
     output = tmp_path / "out"
     argv = support.job_argv(images, output, checkpoint_path, "output.rows_per_file=8", "compute.batch_size=8")
     pythonpath = os.pathsep.join([str(hooks), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    job = start_job(argv, env={"PYTHONPATH": pythonpath})
+    job = job_process.start(argv, env={"PYTHONPATH": pythonpath})
     try:
         poll(lambda: list(output.glob("run=*/_inprogress-*")), 180, "a part being written")
     finally:
@@ -321,26 +293,6 @@ def test_driver_killed_while_a_part_is_being_written(local_ray, corpus, tmp_path
     rows = rows_by_uri(output)
     assert set(rows) == {str(p) for p in images.iterdir()}
     assert not list(output.glob("run=*/_inprogress-*"))
-
-
-@contextlib.contextmanager
-def served_in_part(folder: Path, at_once: set[str]):
-    """Serves ``folder``'s files over HTTP on loopback: those named in ``at_once`` at once, the others only once the
-    yielded event is set, so a job's rows stop coming after those images, however long it waits.
-
-    Yields:
-        (the base URL, the event that serves the rest)
-    """
-    server = GatedImages(folder, at_once)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", server.opened
-    finally:
-        server.opened.set()
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def written_rows(output: Path) -> int:

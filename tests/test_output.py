@@ -26,6 +26,7 @@ from mnasnet_batch.outputs import folder as output
 from mnasnet_batch.outputs import lease as lease_module
 from mnasnet_batch.outputs import run as run_module
 from mnasnet_batch.storage import Storage, StorageError
+from tests.support import poll
 
 
 def job_config(out, run_id="", mode="auto", storage=None, **sections):
@@ -38,13 +39,6 @@ def job_config(out, run_id="", mode="auto", storage=None, **sections):
 
 def rows(uris):
     return pa.table({"uri": pa.array(uris, pa.string()), "error": pa.array([None] * len(uris), pa.string())})
-
-
-def poll(condition, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def no_space(self, path, value, *args, **kwargs):

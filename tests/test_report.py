@@ -26,7 +26,7 @@ from mnasnet_batch.inputs.parquet import ParquetLayout
 from mnasnet_batch.inputs.webdataset import WebDatasetLayout
 from mnasnet_batch.storage import Storage
 from tests import support
-from tests.test_sources import make_tar
+from tests.support import make_tar
 
 
 @pytest.fixture(scope="module")
@@ -403,8 +403,7 @@ def test_the_gallery_keeps_the_page_under_its_budget():
         (f"label {i}", [gallery.Picture(f"/in/{i}/{j}.jpg", (f"label {i}",), (0.5,), jpeg=big) for j in range(8)])
         for i in range(40)
     ]
-    sections = gallery.render(gallery.Gallery(labels, [], []), {f"label {i}": 8 for i in range(40)})
-    html = "".join(sections)
+    html = gallery.render(gallery.Gallery(labels, [], []), {f"label {i}": 8 for i in range(40)})
     assert len(html) < gallery.GALLERY_BYTES + 100_000 and "not shown, to keep the page under 5 MB: label " in html
     assert "label 0" in html and html.count("<figure>") < 40 * 8
 

@@ -1,8 +1,8 @@
 """The run report in a real browser: headless Chromium opens the page, every image loads, nothing is fetched and
-nothing logs an error.
+nothing logs an error; hostile strings in every field stay text. The review files take the same strings.
 
-Skipped where Chromium (Debian's ``chromium``) or the ``playwright`` package is missing, except under
-``CI_REQUIRE_BROWSER=1`` (``.ci/run`` sets it, after installing Chromium), where that fails the test instead.
+Skipped where Chromium (Debian's ``chromium``) or the ``playwright`` package is missing, except in CI (``CI=true``
+or ``CI_REQUIRE_BROWSER=1``: ``.ci/run`` sets both, after installing Chromium), where that fails the test instead.
 """
 
 import datetime
@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,6 +18,8 @@ import pytest
 from PIL import Image
 
 from jobs.report import main as report_main
+from jobs.review import main as review_main
+from mnasnet_batch.evaluation import review
 from mnasnet_batch.model.postprocess import output_table
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -34,7 +37,8 @@ CHROMIUM_FLAGS = [
 
 
 def sync_playwright():
-    """Playwright's entry point, or a skip (a failure under ``CI_REQUIRE_BROWSER=1``) saying what is missing."""
+    """Playwright's entry point, or a skip (a failure in CI: ``CI=true`` or ``CI_REQUIRE_BROWSER=1``) saying what
+    is missing."""
     missing = ""
     if not os.access(CHROMIUM, os.X_OK):
         missing = f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)"
@@ -43,8 +47,8 @@ def sync_playwright():
     except ImportError:
         missing = missing or "no playwright package (pip install 'mnasnet-batch[test]')"
     if missing:
-        if os.environ.get("CI_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"CI_REQUIRE_BROWSER=1 but {missing}")
+        if os.environ.get("CI_REQUIRE_BROWSER") == "1" or os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail(f"CI requires the browser test, but {missing}")
         pytest.skip(missing)
     return sync_playwright
 
@@ -108,3 +112,99 @@ def test_the_report_renders_in_chromium(report_page):
     with Image.open(io.BytesIO(screenshot)) as png:
         assert png.format == "PNG" and png.width == 1100 and png.height > 900
         assert len(np.unique(np.asarray(png.convert("L")))) > 50  # charts and photos, not a blank page
+
+
+# Each would run script or add an element if it reached the page unescaped; none holds a "/" (file names hold them).
+HOSTILE = {
+    "uri": '"><svg onload="window.pwned=1">',
+    "uri2": "<img src=x onerror=window.pwned=2>",
+    "label": "<script>window.pwned=3</script>",
+    "label2": "\"'><b id=injected>&amp;{{ 7*7 }}",
+    "error": "<iframe srcdoc='<script>parent.pwned=4</script>'></iframe>",
+    "run_id": "r1</title><script>window.pwned=5</script>",
+    "model": "mnasnet0_5<marquee id=injected>",
+    "weights": "IMAGENET1K_V1<script>window.pwned=6</script>",
+}
+
+
+def hostile_output(tmp_path, corpus, model: str = HOSTILE["model"]) -> tuple:
+    """A run's rows whose uris, labels, error message, run id, ``model`` and weights are HOSTILE's strings: 4 images,
+    an error row. Returns the output folder and the uris of the images."""
+    names = [f"{HOSTILE['uri']}.jpg", f"{HOSTILE['uri2']}.png", "plain.jpg", f"{HOSTILE['label2']}.jpg"]
+    tmp_path.mkdir(exist_ok=True)
+    images = [shutil.copy(path, tmp_path / name) for path, name in zip(corpus, names, strict=False)]
+    (tmp_path / f"{HOSTILE['uri']}.gif").write_text("<html></html>")
+    uris = np.array([str(p) for p in images] + [str(tmp_path / f"{HOSTILE['uri']}.gif")], dtype=object)
+    errors = np.array([""] * 4 + [HOSTILE["error"]], dtype=object)
+    scores = np.array([[0.5, 0.2, 0.1, 0.1, 0.1]] * 4, dtype=np.float32)
+    ids = np.array([[285, 1, 2, 3, 4], [1, 285, 2, 3, 4]] * 2, dtype=np.int32)
+    categories = [f"class {i}" for i in range(1000)]
+    categories[285], categories[1] = HOSTILE["label"], HOSTILE["label2"]
+    run = tmp_path / "labels" / "run=r1"
+    run.mkdir(parents=True)
+    table = output_table(uris, errors, ids, scores, categories, model, HOSTILE["weights"])
+    pq.write_table(table, run / "part-0.parquet")
+    record = {
+        "run_id": HOSTILE["run_id"],
+        "status": "succeeded",
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "counts": {"labeled_this_attempt": 5},
+        "seconds": 2.0,
+        "images_per_s": 2.5,
+        "config": {},
+    }
+    (run / "_run.json").write_text(json.dumps(record))
+    return tmp_path / "labels", [str(p) for p in images]
+
+
+def test_hostile_strings_in_every_field_stay_text_and_every_thumbnail_loads(tmp_path, corpus):
+    output, uris = hostile_output(tmp_path, corpus)
+    assert report_main(["--output", str(output)]) == 0
+    with sync_playwright()() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            dialogs, errors = [], []
+            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto((output / "_report.html").as_uri(), wait_until="load", timeout=30_000)
+            pwned = page.evaluate("window.pwned")
+            injected = page.evaluate(
+                "document.querySelectorAll('svg, script, iframe, marquee, #injected, [onload], [onerror]').length"
+            )
+            thumbnails = page.evaluate(
+                "Array.from(document.querySelectorAll('figure img'), i => [i.complete && i.naturalWidth > 0, i.title])"
+            )
+            text = page.evaluate("document.body.innerText")
+            titles = page.evaluate("Array.from(document.querySelectorAll('[title]'), e => e.title)")
+            page_title = page.title()
+        finally:
+            browser.close()
+    assert pwned is None and dialogs == [] and errors == [] and injected == 0
+    # Every image's thumbnail loads, under its own uri, by label and among the least confident.
+    assert sorted(title for _, title in thumbnails) == sorted(uris * 2)
+    assert all(loaded for loaded, _ in thumbnails), thumbnails
+    assert HOSTILE["run_id"] in text and HOSTILE["error"] in text and HOSTILE["label"] in text
+    assert HOSTILE["label2"] in text and HOSTILE["model"] in text and HOSTILE["weights"] in text
+    assert f"{HOSTILE['uri']}.gif" in " ".join(titles) and page_title == f"Labeling run report: {output}"
+
+
+def test_hostile_strings_come_back_whole_from_the_review_files(tmp_path, corpus, capsys):
+    # The labeling config lists the model's classes (torchvision's): a model that exists.
+    output, uris = hostile_output(tmp_path / "photos", corpus, model="mnasnet0_5")
+    tasks = tmp_path / "review.json"
+    argv = ["--output", str(output), "--to", str(tasks), "--below", "1", "--local-root", str(tmp_path)]
+    assert review_main(argv) == 0
+    written = json.loads(tasks.read_text())
+    assert sorted(t["data"]["uri"] for t in written) == sorted(uris)
+    assert {t["predictions"][0]["result"][0]["value"]["choices"][0] for t in written} == {
+        HOSTILE["label"],
+        HOSTILE["label2"],
+    }
+    assert {t["predictions"][0]["model_version"] for t in written} == {f"mnasnet0_5 {HOSTILE['weights']}"}
+    assert ET.parse(review.config_path(str(tasks))).getroot().tag == "View"
+    # The labeling config: each class name is one Choice's value, as written, and nothing else is added.
+    names = [HOSTILE[key] for key in ("label", "label2", "run_id", "error")]
+    config = ET.fromstring(review.labeling_config(names))
+    assert [c.get("value") for c in config.iter("Choice")] == names
+    assert [e.tag for e in config.iter()] == ["View", "Image", "Header", "Text", "Choices"] + ["Choice"] * 4

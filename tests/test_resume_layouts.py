@@ -14,8 +14,7 @@ from mnasnet_batch.cli import main
 from mnasnet_batch.inputs import spool
 from mnasnet_batch.inputs.webdataset import FINISHED_INPUTS
 from tests import hf_data, support
-from tests.test_nothing_lost import ROOT, kill_session, poll, rows_by_uri, start_job
-from tests.test_storage_job import make_shard
+from tests.support import ROOT, kill_session, make_shard, poll, rows_by_uri
 
 # Parts of 4 rows: 16 images make 4 parts, more than the stalled run below can publish.
 SMALL_BATCHES = ("output.rows_per_file=4", "compute.batch_size=4", "preprocess.batch_size=4")
@@ -23,13 +22,6 @@ IMAGES_PER_INPUT = 4
 
 # Once a run holds two parts, publishing another stalls (support.replace_hook), so the job is killed with some of
 # its rows written and the rest not.
-STALL_AFTER_TWO_PARTS = (
-    "    folder, name = os.path.split(str(dst))\n"
-    "    if name.startswith('part-') and sum(n.startswith('part-') for n in os.listdir(folder)) >= 2:\n"
-    "        time.sleep(600)\n"
-)
-
-
 def write_shards(folder: Path, images: list[Path], first: int) -> dict[str, Path]:
     """Shards of IMAGES_PER_INPUT images (with json, cls and txt members), numbered from ``first``.
 
@@ -167,14 +159,14 @@ def assert_predictions_match_the_reference(rows: dict[str, dict], expected: dict
 
 @pytest.mark.parametrize("layout", ["webdataset", "parquet", "hub-parquet", "arrow", "manifest", "files"])
 def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
-    layout, local_ray, corpus, tmp_path, checkpoint_path, fixture_model, capsys, monkeypatch
+    layout, local_ray, corpus, tmp_path, checkpoint_path, fixture_model, capsys, monkeypatch, job_process
 ):
     inputs = tmp_path / "inputs"
     expected = WRITERS[layout](inputs, corpus[:16], 0)
     output = tmp_path / "out"
     argv = support.job_argv(inputs, output, checkpoint_path, *SMALL_BATCHES)
-    hooks = support.replace_hook(tmp_path / "hooks", STALL_AFTER_TWO_PARTS)
-    job = start_job(
+    hooks = support.replace_hook(tmp_path / "hooks", support.STALL_AFTER_TWO_PARTS)
+    job = job_process.start(
         argv, env={"PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     )
     try:

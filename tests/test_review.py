@@ -20,6 +20,7 @@ from mnasnet_batch.config import StorageConfig, load_config
 from mnasnet_batch.evaluation import review
 from mnasnet_batch.outputs import folder as output
 from mnasnet_batch.storage import Storage
+from tests import support
 
 CATEGORIES = torchvision.models.MNASNet0_5_Weights.IMAGENET1K_V1.meta["categories"]
 
@@ -225,7 +226,7 @@ def test_tasks_from_rows_built_directly_count_what_they_leave_out():
 
 
 def test_an_iceberg_tables_current_rows_become_tasks(tmp_path, capsys):
-    pytest.importorskip("pyiceberg")
+    support.require("pyiceberg", "iceberg")
     from mnasnet_batch.inputs.files import FilesLayout
     from mnasnet_batch.inputs.layout import InputPlan
     from mnasnet_batch.outputs.table import IcebergTable
@@ -360,7 +361,7 @@ def test_reviewed_labels_come_back_one_row_per_uri_and_join_the_jobs_rows(tmp_pa
         },
     ]
     # docs/review.md's join, with pandas: the job's rows with their reviewed label beside them.
-    pd = pytest.importorskip("pandas")
+    pd = support.require("pandas", "test")
     labels_folder = tmp_path / "labels"
     labels_folder.mkdir()
     job = pa.Table.from_pylist([row("/photos/a.jpg", 0.3), row("s3://bucket/d.jpg", 0.4)], schema=output_schema())

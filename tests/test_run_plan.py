@@ -12,13 +12,14 @@ import pytest
 from mnasnet_batch.outputs.folder import FOLDER_RULES
 from mnasnet_batch.outputs.run import Holdings, PriorRun, RunDecision, decide_run, lists_everything
 from mnasnet_batch.storage import StorageError
+from tests import support
 
 SETTINGS = {"model": "mnasnet0_5", "top_k": 5}
 OTHER = {"model": "mnasnet0_5", "top_k": 3}
 
 
 def table_rules():
-    pytest.importorskip("pyiceberg")
+    support.require("pyiceberg", "iceberg")
     from mnasnet_batch.outputs.table import TABLE_RULES
 
     return TABLE_RULES

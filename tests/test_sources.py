@@ -2,7 +2,6 @@
 
 import gzip
 import importlib
-import io
 import os
 import pathlib
 import sys
@@ -27,21 +26,12 @@ from mnasnet_batch.inputs.parquet import ParquetLayout
 from mnasnet_batch.inputs.webdataset import WebDatasetLayout, record_finished, recorded_images, sample_key, shard_images
 from mnasnet_batch.outputs import folder as output
 from mnasnet_batch.storage import Storage, StorageError
+from tests.support import make_tar
 
 EXTENSIONS = ("jpg", "png")
 # fsspec's loaded implementations (the fsspec.registry attribute is a read-only view of it).
 REGISTRY = importlib.import_module("fsspec.registry")._registry
 NO_STORAGE = Storage()
-
-
-def make_tar(members: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 # Offsets: x1.jpg header 0, data 512-3512; x1.json header 3584; x2.cls header 4608, data 5120;

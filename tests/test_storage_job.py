@@ -8,7 +8,6 @@ import contextlib
 import io
 import json
 import logging
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -22,32 +21,9 @@ from mnasnet_batch.config import StorageConfig
 from mnasnet_batch.model.postprocess import OUTPUT_SCHEMA
 from mnasnet_batch.storage import Storage
 from tests import support
+from tests.support import make_shard
 
 SHARDS = [[0, 1, 2], [3, 4, 5], [6, 7]]  # images per shard; the last shard is cut inside image 7
-
-
-def make_shard(paths, cut_inside_last=False, no_image_sample=False):
-    """A WebDataset shard: each image with json, cls and txt members; optionally a sample without image."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-
-        def add(name, data):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-            return buffer.tell()
-
-        for path in paths:
-            stem = path.name.rsplit(".", 1)[0]
-            add(f"{stem}.json", json.dumps({"source": path.name}).encode())
-            end_of_image = add(path.name, path.read_bytes())
-            add(f"{stem}.cls", b"7")
-            add(f"{stem}.txt", b"a caption")
-        if no_image_sample:
-            add("no_image_99.json", b"{}")
-            add("no_image_99.cls", b"1")
-    data = buffer.getvalue()
-    return data[: end_of_image - 700] if cut_inside_last else data
 
 
 @pytest.fixture(scope="module")

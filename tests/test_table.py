@@ -25,9 +25,9 @@ from mnasnet_batch.model.postprocess import output_table
 from mnasnet_batch.outputs import folder as output
 from mnasnet_batch.storage import Storage, StorageError
 from tests import support
-from tests.test_nothing_lost import ROOT, SMALL_BATCHES, kill_session, many_images, poll, start_job
+from tests.support import ROOT, SMALL_BATCHES, kill_session, many_images, poll
 
-pytest.importorskip("pyiceberg")
+support.require("pyiceberg", "iceberg")
 
 TABLE = "labels.photos"  # the README's
 
@@ -216,14 +216,14 @@ def test_which_images_each_mode_labels():
 
 
 def test_a_killed_driver_then_the_same_command_labels_each_image_once_and_nothing_committed_again(
-    local_ray, corpus, tmp_path, checkpoint_path, capsys
+    local_ray, corpus, tmp_path, checkpoint_path, capsys, job_process
 ):
     images = many_images(tmp_path, corpus, 8)  # 192 images
     output_uri = tmp_path / "labels"
     argv = support.job_argv(
         images, output_uri, checkpoint_path, f"output.table={TABLE}", "output.commit_interval_s=1", *SMALL_BATCHES
     )
-    job = start_job([*argv, "--run-id", "nightly"])
+    job = job_process.start([*argv, "--run-id", "nightly"])
 
     def committed() -> int:
         try:

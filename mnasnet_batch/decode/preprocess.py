@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import threading
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -17,6 +20,8 @@ from mnasnet_batch.decode.formats import register_openers
 
 if TYPE_CHECKING:
     from mnasnet_batch.config import PreprocessConfig
+
+log = logging.getLogger(__name__)
 
 # Decode tasks import this module, and nothing here imports torch: a worker process that loads torch spends
 # seconds of CPU on it, which on a small machine are taken from the model. The driver reads the geometry from
@@ -79,6 +84,39 @@ class PreprocessSpec:
             decode_on=preprocess.decode_on,
             fast_decode=preprocess.fast_decode,
         )
+
+
+# The image each decoding thread is on, for ``_show_warning``.
+_decoding = threading.local()
+_shown_by_python = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python's ``showwarning`` in decoding processes: a warning raised while a thread decodes an image (Pillow's
+    "Corrupt EXIF data", "Truncated File Read") goes to the debug log, once per image and message, named by the
+    image's uri; any other is shown as Python shows it."""
+    said = getattr(_decoding, "said", None)
+    if said is None:
+        _shown_by_python(message, category, filename, lineno, file, line)
+        return
+    text = f"{category.__name__}: {message}"
+    if text not in said:
+        said.add(text)
+        log.debug("%s: %s", _decoding.uri, text)
+
+
+@contextlib.contextmanager
+def warnings_named_by(uri: str) -> Iterator[None]:
+    """Routes the warnings raised in this thread while it decodes ``uri`` to the debug log (``_show_warning``)."""
+    if warnings.showwarning is not _show_warning:
+        warnings.showwarning = _show_warning
+        # Every time, not once per place in Pillow's code: each image that has the problem is named.
+        warnings.filterwarnings("always", module=r"PIL\.")
+    _decoding.uri, _decoding.said = uri, set()
+    try:
+        yield
+    finally:
+        _decoding.said = None
 
 
 @contextlib.contextmanager
@@ -206,7 +244,8 @@ def decode_batch(
             return batch["error"][i]
         try:
             start = time.thread_time()
-            images[i] = preprocess_image(batch["data"][i], spec)
+            with warnings_named_by(batch["uri"][i]):
+                images[i] = preprocess_image(batch["data"][i], spec)
             spent[i] = (time.thread_time() - start) * 1000
             return ""
         except Exception as exc:

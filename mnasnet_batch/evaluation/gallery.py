@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
-import html
 import io
 import os
 import zlib
@@ -26,6 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from mnasnet_batch.config import ConfigError, JobConfig, PreprocessConfig, load_config
 from mnasnet_batch.decode.preprocess import error_message
+from mnasnet_batch.evaluation import pages
 from mnasnet_batch.evaluation.rows import OutputRows, least_confident
 from mnasnet_batch.inputs.listing import layout_of_rows
 from mnasnet_batch.storage import Storage
@@ -311,44 +311,28 @@ def data_uri(jpeg: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
-STYLE = """
-.gallery { display: flex; flex-wrap: wrap; gap: 10px 8px; margin: 0.5em 0 1em; }
-.gallery figure { margin: 0; width: 128px; font-size: 11px; overflow-wrap: anywhere; }
-.gallery .frame { width: 128px; height: 128px; display: flex; align-items: center; justify-content: center;
-  background: #f6f6f6; }
-.gallery img { display: block; max-width: 128px; max-height: 128px; }
-.placeholder { box-sizing: border-box; width: 128px; height: 128px; padding: 6px; border: 1px dashed #999;
-  background: #eee; color: #555; display: flex; flex-direction: column; justify-content: center; gap: 4px;
-  text-align: center; overflow: hidden; }
-.placeholder b { color: #c44e52; }
-.gallery figcaption { color: #444; margin-top: 2px; }
-"""
+def _figure(picture: Picture, caption: list[str]) -> dict:
+    """What the page shows of one picture: its thumbnail (a data: URI) or its placeholder, and its caption's lines."""
+    return {
+        "uri": picture.uri,
+        "src": data_uri(picture.jpeg) if picture.jpeg else "",
+        "alt": picture.labels[0] if picture.labels else "image",
+        "missing": picture.missing,
+        "says": SAYS.get(picture.missing, ""),
+        # An error row's message is its caption already.
+        "reason": picture.reason if picture.reason != picture.error else "",
+        "caption": caption,
+    }
 
 
-def _figure(picture: Picture, caption: str) -> str:
-    title = html.escape(picture.uri, quote=True)
-    if picture.jpeg:
-        alt = html.escape(picture.labels[0] if picture.labels else "image", quote=True)
-        shown = f'<div class="frame"><img src="{data_uri(picture.jpeg)}" title="{title}" alt="{alt}"></div>'
-    else:
-        shown = (
-            f'<div class="placeholder" title="{title}" data-missing="{html.escape(picture.missing, quote=True)}">'
-            f"<b>{SAYS[picture.missing]}</b>"
-            # An error row's message is its caption already.
-            + (f"<small>{html.escape(picture.reason)}</small>" if picture.reason != picture.error else "")
-            + "</div>"
-        )
-    return f"<figure>{shown}<figcaption>{caption}</figcaption></figure>"
-
-
-def _scores(picture: Picture, count: int) -> str:
+def _scores(picture: Picture, count: int) -> list[str]:
     pairs = list(zip(picture.labels, picture.scores, strict=True))[:count]
-    return "<br>".join(f"{html.escape(label)} {score:.3f}" for label, score in pairs)
+    return [f"{label} {score:.3f}" for label, score in pairs]
 
 
-def render(gallery: Gallery, counts: dict[str, int]) -> list[str]:
-    """The gallery's sections of the report page (HTML): by label (``counts``: images per label), the least
-    confident, the errors. Labels past ``GALLERY_BYTES`` of thumbnails are named, not shown."""
+def view(gallery: Gallery, counts: dict[str, int]) -> dict:
+    """What the page's gallery sections show (templates/gallery.html): by label (``counts``: images per label), the
+    least confident, the errors. Labels past ``GALLERY_BYTES`` of thumbnails are named, not shown."""
     shown = sum(len(p.jpeg) for p in gallery.least_confident + gallery.errors) * 4 // 3
     blocks, left_out = [], []
     for label, pictures in gallery.labels:
@@ -357,24 +341,20 @@ def render(gallery: Gallery, counts: dict[str, int]) -> list[str]:
             left_out.append(label)
             continue
         shown += size
-        figures = "".join(_figure(p, f"{p.scores[0]:.3f}" if p.scores else "") for p in pictures)
-        blocks.append(
-            f"<h3>{html.escape(label)} <small>({len(pictures)} of {counts.get(label, 0)})</small></h3>\n"
-            f'<div class="gallery" data-label="{html.escape(label, quote=True)}">{figures}</div>'
-        )
-    if left_out:
-        blocks.append(f"<p>not shown, to keep the page under 5 MB: {html.escape(', '.join(left_out))}</p>")
-    by_label = "\n".join(blocks) if gallery.labels else "<p>nothing to show</p>"
-    unsure = "".join(_figure(p, _scores(p, SHOWN_LABELS)) for p in gallery.least_confident)
-    errors = "".join(_figure(p, html.escape(p.error)) for p in gallery.errors)
-    return [
-        f'<section id="by-label"><h2>Images by top-1 label</h2>\n<p>up to {PER_LABEL} per label, a seeded '
-        f"sample; hover for each image's uri</p>\n{by_label}\n</section>",
-        f'<section id="least-confident"><h2>Least confident</h2>\n<p>the {LEAST_CONFIDENT} lowest top-1 scores, '
-        f"with the top {SHOWN_LABELS}</p>\n"
-        + (f'<div class="gallery">{unsure}</div>' if unsure else "<p>nothing to show</p>")
-        + "\n</section>",
-        f'<section id="error-rows"><h2>Errors</h2>\n<p>up to {ERRORS} error rows, spread over the error kinds</p>\n'
-        + (f'<div class="gallery">{errors}</div>' if errors else "<p>nothing to show</p>")
-        + "\n</section>",
-    ]
+        figures = [_figure(p, [f"{p.scores[0]:.3f}"] if p.scores else []) for p in pictures]
+        blocks.append({"label": label, "count": counts.get(label, 0), "pictures": figures})
+    return {
+        "per_label": PER_LABEL,
+        "labels": blocks,
+        "left_out": left_out,
+        "least_confident_count": LEAST_CONFIDENT,
+        "shown_labels": SHOWN_LABELS,
+        "least_confident": [_figure(p, _scores(p, SHOWN_LABELS)) for p in gallery.least_confident],
+        "errors_count": ERRORS,
+        "errors": [_figure(p, [p.error]) for p in gallery.errors],
+    }
+
+
+def render(gallery: Gallery, counts: dict[str, int]) -> str:
+    """The gallery's sections of the report page (HTML, templates/gallery.html), as the page holds them."""
+    return pages.template("gallery.html").render(gallery=view(gallery, counts))

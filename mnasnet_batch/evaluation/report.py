@@ -7,7 +7,6 @@ import collections
 import dataclasses
 import datetime
 import functools
-import html
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import pyarrow.dataset as pads
 
 from mnasnet_batch.config import OutputConfig
 from mnasnet_batch.evaluation import gallery as thumbnails_gallery
-from mnasnet_batch.evaluation import rows
+from mnasnet_batch.evaluation import pages, rows
 from mnasnet_batch.outputs.run import RUN_RECORD, error_kinds
 from mnasnet_batch.storage import Storage
 
@@ -240,46 +239,18 @@ def render(stats: RunStats, uri: str, top_labels: int = TOP_LABELS) -> str:
         ("distinct top-1 labels", f"{len(stats.label_counts)}"),
         ("throughput", throughput),
     ]
-    rows = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
     # The counts behind the two bar charts, as text too: searchable, and exact where bars are not.
     listings = {
         "Most frequent top-1 labels": stats.label_counts[:top_labels],
         "Error kinds": stats.error_kinds,
     }
-    sections = []
-    for title, png in charts:
-        body = (
-            f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">' if png else "<p>nothing to show</p>"
-        )
-        if listings.get(title):
-            items = "".join(f"<li>{html.escape(name)}: {count}</li>" for name, count in listings[title])
-            body += f"\n<ol>{items}</ol>"
-        sections.append(f"<section><h2>{html.escape(title)}</h2>\n{body}\n</section>")
-    if stats.gallery is not None:
-        sections += thumbnails_gallery.render(stats.gallery, dict(stats.label_counts))
-    generated = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>Labeling run report: {html.escape(uri)}</title>
-<style>
-body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; }}
-th, td {{ text-align: left; padding: 0.2em 1em 0.2em 0; vertical-align: top; }}
-img {{ max-width: 100%; }}
-{thumbnails_gallery.STYLE}</style>
-</head>
-<body>
-<h1>Labeling run report</h1>
-<table>
-{rows}
-</table>
-{chr(10).join(sections)}
-<p><small>generated {generated} by mnasnet_batch.evaluation.report</small></p>
-</body>
-</html>
-"""
+    return pages.template("report.html").render(
+        uri=uri,
+        facts=facts,
+        charts=[{"title": title, "png": png, "listing": listings.get(title)} for title, png in charts],
+        gallery=thumbnails_gallery.view(stats.gallery, dict(stats.label_counts)) if stats.gallery else None,
+        generated=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
 
 
 def write(uri: str, page: str, storage: Storage | None = None) -> None:
