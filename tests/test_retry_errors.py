@@ -66,12 +66,12 @@ def crash_at(monkeypatch, writes: int, what: str):
     """The ``writes``-th whole-file write whose path ends with ``what`` fails, as a crash there would stop it."""
     real, seen = files_module.write_bytes, []
 
-    def write_bytes(fs, path, data):
+    def write_bytes(fs, path, data, guard=None):
         if path.endswith(what):
             seen.append(path)
             if len(seen) == writes:
                 raise OSError(5, "Input/output error (the crash)")
-        real(fs, path, data)
+        real(fs, path, data, guard)
 
     monkeypatch.setattr(files_module, "write_bytes", write_bytes)
 
