@@ -234,10 +234,12 @@ def _replace_retried(fs, root: str, plan: RunPlan, retried) -> dict[str, object]
     """A retry run's rows (``retried``, its parts) put in place of the error rows they retried
     (``retry.replace_errors``); what was retried, for the run's record. Its own parts stay until that is recorded.
     """
-    record, unplaced = retry.replace_errors(fs, root, read_parts(fs, root), retried)
+    guard = plan.lease.held if plan.lease is not None else None  # each part replaced only while the lease is ours
+    record, unplaced = retry.replace_errors(fs, root, read_parts(fs, root), retried, guard)
     if unplaced.num_rows:  # their error rows' parts were removed by hand: they join the folder as new rows
         home = plan.run_uri.rsplit("/", 1)[0]
-        record["parts_replaced"].append(retry.under(write_part(unplaced, home, plan.storage), root))
+        fence = plan.lease.fence(plan.storage) if plan.lease is not None else None
+        record["parts_replaced"].append(retry.under(write_part(unplaced, home, plan.storage, fence), root))
     return record
 
 

@@ -73,9 +73,10 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def replace_errors(fs, root: str, parts, retried) -> tuple[dict[str, object], pa.Table]:
+def replace_errors(fs, root: str, parts, retried, guard=None) -> tuple[dict[str, object], pa.Table]:
     """Replaces the rows of ``retried`` (``folder.read_parts`` of a retry run's ``RETRIED`` folder) in ``parts``
-    (the folder's, which do not hold ``retried``'s own), one part at a time, each a whole-file write.
+    (the folder's, which do not hold ``retried``'s own), one part at a time, each a whole-file write published
+    under ``guard`` (``files.write_bytes``: the output's lease still the job's).
 
     Returns:
         What was retried, for the run's record (images, ok, error, and the parts replaced, as paths under
@@ -90,7 +91,7 @@ def replace_errors(fs, root: str, parts, retried) -> tuple[dict[str, object], pa
         with fs.open(path, "rb") as f:
             new = replaced(pq.read_table(f), rows)
         if new is not None:
-            files.write_bytes(fs, path, parquet_bytes(new))
+            files.write_bytes(fs, path, parquet_bytes(new), guard)
             placed = pa.concat_arrays([placed, new["uri"].combine_chunks().cast(pa.string())])
             written.append(under(path, root))
     errors = pc.sum(pc.equal(rows["status"], "error")).as_py() or 0
