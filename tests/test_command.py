@@ -235,7 +235,7 @@ def signal_after(function, condition=lambda *args: True):
     return wrapper
 
 
-def run_record_written(fs, path, data):
+def run_record_written(fs, path, data, guard=None):
     return path.endswith(f"/{output_module.RUN_RECORD}") and "/run=" in path and b'"succeeded"' in data
 
 
@@ -259,7 +259,7 @@ def test_a_stop_while_the_run_closes_gives_its_true_outcome(
     elif step == "during the record":  # between the run folder's record and the output's
         monkeypatch.setattr(files_module, "write_bytes", signal_after(files_module.write_bytes, run_record_written))
     elif step == "after the record":  # the run recorded as succeeded and marked complete
-        marker = lambda fs, path, data: path.endswith(output_module.SUCCESS_MARKER)  # noqa: E731
+        marker = lambda fs, path, data, guard=None: path.endswith(output_module.SUCCESS_MARKER)  # noqa: E731
         monkeypatch.setattr(files_module, "write_bytes", signal_after(files_module.write_bytes, marker))
     else:  # the job's own local Ray (here the tests' Ray, which stays up) shutting down
         monkeypatch.setattr(cli, "ray_initialized", lambda: False)
