@@ -583,3 +583,20 @@ def served_in_part(folder: Path, at_once: set[str]):
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def assert_predictions_match_the_reference(rows: dict[str, dict], expected: dict[str, Path], model) -> None:
+    """Each of ``rows`` (by uri) is ok with the top-5 of a direct torchvision forward of its image in ``expected``:
+    ids identical, scores within 1e-4."""
+    uris = sorted(expected)
+    ids, scores = reference_predictions([expected[u] for u in uris], model, "mnasnet0_5", 5)
+    for uri, ref_ids, ref_scores in zip(uris, ids, scores, strict=True):
+        assert rows[uri]["status"] == "ok" and rows[uri]["top_k_ids"] == ref_ids.tolist(), uri
+        np.testing.assert_allclose(rows[uri]["top_k_scores"], ref_scores, atol=1e-4)
+
+
+def embedded_catalog(output):
+    """The embedded catalog the job made under ``output``, opened as any reader would."""
+    from pyiceberg.catalog import load_catalog
+
+    return load_catalog("default", type="sql", uri=f"sqlite:///{output}/_catalog.db")

@@ -23,8 +23,7 @@ from mnasnet_batch.inputs.tables import choose_image_column, holds_images, split
 from mnasnet_batch.inputs.webdataset import WebDatasetLayout
 from mnasnet_batch.storage import Storage, StorageError
 from tests import hf_data, support
-from tests.test_nothing_lost import rows_by_uri
-from tests.test_resume_layouts import assert_predictions_match_the_reference
+from tests.support import assert_predictions_match_the_reference, rows_by_uri
 
 pytest.importorskip("datasets")
 STORAGE = Storage()

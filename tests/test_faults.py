@@ -22,8 +22,7 @@ from mnasnet_batch.reads import (
 )
 from mnasnet_batch.storage import Storage
 from tests.faultproxy import FaultProxy, every_try, first_try, share_of_gets
-from tests.support import ImageServer
-from tests.test_nothing_lost import rows_by_uri
+from tests.support import ImageServer, rows_by_uri
 
 BUCKET = "faults"
 # Which GETs are reset is fixed by the seed (faultproxy.share_of_gets), whatever order they come in. A read that 30 %

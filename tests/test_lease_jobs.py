@@ -161,9 +161,7 @@ def labeled_uris(out: Output, target: str) -> list[str]:
     if target == "folder":
         dataset = pads.dataset(parts(out, target), filesystem=out.fs, format="parquet")
         return dataset.to_table(["uri"])["uri"].to_pylist()
-    from tests.test_table import embedded_catalog
-
-    table = embedded_catalog(Path(out.root)).load_table(TABLE)
+    table = support.embedded_catalog(Path(out.root)).load_table(TABLE)
     return table.scan(selected_fields=("uri",)).to_arrow()["uri"].to_pylist()
 
 

@@ -5,7 +5,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -149,14 +148,6 @@ def finished_inputs(layout: str, inputs: Path, output: Path, written: set[str]) 
     return [f for f in files if sum(uri.startswith(f"{f}#") for uri in written) == IMAGES_PER_INPUT]
 
 
-def assert_predictions_match_the_reference(rows: dict[str, dict], expected: dict[str, Path], model) -> None:
-    uris = sorted(expected)
-    ids, scores = support.reference_predictions([expected[u] for u in uris], model, "mnasnet0_5", 5)
-    for uri, ref_ids, ref_scores in zip(uris, ids, scores, strict=True):
-        assert rows[uri]["status"] == "ok" and rows[uri]["top_k_ids"] == ref_ids.tolist(), uri
-        np.testing.assert_allclose(rows[uri]["top_k_scores"], ref_scores, atol=1e-4)
-
-
 @pytest.mark.parametrize("layout", ["webdataset", "parquet", "hub-parquet", "arrow", "manifest", "files"])
 def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
     layout, local_ray, corpus, tmp_path, checkpoint_path, fixture_model, capsys, monkeypatch, job_process
@@ -202,7 +193,7 @@ def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
         assert "more than 3 written URIs: writing them under" in captured.err
     rows = rows_by_uri(output)
     assert set(rows) == set(expected)
-    assert_predictions_match_the_reference(rows, expected, fixture_model)
+    support.assert_predictions_match_the_reference(rows, expected, fixture_model)
     assert {p.name: p.stat().st_mtime_ns for p in output.glob("run=*/part-*.parquet") if p.name in before} == before
     assert f"labeled {len(expected)} images (0 errors, {rows_before} from before the resume)" in captured.out
     assert len(list(output.glob("run=*"))) == 1 and (output / "_SUCCESS").exists()
@@ -217,7 +208,7 @@ def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
     everything = rows_by_uri(output)
     assert set(everything) == set(expected) | set(added)
     assert {uri: everything[uri] for uri in rows} == rows
-    assert_predictions_match_the_reference(everything, added, fixture_model)
+    support.assert_predictions_match_the_reference(everything, added, fixture_model)
     assert json.loads((output / "_run.json").read_text())["status"] == "succeeded"
     if layout in ONE_URI_PER_IMAGE:
         assert not list(output.glob(f"{spool.SPOOL_FOLDER}/*")), "the job leaves no list behind"

@@ -32,13 +32,6 @@ support.require("pyiceberg", "iceberg")
 TABLE = "labels.photos"  # the README's
 
 
-def embedded_catalog(output):
-    """The embedded catalog the job made under ``output``, opened as any reader would."""
-    from pyiceberg.catalog import load_catalog
-
-    return load_catalog("default", type="sql", uri=f"sqlite:///{output}/_catalog.db")
-
-
 def read_rows(table, snapshot_id=None) -> dict[str, dict]:
     """The table's rows (at ``snapshot_id``, else now) by uri, asserting that no uri has two."""
     rows = table.scan(snapshot_id=snapshot_id).to_arrow().to_pylist()
@@ -73,7 +66,7 @@ def test_a_table_through_every_mode_keeps_one_current_row_per_image(
 
     # 1. The first run labels everything, in one commit that names the run, mode, model, weights and counts.
     assert label(images, output, checkpoint_path, "auto", "r1") == 0
-    table = embedded_catalog(output).load_table(TABLE)
+    table = support.embedded_catalog(output).load_table(TABLE)
     first = read_rows(table)
     assert set(first) == {str(p) for p in images.iterdir()}
     support.assert_reference_rows(first, sorted(images.glob("*_*.*")), fixture_model)
@@ -95,7 +88,7 @@ def test_a_table_through_every_mode_keeps_one_current_row_per_image(
     for path in corpus[6:8]:
         shutil.copy(path, images / path.name)
     assert label(images, output, checkpoint_path, "incremental", "r2") == 0
-    second = read_rows(embedded_catalog(output).load_table(TABLE))
+    second = read_rows(support.embedded_catalog(output).load_table(TABLE))
     assert {u for u, r in second.items() if r["run_id"] == "r2"} == {str(images / p.name) for p in corpus[6:8]}
     assert {u: second[u] for u in first} == first
 
@@ -104,7 +97,7 @@ def test_a_table_through_every_mode_keeps_one_current_row_per_image(
     photos["coffee"].save(restored, quality=90)
     (tmp_path / "broken_target.jpg").write_bytes(b"<html>not an image</html>")
     assert label(images, output, checkpoint_path, "retry-errors", "r3") == 0
-    third = read_rows(embedded_catalog(output).load_table(TABLE))
+    third = read_rows(support.embedded_catalog(output).load_table(TABLE))
     fixed = third.pop(str(images / "missing.jpg"))
     assert fixed["status"] == "ok" and fixed["run_id"] == "r3" and fixed["error"] is None
     support.assert_reference_rows({str(restored): fixed}, [restored], fixture_model)
@@ -119,7 +112,7 @@ def test_a_table_through_every_mode_keeps_one_current_row_per_image(
     rewritten = images / corpus[1].name
     photos["rocket"].resize((320, 240)).save(rewritten, quality=85)
     assert label(images, output, checkpoint_path, "changed", "r4") == 0
-    table = embedded_catalog(output).load_table(TABLE)
+    table = support.embedded_catalog(output).load_table(TABLE)
     fourth = read_rows(table)
     assert {u for u, r in fourth.items() if r["run_id"] == "r4"} == {str(rewritten)}
     support.assert_reference_rows(fourth, [rewritten], fixture_model)
@@ -134,7 +127,7 @@ def test_a_table_through_every_mode_keeps_one_current_row_per_image(
     other_weights.write_bytes(support.checkpoint_bytes(other_model))
     assert label(images, output, other_weights, "incremental", "wrong") == 2  # other weights: relabel, not mix
     assert label(images, output, other_weights, "relabel", "r5") == 0
-    table = embedded_catalog(output).load_table(TABLE)
+    table = support.embedded_catalog(output).load_table(TABLE)
     fifth = read_rows(table)
     assert set(fifth) == set(fourth) and {r["run_id"] for r in fifth.values()} == {"r5"}
     assert all(fifth[u]["weights"] != fourth[u]["weights"] for u in fifth)
@@ -227,7 +220,7 @@ def test_a_killed_driver_then_the_same_command_labels_each_image_once_and_nothin
 
     def committed() -> int:
         try:
-            table = embedded_catalog(output_uri).load_table(TABLE)
+            table = support.embedded_catalog(output_uri).load_table(TABLE)
         except Exception:  # the catalog or the table is not there yet
             return 0
         return len(read_rows(table)) if table.current_snapshot() else 0
@@ -241,12 +234,12 @@ def test_a_killed_driver_then_the_same_command_labels_each_image_once_and_nothin
     staged_run = str(output_uri / "_staging" / "run=nightly")
     staged = output.Labeled(LocalFileSystem(), staged_run, staged_run).uris()
     held = committed_before + len(
-        set(staged.to_pylist()) - set(read_rows(embedded_catalog(output_uri).load_table(TABLE)))
+        set(staged.to_pylist()) - set(read_rows(support.embedded_catalog(output_uri).load_table(TABLE)))
     )
     assert 0 < committed_before < 192
 
     assert main([*argv, "--run-id", "nightly"]) == 0
-    table = embedded_catalog(output_uri).load_table(TABLE)
+    table = support.embedded_catalog(output_uri).load_table(TABLE)
     rows = read_rows(table)
     assert set(rows) == {str(p) for p in images.iterdir()} and {r["run_id"] for r in rows.values()} == {"nightly"}
     assert all(r["status"] == "ok" for r in rows.values())
