@@ -29,7 +29,7 @@ from tests.support import ROOT, SMALL_BATCHES, kill_session, many_images, poll
 
 support.require("pyiceberg", "iceberg")
 
-TABLE = "labels.photos"  # the README's
+TABLE = "labels.photos"  # docs/table.md's
 
 
 def read_rows(table, snapshot_id=None) -> dict[str, dict]:
@@ -79,8 +79,8 @@ def test_a_table_through_every_mode_keeps_one_current_row_per_image(
     assert summary["mnasnet.weights"] == first[str(images / corpus[0].name)]["weights"]
     assert (summary["mnasnet.run.images"], summary["mnasnet.run.errors"]) == ("8", "2")
     assert label(images, output, checkpoint_path, "auto", "again") == 2  # auto refuses a table that holds labels
-    # The README's line of Python reads the table back, from the directory the command ran in.
-    (line,) = re.findall(r'^python -c "(.*load_catalog.*)"$', (ROOT / "README.md").read_text(), re.MULTILINE)
+    # docs/table.md's line of Python reads the table back, from the directory the command ran in.
+    (line,) = re.findall(r'^python -c "(.*load_catalog.*)"$', (ROOT / "docs" / "table.md").read_text(), re.MULTILINE)
     printed = subprocess.run([sys.executable, "-c", line], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert "[8 rows x 11 columns]" in printed.stdout
 
