@@ -216,7 +216,11 @@ def test_a_killed_driver_then_the_same_command_labels_each_image_once_and_nothin
     argv = support.job_argv(
         images, output_uri, checkpoint_path, f"output.table={TABLE}", "output.commit_interval_s=1", *SMALL_BATCHES
     )
-    job = job_process.start([*argv, "--run-id", "nightly"])
+    # The part writer stalls once two parts are staged, so the run cannot end before it is killed, whatever the
+    # machine's speed, while the driver's interval commits take those parts.
+    hooks = support.replace_hook(tmp_path / "hooks", support.STALL_AFTER_TWO_PARTS)
+    env = {"PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    job = job_process.start([*argv, "--run-id", "nightly"], env=env)
 
     def committed() -> int:
         try:
