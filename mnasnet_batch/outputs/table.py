@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mnasnet_batch.config import ConfigError, JobConfig
-from mnasnet_batch.outputs import files, folder, run
+from mnasnet_batch.outputs import files, folder, retry, run
 from mnasnet_batch.outputs.iceberg import (
     NO_COMMIT_RETRIES,
     PROPERTY,
@@ -330,10 +330,7 @@ class IcebergTable(OutputTarget):
             with self.fs.open(part, "rb") as f:
                 tables.append(pq.read_table(f))
         staged = pa.concat_tables(tables) if tables else table_schema().empty_table().select(table_schema().names[:8])
-        # A part rewritten by a retried write task may repeat URIs of another: the last row of each is kept.
-        if pc.count_distinct(staged["uri"]).as_py() < staged.num_rows:
-            positions = pa.table({"uri": staged["uri"], "at": pa.array(range(staged.num_rows), pa.int64())})
-            staged = staged.take(positions.group_by("uri").aggregate([("at", "max")])["at_max"])
+        staged = retry.latest_per_uri(staged)
         # Each row's source stats, looked up by position (Arrow's joins take no list columns).
         found = pc.index_in(source_key(staged["uri"].combine_chunks(), self.uri_per_image), self.sources["source"])
         return (
