@@ -117,6 +117,11 @@ class OutputConfig:
     # large corpus, so that readers see labels as they come (a killed run loses nothing either way: its parts stay
     # staged and the same command commits them).
     commit_interval_s: float = 0.0
+    # False: a table that lacks a column of input.keep_columns (or holds it in a narrower type, int where the input
+    # has long) is refused before anything is labeled, so that a typo in a column name does not change a shared
+    # table's schema for every reader. True: the job adds the columns (nullable: earlier rows read null there) or
+    # widens them as Iceberg allows (int to long, float to double); a type Iceberg cannot change to stays refused.
+    evolve_schema: bool = False
     # 30: seconds between the renewals of the output's lease (_lease.json), a small read and write each. A job on
     # another machine that finds the lease unrenewed for 4 of them (2 minutes, watched on its own clock) takes the
     # output over: how long a killed job's output stays locked from another machine.
@@ -477,13 +482,6 @@ def validate(config: JobConfig) -> None:
     ]
     checks.append(_one_of("input.format", config.input.format, INPUT_FORMATS))
     checks.append((bool(config.input.uri_column), "input.uri_column: empty; name a column"))
-    checks.append(
-        (
-            not (config.input.keep_columns and config.output.table),
-            "input.keep_columns: kept columns are written to the Parquet folder output only, not yet to an Iceberg "
-            "table (output.table); leave one of them unset",
-        )
-    )
     checks.append((all(config.input.keep_columns), "input.keep_columns: an empty name; list the columns to keep"))
     unknown_ext = [e for e in config.input.extensions if e.lower().lstrip(".") not in IMAGE_EXTENSIONS]
     checks.append(

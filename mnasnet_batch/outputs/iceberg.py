@@ -7,12 +7,14 @@ import datetime
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
 from mnasnet_batch.config import ConfigError, JobConfig, OutputConfig, StorageConfig
+from mnasnet_batch.inputs.kept import output_fields
 from mnasnet_batch.outputs import files
 from mnasnet_batch.storage import Storage, StorageError, scheme
 
@@ -42,6 +44,12 @@ def table_schema() -> pa.Schema:
             ("source_version", pa.string()),
         ]
     )
+
+
+def new_table_schema(kept: pa.Schema) -> pa.Schema:
+    """A new table's columns: ``table_schema()``, then the dataset's kept columns (``input.keep_columns``),
+    nullable, in the input's types."""
+    return pa.schema([*table_schema(), *output_fields(kept)])
 
 
 SOURCE_SCHEMA = pa.schema([("source", pa.string()), ("source_size", pa.int64()), ("source_version", pa.string())])
@@ -334,6 +342,115 @@ def replace_rows(table, rows: pa.Table, condition, properties: dict[str, str]) -
                 ):
                     snapshot.append_data_file(data_file)
     return snapshot.snapshot_id
+
+
+@dataclass(frozen=True)
+class KeptFit:
+    """How the kept columns (``input.keep_columns``) fit an existing table's columns (``kept_fit``)."""
+
+    # Kept columns the table lacks: added, nullable, when the schema may evolve.
+    missing: tuple[str, ...] = ()
+    # Kept columns the table holds in a type that the input's widens (the table int, the input long): widened
+    # when the schema may evolve.
+    widened: tuple[str, ...] = ()
+    # Kept columns the table holds in a type no evolution turns into the input's, each "name (table T, input T)".
+    clashes: tuple[str, ...] = ()
+    # The table's columns besides its own (kept by earlier runs) that this run does not keep: its rows hold nulls.
+    unkept: tuple[str, ...] = ()
+
+    @property
+    def evolves(self) -> bool:
+        """Whether the table's schema must change to hold the kept columns."""
+        return bool(self.missing or self.widened)
+
+
+def kept_types(kept: pa.Schema):
+    """The kept columns as an Iceberg schema (its field ids unassigned): what a table would hold them as."""
+    # A private name of pyiceberg's (what its catalogs convert an Arrow schema with), pinned in pyproject.toml.
+    from pyiceberg.io.pyarrow import _pyarrow_to_schema_without_ids
+
+    return _pyarrow_to_schema_without_ids(kept)
+
+
+def widens(held, wanted) -> bool:
+    """Whether Iceberg's schema evolution turns a column of type ``held`` into one of type ``wanted``: int to long,
+    float to double, a decimal to one of more precision (the specification's type promotions)."""
+    from pyiceberg.types import DecimalType, DoubleType, FloatType, IntegerType, LongType
+
+    if isinstance(held, DecimalType) and isinstance(wanted, DecimalType):
+        return held.scale == wanted.scale and held.precision < wanted.precision
+    return (isinstance(held, IntegerType) and isinstance(wanted, LongType)) or (
+        isinstance(held, FloatType) and isinstance(wanted, DoubleType)
+    )
+
+
+def kept_fit(held, kept) -> KeptFit:
+    """How the kept columns ``kept`` (Iceberg types, ``kept_types``) fit the table's schema ``held``.
+
+    A column the table holds in the input's type fits, as does one it holds wider (long, the input int): the values
+    are widened as they are written.
+    """
+    from pyiceberg.io.pyarrow import schema_to_pyarrow
+
+    def same(a, b) -> bool:  # nested types compared without their field ids, which only the table's have
+        return schema_to_pyarrow(a, include_field_ids=False) == schema_to_pyarrow(b, include_field_ids=False)
+
+    columns = {f.name: f.field_type for f in held.fields}
+    missing, widened, clashes = [], [], []
+    for field in kept.fields:
+        found = columns.get(field.name)
+        if found is None:
+            missing.append(field.name)
+        elif widens(found, field.field_type):
+            widened.append(field.name)
+        elif not (same(found, field.field_type) or widens(field.field_type, found)):
+            clashes.append(f"{field.name} (table {found}, input {field.field_type})")
+    own = {*table_schema().names, *(f.name for f in kept.fields)}
+    unkept = tuple(name for name in columns if name not in own)
+    return KeptFit(tuple(missing), tuple(widened), tuple(clashes), unkept)
+
+
+def kept_refusal(identifier: str, fit: KeptFit, evolve: bool) -> str:
+    """Why a run cannot write its kept columns into table ``identifier`` (one line); "" when it can, ``evolve``
+    (``output.evolve_schema``) telling whether it may change the table's schema."""
+    if fit.clashes:
+        return (
+            f"table {identifier} holds input.keep_columns {', '.join(fit.clashes)} in a type Iceberg cannot change "
+            "to the input's; keep other columns, or write another table (output.table)"
+        )
+    if fit.evolves and not evolve:
+        lacks = [f"has no column {', '.join(fit.missing)}"] if fit.missing else []
+        lacks += [f"holds {', '.join(fit.widened)} in a narrower type than the input"] if fit.widened else []
+        return (
+            f"table {identifier} {' and '.join(lacks)} of input.keep_columns; set output.evolve_schema=true to "
+            "change its schema (added columns are nullable: earlier rows read null there), or keep other columns"
+        )
+    return ""
+
+
+def evolve_schema(table, kept, fit: KeptFit) -> None:
+    """Adds ``fit.missing`` to ``table`` (nullable, in their ``kept`` types) and widens ``fit.widened``, as one
+    schema change.
+
+    Raises:
+        CommitFailedException: another job changed the table's schema first.
+    """
+    types = {f.name: f.field_type for f in kept.fields}
+    with table.update_schema() as update:
+        for name in fit.missing:
+            update.add_column(name, types[name])
+        for name in fit.widened:
+            update.update_column(name, field_type=types[name])
+
+
+def commit_schema(held) -> pa.Schema:
+    """The Arrow schema of a commit's rows into a table of schema ``held``: ``table_schema()``, then the table's
+    other columns (kept columns, of this run or earlier ones) in their Arrow types."""
+    from pyiceberg.io.pyarrow import schema_to_pyarrow
+
+    own = table_schema()
+    types = schema_to_pyarrow(held, include_field_ids=False)
+    return pa.schema([*own, *output_fields(pa.schema([f for f in types if f.name not in own.names]))])
 
 
 def run_filter(run_id: str):

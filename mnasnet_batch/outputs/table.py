@@ -40,9 +40,15 @@ from mnasnet_batch.outputs.iceberg import (
     SOURCE_SCHEMA,
     STAGING,
     catalog_properties,
+    commit_schema,
     current_rows,
+    evolve_schema,
+    kept_fit,
+    kept_refusal,
+    kept_types,
     label_settings,
     latest_labels,
+    new_table_schema,
     open_catalog,
     replace_rows,
     run_filter,
@@ -91,6 +97,7 @@ class IcebergTable(OutputTarget):
         self.mode = config.output.mode
         self.labels: dict[str, str] = {}
         self.sources = SOURCE_SCHEMA.empty_table()
+        self.schema = table_schema()  # of the rows a commit writes: the table's columns (``commit_schema``)
         self.uri_per_image = True
         self.fs, self.staging, self.run_root = None, "", ""
         self.lock = threading.Lock()  # one commit at a time: the committer thread's and finish_run's
@@ -145,7 +152,14 @@ class IcebergTable(OutputTarget):
         self.uri_per_image = inputs.layout.uri_per_image
         whole = "" if self.uri_per_image else inputs.layout.noun
         run.check_input_fits(mode, whole)  # before the catalog is opened, and the table created
-        self._load(config, storage)
+        kept = inputs.layout.kept
+        taken = [name for name in kept.names if name in table_schema().names]
+        if taken:
+            raise StorageError(
+                f"input.keep_columns: {', '.join(taken)} would replace the table's own column of that name; keep "
+                "the others, or rename the column in the input"
+            )
+        self._load(config, storage, kept)
         rows = current_rows(self.table, ("uri", "status", "run_id", "source_size", "source_version"))
         holds = self._holdings(config, rows)
         new_run_id = config.output.run_id or run.submission_id() or run.default_run_id()
@@ -176,8 +190,9 @@ class IcebergTable(OutputTarget):
         run_uri = files.join(config.output.uri, STAGING, f"run={self.run_id}")
         return RunPlan(run_id=self.run_id, run_uri=run_uri, resumed=decision.resumed, done=done, rows_before=held)
 
-    def _load(self, config: JobConfig, storage: Storage) -> None:
-        """Opens the catalog and the table, creating its namespace and the table where they do not exist."""
+    def _load(self, config: JobConfig, storage: Storage, kept: pa.Schema) -> None:
+        """Opens the catalog and the table, creating its namespace and the table (with the ``kept`` columns) where
+        they do not exist; fits an existing table to the kept columns, or refuses (``_fit_kept``)."""
         from pyiceberg.exceptions import NamespaceAlreadyExistsError
 
         self.catalog = open_catalog(config.output, storage)
@@ -186,7 +201,46 @@ class IcebergTable(OutputTarget):
             self.catalog.create_namespace_if_not_exists(namespace)
         except NamespaceAlreadyExistsError:  # created by another job since the check
             pass
-        self.table = self._create_or_load()
+        self.table = self._create_or_load(kept)
+        self._fit_kept(kept, config.output.evolve_schema)
+
+    def _fit_kept(self, kept: pa.Schema, evolve: bool) -> None:
+        """Makes the table hold the run's kept columns (``output.evolve_schema``: adds or widens them), or refuses
+        with one line (``iceberg.kept_refusal``); then the schema of the rows it commits (``self.schema``).
+
+        Raises:
+            StorageError: the table cannot hold them as it is, and may not change, or cannot change to the
+                input's types.
+        """
+        from pyiceberg.exceptions import CommitFailedException
+
+        wanted = kept_types(kept)
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            fit = kept_fit(self.table.schema(), wanted)
+            refusal = kept_refusal(self.identifier, fit, evolve)
+            if refusal:
+                raise StorageError(refusal)
+            if not fit.evolves:
+                break
+            try:
+                evolve_schema(self.table, wanted, fit)
+            except CommitFailedException:  # another job changed the schema first: judged again on its schema
+                if attempt == COMMIT_ATTEMPTS:
+                    raise StorageError(
+                        f"table {self.identifier}: its schema kept changing under this job ({COMMIT_ATTEMPTS} tries); "
+                        "run the same command again"
+                    ) from None
+            else:
+                changed = [*fit.missing, *(f"{name} widened" for name in fit.widened)]
+                log.warning("table %s: schema evolved for input.keep_columns: %s", self.identifier, ", ".join(changed))
+            self.table = self.catalog.load_table(self.identifier)
+        if fit.unkept:
+            log.info(
+                "table %s: columns %s are not in input.keep_columns: this run's rows hold null there",
+                self.identifier,
+                ", ".join(fit.unkept),
+            )
+        self.schema = commit_schema(self.table.schema())
 
     def _holdings(self, config: JobConfig, rows: pa.Table) -> run.Holdings:
         """What the table and its staging hold, as ``run.decide_run`` needs it."""
@@ -231,8 +285,9 @@ class IcebergTable(OutputTarget):
         listed = pa.array(uris, pa.string())
         return pa.concat_arrays([listed.filter(pc.invert(pc.is_in(listed, value_set=wanted))), held]), len(held)
 
-    def _create_or_load(self):
-        """The table, created with ``table_schema()`` and ``uri`` as its identifier field when it does not exist."""
+    def _create_or_load(self, kept: pa.Schema):
+        """The table, created with ``table_schema()`` and the ``kept`` columns (``new_table_schema``), ``uri`` its
+        identifier field, when it does not exist."""
         from pyiceberg.exceptions import NoSuchTableError, TableAlreadyExistsError
 
         try:
@@ -241,7 +296,7 @@ class IcebergTable(OutputTarget):
             pass
         try:
             with self.catalog.create_table_transaction(
-                self.identifier, schema=table_schema(), properties=NO_COMMIT_RETRIES
+                self.identifier, schema=new_table_schema(kept), properties=NO_COMMIT_RETRIES
             ) as transaction:
                 with transaction.update_schema() as update:
                     update.set_identifier_fields("uri")
@@ -324,28 +379,26 @@ class IcebergTable(OutputTarget):
             return rows.num_rows
 
     def _rows(self, parts: list[str]) -> pa.Table:
-        """The staged parts' rows in the table's schema: ``run_id`` and the source's stats added, one row per URI."""
+        """The staged parts' rows in the table's schema (``self.schema``): ``run_id`` and the source's stats added,
+        nulls in the table's columns the rows do not hold (kept by other runs only), one row per URI."""
         tables = []
         for part in parts:
             with self.fs.open(part, "rb") as f:
                 tables.append(pq.read_table(f))
-        staged = pa.concat_tables(tables) if tables else table_schema().empty_table().select(table_schema().names[:8])
+        # A run's parts hold the same columns, but for one resumed with other input.keep_columns: nulls fill in.
+        empty = table_schema().empty_table().drop_columns(["run_id", "source_size", "source_version"])
+        staged = pa.concat_tables(tables, promote_options="permissive") if tables else empty
         staged = retry.latest_per_uri(staged)
         # Each row's source stats, looked up by position (Arrow's joins take no list columns).
         found = pc.index_in(source_key(staged["uri"].combine_chunks(), self.uri_per_image), self.sources["source"])
-        return (
-            pa.table(
-                [
-                    *staged.columns,
-                    pa.array([self.run_id] * staged.num_rows, pa.string()),
-                    self.sources["source_size"].take(found),
-                    self.sources["source_version"].take(found),
-                ],
-                names=[*staged.column_names, "run_id", "source_size", "source_version"],
-            )
-            .select(table_schema().names)
-            .cast(table_schema())
-        )
+        columns = {
+            **{name: staged[name] for name in staged.column_names},
+            "run_id": pa.array([self.run_id] * staged.num_rows, pa.string()),
+            "source_size": self.sources["source_size"].take(found),
+            "source_version": self.sources["source_version"].take(found),
+        }
+        arrays = [columns[f.name] if f.name in columns else pa.nulls(staged.num_rows, f.type) for f in self.schema]
+        return pa.table(arrays, names=self.schema.names).cast(self.schema)
 
     def _properties(self, table, rows: pa.Table, final: bool) -> dict[str, str]:
         """The snapshot summary: run, mode, label settings, this commit's counts and the run's totals after it.
