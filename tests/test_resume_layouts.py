@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -112,6 +113,38 @@ def write_arrow(folder: Path, images: list[Path], first: int) -> dict[str, Path]
     }
 
 
+def write_img2dataset(folder: Path, images: list[Path], first: int) -> dict[str, Path]:
+    """img2dataset's WebDataset output in ``i2d-<first>/`` (IMAGES_PER_INPUT samples a shard, each with its
+    ``.parquet`` and ``_stats.json`` beside it), downloaded from a loopback server, each image kept as served.
+
+    Returns:
+        Each image's expected ``uri`` (``SHARD#KEY.EXT``) and its file.
+    """
+    try:
+        hf_data.ensure_img2dataset()
+    except Exception as exc:  # no package index: the producer cannot be installed here
+        pytest.skip(f"img2dataset cannot be installed: {exc}")
+    folder.mkdir(exist_ok=True)
+    served = {f"/{first + i}-{path.name}": path for i, path in enumerate(images)}
+    url_list = folder.parent / f"urls-{first}.csv"  # beside the input, not in it
+    output = folder / f"i2d-{first}"
+    with support.ImageServer({name: path.read_bytes() for name, path in served.items()}) as server:
+        by_url = {server.url(name): path for name, path in served.items()}
+        url_list.write_text("url,caption\n" + "".join(f"{url},a photo\n" for url in by_url))
+        hf_data.run_img2dataset(url_list, output, per_shard=IMAGES_PER_INPUT)
+    expected = {}
+    for shard in sorted(output.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name in members:
+                stem, ext = os.path.splitext(name)
+                if ext not in (".json", ".txt"):
+                    url = json.load(tar.extractfile(members[f"{stem}.json"]))["url"]
+                    expected[f"{shard}#{name}"] = by_url[url]
+    assert sorted(expected.values()) == sorted(images), "img2dataset did not download every image"
+    return expected
+
+
 WRITERS = {
     "webdataset": write_shards,
     "parquet": write_parquet,
@@ -119,6 +152,7 @@ WRITERS = {
     "arrow": write_arrow,
     "manifest": write_manifest,
     "files": write_files,
+    "img2dataset": write_img2dataset,
 }
 NOUNS = {
     "webdataset": "tar shards",
@@ -127,11 +161,12 @@ NOUNS = {
     "arrow": "Arrow files",
     "manifest": "image URIs from manifests",
     "files": "image files",
+    "img2dataset": "tar shards",
 }
 # Layouts whose every listed URI is one image: their lists are written under the output past spool.SPOOL_URIS.
 ONE_URI_PER_IMAGE = ("manifest", "files")
 # Layouts whose files' images are counted once read to their end, and recorded by the run (record_finished).
-RECORDED = ("webdataset", "arrow")
+RECORDED = ("webdataset", "img2dataset", "arrow")
 # The extensions of the inputs of the layouts that read files of images.
 INPUT_SUFFIXES = (".tar", ".parquet", ".arrow")
 
@@ -148,7 +183,9 @@ def finished_inputs(layout: str, inputs: Path, output: Path, written: set[str]) 
     return [f for f in files if sum(uri.startswith(f"{f}#") for uri in written) == IMAGES_PER_INPUT]
 
 
-@pytest.mark.parametrize("layout", ["webdataset", "parquet", "hub-parquet", "arrow", "manifest", "files"])
+@pytest.mark.parametrize(
+    "layout", ["webdataset", "img2dataset", "parquet", "hub-parquet", "arrow", "manifest", "files"]
+)
 def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
     layout, local_ray, corpus, tmp_path, checkpoint_path, fixture_model, capsys, monkeypatch, job_process
 ):
@@ -170,7 +207,7 @@ def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
     assert 0 < rows_before < len(expected)
     assert json.loads((output / "_run.json").read_text())["status"] == "running"
     finished = finished_inputs(layout, inputs, output, set(rows_by_uri(output)))
-    if layout == "webdataset":
+    if layout in ("webdataset", "img2dataset"):
         # A finished shard is not read again: one that could no longer be read would make error rows.
         for shard in finished:
             Path(shard).write_bytes(b"not a tar file")
