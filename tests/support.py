@@ -276,6 +276,17 @@ STALL_AFTER_TWO_PARTS = (
 )
 
 
+def stall_after_two_parts_until(gate: Path) -> str:
+    """A ``replace_hook`` body: like ``STALL_AFTER_TWO_PARTS``, but the stalled parts go on once ``gate`` exists, so
+    a test can stop the job while it runs, then let it close however fast the machine is."""
+    return (
+        "    folder, name = os.path.split(str(dst))\n"
+        "    if name.startswith('part-') and sum(n.startswith('part-') for n in os.listdir(folder)) >= 2:\n"
+        f"        while not os.path.exists({str(gate)!r}):\n"
+        "            time.sleep(0.05)\n"
+    )
+
+
 def replace_hook(folder: Path, body: str) -> Path:
     """Test-only fault injection: a ``sitecustomize`` in ``folder`` that runs ``body`` (statements over ``src`` and
     ``dst``, indented 4 spaces; ``errno``, ``os`` and ``time`` imported) before every ``os.replace``. Put ``folder``

@@ -66,12 +66,17 @@ def test_a_stopped_job_says_how_to_resume_and_records_the_run_interrupted(
     images = many_images(tmp_path, corpus, 8)  # 192 images
     output = tmp_path / "out"
     argv = support.job_argv(images, output, checkpoint_path, *SMALL_BATCHES)
+    # The third part's publishing waits for the gate, so the job is still running when the signal comes, however fast
+    # the machine; the gate opens once the signal is sent, so the job can close.
+    gate = tmp_path / "gate"
+    hooks = support.replace_hook(tmp_path / "hooks", support.stall_after_two_parts_until(gate))
     with open(tmp_path / "stderr", "w") as stderr:
-        job = job_process.start(argv, stderr=stderr)
+        job = job_process.start(argv, stderr=stderr, env={"PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT)])})
         try:
-            poll(lambda: list(output.glob("run=*/part-*.parquet")), 180, "a written part")
+            poll(lambda: len(list(output.glob("run=*/part-*.parquet"))) >= 2, 180, "two written parts")
             assert job.poll() is None, "the run finished before it could be stopped"
             os.kill(job.pid, signum)  # the driver alone, as Kubernetes and `kill` do
+            gate.touch()
             status = job.wait(timeout=120)
         finally:
             kill_session(job)

@@ -458,7 +458,8 @@ def test_two_jobs_committing_into_one_table_at_once_lose_and_duplicate_nothing(t
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a committer still runs after 300 s"
     assert not errors
     rows = read_rows(jobs["a"][2].catalog.load_table(TABLE))
     assert set(rows) == {f"/images/{i}.jpg" for i in range(90)}
