@@ -4,9 +4,13 @@ The 500-px corpus of ``benchmark.py`` (``make_corpus``), written once as loose J
 way ``datasets`` writes an ``Image`` feature (``struct<bytes, path>``, ``to_parquet``, ``--rows-per-file`` rows a
 file, as ``data/train-XXXXX-of-YYYYY.parquet``). Each is labeled by the job's command (local Ray, the fixture
 checkpoint), the two layouts taking turns, ``--repeats`` times; the figure is the job's own labeling rate (its
-summary line: first batch to last, start-up left out), and the whole command's seconds beside it.
+summary line: first batch to last, start-up left out), and the whole command's images/s and seconds beside it;
+then the Parquet rate over the files' rate. Each run's rows are counted: a run that did not label every image
+stops the benchmark rather than give a figure.
 
     .venv/bin/python benchmarks/bench_parquet_input.py --images 1200 --repeats 2
+
+``--rows-per-file`` at ``--images`` or more writes the whole corpus as one Parquet file (one read task).
 
 The stages that differ between the two layouts are reading and decoding (the model's work is the same crops);
 ``--stages`` measures them alone, in this process, without Ray: the CPU time per image of the layout's ``read``
@@ -24,6 +28,8 @@ import os
 import statistics
 import sys
 from pathlib import Path
+
+import pyarrow.compute as pc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -108,23 +114,10 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {layout: [] for layout in inputs}
     for repeat in range(args.repeats):
         for layout, folder in inputs.items():
-            for attempt in range(1, TRIES + 1):
-                try:
-                    result = time_command(CONTENDER, folder, args.workdir / f"out-{layout}", args.model, weights)
-                    break
-                except RuntimeError as exc:
-                    if attempt == TRIES or "timed out during startup" not in str(exc):
-                        raise
-                    print(f"repeat {repeat + 1} {layout}: Ray did not start in time, again", flush=True)
+            result = whole_command(folder, args.workdir / f"out-{layout}", args.model, weights, args.images)
             runs[layout].append(result | {"load_average": os.getloadavg()[0]})
             print(f"repeat {repeat + 1} {layout}: {result}", flush=True)
-    summary = {
-        layout: {
-            "labeling_images_per_s": round(statistics.median(r["labeling_images_per_s"] for r in results), 1),
-            "seconds": round(statistics.median(r["seconds"] for r in results), 1),
-        }
-        for layout, results in runs.items()
-    }
+    summary = {layout: medians(results) for layout, results in runs.items()}
     results = {
         "machine": machine(),
         "images": args.images,
@@ -135,8 +128,56 @@ def main(argv=None) -> int:
     }
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     for layout, figures in summary.items():
-        print(f"{layout}: {figures['labeling_images_per_s']} images/s labeling, {figures['seconds']} s the command")
+        labeling = figures.get("labeling_images_per_s")
+        print(
+            f"{layout}: {labeling if labeling is not None else 'no'} images/s labeling (first batch to last), "
+            f"{figures['command_images_per_s']} images/s the whole command ({figures['seconds']} s)"
+        )
+    rate = (
+        "labeling_images_per_s"
+        if all("labeling_images_per_s" in f for f in summary.values())
+        else "command_images_per_s"
+    )
+    print(f"parquet / files: {summary['parquet'][rate] / summary['files'][rate]:.2f} ({rate}, medians)")
     return 0
+
+
+def whole_command(folder: Path, output: Path, model: str, weights: Path, images: int) -> dict:
+    """One labeling command on ``folder`` (``benchmark.time_command``), tried again when its local Ray did not start
+    in time; its figures, and the whole command's images/s.
+
+    Raises:
+        RuntimeError: the command failed, or its output does not hold a usable row for each of ``images``.
+    """
+    for attempt in range(1, TRIES + 1):
+        try:
+            result = time_command(CONTENDER, folder, output, model, weights)
+            break
+        except RuntimeError as exc:
+            if attempt == TRIES or "timed out during startup" not in str(exc):
+                raise
+            print(f"{folder.name}: Ray did not start in time, again", flush=True)
+    from fsspec.implementations.local import LocalFileSystem
+
+    from mnasnet_batch.outputs.folder import read_parts
+
+    rows = read_parts(LocalFileSystem(), str(output)).to_table(columns=["uri", "status"])
+    usable = rows.filter(pc.equal(rows["status"], "ok"))
+    if usable.num_rows != images or len(set(usable["uri"].to_pylist())) != images:
+        raise RuntimeError(f"{folder}: {usable.num_rows} usable rows of {rows.num_rows}, not one for each of {images}")
+    return result | {"command_images_per_s": round(images / result["seconds"], 1)}
+
+
+def medians(results: list[dict]) -> dict[str, float]:
+    """The medians of a layout's runs: the command's seconds and images/s, and the job's labeling rate where every
+    run's summary gave one (a run of one batch has no rate from its first batch to its last)."""
+    figures = {
+        "seconds": round(statistics.median(r["seconds"] for r in results), 1),
+        "command_images_per_s": round(statistics.median(r["command_images_per_s"] for r in results), 1),
+    }
+    if all("labeling_images_per_s" in r for r in results):
+        figures["labeling_images_per_s"] = round(statistics.median(r["labeling_images_per_s"] for r in results), 1)
+    return figures
 
 
 def stages(args: argparse.Namespace, inputs: dict[str, Path]) -> int:
