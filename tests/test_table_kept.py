@@ -172,6 +172,24 @@ def test_a_kept_column_of_another_type_is_refused_and_a_narrower_one_widened_whe
     assert [rows[u]["label"] for u in uris] == [1, 2, 2**40, 4, 5, 6]
 
 
+def test_a_run_that_commits_after_another_job_evolved_the_table_writes_nulls_in_the_added_column(tmp_path):
+    uris = [f"/images/{i}.jpg" for i in range(4)]
+    config, target, plan = open_run(tmp_path, "a", uris[:3], LABEL)
+    # Another job, with its own staging output, adds a column and commits while run a is still labeling.
+    caption = pa.schema([("caption", pa.string())])
+    label(tmp_path, "b", uris[2:], caption, [{"caption": "c"}, {"caption": "d"}], mode="relabel", evolve_schema=True)
+    # Run a's commit replaces a row of b's: b's file is written again, its other row with its caption.
+    stage(plan, uris[:3], LABEL, [{"label": 1}, {"label": 2}, {"label": 3}])
+    target.finish_run(config, plan, 1.0)
+    rows = rows_of(load(tmp_path))
+    assert [(rows[u]["run_id"], rows[u]["label"], rows[u]["caption"]) for u in uris] == [
+        ("a", 1, None),
+        ("a", 2, None),
+        ("a", 3, None),
+        ("b", None, "d"),
+    ]
+
+
 def test_a_kept_column_named_like_the_tables_own_is_refused_before_the_table_is_made(tmp_path):
     with pytest.raises(StorageError, match="input.keep_columns: run_id would replace the table's own column"):
         open_run(tmp_path, "a", ["/images/0.jpg"], pa.schema([("run_id", pa.string())]))

@@ -453,6 +453,13 @@ def commit_schema(held) -> pa.Schema:
     return pa.schema([*own, *output_fields(pa.schema([f for f in types if f.name not in own.names]))])
 
 
+def conform(rows: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``rows`` in ``schema`` (``commit_schema``): its columns in its order and types, nulls in those ``rows``
+    lacks (a column another job added since, or one this run does not keep)."""
+    arrays = [rows[f.name] if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type) for f in schema]
+    return pa.table(arrays, names=schema.names).cast(schema)
+
+
 def run_filter(run_id: str):
     """The rows one run wrote, as a pyiceberg row filter."""
     from pyiceberg.expressions import EqualTo

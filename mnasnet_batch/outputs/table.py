@@ -41,6 +41,7 @@ from mnasnet_batch.outputs.iceberg import (
     STAGING,
     catalog_properties,
     commit_schema,
+    conform,
     current_rows,
     evolve_schema,
     kept_fit,
@@ -97,7 +98,6 @@ class IcebergTable(OutputTarget):
         self.mode = config.output.mode
         self.labels: dict[str, str] = {}
         self.sources = SOURCE_SCHEMA.empty_table()
-        self.schema = table_schema()  # of the rows a commit writes: the table's columns (``commit_schema``)
         self.uri_per_image = True
         self.fs, self.staging, self.run_root = None, "", ""
         self.lock = threading.Lock()  # one commit at a time: the committer thread's and finish_run's
@@ -206,7 +206,7 @@ class IcebergTable(OutputTarget):
 
     def _fit_kept(self, kept: pa.Schema, evolve: bool) -> None:
         """Makes the table hold the run's kept columns (``output.evolve_schema``: adds or widens them), or refuses
-        with one line (``iceberg.kept_refusal``); then the schema of the rows it commits (``self.schema``).
+        with one line (``iceberg.kept_refusal``).
 
         Raises:
             StorageError: the table cannot hold them as it is, and may not change, or cannot change to the
@@ -240,7 +240,6 @@ class IcebergTable(OutputTarget):
                 self.identifier,
                 ", ".join(fit.unkept),
             )
-        self.schema = commit_schema(self.table.schema())
 
     def _holdings(self, config: JobConfig, rows: pa.Table) -> run.Holdings:
         """What the table and its staging hold, as ``run.decide_run`` needs it."""
@@ -350,6 +349,8 @@ class IcebergTable(OutputTarget):
                 if self.lease is not None:
                     self.lease.check()  # a job that lost the output commits nothing more
                 table = self.catalog.load_table(self.identifier)
+                # In the table's columns as they are now: another job may have added or widened some since.
+                rows = conform(rows, commit_schema(table.schema()))
                 properties = self._properties(table, rows, final)
                 try:
                     self.snapshot_id = replace_rows(table, rows, condition, properties)
@@ -379,8 +380,8 @@ class IcebergTable(OutputTarget):
             return rows.num_rows
 
     def _rows(self, parts: list[str]) -> pa.Table:
-        """The staged parts' rows in the table's schema (``self.schema``): ``run_id`` and the source's stats added,
-        nulls in the table's columns the rows do not hold (kept by other runs only), one row per URI."""
+        """The staged parts' rows, ``run_id`` and the source's stats added, one row per URI (``commit`` puts them
+        in the table's columns, ``iceberg.conform``)."""
         tables = []
         for part in parts:
             with self.fs.open(part, "rb") as f:
@@ -391,14 +392,14 @@ class IcebergTable(OutputTarget):
         staged = retry.latest_per_uri(staged)
         # Each row's source stats, looked up by position (Arrow's joins take no list columns).
         found = pc.index_in(source_key(staged["uri"].combine_chunks(), self.uri_per_image), self.sources["source"])
-        columns = {
-            **{name: staged[name] for name in staged.column_names},
+        added = {
             "run_id": pa.array([self.run_id] * staged.num_rows, pa.string()),
             "source_size": self.sources["source_size"].take(found),
             "source_version": self.sources["source_version"].take(found),
         }
-        arrays = [columns[f.name] if f.name in columns else pa.nulls(staged.num_rows, f.type) for f in self.schema]
-        return pa.table(arrays, names=self.schema.names).cast(self.schema)
+        for name, values in added.items():
+            staged = staged.append_column(name, values)
+        return staged
 
     def _properties(self, table, rows: pa.Table, final: bool) -> dict[str, str]:
         """The snapshot summary: run, mode, label settings, this commit's counts and the run's totals after it.
