@@ -365,10 +365,29 @@ class KeptFit:
 
 
 def kept_types(kept: pa.Schema):
-    """The kept columns as an Iceberg schema (its field ids unassigned): what a table would hold them as."""
+    """The kept columns as an Iceberg schema (its field ids unassigned): what a table would hold them as.
+
+    Raises:
+        StorageError: a column is named like one of the table's own, or has a type Iceberg has none for (a null
+            column, a timestamp in nanoseconds); the message names it.
+    """
     # A private name of pyiceberg's (what its catalogs convert an Arrow schema with), pinned in pyproject.toml.
     from pyiceberg.io.pyarrow import _pyarrow_to_schema_without_ids
 
+    taken = [name for name in kept.names if name in table_schema().names]
+    if taken:
+        raise StorageError(
+            f"input.keep_columns: {', '.join(taken)} would replace the table's own column of that name; keep the "
+            "others, or rename the column in the input"
+        )
+    for field in kept:
+        try:
+            _pyarrow_to_schema_without_ids(pa.schema([field]))
+        except Exception as exc:  # pyiceberg's own, for each type it has no Iceberg type for
+            raise StorageError(
+                f"input.keep_columns: {field.name} is {field.type} in the input, which an Iceberg table cannot hold "
+                f"({files.one_line(exc)}); keep other columns, or write the Parquet folder output (no output.table)"
+            ) from None
     return _pyarrow_to_schema_without_ids(kept)
 
 

@@ -152,14 +152,7 @@ class IcebergTable(OutputTarget):
         self.uri_per_image = inputs.layout.uri_per_image
         whole = "" if self.uri_per_image else inputs.layout.noun
         run.check_input_fits(mode, whole)  # before the catalog is opened, and the table created
-        kept = inputs.layout.kept
-        taken = [name for name in kept.names if name in table_schema().names]
-        if taken:
-            raise StorageError(
-                f"input.keep_columns: {', '.join(taken)} would replace the table's own column of that name; keep "
-                "the others, or rename the column in the input"
-            )
-        self._load(config, storage, kept)
+        self._load(config, storage, inputs.layout.kept)
         rows = current_rows(self.table, ("uri", "status", "run_id", "source_size", "source_version"))
         holds = self._holdings(config, rows)
         new_run_id = config.output.run_id or run.submission_id() or run.default_run_id()
@@ -195,6 +188,7 @@ class IcebergTable(OutputTarget):
         they do not exist; fits an existing table to the kept columns, or refuses (``_fit_kept``)."""
         from pyiceberg.exceptions import NamespaceAlreadyExistsError
 
+        wanted = kept_types(kept)  # refused before the table is made
         self.catalog = open_catalog(config.output, storage)
         namespace = self.identifier.rsplit(".", 1)[0]
         try:
@@ -202,11 +196,11 @@ class IcebergTable(OutputTarget):
         except NamespaceAlreadyExistsError:  # created by another job since the check
             pass
         self.table = self._create_or_load(kept)
-        self._fit_kept(kept, config.output.evolve_schema)
+        self._fit_kept(wanted, config.output.evolve_schema)
 
-    def _fit_kept(self, kept: pa.Schema, evolve: bool) -> None:
-        """Makes the table hold the run's kept columns (``output.evolve_schema``: adds or widens them), or refuses
-        with one line (``iceberg.kept_refusal``).
+    def _fit_kept(self, wanted, evolve: bool) -> None:
+        """Makes the table hold the run's kept columns (``wanted``, their Iceberg types: ``output.evolve_schema``
+        adds or widens them), or refuses with one line (``iceberg.kept_refusal``).
 
         Raises:
             StorageError: the table cannot hold them as it is, and may not change, or cannot change to the
@@ -214,7 +208,6 @@ class IcebergTable(OutputTarget):
         """
         from pyiceberg.exceptions import CommitFailedException
 
-        wanted = kept_types(kept)
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             fit = kept_fit(self.table.schema(), wanted)
             refusal = kept_refusal(self.identifier, fit, evolve)
