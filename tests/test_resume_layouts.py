@@ -20,8 +20,6 @@ from tests.support import ROOT, kill_session, make_shard, poll, rows_by_uri
 SMALL_BATCHES = ("output.rows_per_file=4", "compute.batch_size=4", "preprocess.batch_size=4")
 IMAGES_PER_INPUT = 4
 
-# Once a run holds two parts, publishing another stalls (support.replace_hook), so the job is killed with some of
-# its rows written and the rest not.
 def write_shards(folder: Path, images: list[Path], first: int) -> dict[str, Path]:
     """Shards of IMAGES_PER_INPUT images (with json, cls and txt members), numbered from ``first``.
 
@@ -193,6 +191,8 @@ def test_killed_run_resumes_then_incremental_labels_only_the_new_input(
     expected = WRITERS[layout](inputs, corpus[:16], 0)
     output = tmp_path / "out"
     argv = support.job_argv(inputs, output, checkpoint_path, *SMALL_BATCHES)
+    # Once the run holds two parts, publishing another stalls, so the job is killed with some of its rows written
+    # and the rest not.
     hooks = support.replace_hook(tmp_path / "hooks", support.STALL_AFTER_TWO_PARTS)
     job = job_process.start(
         argv, env={"PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT), os.environ.get("PYTHONPATH", "")])}
