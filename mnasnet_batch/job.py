@@ -385,19 +385,28 @@ def no_room(
     )
 
 
-def plan(config: JobConfig, model_share: float, asking: AutoscalerRequest) -> tuple[dict[str, float], ActorPool, float]:
+def plan(
+    config: JobConfig, model_share: float, asking: AutoscalerRequest, nodes: NodeWatch
+) -> tuple[dict[str, float], ActorPool, float]:
     """Plans the job for the cluster it may become (an autoscaler's node types, ``cluster_capacity``), not only the
-    nodes alive now, and waits for the nodes its least actors need (``wait_for_room``), asking for them.
+    nodes alive now, and waits for the nodes its least actors need (``wait_for_room``), asking for them. Each node
+    that joins meanwhile is said by ``nodes``, as during labeling.
 
     Returns:
         The CPUs and GPUs planned for, the model actors' pool, and each decode task's CPUs.
     """
-    capacity = wait_for_first_node(config, asking)
+
+    def wait(seconds: float) -> None:
+        time.sleep(seconds)
+        with contextlib.suppress(Exception):  # the lines are for people: a failed look is tried again next poll
+            nodes.update(ray.nodes())
+
+    capacity = wait_for_first_node(config, asking, sleep=wait)
     planned = capacity.planned()
     log.info("the cluster: %s", capacity.describe())
     pool = model_actor_pool(config, planned, capacity.node_cpus(), model_share)
     decode_cpus = decode_task_cpus(config, planned, pool, capacity.node_cpus())
-    wait_for_room(config, pool, alive_nodes, decode_cpus, asking)
+    wait_for_room(config, pool, alive_nodes, decode_cpus, asking, sleep=wait)
     return planned, pool, decode_cpus
 
 
@@ -630,16 +639,16 @@ def reporting_progress(
     counter: ray.actor.ActorHandle,
     total: int,
     interval_s: float,
+    nodes: NodeWatch,
     stall_s: float = math.inf,
     pool: PoolWatch | None = None,
 ) -> Iterator[None]:
     """Polls ``counter`` from a driver thread while the body runs: a bar at a terminal, else log lines; says
-    when a node is lost or joins (``NodeWatch``) and when the pool of model actors changes (``pool``, every
+    when a node is lost or joins (``nodes``) and when the pool of model actors changes (``pool``, every
     ``ACTOR_POLL_S``); and ends the body with ``Stalled`` once no image was labeled for ``stall_s`` seconds
     (``StallWatch``), saying what waits."""
     reporter = ProgressReporter(total, interval_s, terminal=sys.stderr if sys.stderr.isatty() else None)
     stop = threading.Event()
-    nodes = NodeWatch(ray.nodes())
     stalls, alarm = StallWatch(stall_s, total), StallAlarm()
 
     def poll() -> None:
@@ -798,9 +807,11 @@ def run(
     # Actors that decode too (decode_on=actor) leave the read tasks little to do, whatever decoding costs.
     share = costs.model_share if costs is not None and spec.decode_on == "workers" else MODEL_CPU_SHARE
     asking = AutoscalerRequest()
+    # Watched from before the autoscaler is asked, so that every node it adds for this job is said as it joins.
+    nodes = NodeWatch(ray.nodes())
     try:
-        planned = plan(config, share, asking)
-        return label(config, storage, checkpoint, inputs, run_uri, costs, spec, planned, asking, fence)
+        planned = plan(config, share, asking, nodes)
+        return label(config, storage, checkpoint, inputs, run_uri, costs, spec, planned, asking, nodes, fence)
     finally:
         asking.withdraw()
 
@@ -815,9 +826,11 @@ def label(
     spec: PreprocessSpec,
     planned_pool: tuple[dict[str, float], ActorPool, float],
     asking: AutoscalerRequest,
+    nodes: NodeWatch,
     fence: Fence | None = None,
 ) -> Labeling:
-    """``run``'s labeling, on the plan (``plan``): withdraws the autoscaler request once the least actors run.
+    """``run``'s labeling, on the plan (``plan``): withdraws the autoscaler request once the least actors run;
+    ``nodes`` goes on saying which nodes join or are lost.
 
     Over 60 lines: the graph's stages, built in the order the data goes through them.
     """
@@ -855,7 +868,7 @@ def label(
     }
     watch = PoolWatch(describe_resources(actor_demand(config, pool)), pool.min_size, asking.withdraw)
     stall_s = config.progress.stall_s
-    with reporting_progress(counter, inputs.image_count, config.progress.interval_s, stall_s, watch):
+    with reporting_progress(counter, inputs.image_count, config.progress.interval_s, nodes, stall_s, watch):
         write(dataset, config, run_uri, storage, fence)
         try:
             asked = [counter.labeling_span.remote(), counter.stage_costs.remote()]

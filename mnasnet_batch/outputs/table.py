@@ -323,7 +323,6 @@ class IcebergTable(OutputTarget):
             StorageError: each of ``COMMIT_ATTEMPTS`` tries conflicted with other jobs' commits.
         """
         from pyiceberg.exceptions import CommitFailedException, ValidationException
-        from pyiceberg.expressions import AlwaysFalse, EqualTo, In, Not, Or
 
         started = time.monotonic()
         with self.lock:
@@ -334,10 +333,7 @@ class IcebergTable(OutputTarget):
             overwrite = final and self.mode == "overwrite"
             if not rows.num_rows and not overwrite:
                 return 0
-            uris = rows["uri"].to_pylist()
-            condition = In("uri", uris) if uris else AlwaysFalse()
-            if overwrite:
-                condition = Or(condition, Not(EqualTo("run_id", self.run_id)))
+            condition = self._commit_filter(rows["uri"].to_pylist(), overwrite)
             for attempt in range(1, COMMIT_ATTEMPTS + 1):
                 if self.lease is not None:
                     self.lease.check()  # a job that lost the output commits nothing more
@@ -371,6 +367,14 @@ class IcebergTable(OutputTarget):
                 time.monotonic() - started,
             )
             return rows.num_rows
+
+    def _commit_filter(self, uris: list[str], overwrite: bool):
+        """The rows a commit replaces, as a pyiceberg row filter: those of ``uris``, and with ``overwrite`` (an
+        overwrite run's final commit) every row of another run."""
+        from pyiceberg.expressions import AlwaysFalse, EqualTo, In, Not, Or
+
+        condition = In("uri", uris) if uris else AlwaysFalse()
+        return Or(condition, Not(EqualTo("run_id", self.run_id))) if overwrite else condition
 
     def _rows(self, parts: list[str]) -> pa.Table:
         """The staged parts' rows, ``run_id`` and the source's stats added, one row per URI (``commit`` puts them
