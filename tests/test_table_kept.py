@@ -153,6 +153,16 @@ def test_a_table_without_the_kept_columns_is_refused_in_one_line_then_evolved_wh
     ]
 
 
+def test_a_run_refused_for_its_mode_leaves_the_schema_as_it_was_though_asked_to_evolve_it(tmp_path):
+    uris = [f"/images/{i}.jpg" for i in range(4)]
+    label(tmp_path, "a", uris, pa.schema([]), [None] * 4)
+    before = load(tmp_path).schema()
+    # The table holds every image already: a new run is refused (the mode), and changes nothing on its way out.
+    with pytest.raises(StorageError, match="already holds 4 labels"):
+        open_run(tmp_path, "b", uris, LABEL, evolve_schema=True)
+    assert load(tmp_path).schema() == before
+
+
 def test_a_kept_column_of_another_type_is_refused_and_a_narrower_one_widened_when_asked(tmp_path):
     uris = [f"/images/{i}.jpg" for i in range(6)]
     label(tmp_path, "a", uris[:2], pa.schema([("label", pa.int32())]), [{"label": 1}, {"label": 2}])

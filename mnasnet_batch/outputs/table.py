@@ -152,11 +152,12 @@ class IcebergTable(OutputTarget):
         self.uri_per_image = inputs.layout.uri_per_image
         whole = "" if self.uri_per_image else inputs.layout.noun
         run.check_input_fits(mode, whole)  # before the catalog is opened, and the table created
-        self._load(config, storage, inputs.layout.kept)
+        kept = self._load(config, storage, inputs.layout.kept)
         rows = current_rows(self.table, ("uri", "status", "run_id", "source_size", "source_version"))
         holds = self._holdings(config, rows)
         new_run_id = config.output.run_id or run.submission_id() or run.default_run_id()
         decision = run.decide_run(holds, mode, self.labels, new_run_id, TABLE_RULES, whole)
+        self._fit_kept(kept, config.output.evolve_schema)  # once the run goes ahead: a refused one changes nothing
         for discarded in decision.discard:
             log.warning("overwrite: discarding the staged rows of the unfinished run %s", discarded)
             for part in self._staged_parts(files.join(self.staging, f"run={discarded}")):
@@ -183,9 +184,13 @@ class IcebergTable(OutputTarget):
         run_uri = files.join(config.output.uri, STAGING, f"run={self.run_id}")
         return RunPlan(run_id=self.run_id, run_uri=run_uri, resumed=decision.resumed, done=done, rows_before=held)
 
-    def _load(self, config: JobConfig, storage: Storage, kept: pa.Schema) -> None:
+    def _load(self, config: JobConfig, storage: Storage, kept: pa.Schema):
         """Opens the catalog and the table, creating its namespace and the table (with the ``kept`` columns) where
-        they do not exist; fits an existing table to the kept columns, or refuses (``_fit_kept``)."""
+        they do not exist.
+
+        Returns:
+            The kept columns' Iceberg types (``kept_types``), for ``_fit_kept``.
+        """
         from pyiceberg.exceptions import NamespaceAlreadyExistsError
 
         wanted = kept_types(kept)  # refused before the table is made
@@ -196,7 +201,7 @@ class IcebergTable(OutputTarget):
         except NamespaceAlreadyExistsError:  # created by another job since the check
             pass
         self.table = self._create_or_load(kept)
-        self._fit_kept(wanted, config.output.evolve_schema)
+        return wanted
 
     def _fit_kept(self, wanted, evolve: bool) -> None:
         """Makes the table hold the run's kept columns (``wanted``, their Iceberg types: ``output.evolve_schema``
