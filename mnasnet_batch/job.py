@@ -398,8 +398,7 @@ def plan(
 
     def wait(seconds: float) -> None:
         time.sleep(seconds)
-        with contextlib.suppress(Exception):  # the lines are for people: a failed look is tried again next poll
-            nodes.update(ray.nodes())
+        nodes.look()
 
     capacity = wait_for_first_node(config, asking, sleep=wait)
     planned = capacity.planned()
@@ -448,6 +447,11 @@ class NodeWatch:
     def alive_nodes(nodes: list[dict]) -> dict[str, str]:
         """``{node id: its address}`` of the alive ones among ``ray.nodes()``."""
         return {node["NodeID"]: node.get("NodeManagerAddress", "?") for node in nodes if node.get("Alive")}
+
+    def look(self) -> None:
+        """``update`` on ``ray.nodes()`` now. The lines are for people: a failed look is tried again at the next."""
+        with contextlib.suppress(Exception):
+            self.update(ray.nodes())
 
     def update(self, nodes: list[dict]) -> list[str]:
         """Takes ``ray.nodes()`` now; logs and returns a line for each node alive before and not now. A node that
@@ -625,8 +629,7 @@ def look_at_cluster(nodes: NodeWatch, pool: PoolWatch | None, next_pool_look: fl
     """One look at the nodes (``NodeWatch``), and at the pool of model actors once ``next_pool_look`` (a
     ``time.monotonic``) has come; returns when to look at the pool next. Like progress, the lines are for people:
     a failed look is tried again at the next tick."""
-    with contextlib.suppress(Exception):
-        nodes.update(ray.nodes())
+    nodes.look()
     if pool is not None and time.monotonic() >= next_pool_look:
         next_pool_look = time.monotonic() + ACTOR_POLL_S
         with contextlib.suppress(Exception):
